@@ -1,0 +1,237 @@
+//! Extractors whose rejections are `ApiError`s, so every bad request gets the same problem shape.
+
+use std::{marker::PhantomData, net::SocketAddr};
+
+use axum::{
+    extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, rejection::JsonRejection},
+    http::{StatusCode, header::AUTHORIZATION, request::Parts},
+};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::{
+    domain::{Scope, UserId},
+    error::ApiError,
+    services::{
+        api_keys::{AuthError, AuthFailure},
+        audit::{self, AuditContext, Outcome},
+    },
+    state::AppState,
+};
+
+use super::middleware::RequestId;
+
+/// JSON body; malformed JSON or a wrong shape is a 422 problem, an oversized body a 413.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        match r {
+            JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
+            JsonRejection::JsonSyntaxError(e) => ApiError::validation(format!(
+                "request body is not valid JSON: {}",
+                redact_quoted(&e.body_text())
+            )),
+            JsonRejection::JsonDataError(e) => ApiError::validation(format!(
+                "request body has the wrong shape: {}",
+                redact_quoted(&e.body_text())
+            )),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+            other => ApiError::validation(format!(
+                "request body could not be read: {}",
+                other.status()
+            )),
+        }
+    }
+}
+
+/// serde messages quote the offending value (`invalid type: string "..."`); a value may be a
+/// secret, so it is not echoed.
+fn redact_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut in_quote = false;
+    for c in msg.chars() {
+        if c == '"' {
+            if !in_quote {
+                out.push_str("\"…\"");
+            }
+            in_quote = !in_quote;
+        } else if !in_quote {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Query string; a wrong value is a 422 problem.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| Self(v))
+            .map_err(|e| {
+                ApiError::validation(format!(
+                    "invalid query string: {}",
+                    redact_quoted(&e.body_text())
+                ))
+            })
+    }
+}
+
+/// The `{user_id}` path segment, validated.
+pub struct UserPath(pub UserId);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::field("user_id", "user_id in the path is not valid"))?;
+        UserId::parse(&raw)
+            .map(Self)
+            .map_err(|m| ApiError::field("user_id", m))
+    }
+}
+
+/// The audit context of a request: request id and peer address (the actor comes from `Auth`).
+pub fn audit_context(parts: &Parts) -> AuditContext {
+    AuditContext {
+        actor: None,
+        request_id: parts.extensions.get::<RequestId>().map(|r| r.0.clone()),
+        source_ip: parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip().to_string()),
+    }
+}
+
+/// A scope an endpoint requires, as a type (so `Auth<TokensRead>` documents itself).
+pub trait RequiredScope: Send + Sync + 'static {
+    const SCOPE: Scope;
+}
+
+macro_rules! scope_marker {
+    ($($name:ident => $scope:expr),* $(,)?) => {$(
+        pub struct $name;
+        impl RequiredScope for $name { const SCOPE: Scope = $scope; }
+    )*};
+}
+
+scope_marker! {
+    TokensRead => Scope::TokensRead,
+    TokensWrite => Scope::TokensWrite,
+    MfaScope => Scope::Mfa,
+    SessionsScope => Scope::Sessions,
+    AuditRead => Scope::AuditRead,
+    Admin => Scope::Admin,
+}
+
+/// An authenticated caller holding scope `S`. Rejections (401/403) are audited.
+pub struct Auth<S> {
+    pub ctx: AuditContext,
+    _scope: PhantomData<S>,
+}
+
+impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let mut ctx = audit_context(parts);
+        let presented = match parts.headers.get(AUTHORIZATION) {
+            None => Err(AuthFailure::Missing),
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|s| {
+                    s.strip_prefix("Bearer ")
+                        .or_else(|| s.strip_prefix("bearer "))
+                })
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && k.len() <= 512)
+                .ok_or(AuthFailure::Malformed),
+        };
+        let result = match presented {
+            Ok(key) => state.api_keys.authenticate(key).await,
+            Err(f) => Err(AuthError::Failure(f)),
+        };
+        let path: String = parts.uri.path().chars().take(256).collect();
+        match result {
+            Ok(p) if p.scopes.allows(S::SCOPE) => {
+                ctx.actor = Some(format!("key:{}", p.key_id));
+                Ok(Self {
+                    ctx,
+                    _scope: PhantomData,
+                })
+            }
+            Ok(p) => {
+                ctx.actor = Some(format!("key:{}", p.key_id));
+                deny(
+                    state,
+                    &ctx,
+                    json!({"reason": "insufficient_scope", "required_scope": S::SCOPE.as_str(),
+                                         "method": parts.method.as_str(), "path": path}),
+                )
+                .await;
+                Err(ApiError::Forbidden {
+                    required_scope: S::SCOPE.as_str(),
+                })
+            }
+            Err(AuthError::Failure(f)) => {
+                deny(
+                    state,
+                    &ctx,
+                    json!({"reason": f.as_str(), "method": parts.method.as_str(), "path": path}),
+                )
+                .await;
+                Err(ApiError::Unauthenticated {
+                    detail: match f {
+                        AuthFailure::Missing => {
+                            "an API key is required: Authorization: Bearer <key>"
+                        }
+                        AuthFailure::Malformed => "the Authorization header must be 'Bearer <key>'",
+                        AuthFailure::Unknown | AuthFailure::Revoked => "the API key is not valid",
+                    },
+                })
+            }
+            Err(AuthError::Store(e)) => Err(e.into()),
+        }
+    }
+}
+
+/// Audits a refused request. A denial changes nothing, so when the audit row cannot be written
+/// the refusal is still answered (and the failure logged).
+async fn deny(state: &AppState, ctx: &AuditContext, details: serde_json::Value) {
+    let result = async {
+        let mut tx = state.db.begin_write().await?;
+        audit::record(
+            &mut tx.conn(),
+            ctx,
+            "auth.denied",
+            Outcome::Denied,
+            None,
+            details,
+        )
+        .await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not write the audit row for a denied request");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quoted_values_are_not_echoed() {
+        let m =
+            super::redact_quoted(r#"invalid type: string "s3cret", expected a boolean at line 1"#);
+        assert!(!m.contains("s3cret"));
+        assert!(m.contains("expected a boolean"));
+    }
+}

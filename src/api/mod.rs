@@ -1,0 +1,102 @@
+//! The HTTP surface: one router per resource, assembled with its OpenAPI document.
+
+pub mod extract;
+pub mod middleware;
+pub mod ops;
+pub mod tokens;
+
+use axum::{
+    Router,
+    extract::DefaultBodyLimit,
+    http::{HeaderName, HeaderValue, header},
+};
+use tower::ServiceBuilder;
+use tower_http::set_header::SetResponseHeaderLayer;
+use utoipa::{
+    Modify, OpenApi,
+    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::{error::Problem, state::AppState};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "centraldb-mfa",
+        description = "Keeps GarminSync users' Garmin login credentials safe and usable: an encrypted \
+                       token vault, MFA challenge tracking, login-flow sessions and a tamper-evident audit trail.",
+        license(name = "MIT")
+    ),
+    components(schemas(Problem)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "tokens", description = "Encrypted token bundles (garth, python-garminconnect)"),
+        (name = "operations", description = "Health, readiness, metrics (no auth)"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "API key (`cdbm_...`). Scopes: tokens:read, tokens:write, mfa, sessions, audit:read, admin (implies all).",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/api/v1", tokens::router())
+        .merge(ops::router())
+}
+
+/// The OpenAPI document of the running code (what `openapi.json` must equal).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+/// The whole application router, ready to serve (tests drive it with `oneshot`).
+pub fn app(state: AppState) -> Router {
+    let (router, openapi) = routes().split_for_parts();
+    let body_limit = state.settings.body_limit_bytes;
+    router
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+        .fallback(middleware::not_found)
+        .method_not_allowed_fallback(middleware::method_not_allowed)
+        .layer(
+            ServiceBuilder::new()
+                .layer(axum::middleware::from_fn(middleware::request_context))
+                .layer(axum::middleware::from_fn(middleware::track_metrics))
+                .layer(SetResponseHeaderLayer::overriding(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("no-store"),
+                ))
+                .layer(SetResponseHeaderLayer::overriding(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                ))
+                .layer(SetResponseHeaderLayer::if_not_present(
+                    HeaderName::from_static("x-frame-options"),
+                    HeaderValue::from_static("DENY"),
+                ))
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    middleware::timeout,
+                ))
+                .layer(DefaultBodyLimit::max(body_limit)),
+        )
+        .with_state(state)
+}

@@ -1,0 +1,78 @@
+//! Operations routes (no auth): `/healthz`, `/readyz`, `/metrics`.
+
+use std::time::Duration;
+
+use axum::{
+    extract::State,
+    http::{HeaderValue, header},
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{
+    error::{ApiError, Problem},
+    state::AppState,
+};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `ready`.
+    pub status: &'static str,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    pub status: &'static str,
+    /// `sqlite` or `postgres`.
+    pub database: &'static str,
+    /// The key id new ciphertexts are written under.
+    pub active_key_id: String,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+/// The database answers and the keyring is loaded.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, body = Readiness),
+    (status = 503, body = Problem, content_type = "application/problem+json"),
+))]
+async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Readiness>, ApiError> {
+    let unavailable = || ApiError::Unavailable {
+        detail: "the database is not reachable",
+        retry_after_secs: 1,
+    };
+    match tokio::time::timeout(Duration::from_secs(2), state.db.ping()).await {
+        Ok(Ok(())) => Ok(axum::Json(Readiness {
+            status: "ready",
+            database: state.db.backend(),
+            active_key_id: state.keyring.active_key_id().to_string(),
+        })),
+        _ => Err(unavailable()),
+    }
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")
+))]
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut resp = state.metrics.render().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}

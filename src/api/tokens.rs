@@ -1,0 +1,445 @@
+//! `/api/v1/users/{user_id}/tokens` and `/auth-status`.
+
+use axum::{
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{
+    domain::{
+        TokenBundle,
+        tokens::{BundleKind, garth_dump},
+    },
+    error::{ApiError, Problem},
+    services::tokens::{TokenMetadata, TokenStatus},
+    state::AppState,
+    store::tokens::WriteCondition,
+};
+
+use super::extract::{ApiJson, ApiQuery, Auth, TokensRead, TokensWrite, UserPath};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(put_tokens, get_tokens, delete_tokens))
+        .routes(routes!(get_metadata))
+        .routes(routes!(invalidate_tokens))
+        .routes(routes!(auth_status))
+}
+
+// ---- documented shapes -------------------------------------------------------------------
+
+/// garth's OAuth1 token. Unknown fields are kept and returned as given.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct GarthOAuth1Token {
+    pub oauth_token: String,
+    pub oauth_token_secret: String,
+    pub mfa_token: Option<String>,
+    pub mfa_expiration_timestamp: Option<Value>,
+    pub domain: Option<String>,
+}
+
+/// garth's OAuth2 token. Unknown fields are kept and returned as given.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct GarthOAuth2Token {
+    pub scope: String,
+    pub jti: String,
+    pub token_type: String,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub expires_in: i64,
+    /// Unix seconds; becomes `access_expires_at`.
+    pub expires_at: i64,
+    pub refresh_token_expires_in: i64,
+    /// Unix seconds; becomes `refresh_expires_at`.
+    pub refresh_token_expires_at: i64,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GarthKind {
+    Garth,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GarminConnectKind {
+    Garminconnect,
+}
+
+/// garth's two token objects.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct GarthObjectsBody {
+    pub kind: GarthKind,
+    pub oauth1_token: GarthOAuth1Token,
+    pub oauth2_token: GarthOAuth2Token,
+}
+
+/// The string `garth.Client.dumps()` returns (base64 of the JSON array `[oauth1, oauth2]`).
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct GarthDumpBody {
+    pub kind: GarthKind,
+    pub garth_dump: String,
+}
+
+/// python-garminconnect's DI token set. `exp` claims of JWTs give the expiry times.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct GarminConnectBody {
+    pub kind: GarminConnectKind,
+    pub di_token: String,
+    pub di_refresh_token: String,
+    pub di_client_id: String,
+}
+
+/// Documentation only: the handler parses the body itself, to name the field at fault.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(clippy::large_enum_variant)]
+pub enum PutTokensRequest {
+    GarthObjects(GarthObjectsBody),
+    GarthDump(GarthDumpBody),
+    GarminConnect(GarminConnectBody),
+}
+
+/// Metadata plus the secret fields exactly as stored (garth's two objects, `garth_dump` with
+/// `?representation=garth_dump`, or the three DI fields).
+#[derive(Serialize, ToSchema)]
+pub struct TokenBundleResponse {
+    #[serde(flatten)]
+    pub metadata: TokenMetadata,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub oauth1_token: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub oauth2_token: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub garth_dump: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub di_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub di_refresh_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub di_client_id: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GetTokensQuery {
+    /// `garth_dump` returns the string `garth.Client.loads()` accepts instead of the two objects.
+    pub representation: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, ToSchema, Default)]
+pub struct InvalidateRequest {
+    /// Why the login is no longer usable (1-200 characters); default `invalidated`.
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuthStatusValue {
+    Valid,
+    Missing,
+    Expired,
+    MfaPending,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuthStatus {
+    pub user_id: String,
+    /// `VALID` (usable; refresh if `tokens.status` is `access_expired`), `MISSING`, `EXPIRED`
+    /// (a new login is needed), `MFA_PENDING`.
+    pub status: AuthStatusValue,
+    pub tokens: Option<TokenMetadata>,
+    /// The user's active login session, when there is one.
+    #[schema(value_type = Option<Object>)]
+    pub session: Option<Value>,
+}
+
+// ---- helpers -----------------------------------------------------------------------------
+
+fn etag(version: i64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\""))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}
+
+fn with_etag(status: StatusCode, version: i64, body: impl Serialize) -> Response {
+    let mut resp = (status, axum::Json(body)).into_response();
+    resp.headers_mut().insert(header::ETAG, etag(version));
+    resp
+}
+
+/// `If-Match` / `If-None-Match` into a write condition.
+fn write_condition(headers: &HeaderMap) -> Result<WriteCondition, ApiError> {
+    let text = |name: header::HeaderName| -> Result<Option<String>, ApiError> {
+        headers
+            .get(&name)
+            .map(|v| {
+                v.to_str()
+                    .map(|s| s.trim().to_string())
+                    .map_err(|_| ApiError::field(name.as_str(), "must be visible ASCII"))
+            })
+            .transpose()
+    };
+    match (text(header::IF_MATCH)?, text(header::IF_NONE_MATCH)?) {
+        (Some(_), Some(_)) => Err(ApiError::validation(
+            "send either If-Match or If-None-Match, not both",
+        )),
+        (None, Some(v)) if v == "*" => Ok(WriteCondition::Absent),
+        (None, Some(_)) => Err(ApiError::field(
+            "if-none-match",
+            "only `If-None-Match: *` is supported on PUT",
+        )),
+        (Some(v), None) if v == "*" => Ok(WriteCondition::Exists),
+        (Some(v), None) => {
+            let inner = v
+                .strip_prefix('"')
+                .and_then(|s| s.strip_suffix('"'))
+                .unwrap_or(&v);
+            inner
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .map(WriteCondition::VersionIs)
+                .ok_or_else(|| {
+                    ApiError::field(
+                        "if-match",
+                        "must be a version ETag such as \"3\" (weak ETags are not accepted)",
+                    )
+                })
+        }
+        (None, None) => Ok(WriteCondition::None),
+    }
+}
+
+// ---- handlers ----------------------------------------------------------------------------
+
+/// Store or replace a user's token bundle (encrypted at rest).
+#[utoipa::path(
+    put, path = "/users/{user_id}/tokens", tag = "tokens",
+    params(
+        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]"),
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: write only if the stored version is this; `*`: only if a bundle exists"),
+        ("If-None-Match" = Option<String>, Header, description = "`*`: write only if no bundle is stored"),
+    ),
+    request_body = PutTokensRequest,
+    responses(
+        (status = 201, description = "Created (no usable bundle was stored)", body = TokenMetadata, headers(("ETag" = String))),
+        (status = 200, description = "Replaced", body = TokenMetadata, headers(("ETag" = String))),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_conflict` (with `current_version`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` naming the `field`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["tokens:write"]))
+)]
+async fn put_tokens(
+    auth: Auth<TokensWrite>,
+    UserPath(user): UserPath,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    let cond = write_condition(&headers)?;
+    let bundle = TokenBundle::from_body(body)
+        .map_err(|e| ApiError::field(e.field.clone(), format!("{} {}", e.field, e.message)))?;
+    let (meta, created) = state.vault.put(&auth.ctx, &user, bundle, cond).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(with_etag(status, meta.version, meta))
+}
+
+/// Read a user's bundle, decrypted.
+#[utoipa::path(
+    get, path = "/users/{user_id}/tokens", tag = "tokens",
+    params(("user_id" = String, Path), GetTokensQuery),
+    responses(
+        (status = 200, body = TokenBundleResponse, headers(("ETag" = String))),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`tokens_not_found`", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`reauth_required` (with `reason`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "stored data failed to decrypt (audited)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["tokens:read"]))
+)]
+async fn get_tokens(
+    auth: Auth<TokensRead>,
+    UserPath(user): UserPath,
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<GetTokensQuery>,
+) -> Result<Response, ApiError> {
+    let as_dump = match q.representation.as_deref() {
+        None | Some("objects") => false,
+        Some("garth_dump") => true,
+        Some(_) => {
+            return Err(ApiError::field(
+                "representation",
+                "must be garth_dump or objects",
+            ));
+        }
+    };
+    let opened = state.vault.get(&auth.ctx, &user).await?;
+    let mut secrets: Map<String, Value> = opened.secrets;
+    let mut take_str = |k: &str| match secrets.remove(k) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    let (di_token, di_refresh_token, di_client_id) = (
+        take_str("di_token"),
+        take_str("di_refresh_token"),
+        take_str("di_client_id"),
+    );
+    let mut body = TokenBundleResponse {
+        metadata: opened.metadata,
+        oauth1_token: None,
+        oauth2_token: None,
+        garth_dump: None,
+        di_token,
+        di_refresh_token,
+        di_client_id,
+    };
+    if as_dump {
+        if body.metadata.kind != BundleKind::Garth.as_str() {
+            return Err(ApiError::field(
+                "representation",
+                "garth_dump is only available for garth bundles",
+            ));
+        }
+        body.garth_dump = garth_dump(&secrets);
+    } else {
+        body.oauth1_token = secrets.remove("oauth1_token");
+        body.oauth2_token = secrets.remove("oauth2_token");
+    }
+    let version = body.metadata.version;
+    Ok(with_etag(StatusCode::OK, version, body))
+}
+
+/// A bundle's metadata only (no decryption).
+#[utoipa::path(
+    get, path = "/users/{user_id}/tokens/metadata", tag = "tokens",
+    params(("user_id" = String, Path)),
+    responses(
+        (status = 200, body = TokenMetadata, headers(("ETag" = String))),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["tokens:read"]))
+)]
+async fn get_metadata(
+    auth: Auth<TokensRead>,
+    UserPath(user): UserPath,
+    State(state): State<AppState>,
+) -> Result<Response, ApiError> {
+    let meta = state
+        .vault
+        .metadata(&auth.ctx, &user, "token.metadata_read")
+        .await?
+        .ok_or_else(ApiError::tokens_not_found)?;
+    Ok(with_etag(StatusCode::OK, meta.version, meta))
+}
+
+/// Destroy the ciphertext; the user must log in again (`reauth_required` with the reason).
+#[utoipa::path(
+    post, path = "/users/{user_id}/tokens/invalidate", tag = "tokens",
+    params(("user_id" = String, Path)),
+    request_body = InvalidateRequest,
+    responses(
+        (status = 204, description = "Invalidated"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["tokens:write"]))
+)]
+async fn invalidate_tokens(
+    auth: Auth<TokensWrite>,
+    UserPath(user): UserPath,
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<InvalidateRequest>,
+) -> Result<StatusCode, ApiError> {
+    let reason = body.reason.unwrap_or_else(|| "invalidated".into());
+    if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
+        return Err(ApiError::field(
+            "reason",
+            "must be 1-200 characters without control characters",
+        ));
+    }
+    state.vault.invalidate(&auth.ctx, &user, &reason).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Logout: remove the bundle (SQLite overwrites freed pages). 204 also when nothing was stored.
+#[utoipa::path(
+    delete, path = "/users/{user_id}/tokens", tag = "tokens",
+    params(("user_id" = String, Path)),
+    responses(
+        (status = 204, description = "Removed (or nothing was stored)"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["tokens:write"]))
+)]
+async fn delete_tokens(
+    auth: Auth<TokensWrite>,
+    UserPath(user): UserPath,
+    State(state): State<AppState>,
+) -> Result<StatusCode, ApiError> {
+    state.vault.delete(&auth.ctx, &user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether the user has a usable login.
+#[utoipa::path(
+    get, path = "/users/{user_id}/auth-status", tag = "tokens",
+    params(("user_id" = String, Path)),
+    responses(
+        (status = 200, body = AuthStatus),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["tokens:read"]))
+)]
+async fn auth_status(
+    auth: Auth<TokensRead>,
+    UserPath(user): UserPath,
+    State(state): State<AppState>,
+) -> Result<axum::Json<AuthStatus>, ApiError> {
+    let meta = state
+        .vault
+        .metadata(&auth.ctx, &user, "auth_status.read")
+        .await?;
+    let status = match meta.as_ref().map(|m| m.status) {
+        None => AuthStatusValue::Missing,
+        Some(TokenStatus::ReauthRequired) => AuthStatusValue::Expired,
+        Some(TokenStatus::Valid | TokenStatus::AccessExpired) => AuthStatusValue::Valid,
+    };
+    Ok(axum::Json(AuthStatus {
+        user_id: user.to_string(),
+        status,
+        tokens: meta,
+        session: None,
+    }))
+}

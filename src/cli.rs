@@ -1,0 +1,250 @@
+//! The command line: `serve` (default), `migrate`, `keygen`, `api-key`, `rewrap`, `openapi`,
+//! `healthcheck`.
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{
+    config::Settings,
+    crypto::keyring::{generate_key_b64, valid_key_id},
+    domain::Scopes,
+    services::{api_keys, audit::AuditContext, keys},
+    startup::{self, Application},
+    telemetry,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "centraldb-mfa",
+    version,
+    about = "Encrypted Garmin token vault, MFA challenges and audit trail for GarminSync"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print a new random 256-bit key (base64) for CENTRALDB_ENCRYPTION_KEYS.
+    Keygen {
+        /// Print it as `ID:key`, ready for CENTRALDB_ENCRYPTION_KEYS.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Manage API keys.
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+    /// Re-encrypt every stored ciphertext under the active (first) key and report counts.
+    Rewrap,
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Exit 0 when /healthz on the configured listen address answers 200 (for container health checks).
+    Healthcheck {
+        /// Address to check instead of CENTRALDB_LISTEN.
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key and print it once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// One or more of tokens:read, tokens:write, mfa, sessions, audit:read, admin.
+        #[arg(long = "scope", required = true, num_args = 1..)]
+        scopes: Vec<String>,
+    },
+    /// List keys (never the keys themselves).
+    List,
+    /// Revoke a key by id.
+    Revoke { id: uuid::Uuid },
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::FAILURE
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    let command = cli.command.unwrap_or(Command::Serve);
+    match command {
+        Command::Keygen { id } => {
+            let key = generate_key_b64();
+            match id {
+                Some(id) if !valid_key_id(&id) => {
+                    return fail("--id must be 1-32 characters of letters, digits, - and _");
+                }
+                Some(id) => println!("{id}:{}", key.as_str()),
+                None => println!("{}", key.as_str()),
+            }
+            return ExitCode::SUCCESS;
+        }
+        Command::Openapi => {
+            return match crate::api::openapi().to_pretty_json() {
+                Ok(s) => {
+                    println!("{s}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            };
+        }
+        _ => {}
+    }
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("configuration: {e}")),
+    };
+    match command {
+        Command::Serve => {
+            telemetry::init(settings.log_format, "info");
+            let app = match Application::build(settings).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(error = %e, "start-up failed");
+                    return fail(e);
+                }
+            };
+            match app.run_until_stopped().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Healthcheck { addr } => {
+            let mut addr = addr.unwrap_or(settings.listen);
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            match tokio::time::timeout(Duration::from_secs(3), probe(addr)).await {
+                Ok(Ok(true)) => ExitCode::SUCCESS,
+                Ok(Ok(false)) => fail("/healthz did not answer 200"),
+                Ok(Err(e)) => fail(e),
+                Err(_) => fail("/healthz timed out"),
+            }
+        }
+        other => {
+            telemetry::init(settings.log_format, "warn");
+            let db = match startup::open_database(&settings).await {
+                Ok(db) => db,
+                Err(e) => return fail(e),
+            };
+            let code = admin_command(other, &settings, &db).await;
+            db.close().await;
+            code
+        }
+    }
+}
+
+async fn admin_command(command: Command, settings: &Settings, db: &crate::store::Db) -> ExitCode {
+    match command {
+        Command::Migrate => {
+            eprintln!("migrations applied ({})", settings.effective_database_url());
+            ExitCode::SUCCESS
+        }
+        Command::ApiKey(ApiKeyCommand::Create { name, scopes }) => {
+            let scopes = match Scopes::parse_list(&scopes.join(" ")) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            if name.trim().is_empty() || name.len() > 100 {
+                return fail("--name must be 1-100 characters");
+            }
+            match api_keys::create(db, &name, &scopes).await {
+                Ok((id, key)) => {
+                    eprintln!(
+                        "created API key {id} ({name}, scopes: {}); it is shown only this once:",
+                        scopes.to_stored()
+                    );
+                    println!("{}", key.as_str());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::ApiKey(ApiKeyCommand::List) => match api_keys::list(db).await {
+            Ok(keys) => {
+                println!(
+                    "{:<36}  {:<12}  {:<20}  {:<30}  {:<8}  last used",
+                    "id", "prefix", "name", "scopes", "state"
+                );
+                for k in keys {
+                    println!(
+                        "{:<36}  {:<12}  {:<20}  {:<30}  {:<8}  {}",
+                        k.id,
+                        k.prefix,
+                        k.name,
+                        k.scopes,
+                        if k.revoked_at.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        },
+                        k.last_used_at
+                            .map(|t| t.to_rfc3339())
+                            .unwrap_or_else(|| "never".into())
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::ApiKey(ApiKeyCommand::Revoke { id }) => match api_keys::revoke(db, id).await {
+            Ok(true) => {
+                eprintln!(
+                    "revoked {id} (running services stop accepting it within CENTRALDB_API_KEY_CACHE_SECS)"
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(false) => fail(format!("no active API key with id {id}")),
+            Err(e) => fail(e),
+        },
+        Command::Rewrap => {
+            let ring = match startup::open_keyring(settings, db).await {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            match keys::rewrap(db, &ring, &AuditContext::system("cli")).await {
+                Ok(r) => {
+                    println!(
+                        "rewrapped {} ciphertext(s) under key '{}'; {} changed concurrently and were left as written; {} failed to decrypt",
+                        r.rewrapped,
+                        ring.active_key_id(),
+                        r.skipped_changed,
+                        r.failed.len()
+                    );
+                    for u in &r.failed {
+                        eprintln!("failed to decrypt the bundle of user {u}");
+                    }
+                    if r.failed.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Serve
+        | Command::Keygen { .. }
+        | Command::Openapi
+        | Command::Healthcheck { .. } => ExitCode::SUCCESS,
+    }
+}
+
+/// A minimal HTTP/1.1 GET of /healthz (no client library needed in the runtime image).
+async fn probe(addr: SocketAddr) -> std::io::Result<bool> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut buf = vec![0u8; 64];
+    let n = s.read(&mut buf).await?;
+    Ok(buf[..n].starts_with(b"HTTP/1.1 200"))
+}

@@ -1,0 +1,369 @@
+//! Typed settings from the environment (and `.env`), with `*_FILE` variants for secrets.
+//!
+//! Every variable has a default (see `.env.example`); a bad value is a start-up error that names
+//! the variable.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// A configuration problem, always naming the variable at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(var: &str, message: impl Into<String>) -> Self {
+        Self {
+            var: var.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqliteSync {
+    Full,
+    Normal,
+}
+
+/// A database URL whose `Debug`/`Display` never show the password.
+#[derive(Clone)]
+pub struct DatabaseUrl(SecretString);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(SecretString::from(url.into()))
+    }
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+    pub fn is_postgres(&self) -> bool {
+        let u = self.expose();
+        u.starts_with("postgres://") || u.starts_with("postgresql://")
+    }
+    pub fn is_sqlite(&self) -> bool {
+        self.expose().starts_with("sqlite:")
+    }
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let u = self.expose();
+        let Some((scheme, rest)) = u.split_once("://") else {
+            return u.to_string();
+        };
+        let (authority, tail) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                if userinfo.contains(':') {
+                    format!("{scheme}://{user}:***@{host}{tail}")
+                } else {
+                    format!("{scheme}://{user}@{host}{tail}")
+                }
+            }
+            None => u.to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    /// `None` means the default SQLite file in the data folder.
+    pub database_url: Option<DatabaseUrl>,
+    pub listen: SocketAddr,
+    /// Raw keyring specification (`id:base64key,...`); parsed by `crypto::Keyring`.
+    pub encryption_keys: Option<SecretString>,
+    pub bootstrap_admin_key: Option<SecretString>,
+    pub log_format: LogFormat,
+    pub request_timeout: Duration,
+    pub body_limit_bytes: usize,
+    pub db_max_connections: Option<u32>,
+    pub db_acquire_timeout: Duration,
+    pub sqlite_busy_timeout: Duration,
+    pub sqlite_synchronous: SqliteSync,
+    pub api_key_cache_ttl: Duration,
+}
+
+pub const DEFAULT_SQLITE_FILE: &str = "centraldb-mfa.db";
+
+impl Settings {
+    /// Reads `.env` (when present) and then the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(ConfigError::new(".env", format!("cannot be read: {e}"))),
+        }
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Builds settings from any variable lookup (the environment, or a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let secret = |k: &str| -> Result<Option<String>, ConfigError> {
+            let file_var = format!("{k}_FILE");
+            match (get(k), get(&file_var)) {
+                (Some(_), Some(_)) => Err(ConfigError::new(
+                    k,
+                    format!("set either {k} or {file_var}, not both"),
+                )),
+                (Some(v), None) => Ok(Some(v)),
+                (None, Some(path)) => std::fs::read_to_string(&path)
+                    .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
+                    .map_err(|e| ConfigError::new(&file_var, format!("cannot read {path}: {e}"))),
+                (None, None) => Ok(None),
+            }
+        };
+        fn parse<T: FromStr>(
+            var: &str,
+            raw: Option<String>,
+            default: T,
+            what: &str,
+        ) -> Result<T, ConfigError> {
+            match raw {
+                None => Ok(default),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| ConfigError::new(var, format!("'{v}' is not {what}"))),
+            }
+        }
+
+        let data_dir = PathBuf::from(get("CENTRALDB_DATA_DIR").unwrap_or_else(|| "./data".into()));
+        let database_url = secret("CENTRALDB_DATABASE_URL")?.map(DatabaseUrl::new);
+        if let Some(url) = &database_url
+            && !url.is_postgres()
+            && !url.is_sqlite()
+        {
+            return Err(ConfigError::new(
+                "CENTRALDB_DATABASE_URL",
+                "must start with sqlite:, postgres:// or postgresql://",
+            ));
+        }
+        let listen = parse(
+            "CENTRALDB_LISTEN",
+            get("CENTRALDB_LISTEN"),
+            SocketAddr::from(([127, 0, 0, 1], 8080)),
+            "a socket address like 127.0.0.1:8080",
+        )?;
+        let encryption_keys = secret("CENTRALDB_ENCRYPTION_KEYS")?.map(SecretString::from);
+        let bootstrap_admin_key = match secret("CENTRALDB_BOOTSTRAP_ADMIN_KEY")? {
+            Some(k) if k.len() < 32 => {
+                return Err(ConfigError::new(
+                    "CENTRALDB_BOOTSTRAP_ADMIN_KEY",
+                    "must be at least 32 characters (generate one with `centraldb-mfa keygen`)",
+                ));
+            }
+            Some(k) if k.len() > 256 || k.chars().any(|c| !c.is_ascii_graphic()) => {
+                return Err(ConfigError::new(
+                    "CENTRALDB_BOOTSTRAP_ADMIN_KEY",
+                    "must be at most 256 printable ASCII characters without spaces",
+                ));
+            }
+            other => other.map(SecretString::from),
+        };
+        let log_format = match get("CENTRALDB_LOG_FORMAT").as_deref().map(str::trim) {
+            None | Some("pretty") => LogFormat::Pretty,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "CENTRALDB_LOG_FORMAT",
+                    format!("'{other}' is not one of json, pretty"),
+                ));
+            }
+        };
+        let sqlite_synchronous = match get("CENTRALDB_SQLITE_SYNCHRONOUS")
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("full") => SqliteSync::Full,
+            Some("normal") => SqliteSync::Normal,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "CENTRALDB_SQLITE_SYNCHRONOUS",
+                    format!("'{other}' is not one of full, normal"),
+                ));
+            }
+        };
+        let positive = |var: &str, v: u64| {
+            if v == 0 {
+                Err(ConfigError::new(var, "must be greater than 0"))
+            } else {
+                Ok(v)
+            }
+        };
+        let request_timeout = Duration::from_secs(positive(
+            "CENTRALDB_REQUEST_TIMEOUT_SECS",
+            parse(
+                "CENTRALDB_REQUEST_TIMEOUT_SECS",
+                get("CENTRALDB_REQUEST_TIMEOUT_SECS"),
+                10u64,
+                "a whole number of seconds",
+            )?,
+        )?);
+        let body_limit_bytes = positive(
+            "CENTRALDB_BODY_LIMIT_BYTES",
+            parse(
+                "CENTRALDB_BODY_LIMIT_BYTES",
+                get("CENTRALDB_BODY_LIMIT_BYTES"),
+                65_536u64,
+                "a whole number of bytes",
+            )?,
+        )? as usize;
+        let db_max_connections = match get("CENTRALDB_DB_MAX_CONNECTIONS") {
+            None => None,
+            Some(v) => Some(
+                positive(
+                    "CENTRALDB_DB_MAX_CONNECTIONS",
+                    parse(
+                        "CENTRALDB_DB_MAX_CONNECTIONS",
+                        Some(v),
+                        0u64,
+                        "a whole number",
+                    )?,
+                )?
+                .min(1024) as u32,
+            ),
+        };
+        let db_acquire_timeout = Duration::from_millis(positive(
+            "CENTRALDB_DB_ACQUIRE_TIMEOUT_MS",
+            parse(
+                "CENTRALDB_DB_ACQUIRE_TIMEOUT_MS",
+                get("CENTRALDB_DB_ACQUIRE_TIMEOUT_MS"),
+                3_000u64,
+                "a whole number of milliseconds",
+            )?,
+        )?);
+        let sqlite_busy_timeout = Duration::from_millis(parse(
+            "CENTRALDB_SQLITE_BUSY_TIMEOUT_MS",
+            get("CENTRALDB_SQLITE_BUSY_TIMEOUT_MS"),
+            5_000u64,
+            "a whole number of milliseconds",
+        )?);
+        let api_key_cache_ttl = Duration::from_secs(parse(
+            "CENTRALDB_API_KEY_CACHE_SECS",
+            get("CENTRALDB_API_KEY_CACHE_SECS"),
+            30u64,
+            "a whole number of seconds",
+        )?);
+
+        Ok(Self {
+            data_dir,
+            database_url,
+            listen,
+            encryption_keys,
+            bootstrap_admin_key,
+            log_format,
+            request_timeout,
+            body_limit_bytes,
+            db_max_connections,
+            db_acquire_timeout,
+            sqlite_busy_timeout,
+            sqlite_synchronous,
+            api_key_cache_ttl,
+        })
+    }
+
+    /// The configured URL, or the default SQLite file in the data folder.
+    pub fn effective_database_url(&self) -> DatabaseUrl {
+        match &self.database_url {
+            Some(u) => u.clone(),
+            None => DatabaseUrl::new(format!(
+                "sqlite://{}",
+                self.data_dir.join(DEFAULT_SQLITE_FILE).display()
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.body_limit_bytes, 65_536);
+        assert_eq!(
+            s.effective_database_url().expose(),
+            "sqlite://./data/centraldb-mfa.db"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = settings(&[("CENTRALDB_LISTEN", "nope")]).unwrap_err();
+        assert_eq!(e.var, "CENTRALDB_LISTEN");
+        let e = settings(&[("CENTRALDB_LOG_FORMAT", "xml")]).unwrap_err();
+        assert_eq!(e.var, "CENTRALDB_LOG_FORMAT");
+        let e = settings(&[("CENTRALDB_DATABASE_URL", "mysql://x")]).unwrap_err();
+        assert_eq!(e.var, "CENTRALDB_DATABASE_URL");
+        let e = settings(&[("CENTRALDB_BOOTSTRAP_ADMIN_KEY", "short")]).unwrap_err();
+        assert_eq!(e.var, "CENTRALDB_BOOTSTRAP_ADMIN_KEY");
+        let e = settings(&[("CENTRALDB_REQUEST_TIMEOUT_SECS", "0")]).unwrap_err();
+        assert_eq!(e.var, "CENTRALDB_REQUEST_TIMEOUT_SECS");
+    }
+
+    #[test]
+    fn file_variants_are_read_and_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "k1:abc\n").unwrap();
+        let p = path.to_str().unwrap();
+        let s = settings(&[("CENTRALDB_ENCRYPTION_KEYS_FILE", p)]).unwrap();
+        assert_eq!(s.encryption_keys.unwrap().expose_secret(), "k1:abc");
+        let e = settings(&[
+            ("CENTRALDB_ENCRYPTION_KEYS_FILE", p),
+            ("CENTRALDB_ENCRYPTION_KEYS", "x"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "CENTRALDB_ENCRYPTION_KEYS");
+        let e = settings(&[("CENTRALDB_ENCRYPTION_KEYS_FILE", "/nonexistent/x")]).unwrap_err();
+        assert_eq!(e.var, "CENTRALDB_ENCRYPTION_KEYS_FILE");
+    }
+
+    #[test]
+    fn database_url_hides_password() {
+        let u = DatabaseUrl::new("postgres://user:hunter2@db:5432/x");
+        assert_eq!(
+            format!("{u:?}"),
+            "DatabaseUrl(postgres://user:***@db:5432/x)"
+        );
+        assert!(!u.to_string().contains("hunter2"));
+    }
+}

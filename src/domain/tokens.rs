@@ -1,0 +1,420 @@
+//! Token bundles: garth's OAuth1 + OAuth2 pair, or python-garminconnect's DI token set.
+//!
+//! A request body is parsed once into a [`TokenBundle`]: the kind, the canonical plaintext that
+//! gets encrypted, and the expiry times derived from it. Unknown fields inside the garth token
+//! objects are kept, in the order given.
+
+use base64::{
+    Engine,
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig, general_purpose},
+};
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use zeroize::Zeroizing;
+
+/// Standard base64 that accepts input with or without padding (garth pads; hand-made dumps may not).
+const B64_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+const B64URL_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Latest instant we accept as an expiry (9999-12-31T23:59:59Z), so conversions never fail.
+const MAX_UNIX: i64 = 253_402_300_799;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleKind {
+    Garth,
+    GarminConnect,
+}
+
+impl BundleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Garth => "garth",
+            Self::GarminConnect => "garminconnect",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "garth" => Some(Self::Garth),
+            "garminconnect" => Some(Self::GarminConnect),
+            _ => None,
+        }
+    }
+}
+
+/// A validation failure naming the offending field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A parsed bundle, ready to be encrypted. The plaintext is zeroized on drop.
+pub struct TokenBundle {
+    pub kind: BundleKind,
+    pub plaintext: Zeroizing<Vec<u8>>,
+    pub access_expires_at: Option<DateTime<Utc>>,
+    pub refresh_expires_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for TokenBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenBundle")
+            .field("kind", &self.kind)
+            .field("plaintext", &"[redacted]")
+            .field("access_expires_at", &self.access_expires_at)
+            .field("refresh_expires_at", &self.refresh_expires_at)
+            .finish()
+    }
+}
+
+impl TokenBundle {
+    /// Parses a `PUT /tokens` body.
+    pub fn from_body(body: Value) -> Result<Self, FieldError> {
+        let Value::Object(mut obj) = body else {
+            return Err(FieldError::new("body", "must be a JSON object"));
+        };
+        let kind = match obj.remove("kind") {
+            Some(Value::String(k)) => BundleKind::parse(&k)
+                .ok_or_else(|| FieldError::new("kind", "must be one of garth, garminconnect"))?,
+            Some(_) => return Err(FieldError::new("kind", "must be a string")),
+            None => return Err(FieldError::new("kind", "is required")),
+        };
+        match kind {
+            BundleKind::Garth => Self::garth_from_body(obj),
+            BundleKind::GarminConnect => Self::garminconnect_from_body(obj),
+        }
+    }
+
+    fn garth_from_body(mut obj: Map<String, Value>) -> Result<Self, FieldError> {
+        let dump = obj.remove("garth_dump");
+        let o1 = obj.remove("oauth1_token");
+        let o2 = obj.remove("oauth2_token");
+        reject_unknown(&obj)?;
+        let (oauth1, oauth2) = match (dump, o1, o2) {
+            (Some(d), None, None) => {
+                let Value::String(d) = d else {
+                    return Err(FieldError::new("garth_dump", "must be a string"));
+                };
+                decode_garth_dump(&d)?
+            }
+            (None, Some(o1), Some(o2)) => (o1, o2),
+            (Some(_), _, _) => {
+                return Err(FieldError::new(
+                    "garth_dump",
+                    "give either garth_dump or oauth1_token and oauth2_token, not both",
+                ));
+            }
+            (None, None, _) => return Err(FieldError::new("oauth1_token", "is required")),
+            (None, Some(_), None) => return Err(FieldError::new("oauth2_token", "is required")),
+        };
+        Self::garth(oauth1, oauth2)
+    }
+
+    /// Validates garth's two token objects and builds the bundle.
+    pub fn garth(oauth1: Value, oauth2: Value) -> Result<Self, FieldError> {
+        let Value::Object(o1) = oauth1 else {
+            return Err(FieldError::new("oauth1_token", "must be an object"));
+        };
+        let Value::Object(o2) = oauth2 else {
+            return Err(FieldError::new("oauth2_token", "must be an object"));
+        };
+        for f in ["oauth_token", "oauth_token_secret"] {
+            required_string(&o1, "oauth1_token", f, true)?;
+        }
+        for f in ["mfa_token", "domain"] {
+            optional_string(&o1, "oauth1_token", f)?;
+        }
+        for (f, non_empty) in [
+            ("access_token", true),
+            ("refresh_token", true),
+            ("token_type", false),
+            ("scope", false),
+            ("jti", false),
+        ] {
+            required_string(&o2, "oauth2_token", f, non_empty)?;
+        }
+        let mut ints = [0i64; 4];
+        for (i, f) in [
+            "expires_in",
+            "expires_at",
+            "refresh_token_expires_in",
+            "refresh_token_expires_at",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            ints[i] = required_int(&o2, "oauth2_token", f)?;
+        }
+        let access_expires_at = unix_to_time(ints[1]);
+        let refresh_expires_at = unix_to_time(ints[3]);
+        let mut canonical = Map::new();
+        canonical.insert("oauth1_token".into(), Value::Object(o1));
+        canonical.insert("oauth2_token".into(), Value::Object(o2));
+        Ok(Self {
+            kind: BundleKind::Garth,
+            plaintext: to_plaintext(&Value::Object(canonical)),
+            access_expires_at,
+            refresh_expires_at,
+        })
+    }
+
+    fn garminconnect_from_body(mut obj: Map<String, Value>) -> Result<Self, FieldError> {
+        let mut canonical = Map::new();
+        for f in ["di_token", "di_refresh_token", "di_client_id"] {
+            required_string(&obj, "", f, true)?;
+            if let Some(v) = obj.remove(f) {
+                canonical.insert(f.into(), v);
+            }
+        }
+        reject_unknown(&obj)?;
+        let access_expires_at = canonical
+            .get("di_token")
+            .and_then(Value::as_str)
+            .and_then(jwt_exp);
+        let refresh_expires_at = canonical
+            .get("di_refresh_token")
+            .and_then(Value::as_str)
+            .and_then(jwt_exp);
+        Ok(Self {
+            kind: BundleKind::GarminConnect,
+            plaintext: to_plaintext(&Value::Object(canonical)),
+            access_expires_at,
+            refresh_expires_at,
+        })
+    }
+}
+
+/// The decrypted secret fields of a stored bundle, as returned by `GET /tokens`.
+pub fn secrets_from_plaintext(plaintext: &[u8]) -> Result<Map<String, Value>, String> {
+    match serde_json::from_slice::<Value>(plaintext) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err("stored plaintext is not a JSON object".into()),
+        Err(e) => Err(format!("stored plaintext is not JSON: {e}")),
+    }
+}
+
+/// `garth.Client.dumps()` form: base64 of the JSON array `[oauth1, oauth2]`.
+pub fn garth_dump(secrets: &Map<String, Value>) -> Option<String> {
+    let o1 = secrets.get("oauth1_token")?;
+    let o2 = secrets.get("oauth2_token")?;
+    let json = Zeroizing::new(serde_json::to_vec(&[o1, o2]).ok()?);
+    Some(general_purpose::STANDARD.encode(json.as_slice()))
+}
+
+fn decode_garth_dump(dump: &str) -> Result<(Value, Value), FieldError> {
+    let err = |m: &str| FieldError::new("garth_dump", m);
+    let bytes = Zeroizing::new(
+        B64_LENIENT
+            .decode(dump.trim().as_bytes())
+            .map_err(|_| err("is not valid base64"))?,
+    );
+    let value: Value = serde_json::from_slice(&bytes).map_err(|_| {
+        err("does not decode to JSON (expected the output of garth.Client.dumps())")
+    })?;
+    match value {
+        Value::Array(mut items) if items.len() == 2 => {
+            let o2 = items.pop().unwrap_or(Value::Null);
+            let o1 = items.pop().unwrap_or(Value::Null);
+            Ok((o1, o2))
+        }
+        _ => Err(err(
+            "must decode to a JSON array [oauth1_token, oauth2_token]",
+        )),
+    }
+}
+
+/// The `exp` claim of a JWT, if the string is one; never fails, never verifies.
+pub fn jwt_exp(token: &str) -> Option<DateTime<Utc>> {
+    let mut parts = token.split('.');
+    let (_header, payload, _sig) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || payload.len() > 16 * 1024 {
+        return None;
+    }
+    let bytes = Zeroizing::new(B64URL_LENIENT.decode(payload).ok()?);
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?;
+    let secs = exp.as_i64().or_else(|| {
+        exp.as_f64()
+            .filter(|f| f.is_finite())
+            .map(|f| f.floor() as i64)
+    })?;
+    unix_to_time(secs)
+}
+
+fn unix_to_time(secs: i64) -> Option<DateTime<Utc>> {
+    if (0..=MAX_UNIX).contains(&secs) {
+        DateTime::from_timestamp(secs, 0)
+    } else {
+        None
+    }
+}
+
+fn to_plaintext(v: &Value) -> Zeroizing<Vec<u8>> {
+    // Serialising a Value into a Vec cannot fail.
+    Zeroizing::new(serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn path(parent: &str, field: &str) -> String {
+    if parent.is_empty() {
+        field.to_string()
+    } else {
+        format!("{parent}.{field}")
+    }
+}
+
+fn reject_unknown(obj: &Map<String, Value>) -> Result<(), FieldError> {
+    match obj.keys().next() {
+        Some(k) => Err(FieldError::new(k.clone(), "unknown field")),
+        None => Ok(()),
+    }
+}
+
+fn required_string(
+    obj: &Map<String, Value>,
+    parent: &str,
+    f: &str,
+    non_empty: bool,
+) -> Result<(), FieldError> {
+    match obj.get(f) {
+        None | Some(Value::Null) => Err(FieldError::new(path(parent, f), "is required")),
+        Some(Value::String(s)) if non_empty && s.is_empty() => {
+            Err(FieldError::new(path(parent, f), "must not be empty"))
+        }
+        Some(Value::String(_)) => Ok(()),
+        Some(_) => Err(FieldError::new(path(parent, f), "must be a string")),
+    }
+}
+
+fn optional_string(obj: &Map<String, Value>, parent: &str, f: &str) -> Result<(), FieldError> {
+    match obj.get(f) {
+        None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
+        Some(_) => Err(FieldError::new(path(parent, f), "must be a string or null")),
+    }
+}
+
+fn required_int(obj: &Map<String, Value>, parent: &str, f: &str) -> Result<i64, FieldError> {
+    match obj.get(f) {
+        None | Some(Value::Null) => Err(FieldError::new(path(parent, f), "is required")),
+        Some(v) => v
+            .as_i64()
+            .filter(|n| (0..=MAX_UNIX).contains(n))
+            .ok_or_else(|| FieldError::new(path(parent, f), "must be a non-negative integer")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub fn oauth1() -> Value {
+        json!({"oauth_token": "o1-token", "oauth_token_secret": "o1-secret", "mfa_token": null,
+               "mfa_expiration_timestamp": null, "domain": "garmin.com", "extra_field": [1, 2]})
+    }
+    pub fn oauth2() -> Value {
+        json!({"scope": "CONNECT_READ", "jti": "jti-1", "token_type": "Bearer",
+               "access_token": "acc", "refresh_token": "ref", "expires_in": 86400,
+               "expires_at": 1_790_000_000, "refresh_token_expires_in": 2_592_000,
+               "refresh_token_expires_at": 1_792_000_000})
+    }
+
+    #[test]
+    fn garth_objects_parse_and_keep_unknown_fields_in_order() {
+        let b = TokenBundle::from_body(
+            json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": oauth2()}),
+        )
+        .unwrap();
+        assert_eq!(b.kind, BundleKind::Garth);
+        assert_eq!(b.access_expires_at.unwrap().timestamp(), 1_790_000_000);
+        assert_eq!(b.refresh_expires_at.unwrap().timestamp(), 1_792_000_000);
+        let secrets = secrets_from_plaintext(&b.plaintext).unwrap();
+        assert_eq!(secrets["oauth1_token"], oauth1());
+        let keys: Vec<_> = secrets["oauth1_token"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(keys.last().unwrap(), "extra_field");
+    }
+
+    #[test]
+    fn garth_dump_round_trips() {
+        let json = serde_json::to_vec(&json!([oauth1(), oauth2()])).unwrap();
+        let dump = general_purpose::STANDARD.encode(json);
+        let b = TokenBundle::from_body(json!({"kind": "garth", "garth_dump": dump})).unwrap();
+        let secrets = secrets_from_plaintext(&b.plaintext).unwrap();
+        let again = garth_dump(&secrets).unwrap();
+        let decoded: Value =
+            serde_json::from_slice(&general_purpose::STANDARD.decode(again).unwrap()).unwrap();
+        assert_eq!(decoded, json!([oauth1(), oauth2()]));
+    }
+
+    #[test]
+    fn missing_and_wrong_fields_are_named() {
+        let mut o2 = oauth2();
+        o2.as_object_mut().unwrap().remove("refresh_token");
+        let e = TokenBundle::from_body(
+            json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": o2}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "oauth2_token.refresh_token");
+        let mut o2 = oauth2();
+        o2["expires_at"] = json!("soon");
+        let e = TokenBundle::from_body(
+            json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": o2}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "oauth2_token.expires_at");
+        let e = TokenBundle::from_body(json!({"kind": "nope"})).unwrap_err();
+        assert_eq!(e.field, "kind");
+        let e = TokenBundle::from_body(
+            json!({"kind": "garminconnect", "di_token": "a", "di_refresh_token": "b"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "di_client_id");
+        let e = TokenBundle::from_body(json!({"kind": "garth", "garth_dump": "!!!"})).unwrap_err();
+        assert_eq!(e.field, "garth_dump");
+        let e = TokenBundle::from_body(json!({"kind": "garth", "garth_dump": "W10="})).unwrap_err();
+        assert_eq!(e.field, "garth_dump");
+        let e = TokenBundle::from_body(json!({"kind": "garminconnect", "di_token": "a",
+            "di_refresh_token": "b", "di_client_id": "c", "surprise": 1}))
+        .unwrap_err();
+        assert_eq!(e.field, "surprise");
+    }
+
+    #[test]
+    fn jwt_exp_is_extracted_or_none() {
+        let payload = B64URL_LENIENT.encode(br#"{"exp":1790000000,"sub":"x"}"#);
+        let jwt = format!("eyJhbGciOiJIUzI1NiJ9.{payload}.sig");
+        assert_eq!(jwt_exp(&jwt).unwrap().timestamp(), 1_790_000_000);
+        for not_jwt in [
+            "",
+            "abc",
+            "a.b",
+            "a.b.c.d",
+            "a.!!.c",
+            "a.e30.c",
+            &format!("a.{}.c", B64URL_LENIENT.encode(b"[1]")),
+        ] {
+            assert!(jwt_exp(not_jwt).is_none(), "{not_jwt}");
+        }
+        let huge = format!("a.{}.c", B64URL_LENIENT.encode(br#"{"exp":1e300}"#));
+        assert!(jwt_exp(&huge).is_none());
+    }
+}

@@ -1,0 +1,235 @@
+//! `ApiError`: every failure a client can see, rendered as RFC 9457 `application/problem+json`.
+//!
+//! Internal causes (database, crypto) are logged once here and answered with a generic body:
+//! no SQL text, key material or token value ever reaches a response.
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use crate::store::StoreError;
+
+/// RFC 9457 problem details, plus a stable machine-readable `code` and per-code extra members.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type (`urn:centraldb-mfa:problem:<code>`).
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    pub detail: String,
+    /// Stable error code, e.g. `validation_failed`, `tokens_not_found`.
+    pub code: String,
+    /// Extra members some problems carry (`field`, `current_version`, `reason`, ...).
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("validation failed: {detail}")]
+    Validation {
+        detail: String,
+        field: Option<String>,
+    },
+    #[error("unauthenticated")]
+    Unauthenticated { detail: &'static str },
+    #[error("forbidden")]
+    Forbidden { required_scope: &'static str },
+    #[error("not found: {detail}")]
+    NotFound { code: &'static str, detail: String },
+    #[error("reauth required: {reason}")]
+    ReauthRequired { reason: String },
+    #[error("version conflict")]
+    VersionConflict {
+        current_version: Option<i64>,
+        detail: String,
+    },
+    #[error("payload too large")]
+    PayloadTooLarge,
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("unavailable: {detail}")]
+    Unavailable {
+        detail: &'static str,
+        retry_after_secs: u32,
+    },
+    #[error("insufficient storage")]
+    InsufficientStorage,
+    /// A stored ciphertext failed to decrypt (tampered, moved, or a wrong key).
+    #[error("stored data could not be decrypted")]
+    DecryptFailed,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn validation(detail: impl Into<String>) -> Self {
+        Self::Validation {
+            detail: detail.into(),
+            field: None,
+        }
+    }
+    pub fn field(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::Validation {
+            detail: detail.into(),
+            field: Some(field.into()),
+        }
+    }
+    pub fn tokens_not_found() -> Self {
+        Self::NotFound {
+            code: "tokens_not_found",
+            detail: "no token bundle is stored for this user".into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::ReauthRequired { .. } => StatusCode::GONE,
+            Self::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+            Self::DecryptFailed | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Validation { .. } => "validation_failed",
+            Self::Unauthenticated { .. } => "unauthenticated",
+            Self::Forbidden { .. } => "forbidden",
+            Self::NotFound { code, .. } => code,
+            Self::ReauthRequired { .. } => "reauth_required",
+            Self::VersionConflict { .. } => "version_conflict",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Unavailable { .. } => "unavailable",
+            Self::InsufficientStorage => "insufficient_storage",
+            Self::DecryptFailed | Self::Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn to_problem(&self) -> Problem {
+        let status = self.status();
+        let mut extra = Map::new();
+        let detail = match self {
+            Self::Validation { detail, field } => {
+                if let Some(f) = field {
+                    extra.insert("field".into(), Value::String(f.clone()));
+                }
+                detail.clone()
+            }
+            Self::Unauthenticated { detail } => (*detail).to_string(),
+            Self::Forbidden { required_scope } => {
+                extra.insert(
+                    "required_scope".into(),
+                    Value::String((*required_scope).into()),
+                );
+                format!("this API key lacks the '{required_scope}' scope")
+            }
+            Self::NotFound { detail, .. } => detail.clone(),
+            Self::ReauthRequired { reason } => {
+                extra.insert("reason".into(), Value::String(reason.clone()));
+                "the stored login can no longer be used; the user must log in again".into()
+            }
+            Self::VersionConflict {
+                current_version,
+                detail,
+            } => {
+                extra.insert(
+                    "current_version".into(),
+                    current_version.map_or(Value::Null, Value::from),
+                );
+                detail.clone()
+            }
+            Self::PayloadTooLarge => {
+                "the request body exceeds the size limit (CENTRALDB_BODY_LIMIT_BYTES)".into()
+            }
+            Self::UnsupportedMediaType => {
+                "the request body must be JSON (Content-Type: application/json)".into()
+            }
+            Self::MethodNotAllowed => "this method is not allowed on this resource".into(),
+            Self::Unavailable { detail, .. } => (*detail).to_string(),
+            Self::InsufficientStorage => "the database has no space left; try again later".into(),
+            Self::DecryptFailed | Self::Internal(_) => {
+                "an internal error occurred; it has been logged".into()
+            }
+        };
+        Problem {
+            type_: format!("urn:centraldb-mfa:problem:{}", self.code()),
+            title: status.canonical_reason().unwrap_or("Error").to_string(),
+            status: status.as_u16(),
+            detail,
+            code: self.code().to_string(),
+            extra,
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => Self::Unavailable {
+                detail: "the database is unavailable; try again shortly",
+                retry_after_secs: 1,
+            },
+            StoreError::Full => Self::InsufficientStorage,
+            StoreError::Other(msg) => Self::Internal(msg),
+        }
+    }
+}
+
+/// Renders a problem+json response; used for errors and by middleware.
+pub fn problem_response(status: StatusCode, problem: &Problem) -> Response {
+    let body = serde_json::to_vec(problem).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = (status, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            Self::Internal(cause) => tracing::error!(cause = %cause, "internal error"),
+            Self::DecryptFailed => tracing::error!("stored ciphertext failed to decrypt"),
+            Self::Unavailable { detail, .. } => tracing::warn!(detail, "answering 503"),
+            _ => {}
+        }
+        let mut resp = problem_response(self.status(), &self.to_problem());
+        let headers = resp.headers_mut();
+        match &self {
+            Self::Unavailable {
+                retry_after_secs, ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            Self::InsufficientStorage => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(30u32));
+            }
+            Self::Unauthenticated { .. } => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}

@@ -1,0 +1,265 @@
+//! API keys: create, list, revoke, bootstrap, and the request-time check with a short cache.
+//!
+//! A presented key is hashed (SHA-256) and looked up by hash; the stored hash is then compared
+//! in constant time. Verified keys are cached for `CENTRALDB_API_KEY_CACHE_SECS` so auth costs
+//! no query per request; a revocation made through this process takes effect at once, one made
+//! by another process within that TTL. Unknown keys are never cached (no memory growth from
+//! guessing).
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::{
+    crypto::api_keys::{self, KeyHash},
+    domain::{Scope, Scopes},
+    store::{self, Db, StoreError, api_keys::ApiKeyRow},
+};
+
+pub const BOOTSTRAP_NAME: &str = "bootstrap";
+pub const FIRST_RUN_NAME: &str = "first-run admin";
+pub const ADMIN_KEY_FILE: &str = "admin-api-key";
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key_id: Uuid,
+    pub name: String,
+    pub scopes: Scopes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Malformed,
+    Unknown,
+    Revoked,
+}
+
+impl AuthFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing_key",
+            Self::Malformed => "malformed_authorization",
+            Self::Unknown => "unknown_key",
+            Self::Revoked => "revoked_key",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("authentication failed: {}", .0.as_str())]
+    Failure(AuthFailure),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Cached {
+    principal: Principal,
+    fetched: Instant,
+}
+
+pub struct ApiKeys {
+    db: Db,
+    ttl: Duration,
+    cache: Mutex<HashMap<KeyHash, Cached>>,
+}
+
+/// A key as listed (never the key itself).
+#[derive(Debug, Clone)]
+pub struct ApiKeyInfo {
+    pub id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub scopes: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<ApiKeyRow> for ApiKeyInfo {
+    fn from(r: ApiKeyRow) -> Self {
+        Self {
+            id: r.id,
+            name: r.name,
+            prefix: r.prefix,
+            scopes: r.scopes,
+            created_at: r.created_at,
+            last_used_at: r.last_used_at,
+            revoked_at: r.revoked_at,
+        }
+    }
+}
+
+impl ApiKeys {
+    pub fn new(db: Db, ttl: Duration) -> Self {
+        Self {
+            db,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn authenticate(&self, presented: &str) -> Result<Principal, AuthError> {
+        let hash = api_keys::hash(presented);
+        if let Ok(cache) = self.cache.lock()
+            && let Some(c) = cache.get(&hash)
+            && c.fetched.elapsed() < self.ttl
+        {
+            return Ok(c.principal.clone());
+        }
+        let mut conn = self.db.read().await?;
+        let row = store::api_keys::find_by_hash(&mut conn.conn(), &hash).await?;
+        drop(conn);
+        let Some(row) = row.filter(|r| api_keys::hashes_equal(&hash, &r.key_hash)) else {
+            return Err(AuthError::Failure(AuthFailure::Unknown));
+        };
+        if row.revoked_at.is_some() {
+            self.forget(row.id);
+            return Err(AuthError::Failure(AuthFailure::Revoked));
+        }
+        let scopes = Scopes::parse_list(&row.scopes).map_err(StoreError::Other)?;
+        let principal = Principal {
+            key_id: row.id,
+            name: row.name,
+            scopes,
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(
+                hash,
+                Cached {
+                    principal: principal.clone(),
+                    fetched: Instant::now(),
+                },
+            );
+        }
+        // `last_used_at` is refreshed once per cache period, not per request.
+        let db = self.db.clone();
+        let id = principal.key_id;
+        tokio::spawn(async move {
+            if let Ok(mut tx) = db.begin_write().await
+                && store::api_keys::touch_last_used(&mut tx.conn(), id, store::now())
+                    .await
+                    .is_ok()
+            {
+                let _ = tx.commit().await;
+            }
+        });
+        Ok(principal)
+    }
+
+    /// Drops a key from the cache (after revocation).
+    pub fn forget(&self, id: Uuid) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|_, c| c.principal.key_id != id);
+        }
+    }
+}
+
+/// Creates a key and returns it (shown once) with its id.
+pub async fn create(
+    db: &Db,
+    name: &str,
+    scopes: &Scopes,
+) -> Result<(Uuid, Zeroizing<String>), StoreError> {
+    let key = api_keys::generate();
+    let id = insert_key(db, name, scopes, &key).await?;
+    Ok((id, key))
+}
+
+async fn insert_key(db: &Db, name: &str, scopes: &Scopes, key: &str) -> Result<Uuid, StoreError> {
+    let id = Uuid::now_v7();
+    let row = ApiKeyRow {
+        id,
+        name: name.to_string(),
+        prefix: api_keys::display_prefix(key),
+        key_hash: api_keys::hash(key).to_vec(),
+        scopes: scopes.to_stored(),
+        created_at: store::now(),
+        last_used_at: None,
+        revoked_at: None,
+    };
+    let mut tx = db.begin_write().await?;
+    store::api_keys::insert(&mut tx.conn(), &row).await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+pub async fn list(db: &Db) -> Result<Vec<ApiKeyInfo>, StoreError> {
+    let mut c = db.read().await?;
+    Ok(store::api_keys::list(&mut c.conn())
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect())
+}
+
+pub async fn revoke(db: &Db, id: Uuid) -> Result<bool, StoreError> {
+    let mut tx = db.begin_write().await?;
+    let done = store::api_keys::revoke(&mut tx.conn(), id, store::now()).await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// Makes the configured bootstrap key valid (admin scope), and revokes an earlier bootstrap key
+/// that the configuration no longer names. A bootstrap key revoked by an operator stays revoked.
+pub async fn ensure_bootstrap(db: &Db, key: &str) -> Result<(), StoreError> {
+    let hash = api_keys::hash(key);
+    let existing = {
+        let mut c = db.read().await?;
+        store::api_keys::find_by_hash(&mut c.conn(), &hash).await?
+    };
+    match existing {
+        Some(row) if row.revoked_at.is_some() => {
+            tracing::warn!(key_id = %row.id, "CENTRALDB_BOOTSTRAP_ADMIN_KEY names a revoked key; it stays revoked");
+        }
+        Some(_) => {}
+        None => {
+            let id = insert_key(db, BOOTSTRAP_NAME, &Scopes::new(vec![Scope::Admin]), key).await?;
+            tracing::info!(key_id = %id, "bootstrap admin key registered");
+        }
+    }
+    let mut tx = db.begin_write().await?;
+    let n =
+        store::api_keys::revoke_named_except(&mut tx.conn(), BOOTSTRAP_NAME, &hash, store::now())
+            .await?;
+    tx.commit().await?;
+    if n > 0 {
+        tracing::info!(revoked = n, "revoked bootstrap key(s) no longer configured");
+    }
+    Ok(())
+}
+
+/// On a store with no usable key and no bootstrap key: creates an admin key and writes it to
+/// `<data>/admin-api-key` (mode 0600). Returns the file path when it did.
+pub async fn ensure_first_admin(
+    db: &Db,
+    data_dir: &Path,
+) -> Result<Option<std::path::PathBuf>, String> {
+    let active = {
+        let mut c = db.read().await.map_err(|e| e.to_string())?;
+        store::api_keys::count_active(&mut c.conn())
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    if active > 0 {
+        return Ok(None);
+    }
+    // The file is written before the key is stored, so a stored key is never lost.
+    let key = api_keys::generate();
+    let path = data_dir.join(ADMIN_KEY_FILE);
+    crate::startup::write_private_file(&path, format!("{}\n", key.as_str()).as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    insert_key(db, FIRST_RUN_NAME, &Scopes::new(vec![Scope::Admin]), &key)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Some(path))
+}

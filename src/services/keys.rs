@@ -1,0 +1,200 @@
+//! Loading, checking and rotating the encryption keyring.
+
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde_json::json;
+
+use crate::{
+    config::Settings,
+    crypto::{Aad, Keyring, keyring::generate_key_b64},
+    services::audit::{self, AuditContext, Outcome},
+    store::{self, Db, StoreError},
+};
+
+pub const KEY_FILE: &str = "encryption.key";
+const KEY_CHECK_PLAINTEXT: &[u8] = b"centraldb-mfa key check v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where the keyring came from, for the start-up log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeySource {
+    Environment,
+    File(PathBuf),
+    Generated(PathBuf),
+}
+
+/// The keyring from `CENTRALDB_ENCRYPTION_KEYS`, or on SQLite from `<data>/encryption.key`,
+/// generating that file on first run. Refuses to generate a key when the database already holds
+/// data encrypted under some other key.
+pub async fn load_keyring(settings: &Settings, db: &Db) -> Result<(Keyring, KeySource), KeyError> {
+    if let Some(spec) = &settings.encryption_keys {
+        let ring = Keyring::parse(spec)
+            .map_err(|e| KeyError::Config(format!("CENTRALDB_ENCRYPTION_KEYS: {e}")))?;
+        return Ok((ring, KeySource::Environment));
+    }
+    if matches!(db, Db::Postgres { .. }) {
+        return Err(KeyError::Config(
+            "CENTRALDB_ENCRYPTION_KEYS: required with PostgreSQL (generate one with `centraldb-mfa keygen`)".into(),
+        ));
+    }
+    let path = settings.data_dir.join(KEY_FILE);
+    if path.exists() {
+        let spec = std::fs::read_to_string(&path)
+            .map_err(|e| KeyError::Config(format!("{}: cannot be read: {e}", path.display())))?;
+        let ring = Keyring::parse(&SecretString::from(spec.trim().to_string()))
+            .map_err(|e| KeyError::Config(format!("{}: {e}", path.display())))?;
+        return Ok((ring, KeySource::File(path)));
+    }
+    let used = key_ids_known(db).await?;
+    if !used.is_empty() {
+        return Err(KeyError::Config(format!(
+            "no encryption key configured and {} is missing, but the database holds data under key id(s) {}; \
+             restore the key file or set CENTRALDB_ENCRYPTION_KEYS",
+            path.display(),
+            used.join(", ")
+        )));
+    }
+    let spec = format!("k1:{}", generate_key_b64().as_str());
+    crate::startup::write_private_file(&path, format!("{spec}\n").as_bytes())
+        .map_err(|e| KeyError::Config(format!("{}: cannot be written: {e}", path.display())))?;
+    let ring = Keyring::parse(&SecretString::from(spec))
+        .map_err(|e| KeyError::Config(format!("generated key: {e}")))?;
+    Ok((ring, KeySource::Generated(path)))
+}
+
+async fn key_ids_known(db: &Db) -> Result<Vec<String>, StoreError> {
+    let mut c = db.read().await?;
+    let mut ids: Vec<String> = store::keys::all(&mut c.conn())
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    ids.extend(store::tokens::key_ids_in_use(&mut c.conn()).await?);
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Checks, before anything is written, that every key in the ring that has been used here is the
+/// same key, and that every key id the data is encrypted under is in the ring. Then records a
+/// check value for the active key.
+pub async fn verify_keyring(db: &Db, ring: &Keyring) -> Result<(), KeyError> {
+    let (checks, in_use) = {
+        let mut c = db.read().await?;
+        (
+            store::keys::all(&mut c.conn()).await?,
+            store::tokens::key_ids_in_use(&mut c.conn()).await?,
+        )
+    };
+    for (id, envelope) in &checks {
+        if ring.has_key(id) && ring.decrypt(envelope, &Aad::key_check(id)).is_err() {
+            return Err(KeyError::Config(format!(
+                "encryption key '{id}' cannot decrypt the data written under key id '{id}' (wrong key for this database?)"
+            )));
+        }
+    }
+    let missing: Vec<&String> = in_use.iter().filter(|id| !ring.has_key(id)).collect();
+    if !missing.is_empty() {
+        return Err(KeyError::Config(format!(
+            "stored data is encrypted under key id(s) {} which the keyring does not contain (have: {})",
+            missing
+                .iter()
+                .map(|s| format!("'{s}'"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            ring.key_ids().join(", ")
+        )));
+    }
+    let active = ring.active_key_id();
+    if !checks.iter().any(|(id, _)| id == active)
+        && let Some(env) =
+            ring.encrypt_with_key_id(active, KEY_CHECK_PLAINTEXT, &Aad::key_check(active))
+    {
+        let mut tx = db.begin_write().await?;
+        store::keys::insert_if_missing(&mut tx.conn(), active, &env, store::now()).await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RewrapReport {
+    pub rewrapped: u64,
+    /// Rows that changed while being rewrapped (already rewritten by a concurrent write).
+    pub skipped_changed: u64,
+    /// Rows that failed to decrypt (user ids listed; never their contents).
+    pub failed: Vec<String>,
+}
+
+/// Re-encrypts every stored ciphertext not under the active key. Each row is swapped by
+/// compare-and-set, so a concurrent write is never overwritten.
+pub async fn rewrap(
+    db: &Db,
+    ring: &Keyring,
+    ctx: &AuditContext,
+) -> Result<RewrapReport, StoreError> {
+    let active = ring.active_key_id().to_string();
+    let mut report = RewrapReport::default();
+    let mut after = String::new();
+    loop {
+        let page = {
+            let mut c = db.read().await?;
+            store::tokens::rewrap_page(&mut c.conn(), &active, &after, 200).await?
+        };
+        let Some(last) = page.last() else { break };
+        after = last.user_id.clone();
+        for cand in page {
+            let aad = Aad::token_bundle(&cand.user_id, &cand.kind);
+            let Ok(plain) = ring.decrypt(&cand.ciphertext, &aad) else {
+                report.failed.push(cand.user_id);
+                continue;
+            };
+            let new = ring.encrypt(&plain, &aad);
+            let mut tx = db.begin_write().await?;
+            if store::tokens::rewrap_one(
+                &mut tx.conn(),
+                &cand.user_id,
+                &cand.ciphertext,
+                &active,
+                &new,
+            )
+            .await?
+            {
+                report.rewrapped += 1;
+            } else {
+                report.skipped_changed += 1;
+            }
+            tx.commit().await?;
+        }
+    }
+    let mut tx = db.begin_write().await?;
+    audit::record(
+        &mut tx.conn(),
+        ctx,
+        "key.rewrap",
+        if report.failed.is_empty() {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        },
+        None,
+        json!({"active_key_id": active, "rewrapped": report.rewrapped,
+               "skipped_changed": report.skipped_changed, "failed": report.failed.len()}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// Path of the generated key file for a data folder.
+pub fn key_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(KEY_FILE)
+}

@@ -1,0 +1,320 @@
+//! The token vault: encrypt, store, read back, invalidate and delete bundles, each act audited
+//! in its own transaction (if the audit row cannot be written, the act does not happen).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
+
+use crate::{
+    crypto::{Aad, Keyring},
+    domain::{TokenBundle, UserId, tokens::secrets_from_plaintext},
+    error::ApiError,
+    services::audit::{self, AuditContext, Outcome},
+    store::{
+        self, Db,
+        tokens::{BundleRow, NewBundle, WriteCondition},
+    },
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenStatus {
+    /// Usable as is.
+    Valid,
+    /// The access token is past its expiry: refresh it and write the result back.
+    AccessExpired,
+    /// Invalidated, destroyed or past the refresh token's expiry: the user must log in again.
+    ReauthRequired,
+}
+
+/// A bundle's metadata: never a secret.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TokenMetadata {
+    pub user_id: String,
+    /// `garth` or `garminconnect`.
+    pub kind: String,
+    /// Starts at 1, +1 per write; the compare-and-set handle (`ETag`, `If-Match`).
+    pub version: i64,
+    pub status: TokenStatus,
+    pub access_expires_at: Option<DateTime<Utc>>,
+    pub refresh_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Why the bundle needs a new login (`invalidate` reason, `refresh_expired`), when it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reauth_reason: Option<String>,
+}
+
+impl TokenMetadata {
+    pub fn from_row(row: &BundleRow, now: DateTime<Utc>) -> Self {
+        let (status, reauth_reason) = status_of(row, now);
+        Self {
+            user_id: row.user_id.clone(),
+            kind: row.kind.clone(),
+            version: row.version,
+            status,
+            access_expires_at: row.access_expires_at,
+            refresh_expires_at: row.refresh_expires_at,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            last_used_at: row.last_used_at,
+            reauth_reason,
+        }
+    }
+}
+
+pub fn status_of(row: &BundleRow, now: DateTime<Utc>) -> (TokenStatus, Option<String>) {
+    if !row.has_secret {
+        let reason = row
+            .reauth_reason
+            .clone()
+            .unwrap_or_else(|| "destroyed".into());
+        return (TokenStatus::ReauthRequired, Some(reason));
+    }
+    if row.refresh_expires_at.is_some_and(|t| t <= now) {
+        return (TokenStatus::ReauthRequired, Some("refresh_expired".into()));
+    }
+    if row.access_expires_at.is_some_and(|t| t <= now) {
+        return (TokenStatus::AccessExpired, None);
+    }
+    (TokenStatus::Valid, None)
+}
+
+/// A decrypted bundle: metadata plus the secret fields exactly as stored.
+pub struct OpenedBundle {
+    pub metadata: TokenMetadata,
+    pub secrets: Map<String, Value>,
+}
+
+#[derive(Clone)]
+pub struct Vault {
+    db: Db,
+    keyring: Arc<Keyring>,
+}
+
+impl Vault {
+    pub fn new(db: Db, keyring: Arc<Keyring>) -> Self {
+        Self { db, keyring }
+    }
+
+    /// Stores a bundle if `cond` holds. Returns its metadata and whether it was created.
+    pub async fn put(
+        &self,
+        ctx: &AuditContext,
+        user: &UserId,
+        bundle: TokenBundle,
+        cond: WriteCondition,
+    ) -> Result<(TokenMetadata, bool), ApiError> {
+        let kind = bundle.kind.as_str();
+        // Encrypt before taking the write lock, to keep the lock short.
+        let ciphertext = self
+            .keyring
+            .encrypt(&bundle.plaintext, &Aad::token_bundle(user.as_str(), kind));
+        let now = store::now();
+        let new = NewBundle {
+            user_id: user.as_str(),
+            kind,
+            key_id: self.keyring.active_key_id(),
+            ciphertext: &ciphertext,
+            access_expires_at: bundle.access_expires_at,
+            refresh_expires_at: bundle.refresh_expires_at,
+            now,
+        };
+        let mut tx = self.db.begin_write().await?;
+        match store::tokens::write(&mut tx.conn(), &new, cond).await? {
+            Some((row, created)) => {
+                let meta = TokenMetadata::from_row(&row, now);
+                audit::record(
+                    &mut tx.conn(),
+                    ctx,
+                    "token.write",
+                    Outcome::Success,
+                    Some(user.as_str()),
+                    json!({"kind": kind, "version": row.version, "created": created,
+                           "key_id": new.key_id, "status": meta.status}),
+                )
+                .await?;
+                tx.commit().await?;
+                Ok((meta, created))
+            }
+            None => {
+                let current = store::tokens::get(&mut tx.conn(), user.as_str()).await?;
+                let current_version = current.as_ref().map(|r| r.version);
+                let detail = match (cond, &current) {
+                    (WriteCondition::Absent, _) => {
+                        "a token bundle is already stored (If-None-Match: *)".to_string()
+                    }
+                    (_, None) => "no token bundle is stored for this user (If-Match)".to_string(),
+                    (_, Some(r)) => format!("the stored version is {} (If-Match)", r.version),
+                };
+                audit::record(
+                    &mut tx.conn(),
+                    ctx,
+                    "token.write",
+                    Outcome::Failure,
+                    Some(user.as_str()),
+                    json!({"kind": kind, "reason": "version_conflict", "current_version": current_version,
+                           "expected_version": match cond { WriteCondition::VersionIs(v) => Some(v), _ => None }}),
+                )
+                .await?;
+                tx.commit().await?;
+                Err(ApiError::VersionConflict {
+                    current_version,
+                    detail,
+                })
+            }
+        }
+    }
+
+    /// Decrypts and returns a bundle; refuses one that needs a new login.
+    pub async fn get(&self, ctx: &AuditContext, user: &UserId) -> Result<OpenedBundle, ApiError> {
+        let now = store::now();
+        let mut tx = self.db.begin_write().await?;
+        let found = store::tokens::get_with_secret(&mut tx.conn(), user.as_str()).await?;
+        let fail = |reason: &str| json!({"reason": reason});
+        let Some(b) = found else {
+            audit::record(
+                &mut tx.conn(),
+                ctx,
+                "token.read",
+                Outcome::Failure,
+                Some(user.as_str()),
+                fail("not_found"),
+            )
+            .await?;
+            tx.commit().await?;
+            return Err(ApiError::tokens_not_found());
+        };
+        let (status, reason) = status_of(&b.row, now);
+        let (TokenStatus::Valid | TokenStatus::AccessExpired, Some(ciphertext)) =
+            (status, b.ciphertext.as_deref())
+        else {
+            let reason = reason.unwrap_or_else(|| "destroyed".into());
+            audit::record(
+                &mut tx.conn(),
+                ctx,
+                "token.read",
+                Outcome::Failure,
+                Some(user.as_str()),
+                fail(&reason),
+            )
+            .await?;
+            tx.commit().await?;
+            return Err(ApiError::ReauthRequired { reason });
+        };
+        let opened = self
+            .keyring
+            .decrypt(ciphertext, &Aad::token_bundle(user.as_str(), &b.row.kind))
+            .map_err(|e| e.to_string())
+            .and_then(|plain| secrets_from_plaintext(&plain));
+        let secrets = match opened {
+            Ok(s) => s,
+            Err(error) => {
+                audit::record(
+                    &mut tx.conn(),
+                    ctx,
+                    "token.read",
+                    Outcome::Error,
+                    Some(user.as_str()),
+                    json!({"reason": "decrypt_failed", "key_id": b.row.key_id, "error": error}),
+                )
+                .await?;
+                tx.commit().await?;
+                return Err(ApiError::DecryptFailed);
+            }
+        };
+        store::tokens::touch_last_used(&mut tx.conn(), user.as_str(), now).await?;
+        audit::record(
+            &mut tx.conn(),
+            ctx,
+            "token.read",
+            Outcome::Success,
+            Some(user.as_str()),
+            json!({"kind": b.row.kind, "version": b.row.version}),
+        )
+        .await?;
+        tx.commit().await?;
+        let mut metadata = TokenMetadata::from_row(&b.row, now);
+        metadata.last_used_at = Some(now);
+        Ok(OpenedBundle { metadata, secrets })
+    }
+
+    /// Metadata only, no decryption. `event` names the audit type (`token.metadata_read`,
+    /// `auth_status.read`).
+    pub async fn metadata(
+        &self,
+        ctx: &AuditContext,
+        user: &UserId,
+        event: &str,
+    ) -> Result<Option<TokenMetadata>, ApiError> {
+        let now = store::now();
+        let mut tx = self.db.begin_write().await?;
+        let row = store::tokens::get(&mut tx.conn(), user.as_str()).await?;
+        let meta = row.as_ref().map(|r| TokenMetadata::from_row(r, now));
+        audit::record(
+            &mut tx.conn(),
+            ctx,
+            event,
+            Outcome::Success,
+            Some(user.as_str()),
+            json!({"found": meta.is_some(), "status": meta.as_ref().map(|m| m.status)}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(meta)
+    }
+
+    /// Destroys the ciphertext; the row remembers `reauth_required` and the reason.
+    pub async fn invalidate(
+        &self,
+        ctx: &AuditContext,
+        user: &UserId,
+        reason: &str,
+    ) -> Result<(), ApiError> {
+        let mut tx = self.db.begin_write().await?;
+        let row =
+            store::tokens::invalidate(&mut tx.conn(), user.as_str(), reason, store::now()).await?;
+        let (outcome, details) = match &row {
+            Some(r) => (
+                Outcome::Success,
+                json!({"reason": reason, "version": r.version}),
+            ),
+            None => (
+                Outcome::Failure,
+                json!({"reason": reason, "error": "not_found"}),
+            ),
+        };
+        audit::record(
+            &mut tx.conn(),
+            ctx,
+            "token.invalidate",
+            outcome,
+            Some(user.as_str()),
+            details,
+        )
+        .await?;
+        tx.commit().await?;
+        row.map(|_| ()).ok_or_else(ApiError::tokens_not_found)
+    }
+
+    /// Logout: removes the bundle (idempotent).
+    pub async fn delete(&self, ctx: &AuditContext, user: &UserId) -> Result<(), ApiError> {
+        let mut tx = self.db.begin_write().await?;
+        let existed = store::tokens::delete(&mut tx.conn(), user.as_str()).await?;
+        audit::record(
+            &mut tx.conn(),
+            ctx,
+            "token.delete",
+            Outcome::Success,
+            Some(user.as_str()),
+            json!({"existed": existed}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

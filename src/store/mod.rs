@@ -1,0 +1,288 @@
+//! The only SQL in the service. Two backends, one code path.
+//!
+//! Every query is written once, with `$n` placeholders (SQLite accepts them) and `RETURNING`
+//! (both have it), and run through [`Conn`], which holds either a SQLite or a PostgreSQL
+//! connection. Timestamps are always bound from the service (never SQL `now()`), truncated to
+//! microseconds, so both backends store and compare the same instants.
+//!
+//! SQLite allows one writer at a time: write transactions start with `BEGIN IMMEDIATE` (so a
+//! read never has to upgrade to a write lock and fail) and queue on an in-process mutex first,
+//! so the busy timeout only matters across processes.
+
+use std::{str::FromStr, sync::Arc, time::Duration};
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sqlx::{
+    PgConnection, Postgres, Sqlite, SqliteConnection,
+    pool::PoolConnection,
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    },
+};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::config::{DatabaseUrl, Settings, SqliteSync};
+
+/// A connection of either backend; every store function takes one.
+pub enum Conn<'c> {
+    Sqlite(&'c mut SqliteConnection),
+    Postgres(&'c mut PgConnection),
+}
+
+/// Runs the same expression against whichever backend `$conn` holds. Inside, `$c` is a
+/// `&mut SqliteConnection` or `&mut PgConnection`, so the SQL and binds are written once.
+macro_rules! dispatch {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::store::Conn::Sqlite(inner) => {
+                let $c = &mut **inner;
+                $body
+            }
+            $crate::store::Conn::Postgres(inner) => {
+                let $c = &mut **inner;
+                $body
+            }
+        }
+    };
+}
+
+pub mod api_keys;
+pub mod audit;
+pub mod keys;
+pub mod tokens;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or is too busy right now (answer 503).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The disk under the database is full (answer 507).
+    #[error("database disk is full")]
+    Full,
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &e {
+            E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
+                Self::Unavailable(e.to_string())
+            }
+            E::Database(db) => {
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                // SQLite: primary result code is the low byte of the extended code.
+                if let Ok(n) = code.parse::<i64>() {
+                    match n & 0xff {
+                        5 | 6 => return Self::Unavailable(e.to_string()), // BUSY, LOCKED
+                        13 => return Self::Full,                          // FULL
+                        _ => {}
+                    }
+                }
+                // PostgreSQL SQLSTATEs.
+                if code == "53100" {
+                    Self::Full
+                } else if code.starts_with("08") || code.starts_with("57P") || code == "53300" {
+                    Self::Unavailable(e.to_string())
+                } else {
+                    Self::Other(e.to_string())
+                }
+            }
+            _ => Self::Other(e.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Self::Other(format!("migration failed: {e}"))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The current instant at the precision both databases store (microseconds).
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+#[derive(Clone)]
+pub enum Db {
+    Sqlite {
+        pool: SqlitePool,
+        write_lock: Arc<Mutex<()>>,
+        acquire_timeout: Duration,
+    },
+    Postgres {
+        pool: PgPool,
+    },
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sqlite { .. } => "Db::Sqlite",
+            Self::Postgres { .. } => "Db::Postgres",
+        })
+    }
+}
+
+enum TxKind {
+    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    Postgres(sqlx::Transaction<'static, Postgres>),
+}
+
+/// A write transaction. Dropped without `commit`, it rolls back.
+pub struct WriteTx {
+    tx: TxKind,
+    // Declared after `tx`, so it is released after the transaction ends.
+    _guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    pub fn conn(&mut self) -> Conn<'_> {
+        match &mut self.tx {
+            TxKind::Sqlite(t) => Conn::Sqlite(&mut *t),
+            TxKind::Postgres(t) => Conn::Postgres(&mut *t),
+        }
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        match self.tx {
+            TxKind::Sqlite(t) => t.commit().await?,
+            TxKind::Postgres(t) => t.commit().await?,
+        }
+        Ok(())
+    }
+}
+
+/// A pooled connection for reads outside a transaction.
+pub enum ReadConn {
+    Sqlite(PoolConnection<Sqlite>),
+    Postgres(PoolConnection<Postgres>),
+}
+
+impl ReadConn {
+    pub fn conn(&mut self) -> Conn<'_> {
+        match self {
+            Self::Sqlite(c) => Conn::Sqlite(&mut *c),
+            Self::Postgres(c) => Conn::Postgres(&mut *c),
+        }
+    }
+}
+
+impl Db {
+    /// Connects to the configured database (creating the SQLite file if needed).
+    pub async fn connect(settings: &Settings) -> Result<Self> {
+        let url = settings.effective_database_url();
+        Self::connect_url(&url, settings).await
+    }
+
+    pub async fn connect_url(url: &DatabaseUrl, settings: &Settings) -> Result<Self> {
+        let acquire_timeout = settings.db_acquire_timeout;
+        if url.is_postgres() {
+            let opts = PgConnectOptions::from_str(url.expose())
+                .map_err(|e| StoreError::Other(format!("invalid CENTRALDB_DATABASE_URL: {e}")))?;
+            let pool = PgPoolOptions::new()
+                .max_connections(settings.db_max_connections.unwrap_or(16))
+                .min_connections(1)
+                .acquire_timeout(acquire_timeout)
+                .test_before_acquire(false)
+                .connect_with(opts)
+                .await?;
+            Ok(Self::Postgres { pool })
+        } else {
+            let sync = match settings.sqlite_synchronous {
+                SqliteSync::Full => SqliteSynchronous::Full,
+                SqliteSync::Normal => SqliteSynchronous::Normal,
+            };
+            let opts = SqliteConnectOptions::from_str(url.expose())
+                .map_err(|e| StoreError::Other(format!("invalid CENTRALDB_DATABASE_URL: {e}")))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(sync)
+                .foreign_keys(true)
+                .busy_timeout(settings.sqlite_busy_timeout)
+                .pragma("secure_delete", "ON");
+            let pool = SqlitePoolOptions::new()
+                .max_connections(settings.db_max_connections.unwrap_or(8))
+                .min_connections(1)
+                .acquire_timeout(acquire_timeout)
+                .test_before_acquire(false)
+                .connect_with(opts)
+                .await?;
+            Ok(Self::Sqlite {
+                pool,
+                write_lock: Arc::new(Mutex::new(())),
+                acquire_timeout,
+            })
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite { .. } => "sqlite",
+            Self::Postgres { .. } => "postgres",
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Self::Sqlite { pool, .. } => sqlx::migrate!("migrations/sqlite").run(pool).await?,
+            Self::Postgres { pool } => sqlx::migrate!("migrations/postgres").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    pub async fn begin_write(&self) -> Result<WriteTx> {
+        match self {
+            Self::Sqlite {
+                pool,
+                write_lock,
+                acquire_timeout,
+            } => {
+                let guard = tokio::time::timeout(*acquire_timeout, write_lock.clone().lock_owned())
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable("timed out waiting for the SQLite writer".into())
+                    })?;
+                let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                Ok(WriteTx {
+                    tx: TxKind::Sqlite(tx),
+                    _guard: Some(guard),
+                })
+            }
+            Self::Postgres { pool } => Ok(WriteTx {
+                tx: TxKind::Postgres(pool.begin().await?),
+                _guard: None,
+            }),
+        }
+    }
+
+    pub async fn read(&self) -> Result<ReadConn> {
+        Ok(match self {
+            Self::Sqlite { pool, .. } => ReadConn::Sqlite(pool.acquire().await?),
+            Self::Postgres { pool } => ReadConn::Postgres(pool.acquire().await?),
+        })
+    }
+
+    /// One round trip; used by `/readyz`.
+    pub async fn ping(&self) -> Result<()> {
+        let mut rc = self.read().await?;
+        let mut c = rc.conn();
+        dispatch!(&mut c, |c| sqlx::query("SELECT 1")
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite { pool, .. } => pool.close().await,
+            Self::Postgres { pool } => pool.close().await,
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! `token_bundles`: one row per user; the ciphertext is NULL once destroyed (invalidation, expiry).
+
+use chrono::{DateTime, Utc};
+
+use super::{Conn, Result};
+
+/// Everything about a bundle but its ciphertext.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BundleRow {
+    pub user_id: String,
+    pub kind: String,
+    pub version: i64,
+    pub key_id: Option<String>,
+    pub has_secret: bool,
+    pub access_expires_at: Option<DateTime<Utc>>,
+    pub refresh_expires_at: Option<DateTime<Utc>>,
+    pub reauth_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct BundleWithSecret {
+    #[sqlx(flatten)]
+    pub row: BundleRow,
+    pub ciphertext: Option<Vec<u8>>,
+}
+
+macro_rules! meta_cols {
+    () => {
+        "user_id, kind, version, key_id, (ciphertext IS NOT NULL) AS has_secret, \
+         access_expires_at, refresh_expires_at, reauth_reason, created_at, updated_at, last_used_at"
+    };
+}
+
+/// What a write needs to store.
+pub struct NewBundle<'a> {
+    pub user_id: &'a str,
+    pub kind: &'a str,
+    pub key_id: &'a str,
+    pub ciphertext: &'a [u8],
+    pub access_expires_at: Option<DateTime<Utc>>,
+    pub refresh_expires_at: Option<DateTime<Utc>>,
+    pub now: DateTime<Utc>,
+}
+
+/// The precondition of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteCondition {
+    None,
+    /// `If-Match`: the stored version must equal this.
+    VersionIs(i64),
+    /// `If-Match: *`: a bundle must exist.
+    Exists,
+    /// `If-None-Match: *`: no usable bundle may exist.
+    Absent,
+}
+
+pub async fn get(c: &mut Conn<'_>, user_id: &str) -> Result<Option<BundleRow>> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        meta_cols!(),
+        " FROM token_bundles WHERE user_id = $1"
+    );
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL)
+        .bind(user_id)
+        .fetch_optional(c)
+        .await)?)
+}
+
+pub async fn get_with_secret(c: &mut Conn<'_>, user_id: &str) -> Result<Option<BundleWithSecret>> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        meta_cols!(),
+        ", ciphertext FROM token_bundles WHERE user_id = $1"
+    );
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL)
+        .bind(user_id)
+        .fetch_optional(c)
+        .await)?)
+}
+
+/// Writes a bundle if `cond` holds, atomically; `None` when it did not hold.
+/// The returned flag is true when this write created a usable bundle (none was there before).
+pub async fn write(
+    c: &mut Conn<'_>,
+    b: &NewBundle<'_>,
+    cond: WriteCondition,
+) -> Result<Option<(BundleRow, bool)>> {
+    // On replacing a destroyed (tombstone) row, the bundle counts as created anew.
+    macro_rules! set_cols {
+        () => {
+            "kind = $2, key_id = $3, ciphertext = $4, access_expires_at = $5, \
+             refresh_expires_at = $6, reauth_reason = NULL, updated_at = $7"
+        };
+    }
+    macro_rules! upsert {
+        ($cond:literal) => {
+            concat!(
+                "INSERT INTO token_bundles (user_id, kind, key_id, ciphertext, access_expires_at, \
+                   refresh_expires_at, reauth_reason, updated_at, created_at, version, last_used_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $7, 1, NULL) \
+                 ON CONFLICT (user_id) DO UPDATE SET ", set_cols!(), ", version = token_bundles.version + 1, \
+                   created_at = CASE WHEN token_bundles.ciphertext IS NULL THEN $7 ELSE token_bundles.created_at END, \
+                   last_used_at = CASE WHEN token_bundles.ciphertext IS NULL THEN NULL ELSE token_bundles.last_used_at END ",
+                $cond, " RETURNING ", meta_cols!()
+            )
+        };
+    }
+    const UPDATE: &str = concat!(
+        "UPDATE token_bundles SET ",
+        set_cols!(),
+        ", version = version + 1, \
+           created_at = CASE WHEN ciphertext IS NULL THEN $7 ELSE created_at END, \
+           last_used_at = CASE WHEN ciphertext IS NULL THEN NULL ELSE last_used_at END \
+         WHERE user_id = $1 AND ($8 < 0 OR version = $8) RETURNING ",
+        meta_cols!()
+    );
+    const UPSERT: &str = upsert!("");
+    const INSERT_IF_ABSENT: &str = upsert!("WHERE token_bundles.ciphertext IS NULL");
+    let sql = match cond {
+        WriteCondition::VersionIs(_) | WriteCondition::Exists => UPDATE,
+        WriteCondition::None => UPSERT,
+        WriteCondition::Absent => INSERT_IF_ABSENT,
+    };
+    let expected = match cond {
+        WriteCondition::VersionIs(v) => v,
+        _ => -1,
+    };
+    let row: Option<BundleRow> = dispatch!(c, |c| {
+        let q = sqlx::query_as(sql)
+            .bind(b.user_id)
+            .bind(b.kind)
+            .bind(b.key_id)
+            .bind(b.ciphertext)
+            .bind(b.access_expires_at)
+            .bind(b.refresh_expires_at)
+            .bind(b.now);
+        let q = if matches!(cond, WriteCondition::VersionIs(_) | WriteCondition::Exists) {
+            q.bind(expected)
+        } else {
+            q
+        };
+        q.fetch_optional(c).await
+    })?;
+    Ok(row.map(|r| {
+        let created = r.created_at == b.now;
+        (r, created)
+    }))
+}
+
+pub async fn touch_last_used(c: &mut Conn<'_>, user_id: &str, now: DateTime<Utc>) -> Result<()> {
+    dispatch!(c, |c| sqlx::query(
+        "UPDATE token_bundles SET last_used_at = $2 WHERE user_id = $1"
+    )
+    .bind(user_id)
+    .bind(now)
+    .execute(c)
+    .await
+    .map(|r| r.rows_affected()))?;
+    Ok(())
+}
+
+/// Destroys the ciphertext and remembers why; bumps the version. `None` when no row exists.
+pub async fn invalidate(
+    c: &mut Conn<'_>,
+    user_id: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<BundleRow>> {
+    const SQL: &str = concat!(
+        "UPDATE token_bundles SET ciphertext = NULL, key_id = NULL, reauth_reason = $2, \
+           version = version + 1, updated_at = $3 WHERE user_id = $1 RETURNING ",
+        meta_cols!()
+    );
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL)
+        .bind(user_id)
+        .bind(reason)
+        .bind(now)
+        .fetch_optional(c)
+        .await)?)
+}
+
+/// Removes the row; true when there was one.
+pub async fn delete(c: &mut Conn<'_>, user_id: &str) -> Result<bool> {
+    let n = dispatch!(c, |c| sqlx::query(
+        "DELETE FROM token_bundles WHERE user_id = $1"
+    )
+    .bind(user_id)
+    .execute(c)
+    .await
+    .map(|r| r.rows_affected()))?;
+    Ok(n > 0)
+}
+
+/// Key ids that some stored ciphertext is encrypted under.
+pub async fn key_ids_in_use(c: &mut Conn<'_>) -> Result<Vec<String>> {
+    let sql = "SELECT DISTINCT key_id FROM token_bundles WHERE key_id IS NOT NULL";
+    Ok(dispatch!(c, |c| sqlx::query_scalar(sql)
+        .fetch_all(c)
+        .await)?)
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct RewrapCandidate {
+    pub user_id: String,
+    pub kind: String,
+    pub ciphertext: Vec<u8>,
+}
+
+/// A page of bundles not yet under `active_key_id`, in user order after `after`.
+pub async fn rewrap_page(
+    c: &mut Conn<'_>,
+    active_key_id: &str,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<RewrapCandidate>> {
+    let sql = "SELECT user_id, kind, ciphertext FROM token_bundles \
+               WHERE ciphertext IS NOT NULL AND key_id <> $1 AND user_id > $2 ORDER BY user_id LIMIT $3";
+    Ok(dispatch!(c, |c| sqlx::query_as(sql)
+        .bind(active_key_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(c)
+        .await)?)
+}
+
+/// Replaces one ciphertext if it is still the one read (compare-and-set); the version is kept,
+/// since the content did not change.
+pub async fn rewrap_one(
+    c: &mut Conn<'_>,
+    user_id: &str,
+    old: &[u8],
+    key_id: &str,
+    new: &[u8],
+) -> Result<bool> {
+    let n = dispatch!(c, |c| {
+        sqlx::query(
+        "UPDATE token_bundles SET ciphertext = $3, key_id = $4 WHERE user_id = $1 AND ciphertext = $2"
+    )
+    .bind(user_id)
+    .bind(old)
+    .bind(new)
+    .bind(key_id)
+    .execute(c)
+    .await
+    .map(|r| r.rows_affected())
+    })?;
+    Ok(n > 0)
+}
