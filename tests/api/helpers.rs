@@ -1,0 +1,444 @@
+//! Test harness: a fresh database per test (a temp SQLite file, or a fresh PostgreSQL schema),
+//! the app router driven with `oneshot`, and raw access to the database for assertions.
+//!
+//! The backend comes from `CENTRALDB_TEST_BACKEND` (`sqlite`, the default, or `postgres`, with
+//! `CENTRALDB_TEST_POSTGRES_URL`); `./scripts/test` runs the suite once per backend.
+
+#![allow(dead_code)]
+
+use std::{collections::HashMap, path::Path, str::FromStr, sync::OnceLock};
+
+use axum::{
+    Router,
+    body::Body,
+    http::{HeaderMap, Method, Request, StatusCode},
+};
+use centraldb_mfa::{
+    AppState, api,
+    config::Settings,
+    domain::Scopes,
+    services::api_keys,
+    startup,
+    store::{self, Db, audit::AuditRow},
+};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+use tempfile::TempDir;
+use tower::ServiceExt;
+
+pub const ADMIN_KEY: &str = "test-bootstrap-admin-key-0123456789abcdef";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub fn backend() -> Backend {
+    match std::env::var("CENTRALDB_TEST_BACKEND").as_deref() {
+        Ok("postgres") => Backend::Postgres,
+        Ok("sqlite") | Err(_) => Backend::Sqlite,
+        Ok(other) => panic!("CENTRALDB_TEST_BACKEND must be sqlite or postgres, not {other}"),
+    }
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("CENTRALDB_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A random 256-bit key spec for the keyring.
+pub fn key_spec(id: &str) -> String {
+    use base64::Engine;
+    format!(
+        "{id}:{}",
+        base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+    )
+}
+
+/// A fresh, empty database: its URL (with its own schema on PostgreSQL).
+pub async fn fresh_database_url(dir: &Path) -> String {
+    match backend() {
+        Backend::Sqlite => format!("sqlite://{}", dir.join("test.db").display()),
+        Backend::Postgres => {
+            let base = postgres_url();
+            let mut admin = PgConnection::connect(&base).await.unwrap_or_else(|e| {
+                panic!("cannot connect to PostgreSQL at CENTRALDB_TEST_POSTGRES_URL: {e}")
+            });
+            drop_stale_schemas(&mut admin).await;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let schema = format!("cdbt_{now}_{:016x}", rand::random::<u64>());
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            let sep = if base.contains('?') { '&' } else { '?' };
+            format!("{base}{sep}options=-c%20search_path%3D{schema}")
+        }
+    }
+}
+
+/// Schemas of earlier runs (older than an hour) are dropped once per test process.
+async fn drop_stale_schemas(admin: &mut PgConnection) {
+    static DONE: OnceLock<()> = OnceLock::new();
+    if DONE.set(()).is_err() {
+        return;
+    }
+    let cutoff = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3600;
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'cdbt\\_%'")
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap_or_default();
+    for n in names {
+        let ts = n
+            .split('_')
+            .nth(1)
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
+        if ts < cutoff {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS {n} CASCADE"
+            )))
+            .execute(&mut *admin)
+            .await;
+        }
+    }
+}
+
+pub struct TestApp {
+    pub router: Router,
+    pub state: AppState,
+    pub dir: TempDir,
+    pub db_url: String,
+    pub vars: HashMap<String, String>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Builds an app on a fresh database; `tweak` may change the environment it is built from.
+    pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db_url = fresh_database_url(dir.path()).await;
+        let mut vars: HashMap<String, String> = [
+            ("CENTRALDB_DATA_DIR", dir.path().display().to_string()),
+            ("CENTRALDB_DATABASE_URL", db_url.clone()),
+            ("CENTRALDB_ENCRYPTION_KEYS", key_spec("k1")),
+            ("CENTRALDB_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY.to_string()),
+            ("CENTRALDB_DB_MAX_CONNECTIONS", "4".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        tweak(&mut vars);
+        let settings = Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        let state = startup::build_state(settings).await.unwrap();
+        Self {
+            router: api::app(state.clone()),
+            state,
+            dir,
+            db_url,
+            vars,
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.state.db
+    }
+
+    /// A new API key with these scopes.
+    pub async fn key(&self, scopes: &str) -> String {
+        let (_, key) = api_keys::create(self.db(), "test", &Scopes::parse_list(scopes).unwrap())
+            .await
+            .unwrap();
+        key.to_string()
+    }
+
+    pub fn request(&self, method: Method, uri: &str) -> RequestBuilder<'_> {
+        RequestBuilder {
+            app: self,
+            method,
+            uri: uri.to_string(),
+            headers: vec![("authorization".into(), format!("Bearer {ADMIN_KEY}"))],
+            body: None,
+        }
+    }
+    pub fn get(&self, uri: &str) -> RequestBuilder<'_> {
+        self.request(Method::GET, uri)
+    }
+    pub fn put(&self, uri: &str) -> RequestBuilder<'_> {
+        self.request(Method::PUT, uri)
+    }
+    pub fn post(&self, uri: &str) -> RequestBuilder<'_> {
+        self.request(Method::POST, uri)
+    }
+    pub fn delete(&self, uri: &str) -> RequestBuilder<'_> {
+        self.request(Method::DELETE, uri)
+    }
+
+    /// Every audit event so far, in order.
+    pub async fn audit(&self) -> Vec<AuditRow> {
+        let mut c = self.db().read().await.unwrap();
+        store::audit::list_after(&mut c.conn(), 0, 100_000)
+            .await
+            .unwrap()
+    }
+
+    /// Runs a raw SQL statement (test set-up and tampering).
+    pub async fn exec(&self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        match self.db() {
+            Db::Sqlite { pool, .. } => {
+                sqlx::query(sql).execute(pool).await.unwrap();
+            }
+            Db::Postgres { pool } => {
+                sqlx::query(sql).execute(pool).await.unwrap();
+            }
+        }
+    }
+
+    pub async fn ciphertext(&self, user: &str) -> Option<Vec<u8>> {
+        let sql = "SELECT ciphertext FROM token_bundles WHERE user_id = $1";
+        match self.db() {
+            Db::Sqlite { pool, .. } => sqlx::query_scalar(sql)
+                .bind(user)
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            Db::Postgres { pool } => sqlx::query_scalar(sql)
+                .bind(user)
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+        }
+    }
+
+    pub async fn set_ciphertext(&self, user: &str, ct: &[u8]) {
+        let sql = "UPDATE token_bundles SET ciphertext = $2 WHERE user_id = $1";
+        match self.db() {
+            Db::Sqlite { pool, .. } => sqlx::query(sql)
+                .bind(user)
+                .bind(ct)
+                .execute(pool)
+                .await
+                .unwrap(),
+            Db::Postgres { pool } => {
+                sqlx::query(sql)
+                    .bind(user)
+                    .bind(ct)
+                    .execute(pool)
+                    .await
+                    .map(|_| ())
+                    .unwrap();
+                return;
+            }
+        };
+    }
+
+    /// Everything the database holds, as bytes to search: on SQLite the database file and its
+    /// WAL as they are on disk; on PostgreSQL every row of every table as text.
+    pub async fn raw_database(&self) -> Vec<u8> {
+        match self.db() {
+            Db::Sqlite { .. } => {
+                let path = self.dir.path().join("test.db");
+                let mut bytes = std::fs::read(&path).unwrap();
+                for ext in ["-wal", "-shm"] {
+                    let p = format!("{}{ext}", path.display());
+                    if let Ok(b) = std::fs::read(p) {
+                        bytes.extend(b);
+                    }
+                }
+                bytes
+            }
+            Db::Postgres { pool } => {
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT table_name::text FROM information_schema.tables WHERE table_schema = current_schema()",
+                )
+                .fetch_all(pool)
+                .await
+                .unwrap();
+                let mut out = Vec::new();
+                for t in tables {
+                    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT t::text FROM \"{t}\" t"
+                    )))
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+                    for r in rows {
+                        out.extend(r.into_bytes());
+                        out.push(b'\n');
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+pub fn contains(haystack: &[u8], needle: &str) -> bool {
+    let n = needle.as_bytes();
+    let hex = hex::encode(n);
+    haystack.windows(n.len()).any(|w| w == n)
+        || haystack.windows(hex.len()).any(|w| w == hex.as_bytes())
+}
+
+pub struct RequestBuilder<'a> {
+    app: &'a TestApp,
+    method: Method,
+    uri: String,
+    headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
+}
+
+impl RequestBuilder<'_> {
+    pub fn key(mut self, key: &str) -> Self {
+        self.headers.retain(|(k, _)| k != "authorization");
+        self.headers
+            .push(("authorization".into(), format!("Bearer {key}")));
+        self
+    }
+    pub fn no_auth(mut self) -> Self {
+        self.headers.retain(|(k, _)| k != "authorization");
+        self
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.push((k.to_lowercase(), v.to_string()));
+        self
+    }
+    pub fn json(mut self, v: Value) -> Self {
+        self.headers
+            .push(("content-type".into(), "application/json".into()));
+        self.body = Some(serde_json::to_vec(&v).unwrap());
+        self
+    }
+    pub fn raw_body(mut self, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
+        self.headers
+            .push(("content-type".into(), content_type.into()));
+        self.body = Some(body.into());
+        self
+    }
+    pub async fn send(self) -> TestResponse {
+        let mut req = Request::builder().method(self.method).uri(&self.uri);
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        let req = req
+            .body(self.body.map(Body::from).unwrap_or_else(Body::empty))
+            .unwrap();
+        let resp = self.app.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        TestResponse {
+            status,
+            headers,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            json,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl TestResponse {
+    pub fn header(&self, k: &str) -> Option<&str> {
+        self.headers.get(k).and_then(|v| v.to_str().ok())
+    }
+    /// Asserts a problem+json answer with this status and code.
+    #[track_caller]
+    pub fn assert_problem(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "body: {}",
+            self.text
+        );
+        assert_eq!(self.json["code"], code, "body: {}", self.text);
+        assert_eq!(self.json["status"], status);
+        for f in ["type", "title", "detail"] {
+            assert!(self.json[f].is_string(), "problem lacks {f}: {}", self.text);
+        }
+    }
+}
+
+// ---- token fixtures -----------------------------------------------------------------------
+
+pub fn oauth1(tag: &str) -> Value {
+    json!({"oauth_token": format!("o1tok-{tag}-SECRET"), "oauth_token_secret": format!("o1sec-{tag}-SECRET"),
+           "mfa_token": null, "mfa_expiration_timestamp": null, "domain": "garmin.com",
+           "custom_field": {"kept": true}})
+}
+
+pub fn oauth2_with(tag: &str, expires_at: i64, refresh_expires_at: i64) -> Value {
+    json!({"scope": "CONNECT_READ CONNECT_WRITE", "jti": format!("jti-{tag}"), "token_type": "Bearer",
+           "access_token": format!("acc-{tag}-SECRET"), "refresh_token": format!("ref-{tag}-SECRET"),
+           "expires_in": 86400, "expires_at": expires_at, "refresh_token_expires_in": 2_592_000,
+           "refresh_token_expires_at": refresh_expires_at})
+}
+
+pub fn future(secs: i64) -> i64 {
+    chrono::Utc::now().timestamp() + secs
+}
+
+pub fn oauth2(tag: &str) -> Value {
+    oauth2_with(tag, future(86_400), future(2_592_000))
+}
+
+pub fn garth_body(tag: &str) -> Value {
+    json!({"kind": "garth", "oauth1_token": oauth1(tag), "oauth2_token": oauth2(tag)})
+}
+
+/// The secret strings a `garth_body(tag)` carries.
+pub fn garth_secrets(tag: &str) -> Vec<String> {
+    ["o1tok", "o1sec", "acc", "ref"]
+        .iter()
+        .map(|p| format!("{p}-{tag}-SECRET"))
+        .collect()
+}
+
+pub fn jwt(exp: i64, tag: &str) -> String {
+    use base64::Engine;
+    let b64 = |v: &Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+    };
+    format!(
+        "{}.{}.sig-{tag}",
+        b64(&json!({"alg": "RS256"})),
+        b64(&json!({"exp": exp, "sub": tag}))
+    )
+}
+
+pub fn tokens_path(user: &str) -> String {
+    format!("/api/v1/users/{user}/tokens")
+}
+
+/// Used by binary tests: a URL-safe `PgConnectOptions` check that the test URL parses.
+pub fn assert_pg_url_parses(url: &str) {
+    sqlx::postgres::PgConnectOptions::from_str(url).unwrap();
+}

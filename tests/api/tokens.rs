@@ -1,0 +1,542 @@
+use base64::Engine;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn garth_objects_round_trip_with_metadata_and_etag() {
+    let app = TestApp::spawn().await;
+    let body = garth_body("a");
+    let r = app
+        .put(&tokens_path("alice"))
+        .json(body.clone())
+        .send()
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.header("etag"), Some("\"1\""));
+    assert_eq!(r.json["version"], 1);
+    assert_eq!(r.json["status"], "valid");
+    assert_eq!(r.json["kind"], "garth");
+    assert_eq!(r.json["user_id"], "alice");
+    // Metadata never carries secrets.
+    for s in garth_secrets("a") {
+        assert!(!r.text.contains(&s));
+    }
+    let expires_at = body["oauth2_token"]["expires_at"].as_i64().unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(r.json["access_expires_at"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(at.timestamp(), expires_at);
+    let rexp = body["oauth2_token"]["refresh_token_expires_at"]
+        .as_i64()
+        .unwrap();
+    let rt = chrono::DateTime::parse_from_rfc3339(r.json["refresh_expires_at"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(rt.timestamp(), rexp);
+
+    let g = app.get(&tokens_path("alice")).send().await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    assert_eq!(g.header("etag"), Some("\"1\""));
+    assert_eq!(g.header("cache-control"), Some("no-store"));
+    assert_eq!(
+        g.json["oauth1_token"], body["oauth1_token"],
+        "unknown fields kept as given"
+    );
+    assert_eq!(g.json["oauth2_token"], body["oauth2_token"]);
+    assert!(g.json["last_used_at"].is_string());
+    for f in [
+        "user_id",
+        "kind",
+        "version",
+        "status",
+        "access_expires_at",
+        "refresh_expires_at",
+        "created_at",
+        "updated_at",
+    ] {
+        assert!(!g.json[f].is_null(), "missing {f}");
+    }
+}
+
+#[tokio::test]
+async fn replace_answers_200_and_bumps_version() {
+    let app = TestApp::spawn().await;
+    assert_eq!(
+        app.put(&tokens_path("u1"))
+            .json(garth_body("a"))
+            .send()
+            .await
+            .status,
+        201
+    );
+    let r = app
+        .put(&tokens_path("u1"))
+        .json(garth_body("b"))
+        .send()
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json["version"], 2);
+    assert_eq!(r.header("etag"), Some("\"2\""));
+    let g = app.get(&tokens_path("u1")).send().await;
+    assert_eq!(g.json["oauth2_token"]["access_token"], "acc-b-SECRET");
+    assert_eq!(g.json["created_at"], r.json["created_at"]);
+}
+
+#[tokio::test]
+async fn garth_dump_in_and_out() {
+    let app = TestApp::spawn().await;
+    let arr = json!([oauth1("d"), oauth2("d")]);
+    let dump = base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&arr).unwrap());
+    let r = app
+        .put(&tokens_path("dumper"))
+        .json(json!({"kind": "garth", "garth_dump": dump}))
+        .send()
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let g = app
+        .get(&format!(
+            "{}?representation=garth_dump",
+            tokens_path("dumper")
+        ))
+        .send()
+        .await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    assert!(g.json.get("oauth1_token").is_none());
+    let back = base64::engine::general_purpose::STANDARD
+        .decode(g.json["garth_dump"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&back).unwrap(),
+        arr,
+        "loadable by garth.Client.loads()"
+    );
+    let g = app.get(&tokens_path("dumper")).send().await;
+    assert_eq!(g.json["oauth1_token"], arr[0]);
+    // Bad representation values are refused.
+    let g = app
+        .get(&format!("{}?representation=xml", tokens_path("dumper")))
+        .send()
+        .await;
+    g.assert_problem(422, "validation_failed");
+}
+
+#[tokio::test]
+async fn garminconnect_bundle_takes_expiry_from_jwt_exp() {
+    let app = TestApp::spawn().await;
+    let (exp, rexp) = (future(3600), future(86_400 * 30));
+    let body = json!({"kind": "garminconnect", "di_token": jwt(exp, "acc"), "di_refresh_token": jwt(rexp, "ref"),
+                      "di_client_id": "client-1"});
+    let r = app.put(&tokens_path("gc")).json(body.clone()).send().await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let at = chrono::DateTime::parse_from_rfc3339(r.json["access_expires_at"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(at.timestamp(), exp);
+    let g = app.get(&tokens_path("gc")).send().await;
+    for f in ["di_token", "di_refresh_token", "di_client_id"] {
+        assert_eq!(g.json[f], body[f]);
+    }
+    // Opaque (non-JWT) tokens have no known expiry.
+    let r = app
+        .put(&tokens_path("gc2"))
+        .json(json!({"kind": "garminconnect", "di_token": "opaque", "di_refresh_token": "opaque2", "di_client_id": "c"}))
+        .send()
+        .await;
+    assert_eq!(r.status, 201);
+    assert!(r.json["access_expires_at"].is_null() && r.json["refresh_expires_at"].is_null());
+    let g = app
+        .get(&format!("{}?representation=garth_dump", tokens_path("gc2")))
+        .send()
+        .await;
+    g.assert_problem(422, "validation_failed");
+}
+
+#[tokio::test]
+async fn if_match_is_compare_and_set() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("cas");
+    // If-Match on nothing stored.
+    let r = app
+        .put(&p)
+        .header("if-match", "\"1\"")
+        .json(garth_body("a"))
+        .send()
+        .await;
+    r.assert_problem(412, "version_conflict");
+    assert!(r.json["current_version"].is_null());
+    app.put(&p).json(garth_body("a")).send().await;
+    let ok = app
+        .put(&p)
+        .header("if-match", "\"1\"")
+        .json(garth_body("b"))
+        .send()
+        .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json["version"], 2);
+    let stale = app
+        .put(&p)
+        .header("if-match", "\"1\"")
+        .json(garth_body("c"))
+        .send()
+        .await;
+    stale.assert_problem(412, "version_conflict");
+    assert_eq!(stale.json["current_version"], 2);
+    let g = app.get(&p).send().await;
+    assert_eq!(
+        g.json["oauth2_token"]["access_token"], "acc-b-SECRET",
+        "a refused write changes nothing"
+    );
+    // Malformed If-Match is refused, not ignored.
+    let r = app
+        .put(&p)
+        .header("if-match", "W/\"2\"")
+        .json(garth_body("c"))
+        .send()
+        .await;
+    r.assert_problem(422, "validation_failed");
+}
+
+#[tokio::test]
+async fn if_none_match_star_only_creates() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("inm");
+    let r = app
+        .put(&p)
+        .header("if-none-match", "*")
+        .json(garth_body("a"))
+        .send()
+        .await;
+    assert_eq!(r.status, 201);
+    let r = app
+        .put(&p)
+        .header("if-none-match", "*")
+        .json(garth_body("b"))
+        .send()
+        .await;
+    r.assert_problem(412, "version_conflict");
+    assert_eq!(r.json["current_version"], 1);
+}
+
+#[tokio::test]
+async fn validation_failures_name_the_field_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("val");
+    let mut body = garth_body("a");
+    body["oauth2_token"]
+        .as_object_mut()
+        .unwrap()
+        .remove("access_token");
+    let r = app.put(&p).json(body).send().await;
+    r.assert_problem(422, "validation_failed");
+    assert_eq!(r.json["field"], "oauth2_token.access_token");
+    let r = app
+        .put(&p)
+        .json(json!({"kind": "garth", "oauth1_token": oauth1("a")}))
+        .send()
+        .await;
+    assert_eq!(r.json["field"], "oauth2_token");
+    let r = app.put(&p).json(json!({"kind": 7})).send().await;
+    assert_eq!(r.json["field"], "kind");
+    let r = app
+        .put(&p)
+        .json(json!(["not", "an", "object"]))
+        .send()
+        .await;
+    r.assert_problem(422, "validation_failed");
+    // Malformed JSON.
+    let r = app
+        .put(&p)
+        .raw_body("application/json", "{\"kind\": ")
+        .send()
+        .await;
+    assert!(r.status == 422 || r.status == 400, "{}", r.status);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    // Not JSON at all.
+    let r = app.put(&p).raw_body("text/plain", "hello").send().await;
+    r.assert_problem(415, "unsupported_media_type");
+    // Over the 64 KiB limit.
+    let mut big = garth_body("a");
+    big["oauth1_token"]["padding"] = json!("x".repeat(70 * 1024));
+    let r = app.put(&p).json(big).send().await;
+    r.assert_problem(413, "payload_too_large");
+    // Bad user ids.
+    for bad in ["a%20b", "%C3%A9", &"x".repeat(129), "a%2Fb"] {
+        let r = app
+            .put(&tokens_path(bad))
+            .json(garth_body("a"))
+            .send()
+            .await;
+        r.assert_problem(422, "validation_failed");
+        assert_eq!(r.json["field"], "user_id");
+    }
+    // Nothing was stored.
+    app.get(&p)
+        .send()
+        .await
+        .assert_problem(404, "tokens_not_found");
+    assert!(app.audit().await.iter().all(|e| e.type_ != "token.write"));
+}
+
+#[tokio::test]
+async fn missing_bundle_is_404_everywhere() {
+    let app = TestApp::spawn().await;
+    app.get(&tokens_path("ghost"))
+        .send()
+        .await
+        .assert_problem(404, "tokens_not_found");
+    app.get(&format!("{}/metadata", tokens_path("ghost")))
+        .send()
+        .await
+        .assert_problem(404, "tokens_not_found");
+    app.post(&format!("{}/invalidate", tokens_path("ghost")))
+        .json(json!({"reason": "x"}))
+        .send()
+        .await
+        .assert_problem(404, "tokens_not_found");
+    let r = app.delete(&tokens_path("ghost")).send().await;
+    assert_eq!(r.status, 204, "logout is idempotent");
+}
+
+#[tokio::test]
+async fn invalidate_destroys_ciphertext_and_answers_410() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("inv");
+    app.put(&p).json(garth_body("a")).send().await;
+    let r = app
+        .post(&format!("{p}/invalidate"))
+        .json(json!({"reason": "password_changed"}))
+        .send()
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(app.ciphertext("inv").await, None, "ciphertext destroyed");
+    let g = app.get(&p).send().await;
+    g.assert_problem(410, "reauth_required");
+    assert_eq!(g.json["reason"], "password_changed");
+    let m = app.get(&format!("{p}/metadata")).send().await;
+    assert_eq!(m.status, 200);
+    assert_eq!(m.json["status"], "reauth_required");
+    assert_eq!(m.json["version"], 2, "invalidation is a write");
+    let s = app.get("/api/v1/users/inv/auth-status").send().await;
+    assert_eq!(s.json["status"], "EXPIRED");
+    // A fresh login replaces the tombstone: created again, version keeps counting.
+    let r = app.put(&p).json(garth_body("b")).send().await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json["version"], 3);
+    assert_eq!(r.json["status"], "valid");
+    // Reasons are bounded.
+    let r = app
+        .post(&format!("{p}/invalidate"))
+        .json(json!({"reason": "x".repeat(201)}))
+        .send()
+        .await;
+    r.assert_problem(422, "validation_failed");
+}
+
+#[tokio::test]
+async fn delete_is_logout() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("bye");
+    app.put(&p).json(garth_body("a")).send().await;
+    assert_eq!(app.delete(&p).send().await.status, 204);
+    app.get(&p)
+        .send()
+        .await
+        .assert_problem(404, "tokens_not_found");
+    assert_eq!(
+        app.get("/api/v1/users/bye/auth-status").send().await.json["status"],
+        "MISSING"
+    );
+}
+
+#[tokio::test]
+async fn expiry_drives_status() {
+    let app = TestApp::spawn().await;
+    // Access expired, refresh still valid: usable, refresh needed.
+    let body = json!({"kind": "garth", "oauth1_token": oauth1("x"), "oauth2_token": oauth2_with("x", future(-60), future(3600))});
+    let r = app.put(&tokens_path("stale")).json(body).send().await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json["status"], "access_expired");
+    assert_eq!(app.get(&tokens_path("stale")).send().await.status, 200);
+    assert_eq!(
+        app.get("/api/v1/users/stale/auth-status").send().await.json["status"],
+        "VALID"
+    );
+    // Refresh expired: accepted and reported, but not handed out.
+    let body = json!({"kind": "garth", "oauth1_token": oauth1("y"), "oauth2_token": oauth2_with("y", future(-120), future(-60))});
+    let r = app.put(&tokens_path("dead")).json(body).send().await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json["status"], "reauth_required");
+    let g = app.get(&tokens_path("dead")).send().await;
+    g.assert_problem(410, "reauth_required");
+    assert_eq!(g.json["reason"], "refresh_expired");
+    let s = app.get("/api/v1/users/dead/auth-status").send().await;
+    assert_eq!(s.json["status"], "EXPIRED");
+    assert_eq!(s.json["tokens"]["status"], "reauth_required");
+}
+
+#[tokio::test]
+async fn auth_status_reports_each_state() {
+    let app = TestApp::spawn().await;
+    let s = app.get("/api/v1/users/nobody/auth-status").send().await;
+    assert_eq!(s.status, 200);
+    assert_eq!(
+        s.json,
+        json!({"user_id": "nobody", "status": "MISSING", "tokens": null, "session": null})
+    );
+    app.put(&tokens_path("ok"))
+        .json(garth_body("a"))
+        .send()
+        .await;
+    let s = app.get("/api/v1/users/ok/auth-status").send().await;
+    assert_eq!(s.json["status"], "VALID");
+    assert_eq!(s.json["tokens"]["version"], 1);
+}
+
+#[tokio::test]
+async fn database_holds_ciphertext_never_token_strings() {
+    let app = TestApp::spawn().await;
+    app.put(&tokens_path("raw1"))
+        .json(garth_body("raw1"))
+        .send()
+        .await;
+    let di = json!({"kind": "garminconnect", "di_token": "di-access-RAWSECRET", "di_refresh_token": "di-refresh-RAWSECRET",
+                    "di_client_id": "di-client-RAWSECRET"});
+    app.put(&tokens_path("raw2")).json(di).send().await;
+    // Reading also writes (audit, last_used_at); still no plaintext.
+    app.get(&tokens_path("raw1")).send().await;
+    app.get(&tokens_path("raw2")).send().await;
+    let raw = app.raw_database().await;
+    assert!(raw.len() > 1000, "the dump is not empty");
+    assert!(
+        contains(&raw, "raw1"),
+        "the dump really holds rows (user id is plain)"
+    );
+    let mut secrets = garth_secrets("raw1");
+    secrets.extend(
+        [
+            "di-access-RAWSECRET",
+            "di-refresh-RAWSECRET",
+            "di-client-RAWSECRET",
+        ]
+        .map(String::from),
+    );
+    for s in &secrets {
+        assert!(!contains(&raw, s), "plaintext {s} found in the database");
+    }
+    assert!(!contains(&raw, ADMIN_KEY), "API keys are stored hashed");
+}
+
+#[tokio::test]
+async fn ciphertext_moved_between_users_fails_cleanly() {
+    let app = TestApp::spawn().await;
+    app.put(&tokens_path("alice"))
+        .json(garth_body("alice"))
+        .send()
+        .await;
+    app.put(&tokens_path("bob"))
+        .json(garth_body("bob"))
+        .send()
+        .await;
+    let (a, b) = (
+        app.ciphertext("alice").await.unwrap(),
+        app.ciphertext("bob").await.unwrap(),
+    );
+    app.set_ciphertext("alice", &b).await;
+    app.set_ciphertext("bob", &a).await;
+    for user in ["alice", "bob"] {
+        let r = app.get(&tokens_path(user)).send().await;
+        r.assert_problem(500, "internal_error");
+        for s in garth_secrets("alice")
+            .iter()
+            .chain(garth_secrets("bob").iter())
+        {
+            assert!(!r.text.contains(s.as_str()), "plaintext leaked");
+        }
+    }
+    let errors: Vec<_> = app
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.type_ == "token.read" && e.outcome == "error")
+        .collect();
+    assert_eq!(errors.len(), 2);
+    assert!(errors.iter().all(|e| e.details.contains("decrypt_failed")));
+    // A flipped byte and a truncated envelope are caught the same way.
+    app.put(&tokens_path("carol"))
+        .json(garth_body("carol"))
+        .send()
+        .await;
+    let mut c = app.ciphertext("carol").await.unwrap();
+    let last = c.len() - 1;
+    c[last] ^= 1;
+    app.set_ciphertext("carol", &c).await;
+    app.get(&tokens_path("carol"))
+        .send()
+        .await
+        .assert_problem(500, "internal_error");
+    app.set_ciphertext("carol", &c[..10]).await;
+    app.get(&tokens_path("carol"))
+        .send()
+        .await
+        .assert_problem(500, "internal_error");
+}
+
+#[tokio::test]
+async fn every_token_call_writes_one_audit_row_without_secrets() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("aud");
+    let before = app.audit().await.len();
+    let r = app
+        .put(&p)
+        .header("x-request-id", "req-123")
+        .json(garth_body("aud"))
+        .send()
+        .await;
+    assert_eq!(r.header("x-request-id"), Some("req-123"));
+    app.get(&p).send().await;
+    app.get(&format!("{p}/metadata")).send().await;
+    app.get("/api/v1/users/aud/auth-status").send().await;
+    app.put(&p)
+        .header("if-match", "\"9\"")
+        .json(garth_body("aud"))
+        .send()
+        .await;
+    app.post(&format!("{p}/invalidate"))
+        .json(json!({}))
+        .send()
+        .await;
+    app.get(&p).send().await;
+    app.delete(&p).send().await;
+    let events = app.audit().await;
+    let new: Vec<_> = events[before..].iter().collect();
+    let types: Vec<(&str, &str)> = new
+        .iter()
+        .map(|e| (e.type_.as_str(), e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            ("token.write", "success"),
+            ("token.read", "success"),
+            ("token.metadata_read", "success"),
+            ("auth_status.read", "success"),
+            ("token.write", "failure"),
+            ("token.invalidate", "success"),
+            ("token.read", "failure"),
+            ("token.delete", "success"),
+        ]
+    );
+    assert_eq!(new[0].request_id.as_deref(), Some("req-123"));
+    assert!(new.iter().all(|e| e.user_id.as_deref() == Some("aud")));
+    assert!(
+        new.iter()
+            .all(|e| e.actor.as_deref().is_some_and(|a| a.starts_with("key:")))
+    );
+    assert!(
+        new[1..]
+            .iter()
+            .all(|e| e.request_id.as_deref().is_some_and(|r| !r.is_empty()))
+    );
+    let all = format!("{new:?}");
+    for s in garth_secrets("aud") {
+        assert!(!all.contains(&s));
+    }
+}
