@@ -227,23 +227,23 @@ impl TestApp {
     pub async fn set_ciphertext(&self, user: &str, ct: &[u8]) {
         let sql = "UPDATE token_bundles SET ciphertext = $2 WHERE user_id = $1";
         match self.db() {
-            Db::Sqlite { pool, .. } => sqlx::query(sql)
-                .bind(user)
-                .bind(ct)
-                .execute(pool)
-                .await
-                .unwrap(),
+            Db::Sqlite { pool, .. } => {
+                sqlx::query(sql)
+                    .bind(user)
+                    .bind(ct)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
             Db::Postgres { pool } => {
                 sqlx::query(sql)
                     .bind(user)
                     .bind(ct)
                     .execute(pool)
                     .await
-                    .map(|_| ())
                     .unwrap();
-                return;
             }
-        };
+        }
     }
 
     /// Everything the database holds, as bytes to search: on SQLite the database file and its
