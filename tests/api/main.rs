@@ -2,6 +2,7 @@
 //! PostgreSQL with `CENTRALDB_TEST_BACKEND=postgres` (see `./scripts/test`).
 
 mod auth;
+mod binary;
 mod helpers;
 mod ops;
 mod tokens;

@@ -1,0 +1,547 @@
+//! Tests against the real binary: start-up, restart persistence, key checks, logs, rotation.
+
+use std::{
+    path::Path,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_centraldb-mfa");
+
+/// Environment for one deployment: a data folder and, on PostgreSQL, a fresh schema and key.
+struct Deployment {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Deployment {
+    /// On SQLite no key is configured (first run generates one); on PostgreSQL `k1` is.
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = vec![(
+            "CENTRALDB_DATA_DIR".to_string(),
+            dir.path().display().to_string(),
+        )];
+        if backend() == Backend::Postgres {
+            env.push((
+                "CENTRALDB_DATABASE_URL".into(),
+                fresh_database_url(dir.path()).await,
+            ));
+            env.push(("CENTRALDB_ENCRYPTION_KEYS".into(), key_spec("k1")));
+        }
+        Self { dir, env }
+    }
+
+    fn with(&self, k: &str, v: &str) -> Vec<(String, String)> {
+        let mut e: Vec<_> = self.env.iter().filter(|(n, _)| n != k).cloned().collect();
+        e.push((k.into(), v.into()));
+        e
+    }
+
+    fn without(&self, k: &str) -> Vec<(String, String)> {
+        self.env.iter().filter(|(n, _)| n != k).cloned().collect()
+    }
+
+    fn admin_key(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin-api-key"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn key_spec_in_use(&self) -> String {
+        match self
+            .env
+            .iter()
+            .find(|(k, _)| k == "CENTRALDB_ENCRYPTION_KEYS")
+        {
+            Some((_, v)) => v.clone(),
+            None => std::fs::read_to_string(self.dir.path().join("encryption.key"))
+                .unwrap()
+                .trim()
+                .to_string(),
+        }
+    }
+
+    /// Row counts of every table, to prove a refused start-up changed nothing.
+    async fn row_counts(&self) -> Vec<i64> {
+        let url = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "CENTRALDB_DATABASE_URL")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| {
+                format!(
+                    "sqlite://{}",
+                    self.dir.path().join("centraldb-mfa.db").display()
+                )
+            });
+        let mut out = Vec::new();
+        for t in ["api_keys", "token_bundles", "key_checks", "audit_events"] {
+            let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {t}"));
+            let n: i64 = if url.starts_with("sqlite") {
+                let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+                let n = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+                pool.close().await;
+                n
+            } else {
+                let pool = sqlx::PgPool::connect(&url).await.unwrap();
+                let n = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+                pool.close().await;
+                n
+            };
+            out.push(n);
+        }
+        out
+    }
+}
+
+fn command(env: &[(String, String)], cwd: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_clear()
+        .current_dir(cwd)
+        .env("CENTRALDB_LISTEN", "127.0.0.1:0")
+        .env("CENTRALDB_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    async fn start(env: &[(String, String)], cwd: &Path) -> Self {
+        let mut child = command(env, cwd, &["serve"]).spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let log = log.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line)
+                        && v["fields"]["message"] == "centraldb-mfa listening"
+                    {
+                        let _ = tx
+                            .try_send(v["fields"]["addr"].as_str().unwrap_or_default().to_string());
+                    }
+                    log.lock().unwrap().push_str(&line);
+                    log.lock().unwrap().push('\n');
+                }
+            });
+        }
+        let addr = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("server did not start; log:\n{}", log.lock().unwrap()))
+            .unwrap();
+        Self {
+            child,
+            base: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    /// SIGTERM, then the exit status (graceful shutdown must exit 0).
+    async fn stop(mut self) -> (bool, String) {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let log = self.log.lock().unwrap().clone();
+        (status.success(), log)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+/// Runs a non-serving command to completion: (success, stdout, stderr).
+async fn run(env: &[(String, String)], cwd: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::time::timeout(Duration::from_secs(60), command(env, cwd, args).output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_stored_bundle_survives_a_restart() {
+    let d = Deployment::new().await;
+    let http = reqwest::Client::new();
+    let s = Server::start(&d.env, d.dir.path()).await;
+    if backend() == Backend::Sqlite {
+        let mode = |f: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(d.dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(
+            mode("encryption.key"),
+            0o600,
+            "generated key file is private"
+        );
+        assert_eq!(mode("admin-api-key"), 0o600, "admin key file is private");
+        assert!(
+            s.log
+                .lock()
+                .unwrap()
+                .contains("generated one into the data folder"),
+            "first run warns"
+        );
+    }
+    let key = d.admin_key();
+    assert!(
+        !s.log.lock().unwrap().contains(&key),
+        "the admin key is never logged"
+    );
+    let r = http
+        .put(s.url(&tokens_path("persist")))
+        .bearer_auth(&key)
+        .json(&garth_body("p"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let (clean, _) = s.stop().await;
+    assert!(clean, "SIGTERM shuts down gracefully with exit 0");
+
+    let s = Server::start(&d.env, d.dir.path()).await;
+    let r = http
+        .get(s.url(&tokens_path("persist")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["oauth2_token"], garth_body("p")["oauth2_token"]);
+    assert_eq!(body["version"], 1);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_or_missing_key_refuses_to_start_and_changes_nothing() {
+    let d = Deployment::new().await;
+    let http = reqwest::Client::new();
+    let s = Server::start(&d.env, d.dir.path()).await;
+    http.put(s.url(&tokens_path("k")))
+        .bearer_auth(d.admin_key())
+        .json(&garth_body("k"))
+        .send()
+        .await
+        .unwrap();
+    s.stop().await;
+    let before = d.row_counts().await;
+
+    // Same key id, different key.
+    let (ok, _, err) = run(
+        &d.with("CENTRALDB_ENCRYPTION_KEYS", &key_spec("k1")),
+        d.dir.path(),
+        &["serve"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("'k1'") && err.contains("cannot decrypt"),
+        "{err}"
+    );
+    // A keyring without the key the data is under.
+    let (ok, _, err) = run(
+        &d.with("CENTRALDB_ENCRYPTION_KEYS", &key_spec("k9")),
+        d.dir.path(),
+        &["serve"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("'k1'"), "{err}");
+    // A malformed key.
+    let (ok, _, err) = run(
+        &d.with("CENTRALDB_ENCRYPTION_KEYS", "k1:tooshort"),
+        d.dir.path(),
+        &["serve"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("CENTRALDB_ENCRYPTION_KEYS") && err.contains("k1"),
+        "{err}"
+    );
+    // No key at all.
+    let (ok, _, err) = match backend() {
+        Backend::Postgres => {
+            run(
+                &d.without("CENTRALDB_ENCRYPTION_KEYS"),
+                d.dir.path(),
+                &["serve"],
+            )
+            .await
+        }
+        Backend::Sqlite => {
+            let key_file = d.dir.path().join("encryption.key");
+            let saved = std::fs::read(&key_file).unwrap();
+            std::fs::remove_file(&key_file).unwrap();
+            let out = run(&d.env, d.dir.path(), &["serve"]).await;
+            assert!(
+                !key_file.exists(),
+                "no new key is generated over existing data"
+            );
+            std::fs::write(&key_file, saved).unwrap();
+            out
+        }
+    };
+    assert!(!ok);
+    assert!(err.contains("CENTRALDB_ENCRYPTION_KEYS"), "{err}");
+    assert_eq!(
+        d.row_counts().await,
+        before,
+        "a refused start-up modifies nothing"
+    );
+}
+
+#[tokio::test]
+async fn bad_configuration_names_the_variable() {
+    let d = Deployment::new().await;
+    let (ok, _, err) = run(
+        &d.with("CENTRALDB_LISTEN", "not-an-address"),
+        d.dir.path(),
+        &["serve"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("CENTRALDB_LISTEN"), "{err}");
+    let (ok, _, err) = run(
+        &d.with("CENTRALDB_BOOTSTRAP_ADMIN_KEY", "short"),
+        d.dir.path(),
+        &["serve"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("CENTRALDB_BOOTSTRAP_ADMIN_KEY"), "{err}");
+}
+
+#[tokio::test]
+async fn logs_at_trace_never_contain_secrets() {
+    let d = Deployment::new().await;
+    let bootstrap = "bootstrap-key-that-must-never-be-logged-0123456789";
+    let mut env = d.with("CENTRALDB_BOOTSTRAP_ADMIN_KEY", bootstrap);
+    env.retain(|(k, _)| k != "RUST_LOG");
+    env.push(("RUST_LOG".into(), "trace".into()));
+    let s = Server::start(&env, d.dir.path()).await;
+    let http = reqwest::Client::new();
+    let di = json!({"kind": "garminconnect", "di_token": jwt(future(3600), "LOGSECRET"),
+                    "di_refresh_token": "di-refresh-LOGSECRET", "di_client_id": "di-client-LOGSECRET"});
+    for (user, body) in [("log1", garth_body("log")), ("log2", di)] {
+        let r = http
+            .put(s.url(&tokens_path(user)))
+            .bearer_auth(bootstrap)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let r = http
+            .get(s.url(&tokens_path(user)))
+            .bearer_auth(bootstrap)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await;
+    }
+    let r = http
+        .get(s.url(&format!(
+            "{}?representation=garth_dump",
+            tokens_path("log1")
+        )))
+        .bearer_auth(bootstrap)
+        .send()
+        .await
+        .unwrap();
+    let dump: Value = r.json().await.unwrap();
+    let dump = dump["garth_dump"].as_str().unwrap().to_string();
+    let r = http
+        .get(s.url(&tokens_path("log1")))
+        .bearer_auth("cdbm_guessed-key-LOGSECRET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let (_, log) = s.stop().await;
+    assert!(
+        log.contains("\"level\":\"TRACE\""),
+        "trace logging really ran:\n{log}"
+    );
+    assert!(
+        log.contains("INSERT INTO token_bundles"),
+        "statements on the token table are logged (without values)"
+    );
+    let key_b64 = d.key_spec_in_use().split_once(':').unwrap().1.to_string();
+    let mut secrets = garth_secrets("log");
+    secrets.extend([
+        "LOGSECRET".to_string(),
+        bootstrap.to_string(),
+        key_b64,
+        dump,
+    ]);
+    for s in &secrets {
+        assert!(
+            !log.contains(s.as_str()),
+            "secret {s:.12}… found in the logs"
+        );
+    }
+}
+
+#[tokio::test]
+async fn rewrap_moves_everything_to_the_new_key_and_the_old_key_can_go() {
+    let d = Deployment::new().await;
+    let k1 = key_spec("k1");
+    let env1 = d.with("CENTRALDB_ENCRYPTION_KEYS", &k1);
+    let http = reqwest::Client::new();
+    let s = Server::start(&env1, d.dir.path()).await;
+    let key = d.admin_key();
+    for u in ["r1", "r2", "r3"] {
+        let r = http
+            .put(s.url(&tokens_path(u)))
+            .bearer_auth(&key)
+            .json(&garth_body(u))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    s.stop().await;
+
+    let k2 = key_spec("k2");
+    // Without k1 the data cannot be read yet: start-up refuses.
+    let (ok, _, err) = run(
+        &d.with("CENTRALDB_ENCRYPTION_KEYS", &k2),
+        d.dir.path(),
+        &["serve"],
+    )
+    .await;
+    assert!(!ok && err.contains("'k1'"), "{err}");
+    // Rotate: new key first, old key still present; rewrap reports its counts.
+    let both = d.with("CENTRALDB_ENCRYPTION_KEYS", &format!("{k2},{k1}"));
+    let (ok, out, err) = run(&both, d.dir.path(), &["rewrap"]).await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("rewrapped 3 ciphertext(s) under key 'k2'"),
+        "{out}"
+    );
+    let (ok, out, _) = run(&both, d.dir.path(), &["rewrap"]).await;
+    assert!(
+        ok && out.contains("rewrapped 0"),
+        "a second pass has nothing to do: {out}"
+    );
+    // The old key removed: everything still decrypts.
+    let s = Server::start(&d.with("CENTRALDB_ENCRYPTION_KEYS", &k2), d.dir.path()).await;
+    for u in ["r1", "r2", "r3"] {
+        let r = http
+            .get(s.url(&tokens_path(u)))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            body["oauth2_token"]["access_token"],
+            format!("acc-{u}-SECRET")
+        );
+        assert_eq!(body["version"], 1, "rewrap does not change the version");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn api_key_commands_create_list_revoke() {
+    let d = Deployment::new().await;
+    let (ok, key, err) = run(
+        &d.env,
+        d.dir.path(),
+        &[
+            "api-key",
+            "create",
+            "--name",
+            "worker",
+            "--scope",
+            "tokens:read",
+            "tokens:write",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let key = key.trim().to_string();
+    assert!(key.starts_with("cdbm_"));
+    let (ok, list, _) = run(&d.env, d.dir.path(), &["api-key", "list"]).await;
+    assert!(ok);
+    assert!(
+        list.contains("worker") && list.contains("tokens:read tokens:write"),
+        "{list}"
+    );
+    assert!(!list.contains(&key), "list never shows keys");
+    let id = list
+        .lines()
+        .find(|l| l.contains("worker"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let (ok, _, _) = run(&d.env, d.dir.path(), &["api-key", "revoke", &id]).await;
+    assert!(ok);
+    let (_, list, _) = run(&d.env, d.dir.path(), &["api-key", "list"]).await;
+    assert!(
+        list.lines()
+            .any(|l| l.contains("worker") && l.contains("revoked")),
+        "{list}"
+    );
+    let (ok, _, err) = run(
+        &d.env,
+        d.dir.path(),
+        &["api-key", "create", "--name", "x", "--scope", "root"],
+    )
+    .await;
+    assert!(!ok && err.contains("unknown scope 'root'"), "{err}");
+    let (ok, out, _) = run(&d.env, d.dir.path(), &["keygen", "--id", "k7"]).await;
+    assert!(
+        ok && out.trim().starts_with("k7:") && out.trim().len() == 3 + 44,
+        "{out}"
+    );
+}
