@@ -13,10 +13,9 @@ RUN mkdir src \
     && cargo build --locked --release \
     && rm -rf src
 
-# Real sources. migrations/ is embedded at compile time; openapi.json lives at the top level.
+# Real sources. migrations/ is embedded at compile time.
 COPY src ./src
 COPY migrations ./migrations
-COPY openapi.json ./
 # touch: the copied sources may be older than the dummy build, which would otherwise look fresh
 RUN find src -name '*.rs' -exec touch {} + \
     && cargo build --locked --release \

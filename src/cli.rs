@@ -171,10 +171,7 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
         }
         Command::ApiKey(ApiKeyCommand::List) => match api_keys::list(db).await {
             Ok(keys) => {
-                println!(
-                    "{:<36}  {:<12}  {:<20}  {:<30}  {:<8}  last used",
-                    "id", "prefix", "name", "scopes", "state"
-                );
+                println!("{:<36}  {:<12}  {:<20}  {:<30}  {:<8}  last used", "id", "prefix", "name", "scopes", "state");
                 for k in keys {
                     println!(
                         "{:<36}  {:<12}  {:<20}  {:<30}  {:<8}  {}",
@@ -182,14 +179,8 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
                         k.prefix,
                         k.name,
                         k.scopes,
-                        if k.revoked_at.is_some() {
-                            "revoked"
-                        } else {
-                            "active"
-                        },
-                        k.last_used_at
-                            .map(|t| t.to_rfc3339())
-                            .unwrap_or_else(|| "never".into())
+                        if k.revoked_at.is_some() { "revoked" } else { "active" },
+                        k.last_used_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into())
                     );
                 }
                 ExitCode::SUCCESS
@@ -198,9 +189,7 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
         },
         Command::ApiKey(ApiKeyCommand::Revoke { id }) => match api_keys::revoke(db, id).await {
             Ok(true) => {
-                eprintln!(
-                    "revoked {id} (running services stop accepting it within CENTRALDB_API_KEY_CACHE_SECS)"
-                );
+                eprintln!("revoked {id} (running services stop accepting it within CENTRALDB_API_KEY_CACHE_SECS)");
                 ExitCode::SUCCESS
             }
             Ok(false) => fail(format!("no active API key with id {id}")),
@@ -223,27 +212,19 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
                     for u in &r.failed {
                         eprintln!("failed to decrypt the bundle of user {u}");
                     }
-                    if r.failed.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
+                    if r.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
                 }
                 Err(e) => fail(e),
             }
         }
-        Command::Serve
-        | Command::Keygen { .. }
-        | Command::Openapi
-        | Command::Healthcheck { .. } => ExitCode::SUCCESS,
+        Command::Serve | Command::Keygen { .. } | Command::Openapi | Command::Healthcheck { .. } => ExitCode::SUCCESS,
     }
 }
 
 /// A minimal HTTP/1.1 GET of /healthz (no client library needed in the runtime image).
 async fn probe(addr: SocketAddr) -> std::io::Result<bool> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await?;
     let mut buf = vec![0u8; 64];
     let n = s.read(&mut buf).await?;
     Ok(buf[..n].starts_with(b"HTTP/1.1 200"))

@@ -17,10 +17,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(var: &str, message: impl Into<String>) -> Self {
-        Self {
-            var: var.to_string(),
-            message: message.into(),
-        }
+        Self { var: var.to_string(), message: message.into() }
     }
 }
 
@@ -128,10 +125,7 @@ impl Settings {
         let secret = |k: &str| -> Result<Option<String>, ConfigError> {
             let file_var = format!("{k}_FILE");
             match (get(k), get(&file_var)) {
-                (Some(_), Some(_)) => Err(ConfigError::new(
-                    k,
-                    format!("set either {k} or {file_var}, not both"),
-                )),
+                (Some(_), Some(_)) => Err(ConfigError::new(k, format!("set either {k} or {file_var}, not both"))),
                 (Some(v), None) => Ok(Some(v)),
                 (None, Some(path)) => std::fs::read_to_string(&path)
                     .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_string()))
@@ -139,18 +133,10 @@ impl Settings {
                 (None, None) => Ok(None),
             }
         };
-        fn parse<T: FromStr>(
-            var: &str,
-            raw: Option<String>,
-            default: T,
-            what: &str,
-        ) -> Result<T, ConfigError> {
+        fn parse<T: FromStr>(var: &str, raw: Option<String>, default: T, what: &str) -> Result<T, ConfigError> {
             match raw {
                 None => Ok(default),
-                Some(v) => v
-                    .trim()
-                    .parse()
-                    .map_err(|_| ConfigError::new(var, format!("'{v}' is not {what}"))),
+                Some(v) => v.trim().parse().map_err(|_| ConfigError::new(var, format!("'{v}' is not {what}"))),
             }
         }
 
@@ -191,16 +177,10 @@ impl Settings {
             None | Some("pretty") => LogFormat::Pretty,
             Some("json") => LogFormat::Json,
             Some(other) => {
-                return Err(ConfigError::new(
-                    "CENTRALDB_LOG_FORMAT",
-                    format!("'{other}' is not one of json, pretty"),
-                ));
+                return Err(ConfigError::new("CENTRALDB_LOG_FORMAT", format!("'{other}' is not one of json, pretty")));
             }
         };
-        let sqlite_synchronous = match get("CENTRALDB_SQLITE_SYNCHRONOUS")
-            .as_deref()
-            .map(str::trim)
-        {
+        let sqlite_synchronous = match get("CENTRALDB_SQLITE_SYNCHRONOUS").as_deref().map(str::trim) {
             None | Some("full") => SqliteSync::Full,
             Some("normal") => SqliteSync::Normal,
             Some(other) => {
@@ -211,11 +191,7 @@ impl Settings {
             }
         };
         let positive = |var: &str, v: u64| {
-            if v == 0 {
-                Err(ConfigError::new(var, "must be greater than 0"))
-            } else {
-                Ok(v)
-            }
+            if v == 0 { Err(ConfigError::new(var, "must be greater than 0")) } else { Ok(v) }
         };
         let request_timeout = Duration::from_secs(positive(
             "CENTRALDB_REQUEST_TIMEOUT_SECS",
@@ -240,12 +216,7 @@ impl Settings {
             Some(v) => Some(
                 positive(
                     "CENTRALDB_DB_MAX_CONNECTIONS",
-                    parse(
-                        "CENTRALDB_DB_MAX_CONNECTIONS",
-                        Some(v),
-                        0u64,
-                        "a whole number",
-                    )?,
+                    parse("CENTRALDB_DB_MAX_CONNECTIONS", Some(v), 0u64, "a whole number")?,
                 )?
                 .min(1024) as u32,
             ),
@@ -293,10 +264,7 @@ impl Settings {
     pub fn effective_database_url(&self) -> DatabaseUrl {
         match &self.database_url {
             Some(u) => u.clone(),
-            None => DatabaseUrl::new(format!(
-                "sqlite://{}",
-                self.data_dir.join(DEFAULT_SQLITE_FILE).display()
-            )),
+            None => DatabaseUrl::new(format!("sqlite://{}", self.data_dir.join(DEFAULT_SQLITE_FILE).display())),
         }
     }
 }
@@ -307,10 +275,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -319,10 +284,7 @@ mod tests {
         let s = settings(&[]).unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.body_limit_bytes, 65_536);
-        assert_eq!(
-            s.effective_database_url().expose(),
-            "sqlite://./data/centraldb-mfa.db"
-        );
+        assert_eq!(s.effective_database_url().expose(), "sqlite://./data/centraldb-mfa.db");
     }
 
     #[test]
@@ -347,11 +309,7 @@ mod tests {
         let p = path.to_str().unwrap();
         let s = settings(&[("CENTRALDB_ENCRYPTION_KEYS_FILE", p)]).unwrap();
         assert_eq!(s.encryption_keys.unwrap().expose_secret(), "k1:abc");
-        let e = settings(&[
-            ("CENTRALDB_ENCRYPTION_KEYS_FILE", p),
-            ("CENTRALDB_ENCRYPTION_KEYS", "x"),
-        ])
-        .unwrap_err();
+        let e = settings(&[("CENTRALDB_ENCRYPTION_KEYS_FILE", p), ("CENTRALDB_ENCRYPTION_KEYS", "x")]).unwrap_err();
         assert_eq!(e.var, "CENTRALDB_ENCRYPTION_KEYS");
         let e = settings(&[("CENTRALDB_ENCRYPTION_KEYS_FILE", "/nonexistent/x")]).unwrap_err();
         assert_eq!(e.var, "CENTRALDB_ENCRYPTION_KEYS_FILE");
@@ -360,10 +318,7 @@ mod tests {
     #[test]
     fn database_url_hides_password() {
         let u = DatabaseUrl::new("postgres://user:hunter2@db:5432/x");
-        assert_eq!(
-            format!("{u:?}"),
-            "DatabaseUrl(postgres://user:***@db:5432/x)"
-        );
+        assert_eq!(format!("{u:?}"), "DatabaseUrl(postgres://user:***@db:5432/x)");
         assert!(!u.to_string().contains("hunter2"));
     }
 }

@@ -34,10 +34,7 @@ pub struct Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("validation failed: {detail}")]
-    Validation {
-        detail: String,
-        field: Option<String>,
-    },
+    Validation { detail: String, field: Option<String> },
     #[error("unauthenticated")]
     Unauthenticated { detail: &'static str },
     #[error("forbidden")]
@@ -47,10 +44,7 @@ pub enum ApiError {
     #[error("reauth required: {reason}")]
     ReauthRequired { reason: String },
     #[error("version conflict")]
-    VersionConflict {
-        current_version: Option<i64>,
-        detail: String,
-    },
+    VersionConflict { current_version: Option<i64>, detail: String },
     #[error("payload too large")]
     PayloadTooLarge,
     #[error("unsupported media type")]
@@ -58,10 +52,7 @@ pub enum ApiError {
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("unavailable: {detail}")]
-    Unavailable {
-        detail: &'static str,
-        retry_after_secs: u32,
-    },
+    Unavailable { detail: &'static str, retry_after_secs: u32 },
     #[error("insufficient storage")]
     InsufficientStorage,
     /// A stored ciphertext failed to decrypt (tampered, moved, or a wrong key).
@@ -73,22 +64,13 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn validation(detail: impl Into<String>) -> Self {
-        Self::Validation {
-            detail: detail.into(),
-            field: None,
-        }
+        Self::Validation { detail: detail.into(), field: None }
     }
     pub fn field(field: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self::Validation {
-            detail: detail.into(),
-            field: Some(field.into()),
-        }
+        Self::Validation { detail: detail.into(), field: Some(field.into()) }
     }
     pub fn tokens_not_found() -> Self {
-        Self::NotFound {
-            code: "tokens_not_found",
-            detail: "no token bundle is stored for this user".into(),
-        }
+        Self::NotFound { code: "tokens_not_found", detail: "no token bundle is stored for this user".into() }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -137,10 +119,7 @@ impl ApiError {
             }
             Self::Unauthenticated { detail } => (*detail).to_string(),
             Self::Forbidden { required_scope } => {
-                extra.insert(
-                    "required_scope".into(),
-                    Value::String((*required_scope).into()),
-                );
+                extra.insert("required_scope".into(), Value::String((*required_scope).into()));
                 format!("this API key lacks the '{required_scope}' scope")
             }
             Self::NotFound { detail, .. } => detail.clone(),
@@ -148,28 +127,16 @@ impl ApiError {
                 extra.insert("reason".into(), Value::String(reason.clone()));
                 "the stored login can no longer be used; the user must log in again".into()
             }
-            Self::VersionConflict {
-                current_version,
-                detail,
-            } => {
-                extra.insert(
-                    "current_version".into(),
-                    current_version.map_or(Value::Null, Value::from),
-                );
+            Self::VersionConflict { current_version, detail } => {
+                extra.insert("current_version".into(), current_version.map_or(Value::Null, Value::from));
                 detail.clone()
             }
-            Self::PayloadTooLarge => {
-                "the request body exceeds the size limit (CENTRALDB_BODY_LIMIT_BYTES)".into()
-            }
-            Self::UnsupportedMediaType => {
-                "the request body must be JSON (Content-Type: application/json)".into()
-            }
+            Self::PayloadTooLarge => "the request body exceeds the size limit (CENTRALDB_BODY_LIMIT_BYTES)".into(),
+            Self::UnsupportedMediaType => "the request body must be JSON (Content-Type: application/json)".into(),
             Self::MethodNotAllowed => "this method is not allowed on this resource".into(),
             Self::Unavailable { detail, .. } => (*detail).to_string(),
             Self::InsufficientStorage => "the database has no space left; try again later".into(),
-            Self::DecryptFailed | Self::Internal(_) => {
-                "an internal error occurred; it has been logged".into()
-            }
+            Self::DecryptFailed | Self::Internal(_) => "an internal error occurred; it has been logged".into(),
         };
         Problem {
             type_: format!("urn:centraldb-mfa:problem:{}", self.code()),
@@ -185,10 +152,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(_) => Self::Unavailable {
-                detail: "the database is unavailable; try again shortly",
-                retry_after_secs: 1,
-            },
+            StoreError::Unavailable(_) => {
+                Self::Unavailable { detail: "the database is unavailable; try again shortly", retry_after_secs: 1 }
+            }
             StoreError::Full => Self::InsufficientStorage,
             StoreError::Other(msg) => Self::Internal(msg),
         }
@@ -199,10 +165,7 @@ impl From<StoreError> for ApiError {
 pub fn problem_response(status: StatusCode, problem: &Problem) -> Response {
     let body = serde_json::to_vec(problem).unwrap_or_else(|_| b"{}".to_vec());
     let mut resp = (status, body).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
     resp
 }
 
@@ -217,9 +180,7 @@ impl IntoResponse for ApiError {
         let mut resp = problem_response(self.status(), &self.to_problem());
         let headers = resp.headers_mut();
         match &self {
-            Self::Unavailable {
-                retry_after_secs, ..
-            } => {
+            Self::Unavailable { retry_after_secs, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             Self::InsufficientStorage => {

@@ -1,9 +1,6 @@
 //! centraldb-mfa: an encrypted vault for GarminSync users' Garmin tokens, MFA challenges,
 //! login-flow sessions and a tamper-evident audit trail.
-#![cfg_attr(
-    not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
-)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod api;
 pub mod cli;

@@ -27,10 +27,7 @@ pub enum StartupError {
     #[error("API keys: {0}")]
     ApiKeys(String),
     #[error("cannot listen on {addr}: {error}")]
-    Listen {
-        addr: SocketAddr,
-        error: std::io::Error,
-    },
+    Listen { addr: SocketAddr, error: std::io::Error },
 }
 
 /// Writes a file only its owner can read (0600), replacing any earlier content.
@@ -56,10 +53,7 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 
 fn ensure_data_dir(settings: &Settings) -> Result<(), StartupError> {
     let path = &settings.data_dir;
-    let err = |error| StartupError::DataDir {
-        path: path.display().to_string(),
-        error,
-    };
+    let err = |error| StartupError::DataDir { path: path.display().to_string(), error };
     if !path.exists() {
         std::fs::create_dir_all(path).map_err(err)?;
         #[cfg(unix)]
@@ -74,23 +68,16 @@ fn ensure_data_dir(settings: &Settings) -> Result<(), StartupError> {
 /// Connects and migrates; used by `serve`, `migrate` and the other CLI commands.
 pub async fn open_database(settings: &Settings) -> Result<Db, StartupError> {
     let url = settings.effective_database_url();
-    if url.is_sqlite() {
-        ensure_data_dir(settings)?;
-    }
-    let db_err = |error| StartupError::Database {
-        url: url.redacted(),
-        error,
-    };
+    // The data folder holds the SQLite file, the generated key and the first-run admin key.
+    ensure_data_dir(settings)?;
+    let db_err = |error| StartupError::Database { url: url.redacted(), error };
     let db = Db::connect(settings).await.map_err(db_err)?;
     db.migrate().await.map_err(db_err)?;
     Ok(db)
 }
 
 /// Loads the keyring and checks it against the stored data (nothing is written if it fails).
-pub async fn open_keyring(
-    settings: &Settings,
-    db: &Db,
-) -> Result<crate::crypto::Keyring, StartupError> {
+pub async fn open_keyring(settings: &Settings, db: &Db) -> Result<crate::crypto::Keyring, StartupError> {
     let key_err = |e: KeyError| StartupError::Keys(e.to_string());
     let (ring, source) = keys::load_keyring(settings, db).await.map_err(key_err)?;
     keys::verify_keyring(db, &ring).await.map_err(key_err)?;
@@ -116,12 +103,9 @@ pub async fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     let ring = open_keyring(&settings, &db).await?;
     if let Some(key) = &settings.bootstrap_admin_key {
         use secrecy::ExposeSecret;
-        api_keys::ensure_bootstrap(&db, key.expose_secret())
-            .await
-            .map_err(|e| StartupError::ApiKeys(e.to_string()))?;
-    } else if let Some(path) = api_keys::ensure_first_admin(&db, &settings.data_dir)
-        .await
-        .map_err(StartupError::ApiKeys)?
+        api_keys::ensure_bootstrap(&db, key.expose_secret()).await.map_err(|e| StartupError::ApiKeys(e.to_string()))?;
+    } else if let Some(path) =
+        api_keys::ensure_first_admin(&db, &settings.data_dir).await.map_err(StartupError::ApiKeys)?
     {
         tracing::warn!(path = %path.display(), "no API key existed: created an admin API key and wrote it to this file (mode 0600)");
     }
@@ -138,9 +122,7 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let addr = settings.listen;
         let state = build_state(settings).await?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|error| StartupError::Listen { addr, error })?;
+        let listener = TcpListener::bind(addr).await.map_err(|error| StartupError::Listen { addr, error })?;
         Ok(Self { listener, state })
     }
 
@@ -168,12 +150,9 @@ impl Application {
             tracing::info!(%addr, database = db.backend(), "centraldb-mfa listening");
         }
         let app = api::app(state);
-        let result = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
+        let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown_signal())
+            .await;
         upkeep.abort();
         db.close().await;
         tracing::info!("stopped");

@@ -3,7 +3,7 @@
 use std::{marker::PhantomData, net::SocketAddr};
 
 use axum::{
-    extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, rejection::JsonRejection},
+    extract::{ConnectInfo, FromRequest, FromRequestParts, OriginalUri, Path, Query, rejection::JsonRejection},
     http::{StatusCode, header::AUTHORIZATION, request::Parts},
 };
 use serde::de::DeserializeOwned;
@@ -30,19 +30,14 @@ impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         match r {
             JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
-            JsonRejection::JsonSyntaxError(e) => ApiError::validation(format!(
-                "request body is not valid JSON: {}",
-                redact_quoted(&e.body_text())
-            )),
-            JsonRejection::JsonDataError(e) => ApiError::validation(format!(
-                "request body has the wrong shape: {}",
-                redact_quoted(&e.body_text())
-            )),
+            JsonRejection::JsonSyntaxError(e) => {
+                ApiError::validation(format!("request body is not valid JSON: {}", redact_quoted(&e.body_text())))
+            }
+            JsonRejection::JsonDataError(e) => {
+                ApiError::validation(format!("request body has the wrong shape: {}", redact_quoted(&e.body_text())))
+            }
             other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-            other => ApiError::validation(format!(
-                "request body could not be read: {}",
-                other.status()
-            )),
+            other => ApiError::validation(format!("request body could not be read: {}", other.status())),
         }
     }
 }
@@ -74,12 +69,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(v)| Self(v))
-            .map_err(|e| {
-                ApiError::validation(format!(
-                    "invalid query string: {}",
-                    redact_quoted(&e.body_text())
-                ))
-            })
+            .map_err(|e| ApiError::validation(format!("invalid query string: {}", redact_quoted(&e.body_text()))))
     }
 }
 
@@ -92,9 +82,7 @@ impl<S: Send + Sync> FromRequestParts<S> for UserPath {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::field("user_id", "user_id in the path is not valid"))?;
-        UserId::parse(&raw)
-            .map(Self)
-            .map_err(|m| ApiError::field("user_id", m))
+        UserId::parse(&raw).map(Self).map_err(|m| ApiError::field("user_id", m))
     }
 }
 
@@ -103,10 +91,7 @@ pub fn audit_context(parts: &Parts) -> AuditContext {
     AuditContext {
         actor: None,
         request_id: parts.extensions.get::<RequestId>().map(|r| r.0.clone()),
-        source_ip: parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string()),
+        source_ip: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()),
     }
 }
 
@@ -147,10 +132,7 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
             Some(v) => v
                 .to_str()
                 .ok()
-                .and_then(|s| {
-                    s.strip_prefix("Bearer ")
-                        .or_else(|| s.strip_prefix("bearer "))
-                })
+                .and_then(|s| s.strip_prefix("Bearer ").or_else(|| s.strip_prefix("bearer ")))
                 .map(str::trim)
                 .filter(|k| !k.is_empty() && k.len() <= 512)
                 .ok_or(AuthFailure::Malformed),
@@ -159,14 +141,12 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
             Ok(key) => state.api_keys.authenticate(key).await,
             Err(f) => Err(AuthError::Failure(f)),
         };
-        let path: String = parts.uri.path().chars().take(256).collect();
+        let uri = parts.extensions.get::<OriginalUri>().map(|u| &u.0).unwrap_or(&parts.uri);
+        let path: String = uri.path().chars().take(256).collect();
         match result {
             Ok(p) if p.scopes.allows(S::SCOPE) => {
                 ctx.actor = Some(format!("key:{}", p.key_id));
-                Ok(Self {
-                    ctx,
-                    _scope: PhantomData,
-                })
+                Ok(Self { ctx, _scope: PhantomData })
             }
             Ok(p) => {
                 ctx.actor = Some(format!("key:{}", p.key_id));
@@ -177,22 +157,13 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
                                          "method": parts.method.as_str(), "path": path}),
                 )
                 .await;
-                Err(ApiError::Forbidden {
-                    required_scope: S::SCOPE.as_str(),
-                })
+                Err(ApiError::Forbidden { required_scope: S::SCOPE.as_str() })
             }
             Err(AuthError::Failure(f)) => {
-                deny(
-                    state,
-                    &ctx,
-                    json!({"reason": f.as_str(), "method": parts.method.as_str(), "path": path}),
-                )
-                .await;
+                deny(state, &ctx, json!({"reason": f.as_str(), "method": parts.method.as_str(), "path": path})).await;
                 Err(ApiError::Unauthenticated {
                     detail: match f {
-                        AuthFailure::Missing => {
-                            "an API key is required: Authorization: Bearer <key>"
-                        }
+                        AuthFailure::Missing => "an API key is required: Authorization: Bearer <key>",
                         AuthFailure::Malformed => "the Authorization header must be 'Bearer <key>'",
                         AuthFailure::Unknown | AuthFailure::Revoked => "the API key is not valid",
                     },
@@ -208,15 +179,7 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
 async fn deny(state: &AppState, ctx: &AuditContext, details: serde_json::Value) {
     let result = async {
         let mut tx = state.db.begin_write().await?;
-        audit::record(
-            &mut tx.conn(),
-            ctx,
-            "auth.denied",
-            Outcome::Denied,
-            None,
-            details,
-        )
-        .await?;
+        audit::record(&mut tx.conn(), ctx, "auth.denied", Outcome::Denied, None, details).await?;
         tx.commit().await
     }
     .await;
@@ -229,8 +192,7 @@ async fn deny(state: &AppState, ctx: &AuditContext, details: serde_json::Value) 
 mod tests {
     #[test]
     fn quoted_values_are_not_echoed() {
-        let m =
-            super::redact_quoted(r#"invalid type: string "s3cret", expected a boolean at line 1"#);
+        let m = super::redact_quoted(r#"invalid type: string "s3cret", expected a boolean at line 1"#);
         assert!(!m.contains("s3cret"));
         assert!(m.contains("expected a boolean"));
     }

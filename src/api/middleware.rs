@@ -21,11 +21,8 @@ pub struct RequestId(pub String);
 
 fn acceptable_request_id(v: &HeaderValue) -> Option<String> {
     let s = v.to_str().ok()?;
-    (!s.is_empty()
-        && s.len() <= 128
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)))
-    .then(|| s.to_string())
+    (!s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)))
+        .then(|| s.to_string())
 }
 
 /// Outermost layer: assigns the request id, opens the request span, echoes the id back.
@@ -41,17 +38,12 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| req.uri().path().chars().take(256).collect());
-    let span =
-        tracing::info_span!("request", method = %req.method(), path = %path, request_id = %id);
+    let span = tracing::info_span!("request", method = %req.method(), path = %path, request_id = %id);
     let start = Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     span.in_scope(|| {
-        tracing::info!(
-            status,
-            latency_ms = start.elapsed().as_secs_f64() * 1000.0,
-            "request finished"
-        );
+        tracing::info!(status, latency_ms = start.elapsed().as_secs_f64() * 1000.0, "request finished");
     });
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
@@ -61,22 +53,14 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
 
 /// Request counts and latency histograms per route template and status.
 pub async fn track_metrics(req: Request, next: Next) -> Response {
-    let path = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+    let path =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().as_str().to_string();
     let start = Instant::now();
     let resp = next.run(req).await;
-    let labels = [
-        ("method", method),
-        ("path", path),
-        ("status", resp.status().as_u16().to_string()),
-    ];
+    let labels = [("method", method), ("path", path), ("status", resp.status().as_u16().to_string())];
     metrics::counter!(telemetry::HTTP_REQUESTS, &labels).increment(1);
-    metrics::histogram!(telemetry::HTTP_DURATION, &labels[..2])
-        .record(start.elapsed().as_secs_f64());
+    metrics::histogram!(telemetry::HTTP_DURATION, &labels[..2]).record(start.elapsed().as_secs_f64());
     resp
 }
 
@@ -84,19 +68,14 @@ pub async fn track_metrics(req: Request, next: Next) -> Response {
 pub async fn timeout(State(state): State<AppState>, req: Request, next: Next) -> Response {
     match tokio::time::timeout(state.settings.request_timeout, next.run(req)).await {
         Ok(resp) => resp,
-        Err(_) => ApiError::Unavailable {
-            detail: "the request timed out; try again",
-            retry_after_secs: 1,
+        Err(_) => {
+            ApiError::Unavailable { detail: "the request timed out; try again", retry_after_secs: 1 }.into_response()
         }
-        .into_response(),
     }
 }
 
 pub async fn not_found() -> ApiError {
-    ApiError::NotFound {
-        code: "not_found",
-        detail: "no such resource".into(),
-    }
+    ApiError::NotFound { code: "not_found", detail: "no such resource".into() }
 }
 
 pub async fn method_not_allowed() -> ApiError {

@@ -58,9 +58,7 @@ impl Modify for BearerAuth {
 }
 
 fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .nest("/api/v1", tokens::router())
-        .merge(ops::router())
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).nest("/api/v1", tokens::router()).merge(ops::router())
 }
 
 /// The OpenAPI document of the running code (what `openapi.json` must equal).
@@ -80,10 +78,7 @@ pub fn app(state: AppState) -> Router {
             ServiceBuilder::new()
                 .layer(axum::middleware::from_fn(middleware::request_context))
                 .layer(axum::middleware::from_fn(middleware::track_metrics))
-                .layer(SetResponseHeaderLayer::overriding(
-                    header::CACHE_CONTROL,
-                    HeaderValue::from_static("no-store"),
-                ))
+                .layer(SetResponseHeaderLayer::overriding(header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
                 .layer(SetResponseHeaderLayer::overriding(
                     header::X_CONTENT_TYPE_OPTIONS,
                     HeaderValue::from_static("nosniff"),
@@ -92,10 +87,7 @@ pub fn app(state: AppState) -> Router {
                     HeaderName::from_static("x-frame-options"),
                     HeaderValue::from_static("DENY"),
                 ))
-                .layer(axum::middleware::from_fn_with_state(
-                    state.clone(),
-                    middleware::timeout,
-                ))
+                .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::timeout))
                 .layer(DefaultBodyLimit::max(body_limit)),
         )
         .with_state(state)

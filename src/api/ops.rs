@@ -17,10 +17,7 @@ use crate::{
 };
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(healthz))
-        .routes(routes!(readyz))
-        .routes(routes!(metrics))
+    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).routes(routes!(metrics))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -50,10 +47,7 @@ async fn healthz() -> axum::Json<Health> {
     (status = 503, body = Problem, content_type = "application/problem+json"),
 ))]
 async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Readiness>, ApiError> {
-    let unavailable = || ApiError::Unavailable {
-        detail: "the database is not reachable",
-        retry_after_secs: 1,
-    };
+    let unavailable = || ApiError::Unavailable { detail: "the database is not reachable", retry_after_secs: 1 };
     match tokio::time::timeout(Duration::from_secs(2), state.db.ping()).await {
         Ok(Ok(())) => Ok(axum::Json(Readiness {
             status: "ready",
@@ -70,9 +64,7 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Readiness>, 
 ))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut resp = state.metrics.render().into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     resp
 }

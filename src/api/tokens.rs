@@ -1,6 +1,7 @@
 //! `/api/v1/users/{user_id}/tokens` and `/auth-status`.
 
 use axum::{
+    body::Bytes,
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
@@ -164,8 +165,7 @@ pub struct AuthStatus {
 // ---- helpers -----------------------------------------------------------------------------
 
 fn etag(version: i64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{version}\""))
-        .unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
 }
 
 fn with_etag(status: StatusCode, version: i64, body: impl Serialize) -> Response {
@@ -187,31 +187,15 @@ fn write_condition(headers: &HeaderMap) -> Result<WriteCondition, ApiError> {
             .transpose()
     };
     match (text(header::IF_MATCH)?, text(header::IF_NONE_MATCH)?) {
-        (Some(_), Some(_)) => Err(ApiError::validation(
-            "send either If-Match or If-None-Match, not both",
-        )),
+        (Some(_), Some(_)) => Err(ApiError::validation("send either If-Match or If-None-Match, not both")),
         (None, Some(v)) if v == "*" => Ok(WriteCondition::Absent),
-        (None, Some(_)) => Err(ApiError::field(
-            "if-none-match",
-            "only `If-None-Match: *` is supported on PUT",
-        )),
+        (None, Some(_)) => Err(ApiError::field("if-none-match", "only `If-None-Match: *` is supported on PUT")),
         (Some(v), None) if v == "*" => Ok(WriteCondition::Exists),
         (Some(v), None) => {
-            let inner = v
-                .strip_prefix('"')
-                .and_then(|s| s.strip_suffix('"'))
-                .unwrap_or(&v);
-            inner
-                .parse::<i64>()
-                .ok()
-                .filter(|n| *n >= 1)
-                .map(WriteCondition::VersionIs)
-                .ok_or_else(|| {
-                    ApiError::field(
-                        "if-match",
-                        "must be a version ETag such as \"3\" (weak ETags are not accepted)",
-                    )
-                })
+            let inner = v.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(&v);
+            inner.parse::<i64>().ok().filter(|n| *n >= 1).map(WriteCondition::VersionIs).ok_or_else(|| {
+                ApiError::field("if-match", "must be a version ETag such as \"3\" (weak ETags are not accepted)")
+            })
         }
         (None, None) => Ok(WriteCondition::None),
     }
@@ -252,11 +236,7 @@ async fn put_tokens(
     let bundle = TokenBundle::from_body(body)
         .map_err(|e| ApiError::field(e.field.clone(), format!("{} {}", e.field, e.message)))?;
     let (meta, created) = state.vault.put(&auth.ctx, &user, bundle, cond).await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok(with_etag(status, meta.version, meta))
 }
 
@@ -286,23 +266,17 @@ async fn get_tokens(
         None | Some("objects") => false,
         Some("garth_dump") => true,
         Some(_) => {
-            return Err(ApiError::field(
-                "representation",
-                "must be garth_dump or objects",
-            ));
+            return Err(ApiError::field("representation", "must be garth_dump or objects"));
         }
     };
-    let opened = state.vault.get(&auth.ctx, &user).await?;
+    let opened = state.vault.get(&auth.ctx, &user, as_dump.then_some(BundleKind::Garth)).await?;
     let mut secrets: Map<String, Value> = opened.secrets;
     let mut take_str = |k: &str| match secrets.remove(k) {
         Some(Value::String(s)) => Some(s),
         _ => None,
     };
-    let (di_token, di_refresh_token, di_client_id) = (
-        take_str("di_token"),
-        take_str("di_refresh_token"),
-        take_str("di_client_id"),
-    );
+    let (di_token, di_refresh_token, di_client_id) =
+        (take_str("di_token"), take_str("di_refresh_token"), take_str("di_client_id"));
     let mut body = TokenBundleResponse {
         metadata: opened.metadata,
         oauth1_token: None,
@@ -313,12 +287,6 @@ async fn get_tokens(
         di_client_id,
     };
     if as_dump {
-        if body.metadata.kind != BundleKind::Garth.as_str() {
-            return Err(ApiError::field(
-                "representation",
-                "garth_dump is only available for garth bundles",
-            ));
-        }
         body.garth_dump = garth_dump(&secrets);
     } else {
         body.oauth1_token = secrets.remove("oauth1_token");
@@ -347,11 +315,8 @@ async fn get_metadata(
     UserPath(user): UserPath,
     State(state): State<AppState>,
 ) -> Result<Response, ApiError> {
-    let meta = state
-        .vault
-        .metadata(&auth.ctx, &user, "token.metadata_read")
-        .await?
-        .ok_or_else(ApiError::tokens_not_found)?;
+    let meta =
+        state.vault.metadata(&auth.ctx, &user, "token.metadata_read").await?.ok_or_else(ApiError::tokens_not_found)?;
     Ok(with_etag(StatusCode::OK, meta.version, meta))
 }
 
@@ -359,7 +324,7 @@ async fn get_metadata(
 #[utoipa::path(
     post, path = "/users/{user_id}/tokens/invalidate", tag = "tokens",
     params(("user_id" = String, Path)),
-    request_body = InvalidateRequest,
+    request_body(content = Option<InvalidateRequest>, description = "Optional; an empty body means reason `invalidated`"),
     responses(
         (status = 204, description = "Invalidated"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -374,14 +339,18 @@ async fn invalidate_tokens(
     auth: Auth<TokensWrite>,
     UserPath(user): UserPath,
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<InvalidateRequest>,
+    body: Bytes,
 ) -> Result<StatusCode, ApiError> {
+    let body: InvalidateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        InvalidateRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|_| {
+            ApiError::validation("request body must be empty or a JSON object like {\"reason\": \"...\"}")
+        })?
+    };
     let reason = body.reason.unwrap_or_else(|| "invalidated".into());
     if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
-        return Err(ApiError::field(
-            "reason",
-            "must be 1-200 characters without control characters",
-        ));
+        return Err(ApiError::field("reason", "must be 1-200 characters without control characters"));
     }
     state.vault.invalidate(&auth.ctx, &user, &reason).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -427,19 +396,11 @@ async fn auth_status(
     UserPath(user): UserPath,
     State(state): State<AppState>,
 ) -> Result<axum::Json<AuthStatus>, ApiError> {
-    let meta = state
-        .vault
-        .metadata(&auth.ctx, &user, "auth_status.read")
-        .await?;
+    let meta = state.vault.metadata(&auth.ctx, &user, "auth_status.read").await?;
     let status = match meta.as_ref().map(|m| m.status) {
         None => AuthStatusValue::Missing,
         Some(TokenStatus::ReauthRequired) => AuthStatusValue::Expired,
         Some(TokenStatus::Valid | TokenStatus::AccessExpired) => AuthStatusValue::Valid,
     };
-    Ok(axum::Json(AuthStatus {
-        user_id: user.to_string(),
-        status,
-        tokens: meta,
-        session: None,
-    }))
+    Ok(axum::Json(AuthStatus { user_id: user.to_string(), status, tokens: meta, session: None }))
 }

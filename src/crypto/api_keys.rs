@@ -13,19 +13,21 @@ pub type KeyHash = [u8; 32];
 /// A new key; shown once, never stored.
 pub fn generate() -> Zeroizing<String> {
     let raw = Zeroizing::new(rand::random::<[u8; 32]>());
-    Zeroizing::new(format!(
-        "{PREFIX}{}",
-        URL_SAFE_NO_PAD.encode(raw.as_slice())
-    ))
+    Zeroizing::new(format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(raw.as_slice())))
 }
 
 pub fn hash(key: &str) -> KeyHash {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// The part of a key that is safe to show in listings (`cdbm_AbCdEfG`).
+/// The part of a key that is safe to show in listings (`cdbm_AbCdEfG`: 42 of its 256 random
+/// bits). A key not made here (a bootstrap key) shows nothing of itself.
 pub fn display_prefix(key: &str) -> String {
-    key.chars().take(PREFIX.len() + 7).collect()
+    if key.starts_with(PREFIX) && key.len() >= PREFIX.len() + 43 {
+        key.chars().take(PREFIX.len() + 7).collect()
+    } else {
+        "(custom)".into()
+    }
 }
 
 pub fn hashes_equal(a: &KeyHash, b: &[u8]) -> bool {

@@ -66,18 +66,12 @@ pub struct Keyring {
 
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keyring")
-            .field("key_ids", &self.key_ids())
-            .finish()
+        f.debug_struct("Keyring").field("key_ids", &self.key_ids()).finish()
     }
 }
 
 pub fn valid_key_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 32
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !id.is_empty() && id.len() <= 32 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// A fresh random 256-bit key, base64-encoded.
@@ -95,10 +89,7 @@ impl Keyring {
                 continue;
             }
             let Some((id, b64)) = entry.split_once(':') else {
-                return Err(KeyringError::Invalid(format!(
-                    "entry {} is not of the form id:base64key",
-                    i + 1
-                )));
+                return Err(KeyringError::Invalid(format!("entry {} is not of the form id:base64key", i + 1)));
             };
             let id = id.trim();
             if !valid_key_id(id) {
@@ -107,10 +98,11 @@ impl Keyring {
                     id.escape_default()
                 )));
             }
-            let raw =
-                Zeroizing::new(STANDARD.decode(b64.trim()).map_err(|_| {
-                    KeyringError::Invalid(format!("key '{id}' is not valid base64"))
-                })?);
+            let raw = Zeroizing::new(
+                STANDARD
+                    .decode(b64.trim())
+                    .map_err(|_| KeyringError::Invalid(format!("key '{id}' is not valid base64")))?,
+            );
             if raw.len() != 32 {
                 return Err(KeyringError::Invalid(format!(
                     "key '{id}' must decode to 32 bytes (AES-256), got {}",
@@ -118,16 +110,11 @@ impl Keyring {
                 )));
             }
             if keys.iter().any(|k| k.id == id) {
-                return Err(KeyringError::Invalid(format!(
-                    "key id '{id}' appears twice"
-                )));
+                return Err(KeyringError::Invalid(format!("key id '{id}' appears twice")));
             }
             let cipher = Aes256Gcm::new_from_slice(&raw)
                 .map_err(|_| KeyringError::Invalid(format!("key '{id}' has the wrong length")))?;
-            keys.push(Key {
-                id: id.to_string(),
-                cipher,
-            });
+            keys.push(Key { id: id.to_string(), cipher });
         }
         if keys.is_empty() {
             return Err(KeyringError::Invalid("no keys given".into()));
@@ -167,16 +154,8 @@ impl Keyring {
     }
 
     /// Encrypts under a given key id (used for the per-key check value).
-    pub fn encrypt_with_key_id(
-        &self,
-        key_id: &str,
-        plaintext: &[u8],
-        aad: &Aad,
-    ) -> Option<Vec<u8>> {
-        self.keys
-            .iter()
-            .find(|k| k.id == key_id)
-            .map(|k| self.encrypt_with(k, plaintext, aad))
+    pub fn encrypt_with_key_id(&self, key_id: &str, plaintext: &[u8], aad: &Aad) -> Option<Vec<u8>> {
+        self.keys.iter().find(|k| k.id == key_id).map(|k| self.encrypt_with(k, plaintext, aad))
     }
 
     fn encrypt_with(&self, key: &Key, plaintext: &[u8], aad: &Aad) -> Vec<u8> {
@@ -185,16 +164,7 @@ impl Keyring {
         let nonce = Nonce::from(nonce_bytes);
         let full_aad = Self::full_aad(&header, aad);
         // AES-GCM encryption only fails for inputs over ~64 GiB; our bodies are capped far below.
-        let ct = key
-            .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext,
-                    aad: &full_aad,
-                },
-            )
-            .unwrap_or_default();
+        let ct = key.cipher.encrypt(&nonce, Payload { msg: plaintext, aad: &full_aad }).unwrap_or_default();
         let mut out = header;
         out.extend_from_slice(&nonce_bytes);
         out.extend_from_slice(&ct);
@@ -219,22 +189,13 @@ impl Keyring {
         if body.len() < NONCE_LEN + TAG_LEN {
             return Err(CryptoError::Malformed);
         }
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.id == key_id)
-            .ok_or_else(|| CryptoError::UnknownKey(key_id.to_string()))?;
+        let key =
+            self.keys.iter().find(|k| k.id == key_id).ok_or_else(|| CryptoError::UnknownKey(key_id.to_string()))?;
         let (nonce_bytes, ct) = body.split_at(NONCE_LEN);
         let nonce = Nonce::try_from(nonce_bytes).map_err(|_| CryptoError::Malformed)?;
         let full_aad = Self::full_aad(&envelope[..header_len], aad);
         key.cipher
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: ct,
-                    aad: &full_aad,
-                },
-            )
+            .decrypt(&nonce, Payload { msg: ct, aad: &full_aad })
             .map(Zeroizing::new)
             .map_err(|_| CryptoError::Authentication)
     }
@@ -259,14 +220,8 @@ mod tests {
         let env = k.encrypt(b"secret", &aad);
         assert_eq!(Keyring::envelope_key_id(&env).unwrap(), "k1");
         assert_eq!(k.decrypt(&env, &aad).unwrap().as_slice(), b"secret");
-        assert_eq!(
-            k.decrypt(&env, &Aad::token_bundle("bob", "garth")),
-            Err(CryptoError::Authentication)
-        );
-        assert_eq!(
-            k.decrypt(&env, &Aad::token_bundle("alice", "garminconnect")),
-            Err(CryptoError::Authentication)
-        );
+        assert_eq!(k.decrypt(&env, &Aad::token_bundle("bob", "garth")), Err(CryptoError::Authentication));
+        assert_eq!(k.decrypt(&env, &Aad::token_bundle("alice", "garminconnect")), Err(CryptoError::Authentication));
         // Two encryptions of the same plaintext differ (random nonce).
         assert_ne!(env, k.encrypt(b"secret", &aad));
     }
@@ -282,10 +237,7 @@ mod tests {
             assert!(k.decrypt(&bad, &aad).is_err(), "flip at {i} undetected");
         }
         for n in 0..env.len() {
-            assert!(
-                k.decrypt(&env[..n], &aad).is_err(),
-                "truncation to {n} undetected"
-            );
+            assert!(k.decrypt(&env[..n], &aad).is_err(), "truncation to {n} undetected");
         }
     }
 
@@ -299,26 +251,13 @@ mod tests {
         assert_eq!(k_both.active_key_id(), "new");
         assert_eq!(k_both.decrypt(&env_old, &aad).unwrap().as_slice(), b"x");
         let k_new_only = ring(&spec("new"));
-        assert_eq!(
-            k_new_only.decrypt(&env_old, &aad),
-            Err(CryptoError::UnknownKey("old".into()))
-        );
+        assert_eq!(k_new_only.decrypt(&env_old, &aad), Err(CryptoError::UnknownKey("old".into())));
     }
 
     #[test]
     fn parse_errors_are_clear() {
-        for bad in [
-            "",
-            "k1",
-            "k1:notbase64!",
-            "k1:AAAA",
-            "bad id:AAAA",
-            &format!("{},{}", spec("a"), spec("a")),
-        ] {
-            assert!(
-                Keyring::parse(&SecretString::from(bad.to_string())).is_err(),
-                "{bad}"
-            );
+        for bad in ["", "k1", "k1:notbase64!", "k1:AAAA", "bad id:AAAA", &format!("{},{}", spec("a"), spec("a"))] {
+            assert!(Keyring::parse(&SecretString::from(bad.to_string())).is_err(), "{bad}");
         }
     }
 }

@@ -12,14 +12,8 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 6] = [
-        Scope::TokensRead,
-        Scope::TokensWrite,
-        Scope::Mfa,
-        Scope::Sessions,
-        Scope::AuditRead,
-        Scope::Admin,
-    ];
+    pub const ALL: [Scope; 6] =
+        [Scope::TokensRead, Scope::TokensWrite, Scope::Mfa, Scope::Sessions, Scope::AuditRead, Scope::Admin];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -65,11 +59,7 @@ impl Scopes {
             .map(Self::new)
     }
     pub fn to_stored(&self) -> String {
-        self.0
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(" ")
+        self.0.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")
     }
 }
 

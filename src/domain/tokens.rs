@@ -56,10 +56,7 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -89,8 +86,9 @@ impl TokenBundle {
             return Err(FieldError::new("body", "must be a JSON object"));
         };
         let kind = match obj.remove("kind") {
-            Some(Value::String(k)) => BundleKind::parse(&k)
-                .ok_or_else(|| FieldError::new("kind", "must be one of garth, garminconnect"))?,
+            Some(Value::String(k)) => {
+                BundleKind::parse(&k).ok_or_else(|| FieldError::new("kind", "must be one of garth, garminconnect"))?
+            }
             Some(_) => return Err(FieldError::new("kind", "must be a string")),
             None => return Err(FieldError::new("kind", "is required")),
         };
@@ -139,24 +137,14 @@ impl TokenBundle {
         for f in ["mfa_token", "domain"] {
             optional_string(&o1, "oauth1_token", f)?;
         }
-        for (f, non_empty) in [
-            ("access_token", true),
-            ("refresh_token", true),
-            ("token_type", false),
-            ("scope", false),
-            ("jti", false),
-        ] {
+        for (f, non_empty) in
+            [("access_token", true), ("refresh_token", true), ("token_type", false), ("scope", false), ("jti", false)]
+        {
             required_string(&o2, "oauth2_token", f, non_empty)?;
         }
         let mut ints = [0i64; 4];
-        for (i, f) in [
-            "expires_in",
-            "expires_at",
-            "refresh_token_expires_in",
-            "refresh_token_expires_at",
-        ]
-        .into_iter()
-        .enumerate()
+        for (i, f) in
+            ["expires_in", "expires_at", "refresh_token_expires_in", "refresh_token_expires_at"].into_iter().enumerate()
         {
             ints[i] = required_int(&o2, "oauth2_token", f)?;
         }
@@ -182,14 +170,8 @@ impl TokenBundle {
             }
         }
         reject_unknown(&obj)?;
-        let access_expires_at = canonical
-            .get("di_token")
-            .and_then(Value::as_str)
-            .and_then(jwt_exp);
-        let refresh_expires_at = canonical
-            .get("di_refresh_token")
-            .and_then(Value::as_str)
-            .and_then(jwt_exp);
+        let access_expires_at = canonical.get("di_token").and_then(Value::as_str).and_then(jwt_exp);
+        let refresh_expires_at = canonical.get("di_refresh_token").and_then(Value::as_str).and_then(jwt_exp);
         Ok(Self {
             kind: BundleKind::GarminConnect,
             plaintext: to_plaintext(&Value::Object(canonical)),
@@ -218,23 +200,16 @@ pub fn garth_dump(secrets: &Map<String, Value>) -> Option<String> {
 
 fn decode_garth_dump(dump: &str) -> Result<(Value, Value), FieldError> {
     let err = |m: &str| FieldError::new("garth_dump", m);
-    let bytes = Zeroizing::new(
-        B64_LENIENT
-            .decode(dump.trim().as_bytes())
-            .map_err(|_| err("is not valid base64"))?,
-    );
-    let value: Value = serde_json::from_slice(&bytes).map_err(|_| {
-        err("does not decode to JSON (expected the output of garth.Client.dumps())")
-    })?;
+    let bytes = Zeroizing::new(B64_LENIENT.decode(dump.trim().as_bytes()).map_err(|_| err("is not valid base64"))?);
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|_| err("does not decode to JSON (expected the output of garth.Client.dumps())"))?;
     match value {
         Value::Array(mut items) if items.len() == 2 => {
             let o2 = items.pop().unwrap_or(Value::Null);
             let o1 = items.pop().unwrap_or(Value::Null);
             Ok((o1, o2))
         }
-        _ => Err(err(
-            "must decode to a JSON array [oauth1_token, oauth2_token]",
-        )),
+        _ => Err(err("must decode to a JSON array [oauth1_token, oauth2_token]")),
     }
 }
 
@@ -248,20 +223,12 @@ pub fn jwt_exp(token: &str) -> Option<DateTime<Utc>> {
     let bytes = Zeroizing::new(B64URL_LENIENT.decode(payload).ok()?);
     let claims: Value = serde_json::from_slice(&bytes).ok()?;
     let exp = claims.get("exp")?;
-    let secs = exp.as_i64().or_else(|| {
-        exp.as_f64()
-            .filter(|f| f.is_finite())
-            .map(|f| f.floor() as i64)
-    })?;
+    let secs = exp.as_i64().or_else(|| exp.as_f64().filter(|f| f.is_finite()).map(|f| f.floor() as i64))?;
     unix_to_time(secs)
 }
 
 fn unix_to_time(secs: i64) -> Option<DateTime<Utc>> {
-    if (0..=MAX_UNIX).contains(&secs) {
-        DateTime::from_timestamp(secs, 0)
-    } else {
-        None
-    }
+    if (0..=MAX_UNIX).contains(&secs) { DateTime::from_timestamp(secs, 0) } else { None }
 }
 
 fn to_plaintext(v: &Value) -> Zeroizing<Vec<u8>> {
@@ -270,11 +237,7 @@ fn to_plaintext(v: &Value) -> Zeroizing<Vec<u8>> {
 }
 
 fn path(parent: &str, field: &str) -> String {
-    if parent.is_empty() {
-        field.to_string()
-    } else {
-        format!("{parent}.{field}")
-    }
+    if parent.is_empty() { field.to_string() } else { format!("{parent}.{field}") }
 }
 
 fn reject_unknown(obj: &Map<String, Value>) -> Result<(), FieldError> {
@@ -284,12 +247,7 @@ fn reject_unknown(obj: &Map<String, Value>) -> Result<(), FieldError> {
     }
 }
 
-fn required_string(
-    obj: &Map<String, Value>,
-    parent: &str,
-    f: &str,
-    non_empty: bool,
-) -> Result<(), FieldError> {
+fn required_string(obj: &Map<String, Value>, parent: &str, f: &str, non_empty: bool) -> Result<(), FieldError> {
     match obj.get(f) {
         None | Some(Value::Null) => Err(FieldError::new(path(parent, f), "is required")),
         Some(Value::String(s)) if non_empty && s.is_empty() => {
@@ -335,21 +293,14 @@ mod tests {
 
     #[test]
     fn garth_objects_parse_and_keep_unknown_fields_in_order() {
-        let b = TokenBundle::from_body(
-            json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": oauth2()}),
-        )
-        .unwrap();
+        let b = TokenBundle::from_body(json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": oauth2()}))
+            .unwrap();
         assert_eq!(b.kind, BundleKind::Garth);
         assert_eq!(b.access_expires_at.unwrap().timestamp(), 1_790_000_000);
         assert_eq!(b.refresh_expires_at.unwrap().timestamp(), 1_792_000_000);
         let secrets = secrets_from_plaintext(&b.plaintext).unwrap();
         assert_eq!(secrets["oauth1_token"], oauth1());
-        let keys: Vec<_> = secrets["oauth1_token"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
+        let keys: Vec<_> = secrets["oauth1_token"].as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys.last().unwrap(), "extra_field");
     }
 
@@ -360,8 +311,7 @@ mod tests {
         let b = TokenBundle::from_body(json!({"kind": "garth", "garth_dump": dump})).unwrap();
         let secrets = secrets_from_plaintext(&b.plaintext).unwrap();
         let again = garth_dump(&secrets).unwrap();
-        let decoded: Value =
-            serde_json::from_slice(&general_purpose::STANDARD.decode(again).unwrap()).unwrap();
+        let decoded: Value = serde_json::from_slice(&general_purpose::STANDARD.decode(again).unwrap()).unwrap();
         assert_eq!(decoded, json!([oauth1(), oauth2()]));
     }
 
@@ -369,24 +319,18 @@ mod tests {
     fn missing_and_wrong_fields_are_named() {
         let mut o2 = oauth2();
         o2.as_object_mut().unwrap().remove("refresh_token");
-        let e = TokenBundle::from_body(
-            json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": o2}),
-        )
-        .unwrap_err();
+        let e =
+            TokenBundle::from_body(json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": o2})).unwrap_err();
         assert_eq!(e.field, "oauth2_token.refresh_token");
         let mut o2 = oauth2();
         o2["expires_at"] = json!("soon");
-        let e = TokenBundle::from_body(
-            json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": o2}),
-        )
-        .unwrap_err();
+        let e =
+            TokenBundle::from_body(json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": o2})).unwrap_err();
         assert_eq!(e.field, "oauth2_token.expires_at");
         let e = TokenBundle::from_body(json!({"kind": "nope"})).unwrap_err();
         assert_eq!(e.field, "kind");
-        let e = TokenBundle::from_body(
-            json!({"kind": "garminconnect", "di_token": "a", "di_refresh_token": "b"}),
-        )
-        .unwrap_err();
+        let e = TokenBundle::from_body(json!({"kind": "garminconnect", "di_token": "a", "di_refresh_token": "b"}))
+            .unwrap_err();
         assert_eq!(e.field, "di_client_id");
         let e = TokenBundle::from_body(json!({"kind": "garth", "garth_dump": "!!!"})).unwrap_err();
         assert_eq!(e.field, "garth_dump");
@@ -403,15 +347,9 @@ mod tests {
         let payload = B64URL_LENIENT.encode(br#"{"exp":1790000000,"sub":"x"}"#);
         let jwt = format!("eyJhbGciOiJIUzI1NiJ9.{payload}.sig");
         assert_eq!(jwt_exp(&jwt).unwrap().timestamp(), 1_790_000_000);
-        for not_jwt in [
-            "",
-            "abc",
-            "a.b",
-            "a.b.c.d",
-            "a.!!.c",
-            "a.e30.c",
-            &format!("a.{}.c", B64URL_LENIENT.encode(b"[1]")),
-        ] {
+        for not_jwt in
+            ["", "abc", "a.b", "a.b.c.d", "a.!!.c", "a.e30.c", &format!("a.{}.c", B64URL_LENIENT.encode(b"[1]"))]
+        {
             assert!(jwt_exp(not_jwt).is_none(), "{not_jwt}");
         }
         let huge = format!("a.{}.c", B64URL_LENIENT.encode(br#"{"exp":1e300}"#));

@@ -2,9 +2,8 @@
 //!
 //! A presented key is hashed (SHA-256) and looked up by hash; the stored hash is then compared
 //! in constant time. Verified keys are cached for `CENTRALDB_API_KEY_CACHE_SECS` so auth costs
-//! no query per request; a revocation made through this process takes effect at once, one made
-//! by another process within that TTL. Unknown keys are never cached (no memory growth from
-//! guessing).
+//! no query per request. Unknown keys are never cached (no memory growth from guessing). A key revoked with `api-key revoke` (another process) stops working here within
+//! that TTL.
 
 use std::{
     collections::HashMap,
@@ -101,11 +100,7 @@ impl From<ApiKeyRow> for ApiKeyInfo {
 
 impl ApiKeys {
     pub fn new(db: Db, ttl: Duration) -> Self {
-        Self {
-            db,
-            ttl,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Self { db, ttl, cache: Mutex::new(HashMap::new()) }
     }
 
     pub async fn authenticate(&self, presented: &str) -> Result<Principal, AuthError> {
@@ -127,28 +122,16 @@ impl ApiKeys {
             return Err(AuthError::Failure(AuthFailure::Revoked));
         }
         let scopes = Scopes::parse_list(&row.scopes).map_err(StoreError::Other)?;
-        let principal = Principal {
-            key_id: row.id,
-            name: row.name,
-            scopes,
-        };
+        let principal = Principal { key_id: row.id, name: row.name, scopes };
         if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(
-                hash,
-                Cached {
-                    principal: principal.clone(),
-                    fetched: Instant::now(),
-                },
-            );
+            cache.insert(hash, Cached { principal: principal.clone(), fetched: Instant::now() });
         }
         // `last_used_at` is refreshed once per cache period, not per request.
         let db = self.db.clone();
         let id = principal.key_id;
         tokio::spawn(async move {
             if let Ok(mut tx) = db.begin_write().await
-                && store::api_keys::touch_last_used(&mut tx.conn(), id, store::now())
-                    .await
-                    .is_ok()
+                && store::api_keys::touch_last_used(&mut tx.conn(), id, store::now()).await.is_ok()
             {
                 let _ = tx.commit().await;
             }
@@ -165,11 +148,7 @@ impl ApiKeys {
 }
 
 /// Creates a key and returns it (shown once) with its id.
-pub async fn create(
-    db: &Db,
-    name: &str,
-    scopes: &Scopes,
-) -> Result<(Uuid, Zeroizing<String>), StoreError> {
+pub async fn create(db: &Db, name: &str, scopes: &Scopes) -> Result<(Uuid, Zeroizing<String>), StoreError> {
     let key = api_keys::generate();
     let id = insert_key(db, name, scopes, &key).await?;
     Ok((id, key))
@@ -195,11 +174,7 @@ async fn insert_key(db: &Db, name: &str, scopes: &Scopes, key: &str) -> Result<U
 
 pub async fn list(db: &Db) -> Result<Vec<ApiKeyInfo>, StoreError> {
     let mut c = db.read().await?;
-    Ok(store::api_keys::list(&mut c.conn())
-        .await?
-        .into_iter()
-        .map(Into::into)
-        .collect())
+    Ok(store::api_keys::list(&mut c.conn()).await?.into_iter().map(Into::into).collect())
 }
 
 pub async fn revoke(db: &Db, id: Uuid) -> Result<bool, StoreError> {
@@ -228,9 +203,7 @@ pub async fn ensure_bootstrap(db: &Db, key: &str) -> Result<(), StoreError> {
         }
     }
     let mut tx = db.begin_write().await?;
-    let n =
-        store::api_keys::revoke_named_except(&mut tx.conn(), BOOTSTRAP_NAME, &hash, store::now())
-            .await?;
+    let n = store::api_keys::revoke_named_except(&mut tx.conn(), BOOTSTRAP_NAME, &hash, store::now()).await?;
     tx.commit().await?;
     if n > 0 {
         tracing::info!(revoked = n, "revoked bootstrap key(s) no longer configured");
@@ -240,15 +213,10 @@ pub async fn ensure_bootstrap(db: &Db, key: &str) -> Result<(), StoreError> {
 
 /// On a store with no usable key and no bootstrap key: creates an admin key and writes it to
 /// `<data>/admin-api-key` (mode 0600). Returns the file path when it did.
-pub async fn ensure_first_admin(
-    db: &Db,
-    data_dir: &Path,
-) -> Result<Option<std::path::PathBuf>, String> {
+pub async fn ensure_first_admin(db: &Db, data_dir: &Path) -> Result<Option<std::path::PathBuf>, String> {
     let active = {
         let mut c = db.read().await.map_err(|e| e.to_string())?;
-        store::api_keys::count_active(&mut c.conn())
-            .await
-            .map_err(|e| e.to_string())?
+        store::api_keys::count_active(&mut c.conn()).await.map_err(|e| e.to_string())?
     };
     if active > 0 {
         return Ok(None);
@@ -258,8 +226,6 @@ pub async fn ensure_first_admin(
     let path = data_dir.join(ADMIN_KEY_FILE);
     crate::startup::write_private_file(&path, format!("{}\n", key.as_str()).as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    insert_key(db, FIRST_RUN_NAME, &Scopes::new(vec![Scope::Admin]), &key)
-        .await
-        .map_err(|e| e.to_string())?;
+    insert_key(db, FIRST_RUN_NAME, &Scopes::new(vec![Scope::Admin]), &key).await.map_err(|e| e.to_string())?;
     Ok(Some(path))
 }

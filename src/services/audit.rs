@@ -19,10 +19,7 @@ pub struct AuditContext {
 
 impl AuditContext {
     pub fn system(actor: &str) -> Self {
-        Self {
-            actor: Some(actor.to_string()),
-            ..Self::default()
-        }
+        Self { actor: Some(actor.to_string()), ..Self::default() }
     }
 }
 

@@ -36,8 +36,7 @@ pub enum KeySource {
 /// data encrypted under some other key.
 pub async fn load_keyring(settings: &Settings, db: &Db) -> Result<(Keyring, KeySource), KeyError> {
     if let Some(spec) = &settings.encryption_keys {
-        let ring = Keyring::parse(spec)
-            .map_err(|e| KeyError::Config(format!("CENTRALDB_ENCRYPTION_KEYS: {e}")))?;
+        let ring = Keyring::parse(spec).map_err(|e| KeyError::Config(format!("CENTRALDB_ENCRYPTION_KEYS: {e}")))?;
         return Ok((ring, KeySource::Environment));
     }
     if matches!(db, Db::Postgres { .. }) {
@@ -65,18 +64,14 @@ pub async fn load_keyring(settings: &Settings, db: &Db) -> Result<(Keyring, KeyS
     let spec = format!("k1:{}", generate_key_b64().as_str());
     crate::startup::write_private_file(&path, format!("{spec}\n").as_bytes())
         .map_err(|e| KeyError::Config(format!("{}: cannot be written: {e}", path.display())))?;
-    let ring = Keyring::parse(&SecretString::from(spec))
-        .map_err(|e| KeyError::Config(format!("generated key: {e}")))?;
+    let ring =
+        Keyring::parse(&SecretString::from(spec)).map_err(|e| KeyError::Config(format!("generated key: {e}")))?;
     Ok((ring, KeySource::Generated(path)))
 }
 
 async fn key_ids_known(db: &Db) -> Result<Vec<String>, StoreError> {
     let mut c = db.read().await?;
-    let mut ids: Vec<String> = store::keys::all(&mut c.conn())
-        .await?
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
+    let mut ids: Vec<String> = store::keys::all(&mut c.conn()).await?.into_iter().map(|(id, _)| id).collect();
     ids.extend(store::tokens::key_ids_in_use(&mut c.conn()).await?);
     ids.sort();
     ids.dedup();
@@ -89,10 +84,7 @@ async fn key_ids_known(db: &Db) -> Result<Vec<String>, StoreError> {
 pub async fn verify_keyring(db: &Db, ring: &Keyring) -> Result<(), KeyError> {
     let (checks, in_use) = {
         let mut c = db.read().await?;
-        (
-            store::keys::all(&mut c.conn()).await?,
-            store::tokens::key_ids_in_use(&mut c.conn()).await?,
-        )
+        (store::keys::all(&mut c.conn()).await?, store::tokens::key_ids_in_use(&mut c.conn()).await?)
     };
     for (id, envelope) in &checks {
         if ring.has_key(id) && ring.decrypt(envelope, &Aad::key_check(id)).is_err() {
@@ -105,18 +97,13 @@ pub async fn verify_keyring(db: &Db, ring: &Keyring) -> Result<(), KeyError> {
     if !missing.is_empty() {
         return Err(KeyError::Config(format!(
             "stored data is encrypted under key id(s) {} which the keyring does not contain (have: {})",
-            missing
-                .iter()
-                .map(|s| format!("'{s}'"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            missing.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", "),
             ring.key_ids().join(", ")
         )));
     }
     let active = ring.active_key_id();
     if !checks.iter().any(|(id, _)| id == active)
-        && let Some(env) =
-            ring.encrypt_with_key_id(active, KEY_CHECK_PLAINTEXT, &Aad::key_check(active))
+        && let Some(env) = ring.encrypt_with_key_id(active, KEY_CHECK_PLAINTEXT, &Aad::key_check(active))
     {
         let mut tx = db.begin_write().await?;
         store::keys::insert_if_missing(&mut tx.conn(), active, &env, store::now()).await?;
@@ -136,11 +123,7 @@ pub struct RewrapReport {
 
 /// Re-encrypts every stored ciphertext not under the active key. Each row is swapped by
 /// compare-and-set, so a concurrent write is never overwritten.
-pub async fn rewrap(
-    db: &Db,
-    ring: &Keyring,
-    ctx: &AuditContext,
-) -> Result<RewrapReport, StoreError> {
+pub async fn rewrap(db: &Db, ring: &Keyring, ctx: &AuditContext) -> Result<RewrapReport, StoreError> {
     let active = ring.active_key_id().to_string();
     let mut report = RewrapReport::default();
     let mut after = String::new();
@@ -159,15 +142,7 @@ pub async fn rewrap(
             };
             let new = ring.encrypt(&plain, &aad);
             let mut tx = db.begin_write().await?;
-            if store::tokens::rewrap_one(
-                &mut tx.conn(),
-                &cand.user_id,
-                &cand.ciphertext,
-                &active,
-                &new,
-            )
-            .await?
-            {
+            if store::tokens::rewrap_one(&mut tx.conn(), &cand.user_id, &cand.ciphertext, &active, &new).await? {
                 report.rewrapped += 1;
             } else {
                 report.skipped_changed += 1;
@@ -180,11 +155,7 @@ pub async fn rewrap(
         &mut tx.conn(),
         ctx,
         "key.rewrap",
-        if report.failed.is_empty() {
-            Outcome::Success
-        } else {
-            Outcome::Failure
-        },
+        if report.failed.is_empty() { Outcome::Success } else { Outcome::Failure },
         None,
         json!({"active_key_id": active, "rewrapped": report.rewrapped,
                "skipped_changed": report.skipped_changed, "failed": report.failed.len()}),

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use crate::{
     crypto::{Aad, Keyring},
-    domain::{TokenBundle, UserId, tokens::secrets_from_plaintext},
+    domain::{BundleKind, TokenBundle, UserId, tokens::secrets_from_plaintext},
     error::ApiError,
     services::audit::{self, AuditContext, Outcome},
     store::{
@@ -69,10 +69,7 @@ impl TokenMetadata {
 
 pub fn status_of(row: &BundleRow, now: DateTime<Utc>) -> (TokenStatus, Option<String>) {
     if !row.has_secret {
-        let reason = row
-            .reauth_reason
-            .clone()
-            .unwrap_or_else(|| "destroyed".into());
+        let reason = row.reauth_reason.clone().unwrap_or_else(|| "destroyed".into());
         return (TokenStatus::ReauthRequired, Some(reason));
     }
     if row.refresh_expires_at.is_some_and(|t| t <= now) {
@@ -111,9 +108,7 @@ impl Vault {
     ) -> Result<(TokenMetadata, bool), ApiError> {
         let kind = bundle.kind.as_str();
         // Encrypt before taking the write lock, to keep the lock short.
-        let ciphertext = self
-            .keyring
-            .encrypt(&bundle.plaintext, &Aad::token_bundle(user.as_str(), kind));
+        let ciphertext = self.keyring.encrypt(&bundle.plaintext, &Aad::token_bundle(user.as_str(), kind));
         let now = store::now();
         let new = NewBundle {
             user_id: user.as_str(),
@@ -145,9 +140,7 @@ impl Vault {
                 let current = store::tokens::get(&mut tx.conn(), user.as_str()).await?;
                 let current_version = current.as_ref().map(|r| r.version);
                 let detail = match (cond, &current) {
-                    (WriteCondition::Absent, _) => {
-                        "a token bundle is already stored (If-None-Match: *)".to_string()
-                    }
+                    (WriteCondition::Absent, _) => "a token bundle is already stored (If-None-Match: *)".to_string(),
                     (_, None) => "no token bundle is stored for this user (If-Match)".to_string(),
                     (_, Some(r)) => format!("the stored version is {} (If-Match)", r.version),
                 };
@@ -162,50 +155,48 @@ impl Vault {
                 )
                 .await?;
                 tx.commit().await?;
-                Err(ApiError::VersionConflict {
-                    current_version,
-                    detail,
-                })
+                Err(ApiError::VersionConflict { current_version, detail })
             }
         }
     }
 
-    /// Decrypts and returns a bundle; refuses one that needs a new login.
-    pub async fn get(&self, ctx: &AuditContext, user: &UserId) -> Result<OpenedBundle, ApiError> {
+    /// Decrypts and returns a bundle; refuses one that needs a new login, or (with
+    /// `require_kind`) one of another kind, before decrypting anything.
+    pub async fn get(
+        &self,
+        ctx: &AuditContext,
+        user: &UserId,
+        require_kind: Option<BundleKind>,
+    ) -> Result<OpenedBundle, ApiError> {
         let now = store::now();
         let mut tx = self.db.begin_write().await?;
         let found = store::tokens::get_with_secret(&mut tx.conn(), user.as_str()).await?;
         let fail = |reason: &str| json!({"reason": reason});
         let Some(b) = found else {
-            audit::record(
-                &mut tx.conn(),
-                ctx,
-                "token.read",
-                Outcome::Failure,
-                Some(user.as_str()),
-                fail("not_found"),
-            )
-            .await?;
+            audit::record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail("not_found"))
+                .await?;
             tx.commit().await?;
             return Err(ApiError::tokens_not_found());
         };
         let (status, reason) = status_of(&b.row, now);
-        let (TokenStatus::Valid | TokenStatus::AccessExpired, Some(ciphertext)) =
-            (status, b.ciphertext.as_deref())
+        let (TokenStatus::Valid | TokenStatus::AccessExpired, Some(ciphertext)) = (status, b.ciphertext.as_deref())
         else {
             let reason = reason.unwrap_or_else(|| "destroyed".into());
-            audit::record(
-                &mut tx.conn(),
-                ctx,
-                "token.read",
-                Outcome::Failure,
-                Some(user.as_str()),
-                fail(&reason),
-            )
-            .await?;
+            audit::record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail(&reason))
+                .await?;
             tx.commit().await?;
             return Err(ApiError::ReauthRequired { reason });
         };
+        if let Some(kind) = require_kind.filter(|k| k.as_str() != b.row.kind) {
+            let reason = "representation_unavailable";
+            audit::record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail(reason))
+                .await?;
+            tx.commit().await?;
+            return Err(ApiError::field(
+                "representation",
+                format!("this representation is only available for {} bundles", kind.as_str()),
+            ));
+        }
         let opened = self
             .keyring
             .decrypt(ciphertext, &Aad::token_bundle(user.as_str(), &b.row.kind))
@@ -269,34 +260,14 @@ impl Vault {
     }
 
     /// Destroys the ciphertext; the row remembers `reauth_required` and the reason.
-    pub async fn invalidate(
-        &self,
-        ctx: &AuditContext,
-        user: &UserId,
-        reason: &str,
-    ) -> Result<(), ApiError> {
+    pub async fn invalidate(&self, ctx: &AuditContext, user: &UserId, reason: &str) -> Result<(), ApiError> {
         let mut tx = self.db.begin_write().await?;
-        let row =
-            store::tokens::invalidate(&mut tx.conn(), user.as_str(), reason, store::now()).await?;
+        let row = store::tokens::invalidate(&mut tx.conn(), user.as_str(), reason, store::now()).await?;
         let (outcome, details) = match &row {
-            Some(r) => (
-                Outcome::Success,
-                json!({"reason": reason, "version": r.version}),
-            ),
-            None => (
-                Outcome::Failure,
-                json!({"reason": reason, "error": "not_found"}),
-            ),
+            Some(r) => (Outcome::Success, json!({"reason": reason, "version": r.version})),
+            None => (Outcome::Failure, json!({"reason": reason, "error": "not_found"})),
         };
-        audit::record(
-            &mut tx.conn(),
-            ctx,
-            "token.invalidate",
-            outcome,
-            Some(user.as_str()),
-            details,
-        )
-        .await?;
+        audit::record(&mut tx.conn(), ctx, "token.invalidate", outcome, Some(user.as_str()), details).await?;
         tx.commit().await?;
         row.map(|_| ()).ok_or_else(ApiError::tokens_not_found)
     }

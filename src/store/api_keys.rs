@@ -24,11 +24,7 @@ macro_rules! cols {
 }
 
 pub async fn insert(c: &mut Conn<'_>, row: &ApiKeyRow) -> Result<()> {
-    const SQL: &str = concat!(
-        "INSERT INTO api_keys (",
-        cols!(),
-        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-    );
+    const SQL: &str = concat!("INSERT INTO api_keys (", cols!(), ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
     dispatch!(c, |c| sqlx::query(SQL)
         .bind(row.id)
         .bind(&row.name)
@@ -46,10 +42,7 @@ pub async fn insert(c: &mut Conn<'_>, row: &ApiKeyRow) -> Result<()> {
 
 pub async fn find_by_hash(c: &mut Conn<'_>, hash: &[u8]) -> Result<Option<ApiKeyRow>> {
     const SQL: &str = concat!("SELECT ", cols!(), " FROM api_keys WHERE key_hash = $1");
-    Ok(dispatch!(c, |c| sqlx::query_as(SQL)
-        .bind(hash)
-        .fetch_optional(c)
-        .await)?)
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(hash).fetch_optional(c).await)?)
 }
 
 pub async fn list(c: &mut Conn<'_>) -> Result<Vec<ApiKeyRow>> {
@@ -58,55 +51,42 @@ pub async fn list(c: &mut Conn<'_>) -> Result<Vec<ApiKeyRow>> {
 }
 
 pub async fn count_active(c: &mut Conn<'_>) -> Result<i64> {
-    Ok(dispatch!(c, |c| sqlx::query_scalar(
-        "SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL"
-    )
-    .fetch_one(c)
-    .await)?)
+    Ok(dispatch!(c, |c| sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
+        .fetch_one(c)
+        .await)?)
 }
 
 /// Revokes a key; true when it was active.
 pub async fn revoke(c: &mut Conn<'_>, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
-    let n = dispatch!(c, |c| sqlx::query(
-        "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL"
-    )
-    .bind(id)
-    .bind(now)
-    .execute(c)
-    .await
-    .map(|r| r.rows_affected()))?;
+    let n = dispatch!(c, |c| sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+        .bind(id)
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
     Ok(n > 0)
 }
 
 /// Revokes every active key with this name except the one with `keep_hash`.
-pub async fn revoke_named_except(
-    c: &mut Conn<'_>,
-    name: &str,
-    keep_hash: &[u8],
-    now: DateTime<Utc>,
-) -> Result<u64> {
+pub async fn revoke_named_except(c: &mut Conn<'_>, name: &str, keep_hash: &[u8], now: DateTime<Utc>) -> Result<u64> {
     let n = dispatch!(c, |c| {
-        sqlx::query(
-        "UPDATE api_keys SET revoked_at = $3 WHERE name = $1 AND key_hash <> $2 AND revoked_at IS NULL"
-    )
-    .bind(name)
-    .bind(keep_hash)
-    .bind(now)
-    .execute(c)
-    .await
-    .map(|r| r.rows_affected())
+        sqlx::query("UPDATE api_keys SET revoked_at = $3 WHERE name = $1 AND key_hash <> $2 AND revoked_at IS NULL")
+            .bind(name)
+            .bind(keep_hash)
+            .bind(now)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
     })?;
     Ok(n)
 }
 
 pub async fn touch_last_used(c: &mut Conn<'_>, id: Uuid, now: DateTime<Utc>) -> Result<()> {
-    dispatch!(c, |c| sqlx::query(
-        "UPDATE api_keys SET last_used_at = $2 WHERE id = $1"
-    )
-    .bind(id)
-    .bind(now)
-    .execute(c)
-    .await
-    .map(|r| r.rows_affected()))?;
+    dispatch!(c, |c| sqlx::query("UPDATE api_keys SET last_used_at = $2 WHERE id = $1")
+        .bind(id)
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
     Ok(())
 }

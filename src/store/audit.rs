@@ -54,9 +54,5 @@ pub async fn insert(c: &mut Conn<'_>, e: &NewAuditEvent<'_>) -> Result<i64> {
 pub async fn list_after(c: &mut Conn<'_>, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>> {
     let sql = "SELECT seq, id, at, type, outcome, user_id, actor, request_id, source_ip, details \
                FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2";
-    Ok(dispatch!(c, |c| sqlx::query_as(sql)
-        .bind(after_seq)
-        .bind(limit)
-        .fetch_all(c)
-        .await)?)
+    Ok(dispatch!(c, |c| sqlx::query_as(sql).bind(after_seq).bind(limit).fetch_all(c).await)?)
 }

@@ -16,9 +16,7 @@ use sqlx::{
     PgConnection, Postgres, Sqlite, SqliteConnection,
     pool::PoolConnection,
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
-    sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-    },
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
 };
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
@@ -108,16 +106,24 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// Creates a new SQLite database file readable by its owner only (SQLite gives the -wal and
+/// -shm files the same mode). An existing file is left as it is.
+fn create_private_file(path: &std::path::Path) {
+    if path.as_os_str().is_empty() || path.to_string_lossy().starts_with(':') || path.exists() {
+        return;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    // Best effort: if this fails, SQLite creates the file itself and reports any real problem.
+    let _ = opts.open(path);
+}
+
 #[derive(Clone)]
 pub enum Db {
-    Sqlite {
-        pool: SqlitePool,
-        write_lock: Arc<Mutex<()>>,
-        acquire_timeout: Duration,
-    },
-    Postgres {
-        pool: PgPool,
-    },
+    Sqlite { pool: SqlitePool, write_lock: Arc<Mutex<()>>, acquire_timeout: Duration },
+    Postgres { pool: PgPool },
 }
 
 impl std::fmt::Debug for Db {
@@ -206,6 +212,7 @@ impl Db {
                 .foreign_keys(true)
                 .busy_timeout(settings.sqlite_busy_timeout)
                 .pragma("secure_delete", "ON");
+            create_private_file(opts.get_filename());
             let pool = SqlitePoolOptions::new()
                 .max_connections(settings.db_max_connections.unwrap_or(8))
                 .min_connections(1)
@@ -213,11 +220,7 @@ impl Db {
                 .test_before_acquire(false)
                 .connect_with(opts)
                 .await?;
-            Ok(Self::Sqlite {
-                pool,
-                write_lock: Arc::new(Mutex::new(())),
-                acquire_timeout,
-            })
+            Ok(Self::Sqlite { pool, write_lock: Arc::new(Mutex::new(())), acquire_timeout })
         }
     }
 
@@ -238,26 +241,14 @@ impl Db {
 
     pub async fn begin_write(&self) -> Result<WriteTx> {
         match self {
-            Self::Sqlite {
-                pool,
-                write_lock,
-                acquire_timeout,
-            } => {
+            Self::Sqlite { pool, write_lock, acquire_timeout } => {
                 let guard = tokio::time::timeout(*acquire_timeout, write_lock.clone().lock_owned())
                     .await
-                    .map_err(|_| {
-                        StoreError::Unavailable("timed out waiting for the SQLite writer".into())
-                    })?;
+                    .map_err(|_| StoreError::Unavailable("timed out waiting for the SQLite writer".into()))?;
                 let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                Ok(WriteTx {
-                    tx: TxKind::Sqlite(tx),
-                    _guard: Some(guard),
-                })
+                Ok(WriteTx { tx: TxKind::Sqlite(tx), _guard: Some(guard) })
             }
-            Self::Postgres { pool } => Ok(WriteTx {
-                tx: TxKind::Postgres(pool.begin().await?),
-                _guard: None,
-            }),
+            Self::Postgres { pool } => Ok(WriteTx { tx: TxKind::Postgres(pool.begin().await?), _guard: None }),
         }
     }
 
@@ -272,10 +263,7 @@ impl Db {
     pub async fn ping(&self) -> Result<()> {
         let mut rc = self.read().await?;
         let mut c = rc.conn();
-        dispatch!(&mut c, |c| sqlx::query("SELECT 1")
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
+        dispatch!(&mut c, |c| sqlx::query("SELECT 1").execute(c).await.map(|r| r.rows_affected()))?;
         Ok(())
     }
 

@@ -58,37 +58,20 @@ pub enum WriteCondition {
 }
 
 pub async fn get(c: &mut Conn<'_>, user_id: &str) -> Result<Option<BundleRow>> {
-    const SQL: &str = concat!(
-        "SELECT ",
-        meta_cols!(),
-        " FROM token_bundles WHERE user_id = $1"
-    );
-    Ok(dispatch!(c, |c| sqlx::query_as(SQL)
-        .bind(user_id)
-        .fetch_optional(c)
-        .await)?)
+    const SQL: &str = concat!("SELECT ", meta_cols!(), " FROM token_bundles WHERE user_id = $1");
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(user_id).fetch_optional(c).await)?)
 }
 
 pub async fn get_with_secret(c: &mut Conn<'_>, user_id: &str) -> Result<Option<BundleWithSecret>> {
-    const SQL: &str = concat!(
-        "SELECT ",
-        meta_cols!(),
-        ", ciphertext FROM token_bundles WHERE user_id = $1"
-    );
-    Ok(dispatch!(c, |c| sqlx::query_as(SQL)
-        .bind(user_id)
-        .fetch_optional(c)
-        .await)?)
+    const SQL: &str = concat!("SELECT ", meta_cols!(), ", ciphertext FROM token_bundles WHERE user_id = $1");
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(user_id).fetch_optional(c).await)?)
 }
 
 /// Writes a bundle if `cond` holds, atomically; `None` when it did not hold.
 /// The returned flag is true when this write created a usable bundle (none was there before).
-pub async fn write(
-    c: &mut Conn<'_>,
-    b: &NewBundle<'_>,
-    cond: WriteCondition,
-) -> Result<Option<(BundleRow, bool)>> {
-    // On replacing a destroyed (tombstone) row, the bundle counts as created anew.
+pub async fn write(c: &mut Conn<'_>, b: &NewBundle<'_>, cond: WriteCondition) -> Result<Option<(BundleRow, bool)>> {
+    // Replacing a bundle that is not usable (destroyed, or past its refresh expiry) counts as
+    // creating it anew: `created_at` restarts, and `If-None-Match: *` lets it through.
     macro_rules! set_cols {
         () => {
             "kind = $2, key_id = $3, ciphertext = $4, access_expires_at = $5, \
@@ -102,8 +85,8 @@ pub async fn write(
                    refresh_expires_at, reauth_reason, updated_at, created_at, version, last_used_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $7, 1, NULL) \
                  ON CONFLICT (user_id) DO UPDATE SET ", set_cols!(), ", version = token_bundles.version + 1, \
-                   created_at = CASE WHEN token_bundles.ciphertext IS NULL THEN $7 ELSE token_bundles.created_at END, \
-                   last_used_at = CASE WHEN token_bundles.ciphertext IS NULL THEN NULL ELSE token_bundles.last_used_at END ",
+                   created_at = CASE WHEN token_bundles.ciphertext IS NULL OR token_bundles.refresh_expires_at <= $7 THEN $7 ELSE token_bundles.created_at END, \
+                   last_used_at = CASE WHEN token_bundles.ciphertext IS NULL OR token_bundles.refresh_expires_at <= $7 THEN NULL ELSE token_bundles.last_used_at END ",
                 $cond, " RETURNING ", meta_cols!()
             )
         };
@@ -112,13 +95,14 @@ pub async fn write(
         "UPDATE token_bundles SET ",
         set_cols!(),
         ", version = version + 1, \
-           created_at = CASE WHEN ciphertext IS NULL THEN $7 ELSE created_at END, \
-           last_used_at = CASE WHEN ciphertext IS NULL THEN NULL ELSE last_used_at END \
+           created_at = CASE WHEN ciphertext IS NULL OR refresh_expires_at <= $7 THEN $7 ELSE created_at END, \
+           last_used_at = CASE WHEN ciphertext IS NULL OR refresh_expires_at <= $7 THEN NULL ELSE last_used_at END \
          WHERE user_id = $1 AND ($8 < 0 OR version = $8) RETURNING ",
         meta_cols!()
     );
     const UPSERT: &str = upsert!("");
-    const INSERT_IF_ABSENT: &str = upsert!("WHERE token_bundles.ciphertext IS NULL");
+    const INSERT_IF_ABSENT: &str =
+        upsert!("WHERE token_bundles.ciphertext IS NULL OR token_bundles.refresh_expires_at <= $7");
     let sql = match cond {
         WriteCondition::VersionIs(_) | WriteCondition::Exists => UPDATE,
         WriteCondition::None => UPSERT,
@@ -137,11 +121,8 @@ pub async fn write(
             .bind(b.access_expires_at)
             .bind(b.refresh_expires_at)
             .bind(b.now);
-        let q = if matches!(cond, WriteCondition::VersionIs(_) | WriteCondition::Exists) {
-            q.bind(expected)
-        } else {
-            q
-        };
+        let q =
+            if matches!(cond, WriteCondition::VersionIs(_) | WriteCondition::Exists) { q.bind(expected) } else { q };
         q.fetch_optional(c).await
     })?;
     Ok(row.map(|r| {
@@ -151,14 +132,12 @@ pub async fn write(
 }
 
 pub async fn touch_last_used(c: &mut Conn<'_>, user_id: &str, now: DateTime<Utc>) -> Result<()> {
-    dispatch!(c, |c| sqlx::query(
-        "UPDATE token_bundles SET last_used_at = $2 WHERE user_id = $1"
-    )
-    .bind(user_id)
-    .bind(now)
-    .execute(c)
-    .await
-    .map(|r| r.rows_affected()))?;
+    dispatch!(c, |c| sqlx::query("UPDATE token_bundles SET last_used_at = $2 WHERE user_id = $1")
+        .bind(user_id)
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
     Ok(())
 }
 
@@ -174,32 +153,23 @@ pub async fn invalidate(
            version = version + 1, updated_at = $3 WHERE user_id = $1 RETURNING ",
         meta_cols!()
     );
-    Ok(dispatch!(c, |c| sqlx::query_as(SQL)
-        .bind(user_id)
-        .bind(reason)
-        .bind(now)
-        .fetch_optional(c)
-        .await)?)
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(user_id).bind(reason).bind(now).fetch_optional(c).await)?)
 }
 
 /// Removes the row; true when there was one.
 pub async fn delete(c: &mut Conn<'_>, user_id: &str) -> Result<bool> {
-    let n = dispatch!(c, |c| sqlx::query(
-        "DELETE FROM token_bundles WHERE user_id = $1"
-    )
-    .bind(user_id)
-    .execute(c)
-    .await
-    .map(|r| r.rows_affected()))?;
+    let n = dispatch!(c, |c| sqlx::query("DELETE FROM token_bundles WHERE user_id = $1")
+        .bind(user_id)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
     Ok(n > 0)
 }
 
 /// Key ids that some stored ciphertext is encrypted under.
 pub async fn key_ids_in_use(c: &mut Conn<'_>) -> Result<Vec<String>> {
     let sql = "SELECT DISTINCT key_id FROM token_bundles WHERE key_id IS NOT NULL";
-    Ok(dispatch!(c, |c| sqlx::query_scalar(sql)
-        .fetch_all(c)
-        .await)?)
+    Ok(dispatch!(c, |c| sqlx::query_scalar(sql).fetch_all(c).await)?)
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -218,34 +188,21 @@ pub async fn rewrap_page(
 ) -> Result<Vec<RewrapCandidate>> {
     let sql = "SELECT user_id, kind, ciphertext FROM token_bundles \
                WHERE ciphertext IS NOT NULL AND key_id <> $1 AND user_id > $2 ORDER BY user_id LIMIT $3";
-    Ok(dispatch!(c, |c| sqlx::query_as(sql)
-        .bind(active_key_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(c)
-        .await)?)
+    Ok(dispatch!(c, |c| sqlx::query_as(sql).bind(active_key_id).bind(after).bind(limit).fetch_all(c).await)?)
 }
 
 /// Replaces one ciphertext if it is still the one read (compare-and-set); the version is kept,
 /// since the content did not change.
-pub async fn rewrap_one(
-    c: &mut Conn<'_>,
-    user_id: &str,
-    old: &[u8],
-    key_id: &str,
-    new: &[u8],
-) -> Result<bool> {
+pub async fn rewrap_one(c: &mut Conn<'_>, user_id: &str, old: &[u8], key_id: &str, new: &[u8]) -> Result<bool> {
     let n = dispatch!(c, |c| {
-        sqlx::query(
-        "UPDATE token_bundles SET ciphertext = $3, key_id = $4 WHERE user_id = $1 AND ciphertext = $2"
-    )
-    .bind(user_id)
-    .bind(old)
-    .bind(new)
-    .bind(key_id)
-    .execute(c)
-    .await
-    .map(|r| r.rows_affected())
+        sqlx::query("UPDATE token_bundles SET ciphertext = $3, key_id = $4 WHERE user_id = $1 AND ciphertext = $2")
+            .bind(user_id)
+            .bind(old)
+            .bind(new)
+            .bind(key_id)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
     })?;
     Ok(n > 0)
 }

@@ -20,6 +20,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_centraldb-mfa");
 /// Environment for one deployment: a data folder and, on PostgreSQL, a fresh schema and key.
 struct Deployment {
     dir: tempfile::TempDir,
+    /// The data folder: not created beforehand, the service makes it.
+    data: std::path::PathBuf,
     env: Vec<(String, String)>,
 }
 
@@ -27,18 +29,13 @@ impl Deployment {
     /// On SQLite no key is configured (first run generates one); on PostgreSQL `k1` is.
     async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut env = vec![(
-            "CENTRALDB_DATA_DIR".to_string(),
-            dir.path().display().to_string(),
-        )];
+        let data = dir.path().join("nested").join("data");
+        let mut env = vec![("CENTRALDB_DATA_DIR".to_string(), data.display().to_string())];
         if backend() == Backend::Postgres {
-            env.push((
-                "CENTRALDB_DATABASE_URL".into(),
-                fresh_database_url(dir.path()).await,
-            ));
+            env.push(("CENTRALDB_DATABASE_URL".into(), fresh_database_url(dir.path()).await));
             env.push(("CENTRALDB_ENCRYPTION_KEYS".into(), key_spec("k1")));
         }
-        Self { dir, env }
+        Self { dir, data, env }
     }
 
     fn with(&self, k: &str, v: &str) -> Vec<(String, String)> {
@@ -52,23 +49,13 @@ impl Deployment {
     }
 
     fn admin_key(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("admin-api-key"))
-            .unwrap()
-            .trim()
-            .to_string()
+        std::fs::read_to_string(self.data.join("admin-api-key")).unwrap().trim().to_string()
     }
 
     fn key_spec_in_use(&self) -> String {
-        match self
-            .env
-            .iter()
-            .find(|(k, _)| k == "CENTRALDB_ENCRYPTION_KEYS")
-        {
+        match self.env.iter().find(|(k, _)| k == "CENTRALDB_ENCRYPTION_KEYS") {
             Some((_, v)) => v.clone(),
-            None => std::fs::read_to_string(self.dir.path().join("encryption.key"))
-                .unwrap()
-                .trim()
-                .to_string(),
+            None => std::fs::read_to_string(self.data.join("encryption.key")).unwrap().trim().to_string(),
         }
     }
 
@@ -79,12 +66,7 @@ impl Deployment {
             .iter()
             .find(|(k, _)| k == "CENTRALDB_DATABASE_URL")
             .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| {
-                format!(
-                    "sqlite://{}",
-                    self.dir.path().join("centraldb-mfa.db").display()
-                )
-            });
+            .unwrap_or_else(|| format!("sqlite://{}", self.data.join("centraldb-mfa.db").display()));
         let mut out = Vec::new();
         for t in ["api_keys", "token_bundles", "key_checks", "audit_events"] {
             let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {t}"));
@@ -144,8 +126,7 @@ impl Server {
                     if let Ok(v) = serde_json::from_str::<Value>(&line)
                         && v["fields"]["message"] == "centraldb-mfa listening"
                     {
-                        let _ = tx
-                            .try_send(v["fields"]["addr"].as_str().unwrap_or_default().to_string());
+                        let _ = tx.try_send(v["fields"]["addr"].as_str().unwrap_or_default().to_string());
                     }
                     log.lock().unwrap().push_str(&line);
                     log.lock().unwrap().push('\n');
@@ -156,24 +137,14 @@ impl Server {
             .await
             .unwrap_or_else(|_| panic!("server did not start; log:\n{}", log.lock().unwrap()))
             .unwrap();
-        Self {
-            child,
-            base: format!("http://{addr}"),
-            log,
-        }
+        Self { child, base: format!("http://{addr}"), log }
     }
 
     /// SIGTERM, then the exit status (graceful shutdown must exit 0).
     async fn stop(mut self) -> (bool, String) {
         let pid = self.child.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
-            .await
-            .unwrap()
-            .unwrap();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.unwrap().unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let log = self.log.lock().unwrap().clone();
         (status.success(), log)
@@ -186,10 +157,7 @@ impl Server {
 
 /// Runs a non-serving command to completion: (success, stdout, stderr).
 async fn run(env: &[(String, String)], cwd: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::time::timeout(Duration::from_secs(60), command(env, cwd, args).output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), command(env, cwd, args).output()).await.unwrap().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -205,49 +173,23 @@ async fn a_stored_bundle_survives_a_restart() {
     if backend() == Backend::Sqlite {
         let mode = |f: &str| {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(d.dir.path().join(f))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777
+            std::fs::metadata(d.data.join(f)).unwrap().permissions().mode() & 0o777
         };
-        assert_eq!(
-            mode("encryption.key"),
-            0o600,
-            "generated key file is private"
-        );
+        assert_eq!(mode("encryption.key"), 0o600, "generated key file is private");
         assert_eq!(mode("admin-api-key"), 0o600, "admin key file is private");
-        assert!(
-            s.log
-                .lock()
-                .unwrap()
-                .contains("generated one into the data folder"),
-            "first run warns"
-        );
+        assert_eq!(mode("centraldb-mfa.db"), 0o600, "database file is private");
+        assert_eq!(mode("."), 0o700, "data folder is private");
+        assert!(s.log.lock().unwrap().contains("generated one into the data folder"), "first run warns");
     }
     let key = d.admin_key();
-    assert!(
-        !s.log.lock().unwrap().contains(&key),
-        "the admin key is never logged"
-    );
-    let r = http
-        .put(s.url(&tokens_path("persist")))
-        .bearer_auth(&key)
-        .json(&garth_body("p"))
-        .send()
-        .await
-        .unwrap();
+    assert!(!s.log.lock().unwrap().contains(&key), "the admin key is never logged");
+    let r = http.put(s.url(&tokens_path("persist"))).bearer_auth(&key).json(&garth_body("p")).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let (clean, _) = s.stop().await;
     assert!(clean, "SIGTERM shuts down gracefully with exit 0");
 
     let s = Server::start(&d.env, d.dir.path()).await;
-    let r = http
-        .get(s.url(&tokens_path("persist")))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let r = http.get(s.url(&tokens_path("persist"))).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["oauth2_token"], garth_body("p")["oauth2_token"]);
@@ -260,97 +202,47 @@ async fn a_wrong_or_missing_key_refuses_to_start_and_changes_nothing() {
     let d = Deployment::new().await;
     let http = reqwest::Client::new();
     let s = Server::start(&d.env, d.dir.path()).await;
-    http.put(s.url(&tokens_path("k")))
-        .bearer_auth(d.admin_key())
-        .json(&garth_body("k"))
-        .send()
-        .await
-        .unwrap();
+    http.put(s.url(&tokens_path("k"))).bearer_auth(d.admin_key()).json(&garth_body("k")).send().await.unwrap();
     s.stop().await;
     let before = d.row_counts().await;
 
     // Same key id, different key.
-    let (ok, _, err) = run(
-        &d.with("CENTRALDB_ENCRYPTION_KEYS", &key_spec("k1")),
-        d.dir.path(),
-        &["serve"],
-    )
-    .await;
+    let (ok, _, err) = run(&d.with("CENTRALDB_ENCRYPTION_KEYS", &key_spec("k1")), d.dir.path(), &["serve"]).await;
     assert!(!ok);
-    assert!(
-        err.contains("'k1'") && err.contains("cannot decrypt"),
-        "{err}"
-    );
+    assert!(err.contains("'k1'") && err.contains("cannot decrypt"), "{err}");
     // A keyring without the key the data is under.
-    let (ok, _, err) = run(
-        &d.with("CENTRALDB_ENCRYPTION_KEYS", &key_spec("k9")),
-        d.dir.path(),
-        &["serve"],
-    )
-    .await;
+    let (ok, _, err) = run(&d.with("CENTRALDB_ENCRYPTION_KEYS", &key_spec("k9")), d.dir.path(), &["serve"]).await;
     assert!(!ok);
     assert!(err.contains("'k1'"), "{err}");
     // A malformed key.
-    let (ok, _, err) = run(
-        &d.with("CENTRALDB_ENCRYPTION_KEYS", "k1:tooshort"),
-        d.dir.path(),
-        &["serve"],
-    )
-    .await;
+    let (ok, _, err) = run(&d.with("CENTRALDB_ENCRYPTION_KEYS", "k1:tooshort"), d.dir.path(), &["serve"]).await;
     assert!(!ok);
-    assert!(
-        err.contains("CENTRALDB_ENCRYPTION_KEYS") && err.contains("k1"),
-        "{err}"
-    );
+    assert!(err.contains("CENTRALDB_ENCRYPTION_KEYS") && err.contains("k1"), "{err}");
     // No key at all.
     let (ok, _, err) = match backend() {
-        Backend::Postgres => {
-            run(
-                &d.without("CENTRALDB_ENCRYPTION_KEYS"),
-                d.dir.path(),
-                &["serve"],
-            )
-            .await
-        }
+        Backend::Postgres => run(&d.without("CENTRALDB_ENCRYPTION_KEYS"), d.dir.path(), &["serve"]).await,
         Backend::Sqlite => {
-            let key_file = d.dir.path().join("encryption.key");
+            let key_file = d.data.join("encryption.key");
             let saved = std::fs::read(&key_file).unwrap();
             std::fs::remove_file(&key_file).unwrap();
             let out = run(&d.env, d.dir.path(), &["serve"]).await;
-            assert!(
-                !key_file.exists(),
-                "no new key is generated over existing data"
-            );
+            assert!(!key_file.exists(), "no new key is generated over existing data");
             std::fs::write(&key_file, saved).unwrap();
             out
         }
     };
     assert!(!ok);
     assert!(err.contains("CENTRALDB_ENCRYPTION_KEYS"), "{err}");
-    assert_eq!(
-        d.row_counts().await,
-        before,
-        "a refused start-up modifies nothing"
-    );
+    assert_eq!(d.row_counts().await, before, "a refused start-up modifies nothing");
 }
 
 #[tokio::test]
 async fn bad_configuration_names_the_variable() {
     let d = Deployment::new().await;
-    let (ok, _, err) = run(
-        &d.with("CENTRALDB_LISTEN", "not-an-address"),
-        d.dir.path(),
-        &["serve"],
-    )
-    .await;
+    let (ok, _, err) = run(&d.with("CENTRALDB_LISTEN", "not-an-address"), d.dir.path(), &["serve"]).await;
     assert!(!ok);
     assert!(err.contains("CENTRALDB_LISTEN"), "{err}");
-    let (ok, _, err) = run(
-        &d.with("CENTRALDB_BOOTSTRAP_ADMIN_KEY", "short"),
-        d.dir.path(),
-        &["serve"],
-    )
-    .await;
+    let (ok, _, err) = run(&d.with("CENTRALDB_BOOTSTRAP_ADMIN_KEY", "short"), d.dir.path(), &["serve"]).await;
     assert!(!ok);
     assert!(err.contains("CENTRALDB_BOOTSTRAP_ADMIN_KEY"), "{err}");
 }
@@ -367,63 +259,30 @@ async fn logs_at_trace_never_contain_secrets() {
     let di = json!({"kind": "garminconnect", "di_token": jwt(future(3600), "LOGSECRET"),
                     "di_refresh_token": "di-refresh-LOGSECRET", "di_client_id": "di-client-LOGSECRET"});
     for (user, body) in [("log1", garth_body("log")), ("log2", di)] {
-        let r = http
-            .put(s.url(&tokens_path(user)))
-            .bearer_auth(bootstrap)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = http.put(s.url(&tokens_path(user))).bearer_auth(bootstrap).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 201);
-        let r = http
-            .get(s.url(&tokens_path(user)))
-            .bearer_auth(bootstrap)
-            .send()
-            .await
-            .unwrap();
+        let r = http.get(s.url(&tokens_path(user))).bearer_auth(bootstrap).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let _ = r.text().await;
     }
     let r = http
-        .get(s.url(&format!(
-            "{}?representation=garth_dump",
-            tokens_path("log1")
-        )))
+        .get(s.url(&format!("{}?representation=garth_dump", tokens_path("log1"))))
         .bearer_auth(bootstrap)
         .send()
         .await
         .unwrap();
     let dump: Value = r.json().await.unwrap();
     let dump = dump["garth_dump"].as_str().unwrap().to_string();
-    let r = http
-        .get(s.url(&tokens_path("log1")))
-        .bearer_auth("cdbm_guessed-key-LOGSECRET")
-        .send()
-        .await
-        .unwrap();
+    let r = http.get(s.url(&tokens_path("log1"))).bearer_auth("cdbm_guessed-key-LOGSECRET").send().await.unwrap();
     assert_eq!(r.status(), 401);
     let (_, log) = s.stop().await;
-    assert!(
-        log.contains("\"level\":\"TRACE\""),
-        "trace logging really ran:\n{log}"
-    );
-    assert!(
-        log.contains("INSERT INTO token_bundles"),
-        "statements on the token table are logged (without values)"
-    );
+    assert!(log.contains("\"level\":\"TRACE\""), "trace logging really ran:\n{log}");
+    assert!(log.contains("INSERT INTO token_bundles"), "statements on the token table are logged (without values)");
     let key_b64 = d.key_spec_in_use().split_once(':').unwrap().1.to_string();
     let mut secrets = garth_secrets("log");
-    secrets.extend([
-        "LOGSECRET".to_string(),
-        bootstrap.to_string(),
-        key_b64,
-        dump,
-    ]);
+    secrets.extend(["LOGSECRET".to_string(), bootstrap.to_string(), key_b64, dump]);
     for s in &secrets {
-        assert!(
-            !log.contains(s.as_str()),
-            "secret {s:.12}… found in the logs"
-        );
+        assert!(!log.contains(s.as_str()), "secret {s:.12}… found in the logs");
     }
 }
 
@@ -436,54 +295,29 @@ async fn rewrap_moves_everything_to_the_new_key_and_the_old_key_can_go() {
     let s = Server::start(&env1, d.dir.path()).await;
     let key = d.admin_key();
     for u in ["r1", "r2", "r3"] {
-        let r = http
-            .put(s.url(&tokens_path(u)))
-            .bearer_auth(&key)
-            .json(&garth_body(u))
-            .send()
-            .await
-            .unwrap();
+        let r = http.put(s.url(&tokens_path(u))).bearer_auth(&key).json(&garth_body(u)).send().await.unwrap();
         assert_eq!(r.status(), 201);
     }
     s.stop().await;
 
     let k2 = key_spec("k2");
     // Without k1 the data cannot be read yet: start-up refuses.
-    let (ok, _, err) = run(
-        &d.with("CENTRALDB_ENCRYPTION_KEYS", &k2),
-        d.dir.path(),
-        &["serve"],
-    )
-    .await;
+    let (ok, _, err) = run(&d.with("CENTRALDB_ENCRYPTION_KEYS", &k2), d.dir.path(), &["serve"]).await;
     assert!(!ok && err.contains("'k1'"), "{err}");
     // Rotate: new key first, old key still present; rewrap reports its counts.
     let both = d.with("CENTRALDB_ENCRYPTION_KEYS", &format!("{k2},{k1}"));
     let (ok, out, err) = run(&both, d.dir.path(), &["rewrap"]).await;
     assert!(ok, "{out}{err}");
-    assert!(
-        out.contains("rewrapped 3 ciphertext(s) under key 'k2'"),
-        "{out}"
-    );
+    assert!(out.contains("rewrapped 3 ciphertext(s) under key 'k2'"), "{out}");
     let (ok, out, _) = run(&both, d.dir.path(), &["rewrap"]).await;
-    assert!(
-        ok && out.contains("rewrapped 0"),
-        "a second pass has nothing to do: {out}"
-    );
+    assert!(ok && out.contains("rewrapped 0"), "a second pass has nothing to do: {out}");
     // The old key removed: everything still decrypts.
     let s = Server::start(&d.with("CENTRALDB_ENCRYPTION_KEYS", &k2), d.dir.path()).await;
     for u in ["r1", "r2", "r3"] {
-        let r = http
-            .get(s.url(&tokens_path(u)))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
+        let r = http.get(s.url(&tokens_path(u))).bearer_auth(&key).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let body: Value = r.json().await.unwrap();
-        assert_eq!(
-            body["oauth2_token"]["access_token"],
-            format!("acc-{u}-SECRET")
-        );
+        assert_eq!(body["oauth2_token"]["access_token"], format!("acc-{u}-SECRET"));
         assert_eq!(body["version"], 1, "rewrap does not change the version");
     }
     s.stop().await;
@@ -492,56 +326,23 @@ async fn rewrap_moves_everything_to_the_new_key_and_the_old_key_can_go() {
 #[tokio::test]
 async fn api_key_commands_create_list_revoke() {
     let d = Deployment::new().await;
-    let (ok, key, err) = run(
-        &d.env,
-        d.dir.path(),
-        &[
-            "api-key",
-            "create",
-            "--name",
-            "worker",
-            "--scope",
-            "tokens:read",
-            "tokens:write",
-        ],
-    )
-    .await;
+    let (ok, key, err) =
+        run(&d.env, d.dir.path(), &["api-key", "create", "--name", "worker", "--scope", "tokens:read", "tokens:write"])
+            .await;
     assert!(ok, "{err}");
     let key = key.trim().to_string();
     assert!(key.starts_with("cdbm_"));
     let (ok, list, _) = run(&d.env, d.dir.path(), &["api-key", "list"]).await;
     assert!(ok);
-    assert!(
-        list.contains("worker") && list.contains("tokens:read tokens:write"),
-        "{list}"
-    );
+    assert!(list.contains("worker") && list.contains("tokens:read tokens:write"), "{list}");
     assert!(!list.contains(&key), "list never shows keys");
-    let id = list
-        .lines()
-        .find(|l| l.contains("worker"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let id = list.lines().find(|l| l.contains("worker")).unwrap().split_whitespace().next().unwrap().to_string();
     let (ok, _, _) = run(&d.env, d.dir.path(), &["api-key", "revoke", &id]).await;
     assert!(ok);
     let (_, list, _) = run(&d.env, d.dir.path(), &["api-key", "list"]).await;
-    assert!(
-        list.lines()
-            .any(|l| l.contains("worker") && l.contains("revoked")),
-        "{list}"
-    );
-    let (ok, _, err) = run(
-        &d.env,
-        d.dir.path(),
-        &["api-key", "create", "--name", "x", "--scope", "root"],
-    )
-    .await;
+    assert!(list.lines().any(|l| l.contains("worker") && l.contains("revoked")), "{list}");
+    let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "create", "--name", "x", "--scope", "root"]).await;
     assert!(!ok && err.contains("unknown scope 'root'"), "{err}");
     let (ok, out, _) = run(&d.env, d.dir.path(), &["keygen", "--id", "k7"]).await;
-    assert!(
-        ok && out.trim().starts_with("k7:") && out.trim().len() == 3 + 44,
-        "{out}"
-    );
+    assert!(ok && out.trim().starts_with("k7:") && out.trim().len() == 3 + 44, "{out}");
 }

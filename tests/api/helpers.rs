@@ -44,17 +44,13 @@ pub fn backend() -> Backend {
 }
 
 pub fn postgres_url() -> String {
-    std::env::var("CENTRALDB_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("CENTRALDB_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// A random 256-bit key spec for the keyring.
 pub fn key_spec(id: &str) -> String {
     use base64::Engine;
-    format!(
-        "{id}:{}",
-        base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
-    )
+    format!("{id}:{}", base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>()))
 }
 
 /// A fresh, empty database: its URL (with its own schema on PostgreSQL).
@@ -63,19 +59,13 @@ pub async fn fresh_database_url(dir: &Path) -> String {
         Backend::Sqlite => format!("sqlite://{}", dir.join("test.db").display()),
         Backend::Postgres => {
             let base = postgres_url();
-            let mut admin = PgConnection::connect(&base).await.unwrap_or_else(|e| {
-                panic!("cannot connect to PostgreSQL at CENTRALDB_TEST_POSTGRES_URL: {e}")
-            });
-            drop_stale_schemas(&mut admin).await;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs();
-            let schema = format!("cdbt_{now}_{:016x}", rand::random::<u64>());
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                .execute(&mut admin)
+            let mut admin = PgConnection::connect(&base)
                 .await
-                .unwrap();
+                .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at CENTRALDB_TEST_POSTGRES_URL: {e}"));
+            drop_stale_schemas(&mut admin).await;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            let schema = format!("cdbt_{now}_{:016x}", rand::random::<u64>());
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&mut admin).await.unwrap();
             let sep = if base.contains('?') { '&' } else { '?' };
             format!("{base}{sep}options=-c%20search_path%3D{schema}")
         }
@@ -88,28 +78,17 @@ async fn drop_stale_schemas(admin: &mut PgConnection) {
     if DONE.set(()).is_err() {
         return;
     }
-    let cutoff = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        - 3600;
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'cdbt\\_%'")
-            .fetch_all(&mut *admin)
-            .await
-            .unwrap_or_default();
+    let cutoff = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 3600;
+    let names: Vec<String> = sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'cdbt\\_%'")
+        .fetch_all(&mut *admin)
+        .await
+        .unwrap_or_default();
     for n in names {
-        let ts = n
-            .split('_')
-            .nth(1)
-            .and_then(|t| t.parse::<u64>().ok())
-            .unwrap_or(u64::MAX);
+        let ts = n.split('_').nth(1).and_then(|t| t.parse::<u64>().ok()).unwrap_or(u64::MAX);
         if ts < cutoff {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA IF EXISTS {n} CASCADE"
-            )))
-            .execute(&mut *admin)
-            .await;
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {n} CASCADE")))
+                .execute(&mut *admin)
+                .await;
         }
     }
 }
@@ -144,13 +123,7 @@ impl TestApp {
         tweak(&mut vars);
         let settings = Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
         let state = startup::build_state(settings).await.unwrap();
-        Self {
-            router: api::app(state.clone()),
-            state,
-            dir,
-            db_url,
-            vars,
-        }
+        Self { router: api::app(state.clone()), state, dir, db_url, vars }
     }
 
     pub fn db(&self) -> &Db {
@@ -159,9 +132,7 @@ impl TestApp {
 
     /// A new API key with these scopes.
     pub async fn key(&self, scopes: &str) -> String {
-        let (_, key) = api_keys::create(self.db(), "test", &Scopes::parse_list(scopes).unwrap())
-            .await
-            .unwrap();
+        let (_, key) = api_keys::create(self.db(), "test", &Scopes::parse_list(scopes).unwrap()).await.unwrap();
         key.to_string()
     }
 
@@ -190,9 +161,7 @@ impl TestApp {
     /// Every audit event so far, in order.
     pub async fn audit(&self) -> Vec<AuditRow> {
         let mut c = self.db().read().await.unwrap();
-        store::audit::list_after(&mut c.conn(), 0, 100_000)
-            .await
-            .unwrap()
+        store::audit::list_after(&mut c.conn(), 0, 100_000).await.unwrap()
     }
 
     /// Runs a raw SQL statement (test set-up and tampering).
@@ -211,16 +180,8 @@ impl TestApp {
     pub async fn ciphertext(&self, user: &str) -> Option<Vec<u8>> {
         let sql = "SELECT ciphertext FROM token_bundles WHERE user_id = $1";
         match self.db() {
-            Db::Sqlite { pool, .. } => sqlx::query_scalar(sql)
-                .bind(user)
-                .fetch_one(pool)
-                .await
-                .unwrap(),
-            Db::Postgres { pool } => sqlx::query_scalar(sql)
-                .bind(user)
-                .fetch_one(pool)
-                .await
-                .unwrap(),
+            Db::Sqlite { pool, .. } => sqlx::query_scalar(sql).bind(user).fetch_one(pool).await.unwrap(),
+            Db::Postgres { pool } => sqlx::query_scalar(sql).bind(user).fetch_one(pool).await.unwrap(),
         }
     }
 
@@ -228,20 +189,10 @@ impl TestApp {
         let sql = "UPDATE token_bundles SET ciphertext = $2 WHERE user_id = $1";
         match self.db() {
             Db::Sqlite { pool, .. } => {
-                sqlx::query(sql)
-                    .bind(user)
-                    .bind(ct)
-                    .execute(pool)
-                    .await
-                    .unwrap();
+                sqlx::query(sql).bind(user).bind(ct).execute(pool).await.unwrap();
             }
             Db::Postgres { pool } => {
-                sqlx::query(sql)
-                    .bind(user)
-                    .bind(ct)
-                    .execute(pool)
-                    .await
-                    .unwrap();
+                sqlx::query(sql).bind(user).bind(ct).execute(pool).await.unwrap();
             }
         }
     }
@@ -270,12 +221,11 @@ impl TestApp {
                 .unwrap();
                 let mut out = Vec::new();
                 for t in tables {
-                    let rows: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                        "SELECT t::text FROM \"{t}\" t"
-                    )))
-                    .fetch_all(pool)
-                    .await
-                    .unwrap();
+                    let rows: Vec<String> =
+                        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT t::text FROM \"{t}\" t")))
+                            .fetch_all(pool)
+                            .await
+                            .unwrap();
                     for r in rows {
                         out.extend(r.into_bytes());
                         out.push(b'\n');
@@ -290,8 +240,7 @@ impl TestApp {
 pub fn contains(haystack: &[u8], needle: &str) -> bool {
     let n = needle.as_bytes();
     let hex = hex::encode(n);
-    haystack.windows(n.len()).any(|w| w == n)
-        || haystack.windows(hex.len()).any(|w| w == hex.as_bytes())
+    haystack.windows(n.len()).any(|w| w == n) || haystack.windows(hex.len()).any(|w| w == hex.as_bytes())
 }
 
 pub struct RequestBuilder<'a> {
@@ -305,8 +254,7 @@ pub struct RequestBuilder<'a> {
 impl RequestBuilder<'_> {
     pub fn key(mut self, key: &str) -> Self {
         self.headers.retain(|(k, _)| k != "authorization");
-        self.headers
-            .push(("authorization".into(), format!("Bearer {key}")));
+        self.headers.push(("authorization".into(), format!("Bearer {key}")));
         self
     }
     pub fn no_auth(mut self) -> Self {
@@ -318,14 +266,12 @@ impl RequestBuilder<'_> {
         self
     }
     pub fn json(mut self, v: Value) -> Self {
-        self.headers
-            .push(("content-type".into(), "application/json".into()));
+        self.headers.push(("content-type".into(), "application/json".into()));
         self.body = Some(serde_json::to_vec(&v).unwrap());
         self
     }
     pub fn raw_body(mut self, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
-        self.headers
-            .push(("content-type".into(), content_type.into()));
+        self.headers.push(("content-type".into(), content_type.into()));
         self.body = Some(body.into());
         self
     }
@@ -334,26 +280,13 @@ impl RequestBuilder<'_> {
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
-        let req = req
-            .body(self.body.map(Body::from).unwrap_or_else(Body::empty))
-            .unwrap();
+        let req = req.body(self.body.map(Body::from).unwrap_or_else(Body::empty)).unwrap();
         let resp = self.app.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        TestResponse {
-            status,
-            headers,
-            text: String::from_utf8_lossy(&bytes).into_owned(),
-            json,
-        }
+        TestResponse { status, headers, text: String::from_utf8_lossy(&bytes).into_owned(), json }
     }
 }
 
@@ -373,12 +306,7 @@ impl TestResponse {
     #[track_caller]
     pub fn assert_problem(&self, status: u16, code: &str) {
         assert_eq!(self.status.as_u16(), status, "body: {}", self.text);
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/problem+json"),
-            "body: {}",
-            self.text
-        );
+        assert_eq!(self.header("content-type"), Some("application/problem+json"), "body: {}", self.text);
         assert_eq!(self.json["code"], code, "body: {}", self.text);
         assert_eq!(self.json["status"], status);
         for f in ["type", "title", "detail"] {
@@ -416,22 +344,13 @@ pub fn garth_body(tag: &str) -> Value {
 
 /// The secret strings a `garth_body(tag)` carries.
 pub fn garth_secrets(tag: &str) -> Vec<String> {
-    ["o1tok", "o1sec", "acc", "ref"]
-        .iter()
-        .map(|p| format!("{p}-{tag}-SECRET"))
-        .collect()
+    ["o1tok", "o1sec", "acc", "ref"].iter().map(|p| format!("{p}-{tag}-SECRET")).collect()
 }
 
 pub fn jwt(exp: i64, tag: &str) -> String {
     use base64::Engine;
-    let b64 = |v: &Value| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
-    };
-    format!(
-        "{}.{}.sig-{tag}",
-        b64(&json!({"alg": "RS256"})),
-        b64(&json!({"exp": exp, "sub": tag}))
-    )
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+    format!("{}.{}.sig-{tag}", b64(&json!({"alg": "RS256"})), b64(&json!({"exp": exp, "sub": tag})))
 }
 
 pub fn tokens_path(user: &str) -> String {

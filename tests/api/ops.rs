@@ -6,10 +6,7 @@ async fn health_ready_metrics_docs() {
     let h = app.get("/healthz").no_auth().send().await;
     assert_eq!(h.status, 200);
     assert_eq!(h.json["status"], "ok");
-    assert!(
-        h.header("x-request-id").is_some_and(|v| v.len() >= 32),
-        "a request id is generated"
-    );
+    assert!(h.header("x-request-id").is_some_and(|v| v.len() >= 32), "a request id is generated");
     assert_eq!(h.header("x-content-type-options"), Some("nosniff"));
     let r = app.get("/readyz").no_auth().send().await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -18,20 +15,11 @@ async fn health_ready_metrics_docs() {
     let m = app.get("/metrics").no_auth().send().await;
     assert_eq!(m.status, 200);
     assert!(m.text.contains("http_requests_total"), "{}", m.text);
-    assert!(
-        m.text.contains("http_request_duration_seconds_bucket"),
-        "latency is a histogram"
-    );
-    assert!(
-        m.text.contains("path=\"/api/v1/users/{user_id}/tokens\""),
-        "labels use the route template"
-    );
+    assert!(m.text.contains("http_request_duration_seconds_bucket"), "latency is a histogram");
+    assert!(m.text.contains("path=\"/api/v1/users/{user_id}/tokens\""), "labels use the route template");
     let d = app.get("/docs/").no_auth().send().await;
     assert_eq!(d.status, 200);
-    assert!(
-        d.text.contains("swagger"),
-        "Swagger UI served from the binary"
-    );
+    assert!(d.text.contains("swagger"), "Swagger UI served from the binary");
     let o = app.get("/openapi.json").no_auth().send().await;
     assert_eq!(o.status, 200);
     assert!(o.json["paths"]["/api/v1/users/{user_id}/tokens"].is_object());
@@ -40,29 +28,15 @@ async fn health_ready_metrics_docs() {
 #[tokio::test]
 async fn unknown_routes_and_methods_are_problems() {
     let app = TestApp::spawn().await;
-    app.get("/nope")
-        .no_auth()
-        .send()
-        .await
-        .assert_problem(404, "not_found");
-    app.get("/api/v1/nope")
-        .send()
-        .await
-        .assert_problem(404, "not_found");
-    app.request(axum::http::Method::PATCH, &tokens_path("x"))
-        .send()
-        .await
-        .assert_problem(405, "method_not_allowed");
+    app.get("/nope").no_auth().send().await.assert_problem(404, "not_found");
+    app.get("/api/v1/nope").send().await.assert_problem(404, "not_found");
+    app.request(axum::http::Method::PATCH, &tokens_path("x")).send().await.assert_problem(405, "method_not_allowed");
 }
 
 #[tokio::test]
 async fn an_odd_request_id_is_replaced() {
     let app = TestApp::spawn().await;
-    let r = app
-        .get("/healthz")
-        .header("x-request-id", "bad id with spaces")
-        .send()
-        .await;
+    let r = app.get("/healthz").header("x-request-id", "bad id with spaces").send().await;
     assert_ne!(r.header("x-request-id"), Some("bad id with spaces"));
 }
 
@@ -72,12 +46,8 @@ async fn an_odd_request_id_is_replaced() {
 fn openapi_json_is_up_to_date() {
     let generated: serde_json::Value =
         serde_json::from_str(&centraldb_mfa::api::openapi().to_pretty_json().unwrap()).unwrap();
-    let committed: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json")).unwrap(),
-    )
-    .unwrap();
-    assert!(
-        generated == committed,
-        "openapi.json is stale: run `cargo run -- openapi > openapi.json`"
-    );
+    let committed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json")).unwrap())
+            .unwrap();
+    assert!(generated == committed, "openapi.json is stale: run `cargo run -- openapi > openapi.json`");
 }

@@ -7,11 +7,7 @@ use crate::helpers::*;
 async fn garth_objects_round_trip_with_metadata_and_etag() {
     let app = TestApp::spawn().await;
     let body = garth_body("a");
-    let r = app
-        .put(&tokens_path("alice"))
-        .json(body.clone())
-        .send()
-        .await;
+    let r = app.put(&tokens_path("alice")).json(body.clone()).send().await;
     assert_eq!(r.status, 201, "{}", r.text);
     assert_eq!(r.header("etag"), Some("\"1\""));
     assert_eq!(r.json["version"], 1);
@@ -23,36 +19,22 @@ async fn garth_objects_round_trip_with_metadata_and_etag() {
         assert!(!r.text.contains(&s));
     }
     let expires_at = body["oauth2_token"]["expires_at"].as_i64().unwrap();
-    let at = chrono::DateTime::parse_from_rfc3339(r.json["access_expires_at"].as_str().unwrap())
-        .unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(r.json["access_expires_at"].as_str().unwrap()).unwrap();
     assert_eq!(at.timestamp(), expires_at);
-    let rexp = body["oauth2_token"]["refresh_token_expires_at"]
-        .as_i64()
-        .unwrap();
-    let rt = chrono::DateTime::parse_from_rfc3339(r.json["refresh_expires_at"].as_str().unwrap())
-        .unwrap();
+    let rexp = body["oauth2_token"]["refresh_token_expires_at"].as_i64().unwrap();
+    let rt = chrono::DateTime::parse_from_rfc3339(r.json["refresh_expires_at"].as_str().unwrap()).unwrap();
     assert_eq!(rt.timestamp(), rexp);
 
     let g = app.get(&tokens_path("alice")).send().await;
     assert_eq!(g.status, 200, "{}", g.text);
     assert_eq!(g.header("etag"), Some("\"1\""));
     assert_eq!(g.header("cache-control"), Some("no-store"));
-    assert_eq!(
-        g.json["oauth1_token"], body["oauth1_token"],
-        "unknown fields kept as given"
-    );
+    assert_eq!(g.json["oauth1_token"], body["oauth1_token"], "unknown fields kept as given");
     assert_eq!(g.json["oauth2_token"], body["oauth2_token"]);
     assert!(g.json["last_used_at"].is_string());
-    for f in [
-        "user_id",
-        "kind",
-        "version",
-        "status",
-        "access_expires_at",
-        "refresh_expires_at",
-        "created_at",
-        "updated_at",
-    ] {
+    for f in
+        ["user_id", "kind", "version", "status", "access_expires_at", "refresh_expires_at", "created_at", "updated_at"]
+    {
         assert!(!g.json[f].is_null(), "missing {f}");
     }
 }
@@ -60,19 +42,8 @@ async fn garth_objects_round_trip_with_metadata_and_etag() {
 #[tokio::test]
 async fn replace_answers_200_and_bumps_version() {
     let app = TestApp::spawn().await;
-    assert_eq!(
-        app.put(&tokens_path("u1"))
-            .json(garth_body("a"))
-            .send()
-            .await
-            .status,
-        201
-    );
-    let r = app
-        .put(&tokens_path("u1"))
-        .json(garth_body("b"))
-        .send()
-        .await;
+    assert_eq!(app.put(&tokens_path("u1")).json(garth_body("a")).send().await.status, 201);
+    let r = app.put(&tokens_path("u1")).json(garth_body("b")).send().await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json["version"], 2);
     assert_eq!(r.header("etag"), Some("\"2\""));
@@ -86,36 +57,17 @@ async fn garth_dump_in_and_out() {
     let app = TestApp::spawn().await;
     let arr = json!([oauth1("d"), oauth2("d")]);
     let dump = base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&arr).unwrap());
-    let r = app
-        .put(&tokens_path("dumper"))
-        .json(json!({"kind": "garth", "garth_dump": dump}))
-        .send()
-        .await;
+    let r = app.put(&tokens_path("dumper")).json(json!({"kind": "garth", "garth_dump": dump})).send().await;
     assert_eq!(r.status, 201, "{}", r.text);
-    let g = app
-        .get(&format!(
-            "{}?representation=garth_dump",
-            tokens_path("dumper")
-        ))
-        .send()
-        .await;
+    let g = app.get(&format!("{}?representation=garth_dump", tokens_path("dumper"))).send().await;
     assert_eq!(g.status, 200, "{}", g.text);
     assert!(g.json.get("oauth1_token").is_none());
-    let back = base64::engine::general_purpose::STANDARD
-        .decode(g.json["garth_dump"].as_str().unwrap())
-        .unwrap();
-    assert_eq!(
-        serde_json::from_slice::<Value>(&back).unwrap(),
-        arr,
-        "loadable by garth.Client.loads()"
-    );
+    let back = base64::engine::general_purpose::STANDARD.decode(g.json["garth_dump"].as_str().unwrap()).unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&back).unwrap(), arr, "loadable by garth.Client.loads()");
     let g = app.get(&tokens_path("dumper")).send().await;
     assert_eq!(g.json["oauth1_token"], arr[0]);
     // Bad representation values are refused.
-    let g = app
-        .get(&format!("{}?representation=xml", tokens_path("dumper")))
-        .send()
-        .await;
+    let g = app.get(&format!("{}?representation=xml", tokens_path("dumper"))).send().await;
     g.assert_problem(422, "validation_failed");
 }
 
@@ -127,8 +79,7 @@ async fn garminconnect_bundle_takes_expiry_from_jwt_exp() {
                       "di_client_id": "client-1"});
     let r = app.put(&tokens_path("gc")).json(body.clone()).send().await;
     assert_eq!(r.status, 201, "{}", r.text);
-    let at = chrono::DateTime::parse_from_rfc3339(r.json["access_expires_at"].as_str().unwrap())
-        .unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(r.json["access_expires_at"].as_str().unwrap()).unwrap();
     assert_eq!(at.timestamp(), exp);
     let g = app.get(&tokens_path("gc")).send().await;
     for f in ["di_token", "di_refresh_token", "di_client_id"] {
@@ -137,15 +88,14 @@ async fn garminconnect_bundle_takes_expiry_from_jwt_exp() {
     // Opaque (non-JWT) tokens have no known expiry.
     let r = app
         .put(&tokens_path("gc2"))
-        .json(json!({"kind": "garminconnect", "di_token": "opaque", "di_refresh_token": "opaque2", "di_client_id": "c"}))
+        .json(
+            json!({"kind": "garminconnect", "di_token": "opaque", "di_refresh_token": "opaque2", "di_client_id": "c"}),
+        )
         .send()
         .await;
     assert_eq!(r.status, 201);
     assert!(r.json["access_expires_at"].is_null() && r.json["refresh_expires_at"].is_null());
-    let g = app
-        .get(&format!("{}?representation=garth_dump", tokens_path("gc2")))
-        .send()
-        .await;
+    let g = app.get(&format!("{}?representation=garth_dump", tokens_path("gc2"))).send().await;
     g.assert_problem(422, "validation_failed");
 }
 
@@ -154,43 +104,20 @@ async fn if_match_is_compare_and_set() {
     let app = TestApp::spawn().await;
     let p = tokens_path("cas");
     // If-Match on nothing stored.
-    let r = app
-        .put(&p)
-        .header("if-match", "\"1\"")
-        .json(garth_body("a"))
-        .send()
-        .await;
+    let r = app.put(&p).header("if-match", "\"1\"").json(garth_body("a")).send().await;
     r.assert_problem(412, "version_conflict");
     assert!(r.json["current_version"].is_null());
     app.put(&p).json(garth_body("a")).send().await;
-    let ok = app
-        .put(&p)
-        .header("if-match", "\"1\"")
-        .json(garth_body("b"))
-        .send()
-        .await;
+    let ok = app.put(&p).header("if-match", "\"1\"").json(garth_body("b")).send().await;
     assert_eq!(ok.status, 200);
     assert_eq!(ok.json["version"], 2);
-    let stale = app
-        .put(&p)
-        .header("if-match", "\"1\"")
-        .json(garth_body("c"))
-        .send()
-        .await;
+    let stale = app.put(&p).header("if-match", "\"1\"").json(garth_body("c")).send().await;
     stale.assert_problem(412, "version_conflict");
     assert_eq!(stale.json["current_version"], 2);
     let g = app.get(&p).send().await;
-    assert_eq!(
-        g.json["oauth2_token"]["access_token"], "acc-b-SECRET",
-        "a refused write changes nothing"
-    );
+    assert_eq!(g.json["oauth2_token"]["access_token"], "acc-b-SECRET", "a refused write changes nothing");
     // Malformed If-Match is refused, not ignored.
-    let r = app
-        .put(&p)
-        .header("if-match", "W/\"2\"")
-        .json(garth_body("c"))
-        .send()
-        .await;
+    let r = app.put(&p).header("if-match", "W/\"2\"").json(garth_body("c")).send().await;
     r.assert_problem(422, "validation_failed");
 }
 
@@ -198,19 +125,9 @@ async fn if_match_is_compare_and_set() {
 async fn if_none_match_star_only_creates() {
     let app = TestApp::spawn().await;
     let p = tokens_path("inm");
-    let r = app
-        .put(&p)
-        .header("if-none-match", "*")
-        .json(garth_body("a"))
-        .send()
-        .await;
+    let r = app.put(&p).header("if-none-match", "*").json(garth_body("a")).send().await;
     assert_eq!(r.status, 201);
-    let r = app
-        .put(&p)
-        .header("if-none-match", "*")
-        .json(garth_body("b"))
-        .send()
-        .await;
+    let r = app.put(&p).header("if-none-match", "*").json(garth_body("b")).send().await;
     r.assert_problem(412, "version_conflict");
     assert_eq!(r.json["current_version"], 1);
 }
@@ -220,33 +137,18 @@ async fn validation_failures_name_the_field_and_change_nothing() {
     let app = TestApp::spawn().await;
     let p = tokens_path("val");
     let mut body = garth_body("a");
-    body["oauth2_token"]
-        .as_object_mut()
-        .unwrap()
-        .remove("access_token");
+    body["oauth2_token"].as_object_mut().unwrap().remove("access_token");
     let r = app.put(&p).json(body).send().await;
     r.assert_problem(422, "validation_failed");
     assert_eq!(r.json["field"], "oauth2_token.access_token");
-    let r = app
-        .put(&p)
-        .json(json!({"kind": "garth", "oauth1_token": oauth1("a")}))
-        .send()
-        .await;
+    let r = app.put(&p).json(json!({"kind": "garth", "oauth1_token": oauth1("a")})).send().await;
     assert_eq!(r.json["field"], "oauth2_token");
     let r = app.put(&p).json(json!({"kind": 7})).send().await;
     assert_eq!(r.json["field"], "kind");
-    let r = app
-        .put(&p)
-        .json(json!(["not", "an", "object"]))
-        .send()
-        .await;
+    let r = app.put(&p).json(json!(["not", "an", "object"])).send().await;
     r.assert_problem(422, "validation_failed");
     // Malformed JSON.
-    let r = app
-        .put(&p)
-        .raw_body("application/json", "{\"kind\": ")
-        .send()
-        .await;
+    let r = app.put(&p).raw_body("application/json", "{\"kind\": ").send().await;
     assert!(r.status == 422 || r.status == 400, "{}", r.status);
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
     // Not JSON at all.
@@ -259,33 +161,20 @@ async fn validation_failures_name_the_field_and_change_nothing() {
     r.assert_problem(413, "payload_too_large");
     // Bad user ids.
     for bad in ["a%20b", "%C3%A9", &"x".repeat(129), "a%2Fb"] {
-        let r = app
-            .put(&tokens_path(bad))
-            .json(garth_body("a"))
-            .send()
-            .await;
+        let r = app.put(&tokens_path(bad)).json(garth_body("a")).send().await;
         r.assert_problem(422, "validation_failed");
         assert_eq!(r.json["field"], "user_id");
     }
     // Nothing was stored.
-    app.get(&p)
-        .send()
-        .await
-        .assert_problem(404, "tokens_not_found");
+    app.get(&p).send().await.assert_problem(404, "tokens_not_found");
     assert!(app.audit().await.iter().all(|e| e.type_ != "token.write"));
 }
 
 #[tokio::test]
 async fn missing_bundle_is_404_everywhere() {
     let app = TestApp::spawn().await;
-    app.get(&tokens_path("ghost"))
-        .send()
-        .await
-        .assert_problem(404, "tokens_not_found");
-    app.get(&format!("{}/metadata", tokens_path("ghost")))
-        .send()
-        .await
-        .assert_problem(404, "tokens_not_found");
+    app.get(&tokens_path("ghost")).send().await.assert_problem(404, "tokens_not_found");
+    app.get(&format!("{}/metadata", tokens_path("ghost"))).send().await.assert_problem(404, "tokens_not_found");
     app.post(&format!("{}/invalidate", tokens_path("ghost")))
         .json(json!({"reason": "x"}))
         .send()
@@ -300,11 +189,7 @@ async fn invalidate_destroys_ciphertext_and_answers_410() {
     let app = TestApp::spawn().await;
     let p = tokens_path("inv");
     app.put(&p).json(garth_body("a")).send().await;
-    let r = app
-        .post(&format!("{p}/invalidate"))
-        .json(json!({"reason": "password_changed"}))
-        .send()
-        .await;
+    let r = app.post(&format!("{p}/invalidate")).json(json!({"reason": "password_changed"})).send().await;
     assert_eq!(r.status, 204, "{}", r.text);
     assert_eq!(app.ciphertext("inv").await, None, "ciphertext destroyed");
     let g = app.get(&p).send().await;
@@ -322,11 +207,7 @@ async fn invalidate_destroys_ciphertext_and_answers_410() {
     assert_eq!(r.json["version"], 3);
     assert_eq!(r.json["status"], "valid");
     // Reasons are bounded.
-    let r = app
-        .post(&format!("{p}/invalidate"))
-        .json(json!({"reason": "x".repeat(201)}))
-        .send()
-        .await;
+    let r = app.post(&format!("{p}/invalidate")).json(json!({"reason": "x".repeat(201)})).send().await;
     r.assert_problem(422, "validation_failed");
 }
 
@@ -336,14 +217,8 @@ async fn delete_is_logout() {
     let p = tokens_path("bye");
     app.put(&p).json(garth_body("a")).send().await;
     assert_eq!(app.delete(&p).send().await.status, 204);
-    app.get(&p)
-        .send()
-        .await
-        .assert_problem(404, "tokens_not_found");
-    assert_eq!(
-        app.get("/api/v1/users/bye/auth-status").send().await.json["status"],
-        "MISSING"
-    );
+    app.get(&p).send().await.assert_problem(404, "tokens_not_found");
+    assert_eq!(app.get("/api/v1/users/bye/auth-status").send().await.json["status"], "MISSING");
 }
 
 #[tokio::test]
@@ -355,10 +230,7 @@ async fn expiry_drives_status() {
     assert_eq!(r.status, 201);
     assert_eq!(r.json["status"], "access_expired");
     assert_eq!(app.get(&tokens_path("stale")).send().await.status, 200);
-    assert_eq!(
-        app.get("/api/v1/users/stale/auth-status").send().await.json["status"],
-        "VALID"
-    );
+    assert_eq!(app.get("/api/v1/users/stale/auth-status").send().await.json["status"], "VALID");
     // Refresh expired: accepted and reported, but not handed out.
     let body = json!({"kind": "garth", "oauth1_token": oauth1("y"), "oauth2_token": oauth2_with("y", future(-120), future(-60))});
     let r = app.put(&tokens_path("dead")).json(body).send().await;
@@ -377,14 +249,8 @@ async fn auth_status_reports_each_state() {
     let app = TestApp::spawn().await;
     let s = app.get("/api/v1/users/nobody/auth-status").send().await;
     assert_eq!(s.status, 200);
-    assert_eq!(
-        s.json,
-        json!({"user_id": "nobody", "status": "MISSING", "tokens": null, "session": null})
-    );
-    app.put(&tokens_path("ok"))
-        .json(garth_body("a"))
-        .send()
-        .await;
+    assert_eq!(s.json, json!({"user_id": "nobody", "status": "MISSING", "tokens": null, "session": null}));
+    app.put(&tokens_path("ok")).json(garth_body("a")).send().await;
     let s = app.get("/api/v1/users/ok/auth-status").send().await;
     assert_eq!(s.json["status"], "VALID");
     assert_eq!(s.json["tokens"]["version"], 1);
@@ -393,10 +259,7 @@ async fn auth_status_reports_each_state() {
 #[tokio::test]
 async fn database_holds_ciphertext_never_token_strings() {
     let app = TestApp::spawn().await;
-    app.put(&tokens_path("raw1"))
-        .json(garth_body("raw1"))
-        .send()
-        .await;
+    app.put(&tokens_path("raw1")).json(garth_body("raw1")).send().await;
     let di = json!({"kind": "garminconnect", "di_token": "di-access-RAWSECRET", "di_refresh_token": "di-refresh-RAWSECRET",
                     "di_client_id": "di-client-RAWSECRET"});
     app.put(&tokens_path("raw2")).json(di).send().await;
@@ -405,19 +268,9 @@ async fn database_holds_ciphertext_never_token_strings() {
     app.get(&tokens_path("raw2")).send().await;
     let raw = app.raw_database().await;
     assert!(raw.len() > 1000, "the dump is not empty");
-    assert!(
-        contains(&raw, "raw1"),
-        "the dump really holds rows (user id is plain)"
-    );
+    assert!(contains(&raw, "raw1"), "the dump really holds rows (user id is plain)");
     let mut secrets = garth_secrets("raw1");
-    secrets.extend(
-        [
-            "di-access-RAWSECRET",
-            "di-refresh-RAWSECRET",
-            "di-client-RAWSECRET",
-        ]
-        .map(String::from),
-    );
+    secrets.extend(["di-access-RAWSECRET", "di-refresh-RAWSECRET", "di-client-RAWSECRET"].map(String::from));
     for s in &secrets {
         assert!(!contains(&raw, s), "plaintext {s} found in the database");
     }
@@ -427,56 +280,31 @@ async fn database_holds_ciphertext_never_token_strings() {
 #[tokio::test]
 async fn ciphertext_moved_between_users_fails_cleanly() {
     let app = TestApp::spawn().await;
-    app.put(&tokens_path("alice"))
-        .json(garth_body("alice"))
-        .send()
-        .await;
-    app.put(&tokens_path("bob"))
-        .json(garth_body("bob"))
-        .send()
-        .await;
-    let (a, b) = (
-        app.ciphertext("alice").await.unwrap(),
-        app.ciphertext("bob").await.unwrap(),
-    );
+    app.put(&tokens_path("alice")).json(garth_body("alice")).send().await;
+    app.put(&tokens_path("bob")).json(garth_body("bob")).send().await;
+    let (a, b) = (app.ciphertext("alice").await.unwrap(), app.ciphertext("bob").await.unwrap());
     app.set_ciphertext("alice", &b).await;
     app.set_ciphertext("bob", &a).await;
     for user in ["alice", "bob"] {
         let r = app.get(&tokens_path(user)).send().await;
         r.assert_problem(500, "internal_error");
-        for s in garth_secrets("alice")
-            .iter()
-            .chain(garth_secrets("bob").iter())
-        {
+        for s in garth_secrets("alice").iter().chain(garth_secrets("bob").iter()) {
             assert!(!r.text.contains(s.as_str()), "plaintext leaked");
         }
     }
-    let errors: Vec<_> = app
-        .audit()
-        .await
-        .into_iter()
-        .filter(|e| e.type_ == "token.read" && e.outcome == "error")
-        .collect();
+    let errors: Vec<_> =
+        app.audit().await.into_iter().filter(|e| e.type_ == "token.read" && e.outcome == "error").collect();
     assert_eq!(errors.len(), 2);
     assert!(errors.iter().all(|e| e.details.contains("decrypt_failed")));
     // A flipped byte and a truncated envelope are caught the same way.
-    app.put(&tokens_path("carol"))
-        .json(garth_body("carol"))
-        .send()
-        .await;
+    app.put(&tokens_path("carol")).json(garth_body("carol")).send().await;
     let mut c = app.ciphertext("carol").await.unwrap();
     let last = c.len() - 1;
     c[last] ^= 1;
     app.set_ciphertext("carol", &c).await;
-    app.get(&tokens_path("carol"))
-        .send()
-        .await
-        .assert_problem(500, "internal_error");
+    app.get(&tokens_path("carol")).send().await.assert_problem(500, "internal_error");
     app.set_ciphertext("carol", &c[..10]).await;
-    app.get(&tokens_path("carol"))
-        .send()
-        .await
-        .assert_problem(500, "internal_error");
+    app.get(&tokens_path("carol")).send().await.assert_problem(500, "internal_error");
 }
 
 #[tokio::test]
@@ -484,33 +312,18 @@ async fn every_token_call_writes_one_audit_row_without_secrets() {
     let app = TestApp::spawn().await;
     let p = tokens_path("aud");
     let before = app.audit().await.len();
-    let r = app
-        .put(&p)
-        .header("x-request-id", "req-123")
-        .json(garth_body("aud"))
-        .send()
-        .await;
+    let r = app.put(&p).header("x-request-id", "req-123").json(garth_body("aud")).send().await;
     assert_eq!(r.header("x-request-id"), Some("req-123"));
     app.get(&p).send().await;
     app.get(&format!("{p}/metadata")).send().await;
     app.get("/api/v1/users/aud/auth-status").send().await;
-    app.put(&p)
-        .header("if-match", "\"9\"")
-        .json(garth_body("aud"))
-        .send()
-        .await;
-    app.post(&format!("{p}/invalidate"))
-        .json(json!({}))
-        .send()
-        .await;
+    app.put(&p).header("if-match", "\"9\"").json(garth_body("aud")).send().await;
+    app.post(&format!("{p}/invalidate")).json(json!({})).send().await;
     app.get(&p).send().await;
     app.delete(&p).send().await;
     let events = app.audit().await;
     let new: Vec<_> = events[before..].iter().collect();
-    let types: Vec<(&str, &str)> = new
-        .iter()
-        .map(|e| (e.type_.as_str(), e.outcome.as_str()))
-        .collect();
+    let types: Vec<(&str, &str)> = new.iter().map(|e| (e.type_.as_str(), e.outcome.as_str())).collect();
     assert_eq!(
         types,
         vec![
@@ -526,17 +339,49 @@ async fn every_token_call_writes_one_audit_row_without_secrets() {
     );
     assert_eq!(new[0].request_id.as_deref(), Some("req-123"));
     assert!(new.iter().all(|e| e.user_id.as_deref() == Some("aud")));
-    assert!(
-        new.iter()
-            .all(|e| e.actor.as_deref().is_some_and(|a| a.starts_with("key:")))
-    );
-    assert!(
-        new[1..]
-            .iter()
-            .all(|e| e.request_id.as_deref().is_some_and(|r| !r.is_empty()))
-    );
+    assert!(new.iter().all(|e| e.actor.as_deref().is_some_and(|a| a.starts_with("key:"))));
+    assert!(new[1..].iter().all(|e| e.request_id.as_deref().is_some_and(|r| !r.is_empty())));
     let all = format!("{new:?}");
     for s in garth_secrets("aud") {
         assert!(!all.contains(&s));
     }
+}
+
+#[tokio::test]
+async fn if_none_match_star_lets_a_dead_bundle_be_replaced() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("relogin");
+    let dead = json!({"kind": "garth", "oauth1_token": oauth1("x"), "oauth2_token": oauth2_with("x", future(-120), future(-60))});
+    assert_eq!(app.put(&p).json(dead).send().await.status, 201);
+    let r = app.put(&p).header("if-none-match", "*").json(garth_body("y")).send().await;
+    assert_eq!(r.status, 201, "a bundle past its refresh expiry is not usable: {}", r.text);
+    assert_eq!(r.json["version"], 2);
+    assert_eq!(r.json["status"], "valid");
+}
+
+#[tokio::test]
+async fn garth_dump_of_a_di_bundle_is_refused_before_decrypting() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("di");
+    let body = json!({"kind": "garminconnect", "di_token": "a", "di_refresh_token": "b", "di_client_id": "c"});
+    app.put(&p).json(body).send().await;
+    let r = app.get(&format!("{p}?representation=garth_dump")).send().await;
+    r.assert_problem(422, "validation_failed");
+    assert_eq!(r.json["field"], "representation");
+    let last = app.audit().await.pop().unwrap();
+    assert_eq!((last.type_.as_str(), last.outcome.as_str()), ("token.read", "failure"));
+    let m = app.get(&format!("{p}/metadata")).send().await;
+    assert!(m.json["last_used_at"].is_null(), "nothing was handed out");
+}
+
+#[tokio::test]
+async fn invalidate_accepts_an_empty_body() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("empty");
+    app.put(&p).json(garth_body("a")).send().await;
+    let r = app.post(&format!("{p}/invalidate")).send().await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(app.get(&p).send().await.json["reason"], "invalidated");
+    let r = app.post(&format!("{p}/invalidate")).raw_body("application/json", "{oops").send().await;
+    r.assert_problem(422, "validation_failed");
 }
