@@ -57,6 +57,7 @@ impl Aad {
 struct Key {
     id: String,
     cipher: Aes256Gcm,
+    raw: Zeroizing<[u8; 32]>,
 }
 
 /// Keys by id; the first one encrypts, all of them decrypt.
@@ -114,7 +115,9 @@ impl Keyring {
             }
             let cipher = Aes256Gcm::new_from_slice(&raw)
                 .map_err(|_| KeyringError::Invalid(format!("key '{id}' has the wrong length")))?;
-            keys.push(Key { id: id.to_string(), cipher });
+            let mut bytes = Zeroizing::new([0u8; 32]);
+            bytes.copy_from_slice(&raw);
+            keys.push(Key { id: id.to_string(), cipher, raw: bytes });
         }
         if keys.is_empty() {
             return Err(KeyringError::Invalid("no keys given".into()));
@@ -169,6 +172,20 @@ impl Keyring {
         out.extend_from_slice(&nonce_bytes);
         out.extend_from_slice(&ct);
         out
+    }
+
+    /// A 256-bit subkey for another purpose (HMAC keys for the audit chain, tried-code MACs),
+    /// derived from key `key_id` as HMAC-SHA256(key, "centraldb-mfa/" + label). Someone with
+    /// the database but not the keyring cannot compute it. `None` if the id is not in the ring.
+    pub fn derive(&self, key_id: &str, label: &str) -> Option<Zeroizing<[u8; 32]>> {
+        use hmac::{KeyInit as _, Mac};
+        let key = self.keys.iter().find(|k| k.id == key_id)?;
+        let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(key.raw.as_slice()).ok()?;
+        mac.update(b"centraldb-mfa/");
+        mac.update(label.as_bytes());
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&mac.finalize().into_bytes());
+        Some(out)
     }
 
     /// The key id an envelope names, without decrypting it.
@@ -252,6 +269,16 @@ mod tests {
         assert_eq!(k_both.decrypt(&env_old, &aad).unwrap().as_slice(), b"x");
         let k_new_only = ring(&spec("new"));
         assert_eq!(k_new_only.decrypt(&env_old, &aad), Err(CryptoError::UnknownKey("old".into())));
+    }
+
+    #[test]
+    fn derived_keys_differ_by_label_and_key() {
+        let k = ring(&format!("{},{}", spec("a"), spec("b")));
+        let a1 = k.derive("a", "audit-chain/v1").unwrap();
+        assert_eq!(*a1, *k.derive("a", "audit-chain/v1").unwrap());
+        assert_ne!(*a1, *k.derive("a", "attempt-code/v1").unwrap());
+        assert_ne!(*a1, *k.derive("b", "audit-chain/v1").unwrap());
+        assert!(k.derive("zz", "audit-chain/v1").is_none());
     }
 
     #[test]
