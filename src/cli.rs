@@ -1,5 +1,5 @@
-//! The command line: `serve` (default), `migrate`, `keygen`, `api-key`, `rewrap`, `openapi`,
-//! `healthcheck`.
+//! The command line: `serve` (default), `migrate`, `keygen`, `api-key`, `rewrap`, `audit`,
+//! `openapi`, `healthcheck`.
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
@@ -10,7 +10,11 @@ use crate::{
     config::Settings,
     crypto::keyring::{generate_key_b64, valid_key_id},
     domain::Scopes,
-    services::{api_keys, audit::AuditContext, keys},
+    services::{
+        api_keys,
+        audit::{self, AuditContext},
+        keys,
+    },
     startup::{self, Application},
     telemetry,
 };
@@ -41,8 +45,12 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
-    /// Re-encrypt every stored ciphertext under the active (first) key and report counts.
+    /// Re-encrypt every stored ciphertext under the active (first) key, re-seal the audit chain
+    /// under it, and report counts.
     Rewrap,
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Print the OpenAPI document.
     Openapi,
     /// Exit 0 when /healthz on the configured listen address answers 200 (for container health checks).
@@ -67,6 +75,12 @@ pub enum ApiKeyCommand {
     List,
     /// Revoke a key by id.
     Revoke { id: uuid::Uuid },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the HMAC chain: every event, no missing seq, the head. Exits 1 if it is broken.
+    Verify,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -202,8 +216,12 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
             };
             match keys::rewrap(db, &ring, &AuditContext::system("cli")).await {
                 Ok(r) => {
+                    let audit = match &r.audit_broken {
+                        None => format!("re-sealed {} audit event(s)", r.resealed),
+                        Some(b) => format!("audit chain NOT re-sealed: {}", broken(b)),
+                    };
                     println!(
-                        "rewrapped {} ciphertext(s) under key '{}'; {} changed concurrently and were left as written; {} failed to decrypt",
+                        "rewrapped {} ciphertext(s) under key '{}'; {} changed concurrently and were left as written; {} failed to decrypt; {audit}",
                         r.rewrapped,
                         ring.active_key_id(),
                         r.skipped_changed,
@@ -212,12 +230,38 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
                     for u in &r.failed {
                         eprintln!("failed to decrypt the bundle of user {u}");
                     }
-                    if r.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                    if r.failed.is_empty() && r.audit_broken.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let ring = match startup::open_keyring(settings, db).await {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            match audit::verify(db, &ring).await {
+                Ok(r) if r.ok => {
+                    println!("audit chain ok: {} events", r.events_checked);
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    println!("audit chain {}", broken(&r));
+                    ExitCode::FAILURE
                 }
                 Err(e) => fail(e),
             }
         }
         Command::Serve | Command::Keygen { .. } | Command::Openapi | Command::Healthcheck { .. } => ExitCode::SUCCESS,
+    }
+}
+
+/// `BROKEN at seq S: reason` for a chain that did not verify.
+fn broken(r: &audit::VerifyReport) -> String {
+    let reason = r.reason.as_deref().unwrap_or("unknown");
+    match r.first_bad_seq {
+        Some(seq) => format!("BROKEN at seq {seq}: {reason}"),
+        None => format!("BROKEN: {reason}"),
     }
 }
 

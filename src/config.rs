@@ -104,6 +104,15 @@ pub struct Settings {
     pub sqlite_busy_timeout: Duration,
     pub sqlite_synchronous: SqliteSync,
     pub api_key_cache_ttl: Duration,
+    pub argon2: crate::services::code_hasher::Argon2Settings,
+    /// Concurrent argon2 computations (default: the number of cores).
+    pub argon2_workers: usize,
+    /// argon2 computations allowed to wait for a worker; past that, 503.
+    pub argon2_queue: usize,
+    pub mfa: crate::services::mfa::MfaLimits,
+    pub sweep_interval: Duration,
+    /// How long terminal challenges and sessions are kept before the sweeper deletes them.
+    pub retention: Duration,
 }
 
 pub const DEFAULT_SQLITE_FILE: &str = "centraldb-mfa.db";
@@ -243,6 +252,32 @@ impl Settings {
             "a whole number of seconds",
         )?);
 
+        let num = |var: &str, default: u64, min: u64, max: u64| -> Result<u64, ConfigError> {
+            let v = parse(var, get(var), default, "a whole number")?;
+            if (min..=max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(ConfigError::new(var, format!("must be between {min} and {max}")))
+            }
+        };
+        let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(2);
+        let argon2 = crate::services::code_hasher::Argon2Settings {
+            memory_kib: num("CENTRALDB_ARGON2_MEMORY_KIB", 19 * 1024, 8, 4 * 1024 * 1024)? as u32,
+            iterations: num("CENTRALDB_ARGON2_ITERATIONS", 2, 1, 100)? as u32,
+            parallelism: num("CENTRALDB_ARGON2_PARALLELISM", 1, 1, 64)? as u32,
+        };
+        let argon2_workers = num("CENTRALDB_ARGON2_WORKERS", cores, 1, 1024)? as usize;
+        let argon2_queue = num("CENTRALDB_ARGON2_QUEUE", 64, 0, 100_000)? as usize;
+        let mfa = crate::services::mfa::MfaLimits {
+            max_pending_per_user: num("CENTRALDB_MFA_MAX_PENDING_PER_USER", 3, 1, 100)? as i64,
+            failure_budget: num("CENTRALDB_MFA_FAILURE_BUDGET", 100, 1, 1_000_000)? as i64,
+            failure_window: Duration::from_secs(num("CENTRALDB_MFA_FAILURE_WINDOW_SECS", 86_400, 60, 30 * 86_400)?),
+            max_pending_global: num("CENTRALDB_MFA_MAX_PENDING_GLOBAL", 100_000, 1, 100_000_000)? as i64,
+            consume_window: Duration::from_secs(num("CENTRALDB_MFA_CONSUME_WINDOW_SECS", 300, 10, 3600)?),
+        };
+        let sweep_interval = Duration::from_secs(num("CENTRALDB_SWEEP_INTERVAL_SECS", 30, 1, 86_400)?);
+        let retention = Duration::from_secs(num("CENTRALDB_RETENTION_SECS", 7 * 86_400, 0, 3650 * 86_400)?);
+
         Ok(Self {
             data_dir,
             database_url,
@@ -257,6 +292,12 @@ impl Settings {
             sqlite_busy_timeout,
             sqlite_synchronous,
             api_key_cache_ttl,
+            argon2,
+            argon2_workers,
+            argon2_queue,
+            mfa,
+            sweep_interval,
+            retention,
         })
     }
 

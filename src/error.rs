@@ -60,6 +60,18 @@ pub enum ApiError {
     DecryptFailed,
     #[error("internal error: {0}")]
     Internal(String),
+    /// Any other problem with its own status and code (conflicts, limits, locks, ...).
+    #[error("{}: {}", .0.code, .0.detail)]
+    Coded(Box<CodedProblem>),
+}
+
+#[derive(Debug)]
+pub struct CodedProblem {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+    pub extra: Map<String, Value>,
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -68,6 +80,31 @@ impl ApiError {
     }
     pub fn field(field: impl Into<String>, detail: impl Into<String>) -> Self {
         Self::Validation { detail: detail.into(), field: Some(field.into()) }
+    }
+    pub fn coded(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self::Coded(Box::new(CodedProblem {
+            status,
+            code,
+            detail: detail.into(),
+            extra: Map::new(),
+            retry_after: None,
+        }))
+    }
+    /// Adds an extra member to a `Coded` problem (ignored on other variants).
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        if let Self::Coded(p) = &mut self {
+            p.extra.insert(key.to_string(), value.into());
+        }
+        self
+    }
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        if let Self::Coded(p) = &mut self {
+            p.retry_after = Some(secs.max(1));
+        }
+        self
+    }
+    pub fn not_found(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::NotFound { code, detail: detail.into() }
     }
     pub fn tokens_not_found() -> Self {
         Self::NotFound { code: "tokens_not_found", detail: "no token bundle is stored for this user".into() }
@@ -87,6 +124,7 @@ impl ApiError {
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             Self::DecryptFailed | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Coded(p) => p.status,
         }
     }
 
@@ -104,6 +142,7 @@ impl ApiError {
             Self::Unavailable { .. } => "unavailable",
             Self::InsufficientStorage => "insufficient_storage",
             Self::DecryptFailed | Self::Internal(_) => "internal_error",
+            Self::Coded(p) => p.code,
         }
     }
 
@@ -137,6 +176,10 @@ impl ApiError {
             Self::Unavailable { detail, .. } => (*detail).to_string(),
             Self::InsufficientStorage => "the database has no space left; try again later".into(),
             Self::DecryptFailed | Self::Internal(_) => "an internal error occurred; it has been logged".into(),
+            Self::Coded(p) => {
+                extra.extend(p.extra.clone());
+                p.detail.clone()
+            }
         };
         Problem {
             type_: format!("urn:centraldb-mfa:problem:{}", self.code()),
@@ -185,6 +228,11 @@ impl IntoResponse for ApiError {
             }
             Self::InsufficientStorage => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(30u32));
+            }
+            Self::Coded(p) => {
+                if let Some(secs) = p.retry_after {
+                    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
             }
             Self::Unauthenticated { .. } => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

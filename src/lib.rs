@@ -13,6 +13,7 @@ pub mod startup;
 pub mod state;
 #[macro_use]
 pub mod store;
+pub mod sweeper;
 pub mod telemetry;
 
 pub use state::AppState;

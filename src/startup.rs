@@ -26,6 +26,8 @@ pub enum StartupError {
     Keys(String),
     #[error("API keys: {0}")]
     ApiKeys(String),
+    #[error("settings: {0}")]
+    Settings(String),
     #[error("cannot listen on {addr}: {error}")]
     Listen { addr: SocketAddr, error: std::io::Error },
 }
@@ -109,7 +111,7 @@ pub async fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     {
         tracing::warn!(path = %path.display(), "no API key existed: created an admin API key and wrote it to this file (mode 0600)");
     }
-    Ok(AppState::new(db, ring, settings))
+    AppState::new(db, ring, settings).map_err(StartupError::Settings)
 }
 
 pub struct Application {
@@ -149,10 +151,20 @@ impl Application {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, database = db.backend(), "centraldb-mfa listening");
         }
+        // One signal stops both the HTTP server (after in-flight requests) and the sweeper.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut sweeper_stop = stop_rx.clone();
+        let sweeper = tokio::spawn(crate::sweeper::run(state.clone(), async move {
+            let _ = sweeper_stop.wait_for(|stopped| *stopped).await;
+        }));
         let app = api::app(state);
         let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                let _ = stop_tx.send(true);
+            })
             .await;
+        let _ = sweeper.await;
         upkeep.abort();
         db.close().await;
         tracing::info!("stopped");

@@ -7,7 +7,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::{
     config::Settings,
     crypto::Keyring,
-    services::{api_keys::ApiKeys, tokens::Vault},
+    services::{api_keys::ApiKeys, code_hasher::CodeHasher, mfa::Mfa, sessions::Sessions, tokens::Vault},
     store::Db,
 };
 
@@ -18,20 +18,26 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub api_keys: Arc<ApiKeys>,
     pub vault: Vault,
+    pub mfa: Mfa,
+    pub sessions: Sessions,
     pub metrics: PrometheusHandle,
 }
 
 impl AppState {
-    pub fn new(db: Db, keyring: Keyring, settings: Settings) -> Self {
+    /// Fails only on settings that cannot work (argon2 parameters out of range).
+    pub fn new(db: Db, keyring: Keyring, settings: Settings) -> Result<Self, String> {
         let keyring = Arc::new(keyring);
         let api_keys = Arc::new(ApiKeys::new(db.clone(), settings.api_key_cache_ttl));
-        Self {
+        let hasher = CodeHasher::new(settings.argon2, settings.argon2_workers, settings.argon2_queue)?;
+        Ok(Self {
             vault: Vault::new(db.clone(), keyring.clone()),
+            mfa: Mfa::new(db.clone(), keyring.clone(), hasher, settings.mfa.clone()),
+            sessions: Sessions::new(db.clone(), keyring.clone()),
             db,
             keyring,
             settings: Arc::new(settings),
             api_keys,
             metrics: crate::telemetry::metrics_handle(),
-        }
+        })
     }
 }

@@ -36,17 +36,33 @@ CREATE TABLE key_checks (
     created_at TEXT NOT NULL
 );
 
+-- The audit log. `seq` is assigned by the service from `audit_chain` (gap-free, never reused);
+-- `hmac` = HMAC-SHA256(K, previous event's hmac || canonical encoding of this event), where K is
+-- derived from the keyring key named by `chain_key_id`. Editing, deleting or reordering rows
+-- breaks the chain (`centraldb-mfa audit verify`, `GET /api/v1/audit/verify`).
 CREATE TABLE audit_events (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    id         BLOB NOT NULL UNIQUE,
-    at         TEXT NOT NULL,
-    type       TEXT NOT NULL,
-    outcome    TEXT NOT NULL,
-    user_id    TEXT,
-    actor      TEXT,
-    request_id TEXT,
-    source_ip  TEXT,
-    details    TEXT NOT NULL
+    seq          INTEGER PRIMARY KEY NOT NULL,
+    id           BLOB NOT NULL UNIQUE,
+    at           TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    outcome      TEXT NOT NULL,
+    user_id      TEXT,
+    actor        TEXT,
+    request_id   TEXT,
+    source_ip    TEXT,
+    details      TEXT NOT NULL,
+    chain_key_id TEXT NOT NULL,
+    hmac         BLOB NOT NULL
 );
 CREATE INDEX audit_events_user ON audit_events (user_id, seq);
 CREATE INDEX audit_events_type ON audit_events (type, seq);
+CREATE INDEX audit_events_chain_key ON audit_events (chain_key_id);
+
+-- The head of the audit chain: the last seq handed out and the last event's hmac. Updating it
+-- first in every audit write serialises chain writers (and catches deleted tail events).
+CREATE TABLE audit_chain (
+    id        INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+    last_seq  INTEGER NOT NULL,
+    last_hmac BLOB NOT NULL
+);
+INSERT INTO audit_chain (id, last_seq, last_hmac) VALUES (1, 0, zeroblob(32));

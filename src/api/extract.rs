@@ -86,6 +86,24 @@ impl<S: Send + Sync> FromRequestParts<S> for UserPath {
     }
 }
 
+/// A UUID from a path segment; anything else is a 422 naming `field`.
+pub fn parse_uuid(field: &str, raw: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(raw).map_err(|_| ApiError::field(field, format!("{field} must be a UUID")))
+}
+
+/// The `{id}` path segment, a UUID.
+pub struct IdPath(pub uuid::Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::field("id", "id in the path is not valid"))?;
+        parse_uuid("id", &raw).map(Self)
+    }
+}
+
 /// The audit context of a request: request id and peer address (the actor comes from `Auth`).
 pub fn audit_context(parts: &Parts) -> AuditContext {
     AuditContext {
@@ -179,7 +197,7 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
 async fn deny(state: &AppState, ctx: &AuditContext, details: serde_json::Value) {
     let result = async {
         let mut tx = state.db.begin_write().await?;
-        audit::record(&mut tx.conn(), ctx, "auth.denied", Outcome::Denied, None, details).await?;
+        audit::record(&mut tx.conn(), &state.keyring, ctx, "auth.denied", Outcome::Denied, None, details).await?;
         tx.commit().await
     }
     .await;

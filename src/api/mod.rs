@@ -1,8 +1,10 @@
 //! The HTTP surface: one router per resource, assembled with its OpenAPI document.
 
 pub mod extract;
+pub mod mfa;
 pub mod middleware;
 pub mod ops;
+pub mod sessions;
 pub mod tokens;
 
 use axum::{
@@ -33,6 +35,8 @@ use crate::{error::Problem, state::AppState};
     modifiers(&BearerAuth),
     tags(
         (name = "tokens", description = "Encrypted token bundles (garth, python-garminconnect)"),
+        (name = "mfa", description = "MFA challenges, checked here (argon2id) or by Garmin"),
+        (name = "sessions", description = "Login flows and their state machine"),
         (name = "operations", description = "Health, readiness, metrics (no auth)"),
     )
 )]
@@ -58,7 +62,11 @@ impl Modify for BearerAuth {
 }
 
 fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).nest("/api/v1", tokens::router()).merge(ops::router())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/api/v1", tokens::router())
+        .nest("/api/v1", mfa::router())
+        .nest("/api/v1", sessions::router())
+        .merge(ops::router())
 }
 
 /// The OpenAPI document of the running code (what `openapi.json` must equal).

@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
+    domain::mfa::SessionState,
     domain::{
         TokenBundle,
         tokens::{BundleKind, garth_dump},
@@ -153,13 +154,13 @@ pub enum AuthStatusValue {
 #[derive(Serialize, ToSchema)]
 pub struct AuthStatus {
     pub user_id: String,
-    /// `VALID` (usable; refresh if `tokens.status` is `access_expired`), `MISSING`, `EXPIRED`
-    /// (a new login is needed), `MFA_PENDING`.
+    /// `VALID` (usable; refresh if `tokens.status` is `access_expired`), `MFA_PENDING` (no
+    /// usable tokens, and a login session waits for or has passed MFA), `MISSING`, `EXPIRED`
+    /// (a new login is needed).
     pub status: AuthStatusValue,
     pub tokens: Option<TokenMetadata>,
-    /// The user's active login session, when there is one.
-    #[schema(value_type = Option<Object>)]
-    pub session: Option<Value>,
+    /// The user's newest active login session, when there is one.
+    pub session: Option<crate::services::sessions::SessionView>,
 }
 
 // ---- helpers -----------------------------------------------------------------------------
@@ -397,10 +398,14 @@ async fn auth_status(
     State(state): State<AppState>,
 ) -> Result<axum::Json<AuthStatus>, ApiError> {
     let meta = state.vault.metadata(&auth.ctx, &user, "auth_status.read").await?;
+    let session = state.sessions.current(&user).await?;
+    let in_mfa =
+        session.as_ref().is_some_and(|s| matches!(s.state, SessionState::MfaRequired | SessionState::MfaVerified));
     let status = match meta.as_ref().map(|m| m.status) {
+        Some(TokenStatus::Valid | TokenStatus::AccessExpired) => AuthStatusValue::Valid,
+        _ if in_mfa => AuthStatusValue::MfaPending,
         None => AuthStatusValue::Missing,
         Some(TokenStatus::ReauthRequired) => AuthStatusValue::Expired,
-        Some(TokenStatus::Valid | TokenStatus::AccessExpired) => AuthStatusValue::Valid,
     };
-    Ok(axum::Json(AuthStatus { user_id: user.to_string(), status, tokens: meta, session: None }))
+    Ok(axum::Json(AuthStatus { user_id: user.to_string(), status, tokens: meta, session }))
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::{
     config::Settings,
     crypto::{Aad, Keyring, keyring::generate_key_b64},
-    services::audit::{self, AuditContext, Outcome},
+    services::audit::{self, AuditContext, Outcome, VerifyReport},
     store::{self, Db, StoreError},
 };
 
@@ -73,18 +73,23 @@ async fn key_ids_known(db: &Db) -> Result<Vec<String>, StoreError> {
     let mut c = db.read().await?;
     let mut ids: Vec<String> = store::keys::all(&mut c.conn()).await?.into_iter().map(|(id, _)| id).collect();
     ids.extend(store::tokens::key_ids_in_use(&mut c.conn()).await?);
+    ids.extend(store::audit::chain_key_ids(&mut c.conn()).await?);
     ids.sort();
     ids.dedup();
     Ok(ids)
 }
 
 /// Checks, before anything is written, that every key in the ring that has been used here is the
-/// same key, and that every key id the data is encrypted under is in the ring. Then records a
-/// check value for the active key.
+/// same key, and that every key id the data is encrypted under, and the audit chain is sealed
+/// under, is in the ring. Then records a check value for the active key.
 pub async fn verify_keyring(db: &Db, ring: &Keyring) -> Result<(), KeyError> {
-    let (checks, in_use) = {
+    let (checks, in_use, chain_ids) = {
         let mut c = db.read().await?;
-        (store::keys::all(&mut c.conn()).await?, store::tokens::key_ids_in_use(&mut c.conn()).await?)
+        (
+            store::keys::all(&mut c.conn()).await?,
+            store::tokens::key_ids_in_use(&mut c.conn()).await?,
+            store::audit::chain_key_ids(&mut c.conn()).await?,
+        )
     };
     for (id, envelope) in &checks {
         if ring.has_key(id) && ring.decrypt(envelope, &Aad::key_check(id)).is_err() {
@@ -97,6 +102,16 @@ pub async fn verify_keyring(db: &Db, ring: &Keyring) -> Result<(), KeyError> {
     if !missing.is_empty() {
         return Err(KeyError::Config(format!(
             "stored data is encrypted under key id(s) {} which the keyring does not contain (have: {})",
+            missing.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", "),
+            ring.key_ids().join(", ")
+        )));
+    }
+    let missing: Vec<&String> = chain_ids.iter().filter(|id| !ring.has_key(id)).collect();
+    if !missing.is_empty() {
+        return Err(KeyError::Config(format!(
+            "the audit log is sealed under key id(s) {} which the keyring does not contain (have: {}), so it \
+             could not be verified; put the key back (`centraldb-mfa rewrap` with it present re-seals the log \
+             under the active key, after which it can go)",
             missing.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", "),
             ring.key_ids().join(", ")
         )));
@@ -119,10 +134,15 @@ pub struct RewrapReport {
     pub skipped_changed: u64,
     /// Rows that failed to decrypt (user ids listed; never their contents).
     pub failed: Vec<String>,
+    /// Audit events re-sealed under the active key.
+    pub resealed: u64,
+    /// Set when the audit chain did not verify; it was then left exactly as it was.
+    pub audit_broken: Option<VerifyReport>,
 }
 
 /// Re-encrypts every stored ciphertext not under the active key. Each row is swapped by
-/// compare-and-set, so a concurrent write is never overwritten.
+/// compare-and-set, so a concurrent write is never overwritten. Then verifies the audit chain and
+/// re-seals it under the active key (refused, and reported, if it does not verify).
 pub async fn rewrap(db: &Db, ring: &Keyring, ctx: &AuditContext) -> Result<RewrapReport, StoreError> {
     let active = ring.active_key_id().to_string();
     let mut report = RewrapReport::default();
@@ -150,15 +170,23 @@ pub async fn rewrap(db: &Db, ring: &Keyring, ctx: &AuditContext) -> Result<Rewra
             tx.commit().await?;
         }
     }
+    let sealed = audit::reseal(db, ring).await?;
+    report.resealed = sealed.resealed;
+    if !sealed.verified.ok {
+        report.audit_broken = Some(sealed.verified);
+    }
     let mut tx = db.begin_write().await?;
     audit::record(
         &mut tx.conn(),
+        ring,
         ctx,
         "key.rewrap",
-        if report.failed.is_empty() { Outcome::Success } else { Outcome::Failure },
+        if report.failed.is_empty() && report.audit_broken.is_none() { Outcome::Success } else { Outcome::Failure },
         None,
         json!({"active_key_id": active, "rewrapped": report.rewrapped,
-               "skipped_changed": report.skipped_changed, "failed": report.failed.len()}),
+               "skipped_changed": report.skipped_changed, "failed": report.failed.len(),
+               "audit_resealed": report.resealed, "audit_chain_ok": report.audit_broken.is_none(),
+               "audit_first_bad_seq": report.audit_broken.as_ref().and_then(|r| r.first_bad_seq)}),
     )
     .await?;
     tx.commit().await?;

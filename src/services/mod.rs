@@ -2,5 +2,8 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod code_hasher;
 pub mod keys;
+pub mod mfa;
+pub mod sessions;
 pub mod tokens;

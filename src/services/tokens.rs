@@ -12,7 +12,7 @@ use crate::{
     crypto::{Aad, Keyring},
     domain::{BundleKind, TokenBundle, UserId, tokens::secrets_from_plaintext},
     error::ApiError,
-    services::audit::{self, AuditContext, Outcome},
+    services::audit::{AuditContext, Auditor, Outcome},
     store::{
         self, Db,
         tokens::{BundleRow, NewBundle, WriteCondition},
@@ -91,11 +91,12 @@ pub struct OpenedBundle {
 pub struct Vault {
     db: Db,
     keyring: Arc<Keyring>,
+    auditor: Auditor,
 }
 
 impl Vault {
     pub fn new(db: Db, keyring: Arc<Keyring>) -> Self {
-        Self { db, keyring }
+        Self { db, auditor: Auditor::new(keyring.clone()), keyring }
     }
 
     /// Stores a bundle if `cond` holds. Returns its metadata and whether it was created.
@@ -123,16 +124,17 @@ impl Vault {
         match store::tokens::write(&mut tx.conn(), &new, cond).await? {
             Some((row, created)) => {
                 let meta = TokenMetadata::from_row(&row, now);
-                audit::record(
-                    &mut tx.conn(),
-                    ctx,
-                    "token.write",
-                    Outcome::Success,
-                    Some(user.as_str()),
-                    json!({"kind": kind, "version": row.version, "created": created,
+                self.auditor
+                    .record(
+                        &mut tx.conn(),
+                        ctx,
+                        "token.write",
+                        Outcome::Success,
+                        Some(user.as_str()),
+                        json!({"kind": kind, "version": row.version, "created": created,
                            "key_id": new.key_id, "status": meta.status}),
-                )
-                .await?;
+                    )
+                    .await?;
                 tx.commit().await?;
                 Ok((meta, created))
             }
@@ -144,16 +146,17 @@ impl Vault {
                     (_, None) => "no token bundle is stored for this user (If-Match)".to_string(),
                     (_, Some(r)) => format!("the stored version is {} (If-Match)", r.version),
                 };
-                audit::record(
-                    &mut tx.conn(),
-                    ctx,
-                    "token.write",
-                    Outcome::Failure,
-                    Some(user.as_str()),
-                    json!({"kind": kind, "reason": "version_conflict", "current_version": current_version,
+                self.auditor
+                    .record(
+                        &mut tx.conn(),
+                        ctx,
+                        "token.write",
+                        Outcome::Failure,
+                        Some(user.as_str()),
+                        json!({"kind": kind, "reason": "version_conflict", "current_version": current_version,
                            "expected_version": match cond { WriteCondition::VersionIs(v) => Some(v), _ => None }}),
-                )
-                .await?;
+                    )
+                    .await?;
                 tx.commit().await?;
                 Err(ApiError::VersionConflict { current_version, detail })
             }
@@ -173,7 +176,8 @@ impl Vault {
         let found = store::tokens::get_with_secret(&mut tx.conn(), user.as_str()).await?;
         let fail = |reason: &str| json!({"reason": reason});
         let Some(b) = found else {
-            audit::record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail("not_found"))
+            self.auditor
+                .record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail("not_found"))
                 .await?;
             tx.commit().await?;
             return Err(ApiError::tokens_not_found());
@@ -182,14 +186,16 @@ impl Vault {
         let (TokenStatus::Valid | TokenStatus::AccessExpired, Some(ciphertext)) = (status, b.ciphertext.as_deref())
         else {
             let reason = reason.unwrap_or_else(|| "destroyed".into());
-            audit::record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail(&reason))
+            self.auditor
+                .record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail(&reason))
                 .await?;
             tx.commit().await?;
             return Err(ApiError::ReauthRequired { reason });
         };
         if let Some(kind) = require_kind.filter(|k| k.as_str() != b.row.kind) {
             let reason = "representation_unavailable";
-            audit::record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail(reason))
+            self.auditor
+                .record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail(reason))
                 .await?;
             tx.commit().await?;
             return Err(ApiError::field(
@@ -205,29 +211,31 @@ impl Vault {
         let secrets = match opened {
             Ok(s) => s,
             Err(error) => {
-                audit::record(
-                    &mut tx.conn(),
-                    ctx,
-                    "token.read",
-                    Outcome::Error,
-                    Some(user.as_str()),
-                    json!({"reason": "decrypt_failed", "key_id": b.row.key_id, "error": error}),
-                )
-                .await?;
+                self.auditor
+                    .record(
+                        &mut tx.conn(),
+                        ctx,
+                        "token.read",
+                        Outcome::Error,
+                        Some(user.as_str()),
+                        json!({"reason": "decrypt_failed", "key_id": b.row.key_id, "error": error}),
+                    )
+                    .await?;
                 tx.commit().await?;
                 return Err(ApiError::DecryptFailed);
             }
         };
         store::tokens::touch_last_used(&mut tx.conn(), user.as_str(), now).await?;
-        audit::record(
-            &mut tx.conn(),
-            ctx,
-            "token.read",
-            Outcome::Success,
-            Some(user.as_str()),
-            json!({"kind": b.row.kind, "version": b.row.version}),
-        )
-        .await?;
+        self.auditor
+            .record(
+                &mut tx.conn(),
+                ctx,
+                "token.read",
+                Outcome::Success,
+                Some(user.as_str()),
+                json!({"kind": b.row.kind, "version": b.row.version}),
+            )
+            .await?;
         tx.commit().await?;
         let mut metadata = TokenMetadata::from_row(&b.row, now);
         metadata.last_used_at = Some(now);
@@ -246,15 +254,16 @@ impl Vault {
         let mut tx = self.db.begin_write().await?;
         let row = store::tokens::get(&mut tx.conn(), user.as_str()).await?;
         let meta = row.as_ref().map(|r| TokenMetadata::from_row(r, now));
-        audit::record(
-            &mut tx.conn(),
-            ctx,
-            event,
-            Outcome::Success,
-            Some(user.as_str()),
-            json!({"found": meta.is_some(), "status": meta.as_ref().map(|m| m.status)}),
-        )
-        .await?;
+        self.auditor
+            .record(
+                &mut tx.conn(),
+                ctx,
+                event,
+                Outcome::Success,
+                Some(user.as_str()),
+                json!({"found": meta.is_some(), "status": meta.as_ref().map(|m| m.status)}),
+            )
+            .await?;
         tx.commit().await?;
         Ok(meta)
     }
@@ -267,7 +276,7 @@ impl Vault {
             Some(r) => (Outcome::Success, json!({"reason": reason, "version": r.version})),
             None => (Outcome::Failure, json!({"reason": reason, "error": "not_found"})),
         };
-        audit::record(&mut tx.conn(), ctx, "token.invalidate", outcome, Some(user.as_str()), details).await?;
+        self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", outcome, Some(user.as_str()), details).await?;
         tx.commit().await?;
         row.map(|_| ()).ok_or_else(ApiError::tokens_not_found)
     }
@@ -275,14 +284,27 @@ impl Vault {
     /// Logout: removes the bundle (idempotent).
     pub async fn delete(&self, ctx: &AuditContext, user: &UserId) -> Result<(), ApiError> {
         let mut tx = self.db.begin_write().await?;
+        store::lock(&mut tx.conn(), user.as_str()).await?;
         let existed = store::tokens::delete(&mut tx.conn(), user.as_str()).await?;
-        audit::record(
+        self.auditor
+            .record(
+                &mut tx.conn(),
+                ctx,
+                "token.delete",
+                Outcome::Success,
+                Some(user.as_str()),
+                json!({"existed": existed}),
+            )
+            .await?;
+        // Logout also ends the user's login flows: sessions and live challenges are cancelled.
+        crate::services::sessions::end_user_flows(
             &mut tx.conn(),
+            &self.keyring,
             ctx,
-            "token.delete",
-            Outcome::Success,
-            Some(user.as_str()),
-            json!({"existed": existed}),
+            user.as_str(),
+            crate::domain::mfa::SessionState::Cancelled,
+            "logout",
+            store::now(),
         )
         .await?;
         tx.commit().await?;

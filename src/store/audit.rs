@@ -1,9 +1,18 @@
-//! `audit_events`: append-only; written inside the transaction of the act it records.
+//! `audit_events` and `audit_chain`: an append-only log, each row written inside the
+//! transaction of the act it records, chained by HMAC (the rules live in `services::audit`).
 
 use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Sqlite};
 use uuid::Uuid;
 
-use super::{Conn, Result};
+use super::{Conn, Db, Result, StoreError};
+
+/// The columns of an event as the API shows it (never the chain columns).
+macro_rules! event_columns {
+    () => {
+        "seq, id, at, type, outcome, user_id, actor, request_id, source_ip, details"
+    };
+}
 
 /// One audit event as stored. `details` is JSON text and never holds a secret.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -21,7 +30,17 @@ pub struct AuditRow {
     pub details: String,
 }
 
+/// An event with its place in the chain: the key id its HMAC is under, and the HMAC.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ChainedRow {
+    #[sqlx(flatten)]
+    pub event: AuditRow,
+    pub chain_key_id: String,
+    pub hmac: Vec<u8>,
+}
+
 pub struct NewAuditEvent<'a> {
+    pub seq: i64,
     pub id: Uuid,
     pub at: DateTime<Utc>,
     pub type_: &'a str,
@@ -31,12 +50,78 @@ pub struct NewAuditEvent<'a> {
     pub request_id: Option<&'a str>,
     pub source_ip: Option<&'a str>,
     pub details: &'a str,
+    pub chain_key_id: &'a str,
+    pub hmac: &'a [u8],
 }
 
-pub async fn insert(c: &mut Conn<'_>, e: &NewAuditEvent<'_>) -> Result<i64> {
-    let sql = "INSERT INTO audit_events (id, at, type, outcome, user_id, actor, request_id, source_ip, details) \
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING seq";
-    Ok(dispatch!(c, |c| sqlx::query_scalar(sql)
+/// The chain head: the last `seq` handed out and the HMAC of that event (32 zero bytes at 0).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ChainHead {
+    pub last_seq: i64,
+    pub last_hmac: Vec<u8>,
+}
+
+const ADVANCE_HEAD: &str = "UPDATE audit_chain SET last_seq = last_seq + 1 WHERE id = 1 RETURNING last_seq, last_hmac";
+const LOCK_HEAD: &str = "UPDATE audit_chain SET last_seq = last_seq WHERE id = 1 RETURNING last_seq, last_hmac";
+const READ_HEAD: &str = "SELECT last_seq, last_hmac FROM audit_chain WHERE id = 1";
+const SET_HEAD_HMAC: &str = "UPDATE audit_chain SET last_hmac = $1 WHERE id = 1";
+const INSERT: &str = concat!(
+    "INSERT INTO audit_events (",
+    event_columns!(),
+    ", chain_key_id, hmac) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+);
+const LIST_AFTER: &str =
+    concat!("SELECT ", event_columns!(), " FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2");
+const CHAIN_PAGE: &str =
+    concat!("SELECT ", event_columns!(), ", chain_key_id, hmac FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2");
+const NEXT_SEQ: &str = "SELECT MIN(seq) FROM audit_events WHERE seq > $1";
+const RESEAL: &str = "UPDATE audit_events SET chain_key_id = $2, hmac = $3 WHERE seq = $1";
+const QUERY: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM audit_events WHERE seq > $1 ",
+    "AND ($2 IS NULL OR user_id = $2) ",
+    "AND ($3 IS NULL OR type = $3) ",
+    "AND ($4 IS NULL OR outcome = $4) ",
+    "AND ($5 IS NULL OR at >= $5) ",
+    "AND ($6 IS NULL OR at < $6) ",
+    "ORDER BY seq LIMIT $7"
+);
+/// The distinct chain key ids by a loose index scan (one index probe per key id, not a full scan).
+const CHAIN_KEY_IDS: &str = "WITH RECURSIVE k(id) AS ( \
+         SELECT MIN(chain_key_id) FROM audit_events \
+         UNION ALL \
+         SELECT (SELECT MIN(chain_key_id) FROM audit_events WHERE chain_key_id > k.id) FROM k WHERE k.id IS NOT NULL \
+     ) SELECT id FROM k WHERE id IS NOT NULL";
+
+fn head_missing() -> StoreError {
+    StoreError::Other("the audit chain head (audit_chain row 1) is missing".into())
+}
+
+/// Hands out the next `seq` and returns it with the previous event's HMAC. On PostgreSQL the row
+/// lock this takes is held until the transaction ends, so chain writers queue here.
+pub async fn advance_head(c: &mut Conn<'_>) -> Result<ChainHead> {
+    let head: Option<ChainHead> = dispatch!(c, |c| sqlx::query_as(ADVANCE_HEAD).fetch_optional(c).await)?;
+    head.ok_or_else(head_missing)
+}
+
+/// The head, locked for the rest of the transaction (no event can be appended meanwhile).
+pub async fn lock_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
+    Ok(dispatch!(c, |c| sqlx::query_as(LOCK_HEAD).fetch_optional(c).await)?)
+}
+
+pub async fn read_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
+    Ok(dispatch!(c, |c| sqlx::query_as(READ_HEAD).fetch_optional(c).await)?)
+}
+
+pub async fn set_head_hmac(c: &mut Conn<'_>, hmac: &[u8]) -> Result<()> {
+    let n = dispatch!(c, |c| sqlx::query(SET_HEAD_HMAC).bind(hmac).execute(c).await.map(|r| r.rows_affected()))?;
+    if n == 1 { Ok(()) } else { Err(head_missing()) }
+}
+
+pub async fn insert(c: &mut Conn<'_>, e: &NewAuditEvent<'_>) -> Result<()> {
+    dispatch!(c, |c| sqlx::query(INSERT)
+        .bind(e.seq)
         .bind(e.id)
         .bind(e.at)
         .bind(e.type_)
@@ -46,13 +131,105 @@ pub async fn insert(c: &mut Conn<'_>, e: &NewAuditEvent<'_>) -> Result<i64> {
         .bind(e.request_id)
         .bind(e.source_ip)
         .bind(e.details)
-        .fetch_one(c)
+        .bind(e.chain_key_id)
+        .bind(e.hmac)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+    Ok(())
+}
+
+/// Events in `seq` order after `after_seq` (tests and tools).
+pub async fn list_after(c: &mut Conn<'_>, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>> {
+    Ok(dispatch!(c, |c| sqlx::query_as(LIST_AFTER).bind(after_seq).bind(limit).fetch_all(c).await)?)
+}
+
+/// Events with their chain columns, in `seq` order after `after_seq`.
+pub async fn chain_page(c: &mut Conn<'_>, after_seq: i64, limit: i64) -> Result<Vec<ChainedRow>> {
+    Ok(dispatch!(c, |c| sqlx::query_as(CHAIN_PAGE).bind(after_seq).bind(limit).fetch_all(c).await)?)
+}
+
+/// The smallest `seq` after `after_seq` (reads the key only, so it works on a malformed row).
+pub async fn next_seq(c: &mut Conn<'_>, after_seq: i64) -> Result<Option<i64>> {
+    Ok(dispatch!(c, |c| sqlx::query_scalar(NEXT_SEQ).bind(after_seq).fetch_one(c).await)?)
+}
+
+/// Replaces an event's seal (re-sealing after a key rotation).
+pub async fn reseal(c: &mut Conn<'_>, seq: i64, chain_key_id: &str, hmac: &[u8]) -> Result<()> {
+    dispatch!(c, |c| sqlx::query(RESEAL)
+        .bind(seq)
+        .bind(chain_key_id)
+        .bind(hmac)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+    Ok(())
+}
+
+/// The key ids the chain is sealed under.
+pub async fn chain_key_ids(c: &mut Conn<'_>) -> Result<Vec<String>> {
+    Ok(dispatch!(c, |c| sqlx::query_scalar(CHAIN_KEY_IDS).fetch_all(c).await)?)
+}
+
+/// What `GET /audit/events` asks for; `None` filters match everything.
+#[derive(Debug, Default)]
+pub struct EventFilter<'a> {
+    pub after: i64,
+    pub user_id: Option<&'a str>,
+    pub type_: Option<&'a str>,
+    pub outcome: Option<&'a str>,
+    /// Inclusive.
+    pub since: Option<DateTime<Utc>>,
+    /// Exclusive.
+    pub until: Option<DateTime<Utc>>,
+    pub limit: i64,
+}
+
+pub async fn query(c: &mut Conn<'_>, f: &EventFilter<'_>) -> Result<Vec<AuditRow>> {
+    Ok(dispatch!(c, |c| sqlx::query_as(QUERY)
+        .bind(f.after)
+        .bind(f.user_id)
+        .bind(f.type_)
+        .bind(f.outcome)
+        .bind(f.since)
+        .bind(f.until)
+        .bind(f.limit)
+        .fetch_all(c)
         .await)?)
 }
 
-/// Events in `seq` order after `after_seq` (for tests and, later, the events API).
-pub async fn list_after(c: &mut Conn<'_>, after_seq: i64, limit: i64) -> Result<Vec<AuditRow>> {
-    let sql = "SELECT seq, id, at, type, outcome, user_id, actor, request_id, source_ip, details \
-               FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2";
-    Ok(dispatch!(c, |c| sqlx::query_as(sql).bind(after_seq).bind(limit).fetch_all(c).await)?)
+enum SnapshotTx {
+    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    Postgres(sqlx::Transaction<'static, Postgres>),
+}
+
+/// A read-only transaction that sees one consistent state of the log from its first read on
+/// (SQLite WAL read transaction; PostgreSQL `REPEATABLE READ READ ONLY`), so a verification
+/// running beside writers and a re-seal never sees half of either.
+pub struct Snapshot(SnapshotTx);
+
+impl Snapshot {
+    pub async fn begin(db: &Db) -> Result<Self> {
+        Ok(Self(match db {
+            Db::Sqlite { pool, .. } => SnapshotTx::Sqlite(pool.begin().await?),
+            Db::Postgres { pool } => {
+                SnapshotTx::Postgres(pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?)
+            }
+        }))
+    }
+
+    pub fn conn(&mut self) -> Conn<'_> {
+        match &mut self.0 {
+            SnapshotTx::Sqlite(t) => Conn::Sqlite(&mut *t),
+            SnapshotTx::Postgres(t) => Conn::Postgres(&mut *t),
+        }
+    }
+
+    pub async fn end(self) -> Result<()> {
+        match self.0 {
+            SnapshotTx::Sqlite(t) => t.rollback().await?,
+            SnapshotTx::Postgres(t) => t.rollback().await?,
+        }
+        Ok(())
+    }
 }

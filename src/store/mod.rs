@@ -7,7 +7,9 @@
 //!
 //! SQLite allows one writer at a time: write transactions start with `BEGIN IMMEDIATE` (so a
 //! read never has to upgrade to a write lock and fail) and queue on an in-process mutex first,
-//! so the busy timeout only matters across processes.
+//! so the busy timeout only matters across processes. PostgreSQL write transactions start by
+//! locking the audit chain's head row, which serialises them the same way across processes
+//! and rules out deadlocks (see `begin_write`).
 
 use std::{str::FromStr, sync::Arc, time::Duration};
 
@@ -47,8 +49,20 @@ macro_rules! dispatch {
 
 pub mod api_keys;
 pub mod audit;
+pub mod challenges;
 pub mod keys;
+pub mod sessions;
 pub mod tokens;
+
+/// Serialises transactions that touch the same `key` (a user id, a challenge id) until commit.
+/// PostgreSQL: a transaction-scoped advisory lock, so it holds across processes. SQLite: write
+/// transactions are serialised already, so nothing to do.
+pub async fn lock(c: &mut Conn<'_>, key: &str) -> Result<()> {
+    if let Conn::Postgres(pg) = c {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))").bind(key).execute(&mut **pg).await?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -248,7 +262,15 @@ impl Db {
                 let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 Ok(WriteTx { tx: TxKind::Sqlite(tx), _guard: Some(guard) })
             }
-            Self::Postgres { pool } => Ok(WriteTx { tx: TxKind::Postgres(pool.begin().await?), _guard: None }),
+            Self::Postgres { pool } => {
+                let mut tx = pool.begin().await?;
+                // Every write transaction appends to the audit chain, whose head row is a lock
+                // all of them need. Taking it first, before any other row lock, means no two
+                // transactions can each hold a lock the other waits for (no deadlocks), and
+                // writers are serialised across processes as SQLite's are.
+                sqlx::query("SELECT last_seq FROM audit_chain WHERE id = 1 FOR UPDATE").execute(&mut *tx).await?;
+                Ok(WriteTx { tx: TxKind::Postgres(tx), _guard: None })
+            }
         }
     }
 

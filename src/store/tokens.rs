@@ -206,3 +206,22 @@ pub async fn rewrap_one(c: &mut Conn<'_>, user_id: &str, old: &[u8], key_id: &st
     })?;
     Ok(n > 0)
 }
+
+/// Users whose bundle still holds ciphertext past its refresh expiry (the sweeper's work list).
+pub async fn due_for_expiry(c: &mut Conn<'_>, now: DateTime<Utc>, limit: i64) -> Result<Vec<String>> {
+    const SQL: &str = "SELECT user_id FROM token_bundles WHERE ciphertext IS NOT NULL AND refresh_expires_at <= $1 \
+                       ORDER BY user_id LIMIT $2";
+    Ok(dispatch!(c, |c| sqlx::query_scalar(SQL).bind(now).bind(limit).fetch_all(c).await)?)
+}
+
+/// Destroys the ciphertext of a bundle past its refresh expiry (conditional: a fresh write in
+/// the meantime wins). Bumps the version, like any write.
+pub async fn expire(c: &mut Conn<'_>, user_id: &str, now: DateTime<Utc>) -> Result<Option<BundleRow>> {
+    const SQL: &str = concat!(
+        "UPDATE token_bundles SET ciphertext = NULL, key_id = NULL, reauth_reason = 'refresh_expired', \
+           version = version + 1, updated_at = $2 \
+         WHERE user_id = $1 AND ciphertext IS NOT NULL AND refresh_expires_at <= $2 RETURNING ",
+        meta_cols!()
+    );
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(user_id).bind(now).fetch_optional(c).await)?)
+}

@@ -116,6 +116,9 @@ impl TestApp {
             ("CENTRALDB_ENCRYPTION_KEYS", key_spec("k1")),
             ("CENTRALDB_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY.to_string()),
             ("CENTRALDB_DB_MAX_CONNECTIONS", "4".to_string()),
+            // Cheap argon2 keeps the suite fast; `mfa::default_argon2_parameters_are_owasp` checks the real ones.
+            ("CENTRALDB_ARGON2_MEMORY_KIB", "64".to_string()),
+            ("CENTRALDB_ARGON2_ITERATIONS", "1".to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -360,4 +363,67 @@ pub fn tokens_path(user: &str) -> String {
 /// Used by binary tests: a URL-safe `PgConnectOptions` check that the test URL parses.
 pub fn assert_pg_url_parses(url: &str) {
     sqlx::postgres::PgConnectOptions::from_str(url).unwrap();
+}
+
+// ---- sessions, challenges, sweeper ----------------------------------------------------------
+
+/// A UUID from a JSON string field.
+pub fn uuid_of(v: &Value) -> uuid::Uuid {
+    uuid::Uuid::parse_str(v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))).unwrap()
+}
+
+/// An RFC 3339 time from a JSON string field.
+pub fn time_of(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a string: {v}")))
+        .unwrap_or_else(|e| panic!("{v} is not RFC 3339: {e}"))
+        .with_timezone(&chrono::Utc)
+}
+
+/// An audit event's `details`, parsed.
+pub fn details(e: &AuditRow) -> Value {
+    serde_json::from_str(&e.details).unwrap_or_else(|err| panic!("details are not JSON ({err}): {}", e.details))
+}
+
+impl TestApp {
+    /// The session's `state` column as stored (no read-time expiry), `None` when the row is gone.
+    pub async fn session_state_in_db(&self, id: uuid::Uuid) -> Option<String> {
+        let sql = "SELECT state FROM sessions WHERE id = $1";
+        match self.db() {
+            Db::Sqlite { pool, .. } => sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await.unwrap(),
+            Db::Postgres { pool } => sqlx::query_scalar(sql).bind(id).fetch_optional(pool).await.unwrap(),
+        }
+    }
+
+    /// The challenge's stored `status` and `resume_state`, `None` when the row is gone.
+    pub async fn challenge_in_db(&self, id: uuid::Uuid) -> Option<(String, Option<Vec<u8>>)> {
+        let sql = "SELECT status, resume_state FROM challenges WHERE id = $1";
+        match self.db() {
+            Db::Sqlite { pool, .. } => sqlx::query_as(sql).bind(id).fetch_optional(pool).await.unwrap(),
+            Db::Postgres { pool } => sqlx::query_as(sql).bind(id).fetch_optional(pool).await.unwrap(),
+        }
+    }
+
+    /// Starts a login session for `user` (admin key), asserting 201.
+    pub async fn new_session(&self, user: &str, ttl_seconds: Option<i64>) -> Value {
+        let mut body = json!({"user_id": user});
+        if let Some(t) = ttl_seconds {
+            body["ttl_seconds"] = json!(t);
+        }
+        let r = self.post("/api/v1/sessions").json(body).send().await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.json
+    }
+
+    /// Creates a service-verified e-mail challenge for `user` (linked to `session` when given),
+    /// asserting 201.
+    pub async fn new_challenge(&self, user: &str, session: Option<&Value>) -> Value {
+        let mut body =
+            json!({"user_id": user, "method": "email", "destination": "j@example.com", "verifier": "service"});
+        if let Some(s) = session {
+            body["session_id"] = s["id"].clone();
+        }
+        let r = self.post("/api/v1/mfa/challenges").json(body).send().await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.json
+    }
 }

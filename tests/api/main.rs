@@ -4,5 +4,6 @@
 mod auth;
 mod binary;
 mod helpers;
+mod mfa;
 mod ops;
 mod tokens;

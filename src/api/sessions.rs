@@ -1,0 +1,171 @@
+//! `/api/v1/sessions` and `/api/v1/users/{user_id}/sessions`.
+
+use axum::{extract::State, http::StatusCode};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{
+    domain::{UserId, mfa::SessionState},
+    error::{ApiError, Problem},
+    services::sessions::{ClientInfo, DEFAULT_TTL_SECS, MAX_TTL_SECS, SessionView},
+    state::AppState,
+};
+
+use super::extract::{ApiJson, Auth, IdPath, SessionsScope, UserPath};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_session))
+        .routes(routes!(get_session, cancel_session))
+        .routes(routes!(transition_session))
+        .routes(routes!(list_user_sessions))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSessionRequest {
+    pub user_id: String,
+    /// Default 900, at most 86400.
+    pub ttl_seconds: Option<i64>,
+    pub client: Option<ClientInfo>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransitionRequest {
+    pub to: SessionState,
+    /// Up to 200 characters.
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SessionList {
+    pub user_id: String,
+    /// Active sessions, newest first.
+    pub sessions: Vec<SessionView>,
+}
+
+fn short_text(field: &str, v: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
+    match v {
+        Some(s) if s.chars().count() > max || s.chars().any(char::is_control) => {
+            Err(ApiError::field(field, format!("must be at most {max} characters without control characters")))
+        }
+        other => Ok(other),
+    }
+}
+
+/// Start a login flow; the user's other active flows end as `superseded`.
+#[utoipa::path(
+    post, path = "/sessions", tag = "sessions",
+    request_body = CreateSessionRequest,
+    responses(
+        (status = 201, body = SessionView),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["sessions"]))
+)]
+async fn create_session(
+    auth: Auth<SessionsScope>,
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<CreateSessionRequest>,
+) -> Result<(StatusCode, axum::Json<SessionView>), ApiError> {
+    let user = UserId::parse(&req.user_id).map_err(|m| ApiError::field("user_id", m))?;
+    let ttl = req.ttl_seconds.unwrap_or(DEFAULT_TTL_SECS);
+    if !(1..=MAX_TTL_SECS).contains(&ttl) {
+        return Err(ApiError::field("ttl_seconds", format!("must be between 1 and {MAX_TTL_SECS}")));
+    }
+    let client = match req.client {
+        Some(c) => Some(ClientInfo {
+            ip: short_text("client.ip", c.ip, 64)?,
+            user_agent: short_text("client.user_agent", c.user_agent, 512)?,
+        }),
+        None => None,
+    };
+    let view = state.sessions.create(&auth.ctx, &user, ttl, client).await?;
+    Ok((StatusCode::CREATED, axum::Json(view)))
+}
+
+/// A session.
+#[utoipa::path(
+    get, path = "/sessions/{id}", tag = "sessions",
+    params(("id" = uuid::Uuid, Path)),
+    responses(
+        (status = 200, body = SessionView),
+        (status = 404, description = "`session_not_found`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["sessions"]))
+)]
+async fn get_session(
+    _auth: Auth<SessionsScope>,
+    IdPath(id): IdPath,
+    State(state): State<AppState>,
+) -> Result<axum::Json<SessionView>, ApiError> {
+    Ok(axum::Json(state.sessions.get(id).await?))
+}
+
+/// Cancel a session (and its live challenges).
+#[utoipa::path(
+    delete, path = "/sessions/{id}", tag = "sessions",
+    params(("id" = uuid::Uuid, Path)),
+    responses(
+        (status = 204, description = "Cancelled (or already cancelled)"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_transition`: the session already ended otherwise", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["sessions"]))
+)]
+async fn cancel_session(
+    auth: Auth<SessionsScope>,
+    IdPath(id): IdPath,
+    State(state): State<AppState>,
+) -> Result<StatusCode, ApiError> {
+    state.sessions.cancel(&auth.ctx, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Move a session along its state machine.
+#[utoipa::path(
+    post, path = "/sessions/{id}/transition", tag = "sessions",
+    params(("id" = uuid::Uuid, Path)),
+    request_body = TransitionRequest,
+    responses(
+        (status = 200, body = SessionView),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`invalid_transition` (with `from`, `to`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["sessions"]))
+)]
+async fn transition_session(
+    auth: Auth<SessionsScope>,
+    IdPath(id): IdPath,
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<TransitionRequest>,
+) -> Result<axum::Json<SessionView>, ApiError> {
+    let reason = short_text("reason", req.reason, 200)?;
+    Ok(axum::Json(state.sessions.transition(&auth.ctx, id, req.to, reason.as_deref()).await?))
+}
+
+/// A user's active sessions, newest first.
+#[utoipa::path(
+    get, path = "/users/{user_id}/sessions", tag = "sessions",
+    params(("user_id" = String, Path)),
+    responses(
+        (status = 200, body = SessionList),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["sessions"]))
+)]
+async fn list_user_sessions(
+    _auth: Auth<SessionsScope>,
+    UserPath(user): UserPath,
+    State(state): State<AppState>,
+) -> Result<axum::Json<SessionList>, ApiError> {
+    let sessions = state.sessions.list_active(&user).await?;
+    Ok(axum::Json(SessionList { user_id: user.to_string(), sessions }))
+}

@@ -1,0 +1,653 @@
+//! MFA challenges, checked by this service (argon2id hash of the code) or by Garmin (this
+//! service keeps the opaque login state, encrypted, and enforces the limits).
+//!
+//! Every limit is enforced by a conditional statement in the database: an attempt is reserved
+//! (`attempts < max_attempts`) before any code is checked, and `pending → verified`,
+//! `verified → consumed` happen at most once, whatever the number of concurrent requests or
+//! service instances.
+
+use std::{sync::Arc, time::Duration as StdDuration};
+
+use axum::http::StatusCode;
+use chrono::{DateTime, Duration, Utc};
+use hmac::{KeyInit, Mac};
+use serde::Serialize;
+use serde_json::json;
+use utoipa::ToSchema;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::{
+    crypto::{Aad, Keyring},
+    domain::{
+        UserId,
+        mfa::{ChallengeStatus, Method, SessionState, Verifier},
+    },
+    error::ApiError,
+    services::{
+        audit::{AuditContext, Outcome},
+        code_hasher::{CodeHasher, HashError},
+        sessions::{self, audit, cancel_challenge, effective_state, move_session, session_not_found},
+    },
+    store::{self, Conn, Db, challenges::ChallengeRow},
+};
+
+#[derive(Debug, Clone)]
+pub struct MfaLimits {
+    pub max_pending_per_user: i64,
+    pub failure_budget: i64,
+    pub failure_window: StdDuration,
+    pub max_pending_global: i64,
+    /// How long a verified challenge stays consumable.
+    pub consume_window: StdDuration,
+}
+
+impl Default for MfaLimits {
+    fn default() -> Self {
+        Self {
+            max_pending_per_user: 3,
+            failure_budget: 100,
+            failure_window: StdDuration::from_secs(86_400),
+            max_pending_global: 100_000,
+            consume_window: StdDuration::from_secs(300),
+        }
+    }
+}
+
+pub const DEFAULT_TTL_SECS: i64 = 300;
+pub const MAX_TTL_SECS: i64 = 600;
+pub const DEFAULT_MAX_ATTEMPTS: i64 = 5;
+pub const MAX_MAX_ATTEMPTS: i64 = 10;
+pub const MAX_RESUME_STATE_BYTES: usize = 16 * 1024;
+
+/// A challenge as the API shows it: never the code, its hash or the resume state.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChallengeView {
+    pub id: Uuid,
+    pub user_id: String,
+    pub session_id: Option<Uuid>,
+    pub method: Method,
+    pub verifier: Verifier,
+    /// Masked (`j***@example.com`, `*******1234`).
+    pub destination: Option<String>,
+    /// Past `expires_at` a pending or verified challenge reads `expired`.
+    pub status: ChallengeStatus,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumed_at: Option<DateTime<Utc>>,
+    /// The generated code, in the creation response only (when this service made it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+pub fn effective_status(row: &ChallengeRow, now: DateTime<Utc>) -> ChallengeStatus {
+    let s = ChallengeStatus::parse(&row.status).unwrap_or(ChallengeStatus::Failed);
+    match s {
+        ChallengeStatus::Pending | ChallengeStatus::Verified if row.expires_at <= now => ChallengeStatus::Expired,
+        other => other,
+    }
+}
+
+impl ChallengeView {
+    pub fn from_row(row: &ChallengeRow, now: DateTime<Utc>) -> Self {
+        Self {
+            id: row.id,
+            user_id: row.user_id.clone(),
+            session_id: row.session_id,
+            method: Method::parse(&row.method).unwrap_or(Method::Email),
+            verifier: Verifier::parse(&row.verifier).unwrap_or(Verifier::Service),
+            destination: row.destination.clone(),
+            status: effective_status(row, now),
+            attempts: row.attempts,
+            max_attempts: row.max_attempts,
+            expires_at: row.expires_at,
+            created_at: row.created_at,
+            verified_at: row.verified_at,
+            consumed_at: row.consumed_at,
+            code: None,
+        }
+    }
+}
+
+pub struct NewChallenge {
+    pub user: UserId,
+    pub session_id: Option<Uuid>,
+    pub method: Method,
+    pub verifier: Verifier,
+    /// Already masked.
+    pub destination: Option<String>,
+    pub code: Option<Zeroizing<String>>,
+    pub ttl_secs: i64,
+    pub max_attempts: i64,
+    pub resume_state: Option<Zeroizing<String>>,
+}
+
+/// The answer to a right code (service verifier).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Verified {
+    /// Always `verified`.
+    pub status: ChallengeStatus,
+    pub verified_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_state: Option<String>,
+}
+
+/// A reserved attempt at an externally checked challenge.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptReserved {
+    pub attempt: i64,
+    pub attempts_remaining: i64,
+    pub resume_state: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Mfa {
+    db: Db,
+    keyring: Arc<Keyring>,
+    hasher: CodeHasher,
+    limits: Arc<MfaLimits>,
+}
+
+fn resume_aad(id: Uuid) -> Aad {
+    Aad::new(&["challenge_resume", &id.to_string()])
+}
+
+fn secs_until(t: DateTime<Utc>, now: DateTime<Utc>) -> u64 {
+    (t - now).num_seconds().max(1) as u64
+}
+
+fn busy(e: HashError) -> ApiError {
+    match e {
+        HashError::Busy => {
+            ApiError::Unavailable { detail: "too many code checks are in progress", retry_after_secs: 1 }
+        }
+        HashError::Internal(m) => ApiError::Internal(m),
+    }
+}
+
+pub fn challenge_not_found() -> ApiError {
+    ApiError::not_found("challenge_not_found", "no such challenge")
+}
+
+/// The error for a challenge that cannot take an attempt (or be consumed) in its state.
+fn not_usable(row: &ChallengeRow, now: DateTime<Utc>) -> ApiError {
+    match effective_status(row, now) {
+        ChallengeStatus::Expired => {
+            ApiError::coded(StatusCode::GONE, "challenge_expired", "the challenge has expired; start a new one")
+        }
+        ChallengeStatus::Failed => locked(),
+        ChallengeStatus::Pending if row.attempts >= row.max_attempts => locked(),
+        status => ApiError::coded(
+            StatusCode::CONFLICT,
+            "challenge_not_pending",
+            format!("the challenge is {}", status.as_str()),
+        )
+        .with("challenge_status", status.as_str()),
+    }
+}
+
+fn locked() -> ApiError {
+    ApiError::coded(StatusCode::LOCKED, "challenge_locked", "no attempts are left; start a new login")
+}
+
+impl Mfa {
+    pub fn new(db: Db, keyring: Arc<Keyring>, hasher: CodeHasher, limits: MfaLimits) -> Self {
+        Self { db, keyring, hasher, limits: Arc::new(limits) }
+    }
+
+    async fn audit(
+        &self,
+        c: &mut Conn<'_>,
+        ctx: &AuditContext,
+        type_: &str,
+        outcome: Outcome,
+        user: &str,
+        details: serde_json::Value,
+    ) -> store::Result<()> {
+        audit(c, &self.keyring, ctx, type_, outcome, user, details).await
+    }
+
+    /// A keyed hash of a tried code, bound to the challenge (never the code itself).
+    fn code_mac(&self, id: Uuid, code: &str) -> Result<Vec<u8>, ApiError> {
+        let key = self
+            .keyring
+            .derive(self.keyring.active_key_id(), "attempt-code/v1")
+            .ok_or_else(|| ApiError::Internal("active key missing".into()))?;
+        let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(key.as_slice())
+            .map_err(|_| ApiError::Internal("hmac key".into()))?;
+        mac.update(id.as_bytes());
+        mac.update(code.as_bytes());
+        Ok(mac.finalize().into_bytes().to_vec())
+    }
+
+    fn open_resume(&self, row: &ChallengeRow) -> Result<Option<String>, ApiError> {
+        let Some(ct) = &row.resume_state else { return Ok(None) };
+        let plain = self.keyring.decrypt(ct, &resume_aad(row.id)).map_err(|_| ApiError::DecryptFailed)?;
+        String::from_utf8(plain.to_vec()).map(Some).map_err(|_| ApiError::DecryptFailed)
+    }
+
+    pub async fn create(&self, ctx: &AuditContext, new: NewChallenge) -> Result<ChallengeView, ApiError> {
+        let id = Uuid::now_v7();
+        let user = new.user.as_str().to_string();
+        // CPU and crypto work before the transaction, to keep it short.
+        let (code_hash, shown_code) = match new.verifier {
+            Verifier::Service => {
+                let (code, shown) = match new.code {
+                    Some(c) => (c, None),
+                    None => {
+                        let c = crate::domain::mfa::generate_code();
+                        let shown = c.to_string();
+                        (c, Some(shown))
+                    }
+                };
+                (Some(self.hasher.hash(code).await.map_err(busy)?), shown)
+            }
+            Verifier::External => (None, None),
+        };
+        let resume = new.resume_state.as_ref().map(|r| self.keyring.encrypt(r.as_bytes(), &resume_aad(id)));
+        let now = store::now();
+        let row = ChallengeRow {
+            id,
+            user_id: user.clone(),
+            session_id: new.session_id,
+            method: new.method.as_str().into(),
+            verifier: new.verifier.as_str().into(),
+            destination: new.destination,
+            status: ChallengeStatus::Pending.as_str().into(),
+            attempts: 0,
+            max_attempts: new.max_attempts,
+            code_hash,
+            resume_key_id: resume.as_ref().map(|_| self.keyring.active_key_id().to_string()),
+            resume_state: resume,
+            expires_at: now + Duration::seconds(new.ttl_secs),
+            created_at: now,
+            updated_at: now,
+            verified_at: None,
+            consumed_at: None,
+        };
+
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        store::lock(&mut c, &user).await?;
+        let session = match new.session_id {
+            None => None,
+            Some(sid) => {
+                let s = store::sessions::get(&mut c, sid).await?.ok_or_else(session_not_found)?;
+                if s.user_id != user {
+                    return Err(ApiError::field("session_id", "the session belongs to another user"));
+                }
+                let state = effective_state(&s, now);
+                if !matches!(state, SessionState::Started | SessionState::MfaRequired) {
+                    return Err(sessions::invalid_transition(state, SessionState::MfaRequired));
+                }
+                Some(s)
+            }
+        };
+        // Limits. The session's own pending challenge is about to be replaced, so it does not count.
+        let refuse = |reason: &'static str| json!({"reason": reason, "session_id": new.session_id});
+        let window_start = now - Duration::from_std(self.limits.failure_window).unwrap_or(Duration::days(1));
+        let (failures, oldest) = store::challenges::failures_since(&mut c, &user, window_start).await?;
+        if failures >= self.limits.failure_budget {
+            self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("too_many_failures")).await?;
+            tx.commit().await?;
+            let retry = oldest.map(|o| secs_until(o + (now - window_start), now)).unwrap_or(60);
+            return Err(ApiError::coded(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                "too many failed MFA attempts for this user; try again later",
+            )
+            .retry_after(retry));
+        }
+        let pending = store::challenges::pending_for_user(&mut c, &user, now).await?;
+        let (own, others): (Vec<_>, Vec<_>) =
+            pending.into_iter().partition(|p| new.session_id.is_some() && p.session_id == new.session_id);
+        if others.len() as i64 >= self.limits.max_pending_per_user {
+            self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("too_many_challenges")).await?;
+            tx.commit().await?;
+            let retry = others.first().map(|p| secs_until(p.expires_at, now)).unwrap_or(1);
+            return Err(ApiError::coded(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_challenges",
+                format!("this user already has {} pending challenges", others.len()),
+            )
+            .retry_after(retry));
+        }
+        if store::challenges::count_pending_global(&mut c, now).await? >= self.limits.max_pending_global {
+            self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("global_cap")).await?;
+            tx.commit().await?;
+            return Err(ApiError::Unavailable {
+                detail: "too many challenges are pending service-wide; try again shortly",
+                retry_after_secs: 5,
+            });
+        }
+        for old in &own {
+            cancel_challenge(&mut c, &self.keyring, ctx, old, "replaced_by_new_challenge", now).await?;
+        }
+        store::challenges::insert(&mut c, &row).await?;
+        self.audit(
+            &mut c,
+            ctx,
+            "challenge.created",
+            Outcome::Success,
+            &user,
+            json!({"challenge_id": id, "session_id": row.session_id, "method": row.method, "verifier": row.verifier,
+                   "ttl_seconds": new.ttl_secs, "max_attempts": row.max_attempts,
+                   "code_generated": shown_code.is_some(), "resume_state": row.resume_state.is_some()}),
+        )
+        .await?;
+        if let Some(s) = session {
+            store::sessions::set_challenge(&mut c, s.id, id, now).await?;
+            move_session(&mut c, &self.keyring, ctx, &s, SessionState::MfaRequired, Some("challenge_created"), now)
+                .await?;
+        }
+        tx.commit().await?;
+        let mut view = ChallengeView::from_row(&row, now);
+        view.code = shown_code;
+        Ok(view)
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<ChallengeView, ApiError> {
+        let mut rc = self.db.read().await?;
+        let row = store::challenges::get(&mut rc.conn(), id).await?.ok_or_else(challenge_not_found)?;
+        Ok(ChallengeView::from_row(&row, store::now()))
+    }
+
+    /// Records a refused use of a challenge (locked, expired, not pending) and returns the error.
+    async fn refuse(&self, ctx: &AuditContext, type_: &str, row: &ChallengeRow, now: DateTime<Utc>) -> ApiError {
+        let err = not_usable(row, now);
+        let result = async {
+            let mut tx = self.db.begin_write().await?;
+            self.audit(
+                &mut tx.conn(),
+                ctx,
+                type_,
+                Outcome::Denied,
+                &row.user_id,
+                json!({"challenge_id": row.id, "reason": err.code()}),
+            )
+            .await?;
+            tx.commit().await
+        }
+        .await;
+        match result {
+            Ok(()) => err,
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Checks a code against a service-verified challenge.
+    pub async fn verify(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
+        let now = store::now();
+        // 1. Reserve an attempt (atomically) before looking at the code.
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        let Some(row) = store::challenges::reserve_attempt(&mut c, id, Verifier::Service.as_str(), now).await? else {
+            let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
+            drop(tx);
+            if row.verifier != Verifier::Service.as_str() {
+                return Err(ApiError::validation("this challenge is checked by Garmin: use /attempts"));
+            }
+            return Err(self.refuse(ctx, "challenge.verify", &row, now).await);
+        };
+        self.audit(
+            &mut c,
+            ctx,
+            "challenge.attempt",
+            Outcome::Success,
+            &row.user_id,
+            json!({"challenge_id": id, "attempt": row.attempts}),
+        )
+        .await?;
+        tx.commit().await?;
+
+        // 2. The expensive check, outside any transaction.
+        let phc = row.code_hash.clone().unwrap_or_default();
+        let right = self.hasher.verify(code, phc).await.map_err(busy)?;
+
+        // 3. Record the outcome.
+        let now = store::now();
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        if right {
+            let consume_by = now + Duration::from_std(self.limits.consume_window).unwrap_or(Duration::minutes(5));
+            let Some(done) = store::challenges::mark_verified(&mut c, id, now, consume_by).await? else {
+                let current = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
+                drop(tx);
+                return Err(self.refuse(ctx, "challenge.verify", &current, now).await);
+            };
+            self.after_verified(&mut c, ctx, &done, now).await?;
+            let resume_state = self.open_resume(&done)?;
+            tx.commit().await?;
+            return Ok(Verified { status: ChallengeStatus::Verified, verified_at: now, resume_state });
+        }
+        store::challenges::record_failure(&mut c, &row.user_id, id, now).await?;
+        let remaining = (row.max_attempts - row.attempts).max(0);
+        if remaining == 0 {
+            self.lock_challenge(&mut c, ctx, &row, now).await?;
+        } else {
+            self.audit(
+                &mut c,
+                ctx,
+                "challenge.verify_failed",
+                Outcome::Failure,
+                &row.user_id,
+                json!({"challenge_id": id, "attempt": row.attempts, "attempts_remaining": remaining}),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Err(ApiError::coded(StatusCode::BAD_REQUEST, "invalid_code", "the code is not right")
+            .with("attempts_remaining", remaining))
+    }
+
+    async fn after_verified(
+        &self,
+        c: &mut Conn<'_>,
+        ctx: &AuditContext,
+        done: &ChallengeRow,
+        now: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
+        self.audit(
+            c,
+            ctx,
+            "challenge.verified",
+            Outcome::Success,
+            &done.user_id,
+            json!({"challenge_id": done.id, "attempt": done.attempts, "session_id": done.session_id}),
+        )
+        .await?;
+        if let Some(sid) = done.session_id
+            && let Some(s) = store::sessions::get(c, sid).await?
+        {
+            move_session(c, &self.keyring, ctx, &s, SessionState::MfaVerified, Some("challenge_verified"), now).await?;
+        }
+        Ok(())
+    }
+
+    /// The last attempt failed: the challenge and its session fail.
+    async fn lock_challenge(
+        &self,
+        c: &mut Conn<'_>,
+        ctx: &AuditContext,
+        row: &ChallengeRow,
+        now: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
+        if store::challenges::mark_failed(c, row.id, now).await?.is_some() {
+            self.audit(
+                c,
+                ctx,
+                "challenge.locked",
+                Outcome::Failure,
+                &row.user_id,
+                json!({"challenge_id": row.id, "attempts": row.attempts, "session_id": row.session_id}),
+            )
+            .await?;
+            if let Some(sid) = row.session_id
+                && let Some(s) = store::sessions::get(c, sid).await?
+            {
+                move_session(c, &self.keyring, ctx, &s, SessionState::Failed, Some("challenge_locked"), now).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves an attempt at a Garmin-checked challenge; a code already tried is refused
+    /// without using an attempt.
+    pub async fn attempt(
+        &self,
+        ctx: &AuditContext,
+        id: Uuid,
+        code: Zeroizing<String>,
+    ) -> Result<AttemptReserved, ApiError> {
+        let now = store::now();
+        let mac = self.code_mac(id, &code)?;
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        store::lock(&mut c, &id.to_string()).await?;
+        let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
+        if row.verifier != Verifier::External.as_str() {
+            return Err(ApiError::validation("this challenge is checked by this service: use /verify"));
+        }
+        let usable = effective_status(&row, now) == ChallengeStatus::Pending && row.attempts < row.max_attempts;
+        if !usable {
+            drop(tx);
+            return Err(self.refuse(ctx, "challenge.attempt", &row, now).await);
+        }
+        if store::challenges::code_tried(&mut c, id, &mac).await? {
+            self.audit(
+                &mut c,
+                ctx,
+                "challenge.attempt",
+                Outcome::Denied,
+                &row.user_id,
+                json!({"challenge_id": id, "reason": "duplicate_code"}),
+            )
+            .await?;
+            tx.commit().await?;
+            return Err(ApiError::coded(
+                StatusCode::CONFLICT,
+                "duplicate_code",
+                "this code was already tried on this challenge; no attempt was used",
+            ));
+        }
+        let Some(row) = store::challenges::reserve_attempt(&mut c, id, Verifier::External.as_str(), now).await? else {
+            drop(tx);
+            return Err(self.refuse(ctx, "challenge.attempt", &row, now).await);
+        };
+        store::challenges::insert_attempt(&mut c, id, row.attempts, &mac, now).await?;
+        self.audit(
+            &mut c,
+            ctx,
+            "challenge.attempt",
+            Outcome::Success,
+            &row.user_id,
+            json!({"challenge_id": id, "attempt": row.attempts}),
+        )
+        .await?;
+        let resume_state = self.open_resume(&row)?;
+        tx.commit().await?;
+        Ok(AttemptReserved { attempt: row.attempts, attempts_remaining: row.max_attempts - row.attempts, resume_state })
+    }
+
+    /// Records Garmin's answer to attempt `n`.
+    pub async fn attempt_result(
+        &self,
+        ctx: &AuditContext,
+        id: Uuid,
+        n: i64,
+        success: bool,
+    ) -> Result<ChallengeView, ApiError> {
+        let now = store::now();
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        store::lock(&mut c, &id.to_string()).await?;
+        let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
+        match store::challenges::attempt_result(&mut c, id, n).await? {
+            None => return Err(ApiError::not_found("attempt_not_found", format!("no attempt {n} on this challenge"))),
+            Some(Some(_)) => {
+                return Err(ApiError::coded(
+                    StatusCode::CONFLICT,
+                    "attempt_resolved",
+                    format!("the result of attempt {n} was already recorded"),
+                ));
+            }
+            Some(None) => {}
+        }
+        store::challenges::resolve_attempt(&mut c, id, n, if success { "success" } else { "failure" }, now).await?;
+        let final_row = if success {
+            // Garmin accepted the code: the attempt was reserved before expiry, so the answer
+            // counts even if it arrives after it.
+            let consume_by = now + Duration::from_std(self.limits.consume_window).unwrap_or(Duration::minutes(5));
+            let Some(done) = store::challenges::mark_verified(&mut c, id, now, consume_by).await? else {
+                drop(tx);
+                return Err(self.refuse(ctx, "challenge.verify", &row, now).await);
+            };
+            self.after_verified(&mut c, ctx, &done, now).await?;
+            done
+        } else {
+            store::challenges::record_failure(&mut c, &row.user_id, id, now).await?;
+            let open = store::challenges::open_attempts(&mut c, id).await?;
+            if row.attempts >= row.max_attempts && open == 0 {
+                self.lock_challenge(&mut c, ctx, &row, now).await?;
+            } else {
+                self.audit(
+                    &mut c,
+                    ctx,
+                    "challenge.verify_failed",
+                    Outcome::Failure,
+                    &row.user_id,
+                    json!({"challenge_id": id, "attempt": n, "attempts_remaining": row.max_attempts - row.attempts}),
+                )
+                .await?;
+            }
+            store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?
+        };
+        tx.commit().await?;
+        Ok(ChallengeView::from_row(&final_row, now))
+    }
+
+    /// `verified` → `consumed`, exactly once.
+    pub async fn consume(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ApiError> {
+        let now = store::now();
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        let Some(done) = store::challenges::consume(&mut c, id, now).await? else {
+            let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
+            drop(tx);
+            return Err(self.refuse(ctx, "challenge.consume", &row, now).await);
+        };
+        self.audit(
+            &mut c,
+            ctx,
+            "challenge.consumed",
+            Outcome::Success,
+            &done.user_id,
+            json!({"challenge_id": id, "session_id": done.session_id}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(ChallengeView::from_row(&done, now))
+    }
+
+    /// `DELETE`: cancel a pending or verified challenge (idempotent once cancelled).
+    pub async fn cancel(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
+        let now = store::now();
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
+        if row.status == ChallengeStatus::Cancelled.as_str() {
+            return Ok(());
+        }
+        if !cancel_challenge(&mut c, &self.keyring, ctx, &row, "cancelled", now).await? {
+            drop(tx);
+            return Err(self.refuse(ctx, "challenge.cancel", &row, now).await);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}

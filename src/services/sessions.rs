@@ -1,0 +1,285 @@
+//! Login sessions: the state machine of one login flow, kept across requests and restarts.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    crypto::Keyring,
+    domain::{UserId, mfa::SessionState},
+    error::ApiError,
+    services::audit::{self, AuditContext, Outcome},
+    store::{self, Conn, Db, challenges::ChallengeRow, sessions::SessionRow},
+};
+
+/// What the client told us about itself (stored as given, shown back).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+pub struct ClientInfo {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SessionView {
+    pub id: Uuid,
+    pub user_id: String,
+    /// `started`, `mfa_required`, `mfa_verified`, `authenticated`, `failed`, `cancelled`,
+    /// `expired`, `superseded`. Past `expires_at` an active session reads `expired`.
+    pub state: SessionState,
+    pub challenge_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Why it reached its state, when known (`superseded`, `logout`, a caller's reason, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<ClientInfo>,
+}
+
+/// The state a session is in as of `now` (an active session past its expiry is expired).
+pub fn effective_state(row: &SessionRow, now: DateTime<Utc>) -> SessionState {
+    let state = SessionState::parse(&row.state).unwrap_or(SessionState::Failed);
+    if !state.is_terminal() && row.expires_at <= now { SessionState::Expired } else { state }
+}
+
+impl SessionView {
+    pub fn from_row(row: &SessionRow, now: DateTime<Utc>) -> Self {
+        let client = (row.client_ip.is_some() || row.user_agent.is_some())
+            .then(|| ClientInfo { ip: row.client_ip.clone(), user_agent: row.user_agent.clone() });
+        Self {
+            id: row.id,
+            user_id: row.user_id.clone(),
+            state: effective_state(row, now),
+            challenge_id: row.challenge_id,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            expires_at: row.expires_at,
+            reason: row.reason.clone(),
+            client,
+        }
+    }
+}
+
+pub const DEFAULT_TTL_SECS: i64 = 900;
+pub const MAX_TTL_SECS: i64 = 86_400;
+
+/// Writes one audit event (the single place this service does).
+pub(crate) async fn audit(
+    c: &mut Conn<'_>,
+    keyring: &Keyring,
+    ctx: &AuditContext,
+    type_: &str,
+    outcome: Outcome,
+    user_id: &str,
+    details: Value,
+) -> store::Result<()> {
+    audit::record(c, keyring, ctx, type_, outcome, Some(user_id), details).await.map(|_| ())
+}
+
+/// Moves a session to `to` if its current state allows it, auditing the move. `None` when it
+/// did not move (terminal, not allowed, or changed concurrently).
+pub(crate) async fn move_session(
+    c: &mut Conn<'_>,
+    keyring: &Keyring,
+    ctx: &AuditContext,
+    row: &SessionRow,
+    to: SessionState,
+    reason: Option<&str>,
+    now: DateTime<Utc>,
+) -> store::Result<Option<SessionRow>> {
+    let from = SessionState::parse(&row.state).unwrap_or(SessionState::Failed);
+    if !from.can_move_to(to) {
+        return Ok(None);
+    }
+    let moved = store::sessions::transition(c, row.id, from.as_str(), to.as_str(), reason, now).await?;
+    if let Some(m) = &moved {
+        audit(
+            c,
+            keyring,
+            ctx,
+            "session.transition",
+            Outcome::Success,
+            &m.user_id,
+            json!({"session_id": m.id, "from": from, "to": to, "reason": reason}),
+        )
+        .await?;
+    }
+    Ok(moved)
+}
+
+/// Cancels a challenge (destroying its resume state), auditing it.
+pub(crate) async fn cancel_challenge(
+    c: &mut Conn<'_>,
+    keyring: &Keyring,
+    ctx: &AuditContext,
+    ch: &ChallengeRow,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> store::Result<bool> {
+    let done = store::challenges::cancel(c, ch.id, now).await?.is_some();
+    if done {
+        audit(
+            c,
+            keyring,
+            ctx,
+            "challenge.cancelled",
+            Outcome::Success,
+            &ch.user_id,
+            json!({"challenge_id": ch.id, "session_id": ch.session_id, "reason": reason}),
+        )
+        .await?;
+    }
+    Ok(done)
+}
+
+/// Ends every active session of a user (moving it to `to`) and cancels the user's live
+/// challenges. Used by supersession (a new session) and by logout.
+pub(crate) async fn end_user_flows(
+    c: &mut Conn<'_>,
+    keyring: &Keyring,
+    ctx: &AuditContext,
+    user: &str,
+    to: SessionState,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> store::Result<()> {
+    for s in store::sessions::list_unended(c, user).await? {
+        move_session(c, keyring, ctx, &s, to, Some(reason), now).await?;
+    }
+    for ch in store::challenges::live_for_user(c, user).await? {
+        cancel_challenge(c, keyring, ctx, &ch, reason, now).await?;
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+pub struct Sessions {
+    db: Db,
+    keyring: Arc<Keyring>,
+}
+
+impl Sessions {
+    pub fn new(db: Db, keyring: Arc<Keyring>) -> Self {
+        Self { db, keyring }
+    }
+
+    /// Starts a login flow; the user's other active flows end as `superseded`.
+    pub async fn create(
+        &self,
+        ctx: &AuditContext,
+        user: &UserId,
+        ttl_secs: i64,
+        client: Option<ClientInfo>,
+    ) -> Result<SessionView, ApiError> {
+        let now = store::now();
+        let client = client.unwrap_or_default();
+        let row = SessionRow {
+            id: Uuid::now_v7(),
+            user_id: user.to_string(),
+            state: SessionState::Started.as_str().into(),
+            challenge_id: None,
+            client_ip: client.ip,
+            user_agent: client.user_agent,
+            reason: None,
+            created_at: now,
+            updated_at: now,
+            expires_at: now + Duration::seconds(ttl_secs),
+        };
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        store::lock(&mut c, user.as_str()).await?;
+        end_user_flows(&mut c, &self.keyring, ctx, user.as_str(), SessionState::Superseded, "superseded", now).await?;
+        store::sessions::insert(&mut c, &row).await?;
+        audit(
+            &mut c,
+            &self.keyring,
+            ctx,
+            "session.created",
+            Outcome::Success,
+            user.as_str(),
+            json!({"session_id": row.id, "ttl_seconds": ttl_secs}),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(SessionView::from_row(&row, now))
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<SessionView, ApiError> {
+        let mut rc = self.db.read().await?;
+        let row = store::sessions::get(&mut rc.conn(), id).await?.ok_or_else(session_not_found)?;
+        Ok(SessionView::from_row(&row, store::now()))
+    }
+
+    pub async fn list_active(&self, user: &UserId) -> Result<Vec<SessionView>, ApiError> {
+        let now = store::now();
+        let mut rc = self.db.read().await?;
+        let rows = store::sessions::list_active(&mut rc.conn(), user.as_str(), now).await?;
+        Ok(rows.iter().map(|r| SessionView::from_row(r, now)).collect())
+    }
+
+    /// A caller-requested move. Terminal moves also cancel the session's live challenges.
+    pub async fn transition(
+        &self,
+        ctx: &AuditContext,
+        id: Uuid,
+        to: SessionState,
+        reason: Option<&str>,
+    ) -> Result<SessionView, ApiError> {
+        let now = store::now();
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        let row = store::sessions::get(&mut c, id).await?.ok_or_else(session_not_found)?;
+        store::lock(&mut c, &row.user_id).await?;
+        // Re-read under the lock: the state may have moved while we waited.
+        let row = store::sessions::get(&mut c, id).await?.ok_or_else(session_not_found)?;
+        let from = effective_state(&row, now);
+        if !from.can_move_to(to) {
+            return Err(invalid_transition(from, to));
+        }
+        let moved = move_session(&mut c, &self.keyring, ctx, &row, to, reason, now)
+            .await?
+            .ok_or_else(|| invalid_transition(from, to))?;
+        if to.is_terminal() {
+            for ch in store::challenges::live_for_session(&mut c, id).await? {
+                cancel_challenge(&mut c, &self.keyring, ctx, &ch, &format!("session_{}", to.as_str()), now).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(SessionView::from_row(&moved, now))
+    }
+
+    /// `DELETE /sessions/{id}`: cancel (idempotent for an already cancelled session).
+    pub async fn cancel(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
+        match self.transition(ctx, id, SessionState::Cancelled, Some("cancelled")).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let already = self.get(id).await.map(|s| s.state == SessionState::Cancelled).unwrap_or(false);
+                if already { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+
+    /// The newest active session of a user, for `/auth-status`.
+    pub async fn current(&self, user: &UserId) -> Result<Option<SessionView>, ApiError> {
+        Ok(self.list_active(user).await?.into_iter().next())
+    }
+}
+
+pub fn session_not_found() -> ApiError {
+    ApiError::not_found("session_not_found", "no such session")
+}
+
+pub fn invalid_transition(from: SessionState, to: SessionState) -> ApiError {
+    ApiError::coded(
+        axum::http::StatusCode::CONFLICT,
+        "invalid_transition",
+        format!("a session cannot move from {} to {}", from.as_str(), to.as_str()),
+    )
+    .with("from", from.as_str())
+    .with("to", to.as_str())
+}

@@ -1,0 +1,175 @@
+//! The expiry sweeper: a tokio task that, every `CENTRALDB_SWEEP_INTERVAL_SECS`,
+//! - expires pending/verified challenges past their expiry (destroying their resume state) and
+//!   moves their sessions to `expired`;
+//! - expires active sessions past their expiry (cancelling their live challenges);
+//! - destroys the ciphertext of token bundles past their refresh expiry (`token.expired`);
+//! - deletes terminal challenges and sessions older than the retention period, and failure
+//!   records older than the failure window.
+//!
+//! Each expiry is a conditional statement audited in its own transaction, so several instances
+//! can sweep at once without double audit rows. Reads never depend on it: an expired challenge
+//! or session reads `expired` before the sweeper gets to it.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use crate::{
+    domain::mfa::SessionState,
+    services::{
+        audit::{self, AuditContext, Outcome},
+        sessions::{cancel_challenge, move_session},
+    },
+    state::AppState,
+    store::{self, StoreError},
+};
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    pub challenges_expired: u64,
+    pub sessions_expired: u64,
+    pub tokens_expired: u64,
+    pub purged: u64,
+}
+
+const BATCH: i64 = 200;
+
+/// Runs passes until `shutdown` resolves.
+pub async fn run(state: AppState, shutdown: impl std::future::Future<Output = ()>) {
+    let mut tick = tokio::time::interval(state.settings.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = tick.tick() => {
+                match sweep_once(&state, store::now()).await {
+                    Ok(r) if r != SweepReport::default() => tracing::info!(?r, "sweep pass"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "sweep pass failed; retrying next interval"),
+                }
+            }
+        }
+    }
+    tracing::info!("sweeper stopped");
+}
+
+/// One pass over everything due at `now`.
+pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepReport, StoreError> {
+    let ctx = AuditContext::system("sweeper");
+    let keyring = &state.keyring;
+    let mut report = SweepReport::default();
+
+    loop {
+        let ids = {
+            let mut rc = state.db.read().await?;
+            store::challenges::due_for_expiry(&mut rc.conn(), now, BATCH).await?
+        };
+        for id in &ids {
+            let mut tx = state.db.begin_write().await?;
+            let mut c = tx.conn();
+            if let Some(ch) = store::challenges::expire(&mut c, *id, now).await? {
+                report.challenges_expired += 1;
+                audit::record(
+                    &mut c,
+                    keyring,
+                    &ctx,
+                    "challenge.expired",
+                    Outcome::Success,
+                    Some(&ch.user_id),
+                    json!({"challenge_id": ch.id, "session_id": ch.session_id}),
+                )
+                .await?;
+                if let Some(sid) = ch.session_id
+                    && let Some(s) = store::sessions::get(&mut c, sid).await?
+                    && s.challenge_id == Some(ch.id)
+                {
+                    move_session(&mut c, keyring, &ctx, &s, SessionState::Expired, Some("challenge_expired"), now)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        if (ids.len() as i64) < BATCH {
+            break;
+        }
+    }
+
+    loop {
+        let due = {
+            let mut rc = state.db.read().await?;
+            store::sessions::due_for_expiry(&mut rc.conn(), now, BATCH).await?
+        };
+        for s in &due {
+            let mut tx = state.db.begin_write().await?;
+            let mut c = tx.conn();
+            // Re-read: another instance may have moved it already.
+            if let Some(current) = store::sessions::get(&mut c, s.id).await?
+                && move_session(&mut c, keyring, &ctx, &current, SessionState::Expired, Some("ttl"), now)
+                    .await?
+                    .is_some()
+            {
+                report.sessions_expired += 1;
+                for ch in store::challenges::live_for_session(&mut c, s.id).await? {
+                    cancel_challenge(&mut c, keyring, &ctx, &ch, "session_expired", now).await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        if (due.len() as i64) < BATCH {
+            break;
+        }
+    }
+
+    loop {
+        let users = {
+            let mut rc = state.db.read().await?;
+            store::tokens::due_for_expiry(&mut rc.conn(), now, BATCH).await?
+        };
+        for u in &users {
+            let mut tx = state.db.begin_write().await?;
+            let mut c = tx.conn();
+            if let Some(row) = store::tokens::expire(&mut c, u, now).await? {
+                report.tokens_expired += 1;
+                audit::record(
+                    &mut c,
+                    keyring,
+                    &ctx,
+                    "token.expired",
+                    Outcome::Success,
+                    Some(u),
+                    json!({"reason": "refresh_expired", "version": row.version}),
+                )
+                .await?;
+            }
+            tx.commit().await?;
+        }
+        if (users.len() as i64) < BATCH {
+            break;
+        }
+    }
+
+    let retention = chrono::Duration::from_std(state.settings.retention).unwrap_or(chrono::Duration::days(7));
+    let window = chrono::Duration::from_std(state.settings.mfa.failure_window).unwrap_or(chrono::Duration::days(1));
+    let mut tx = state.db.begin_write().await?;
+    let mut c = tx.conn();
+    let challenges = store::challenges::purge_terminal(&mut c, now - retention).await?;
+    let sessions = store::sessions::purge_terminal(&mut c, now - retention).await?;
+    let failures = store::challenges::purge_failures(&mut c, now - window).await?;
+    report.purged = challenges + sessions + failures;
+    if challenges + sessions > 0 {
+        audit::record(
+            &mut c,
+            keyring,
+            &ctx,
+            "retention.purged",
+            Outcome::Success,
+            None,
+            json!({"challenges": challenges, "sessions": sessions, "failure_records": failures,
+                   "older_than": (now - retention).to_rfc3339()}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(report)
+}
