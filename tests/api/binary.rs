@@ -346,3 +346,60 @@ async fn api_key_commands_create_list_revoke() {
     let (ok, out, _) = run(&d.env, d.dir.path(), &["keygen", "--id", "k7"]).await;
     assert!(ok && out.trim().starts_with("k7:") && out.trim().len() == 3 + 44, "{out}");
 }
+
+/// Two service processes on one database: concurrent verifications split between them still
+/// allow exactly one success and at most `max_attempts` checks; consumption happens once.
+#[tokio::test]
+async fn two_processes_on_one_database_agree_on_attempts() {
+    let d = Deployment::new().await;
+    let a = Server::start(&d.env, d.dir.path()).await;
+    let b = Server::start(&d.env, d.dir.path()).await;
+    let key = d.admin_key();
+    let http = reqwest::Client::new();
+    let create = |code: &str, max: i64| {
+        let body = json!({"user_id": "multi", "method": "email", "verifier": "service", "code": code, "max_attempts": max});
+        http.post(a.url("/api/v1/mfa/challenges")).bearer_auth(&key).json(&body).send()
+    };
+    let fire = |id: String, codes: Vec<String>, path: &'static str| {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, code) in codes.into_iter().enumerate() {
+            let url = if i % 2 == 0 { a.url("") } else { b.url("") };
+            let (http, key, id) = (http.clone(), key.clone(), id.clone());
+            set.spawn(async move {
+                let r = http
+                    .post(format!("{url}/api/v1/mfa/challenges/{id}/{path}"))
+                    .bearer_auth(key)
+                    .json(&json!({"code": code}))
+                    .send()
+                    .await
+                    .unwrap();
+                r.status().as_u16()
+            });
+        }
+        set.join_all()
+    };
+
+    // 40 right codes, across both processes.
+    let r: Value = create("123456", 5).await.unwrap().json().await.unwrap();
+    let id = r["id"].as_str().unwrap().to_string();
+    let statuses = fire(id.clone(), vec!["123456".to_string(); 40], "verify").await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
+    assert!(statuses.iter().all(|s| [200, 409, 423].contains(s)), "{statuses:?}");
+    let g: Value = http.get(b.url(&format!("/api/v1/mfa/challenges/{id}"))).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    assert!(g["attempts"].as_i64().unwrap() <= 5, "{g}");
+    // 20 consumes across both: exactly one.
+    let statuses = fire(id.clone(), vec!["x".to_string(); 20], "consume").await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
+
+    // 30 wrong codes, across both: exactly max_attempts are checked.
+    let r: Value = create("123456", 4).await.unwrap().json().await.unwrap();
+    let id = r["id"].as_str().unwrap().to_string();
+    let codes = (0..30).map(|i| format!("{:06}", 300_000 + i)).collect();
+    let statuses = fire(id.clone(), codes, "verify").await;
+    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 4, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 423).count(), 26, "{statuses:?}");
+    let g: Value = http.get(a.url(&format!("/api/v1/mfa/challenges/{id}"))).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    assert_eq!((g["status"].as_str(), g["attempts"].as_i64()), (Some("failed"), Some(4)));
+    a.stop().await;
+    b.stop().await;
+}
