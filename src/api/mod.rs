@@ -1,5 +1,6 @@
 //! The HTTP surface: one router per resource, assembled with its OpenAPI document.
 
+pub mod audit;
 pub mod extract;
 pub mod mfa;
 pub mod middleware;
@@ -37,6 +38,7 @@ use crate::{error::Problem, state::AppState};
         (name = "tokens", description = "Encrypted token bundles (garth, python-garminconnect)"),
         (name = "mfa", description = "MFA challenges, checked here (argon2id) or by Garmin"),
         (name = "sessions", description = "Login flows and their state machine"),
+        (name = "audit", description = "The tamper-evident audit log: events and the HMAC chain check"),
         (name = "operations", description = "Health, readiness, metrics (no auth)"),
     )
 )]
@@ -66,6 +68,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .nest("/api/v1", tokens::router())
         .nest("/api/v1", mfa::router())
         .nest("/api/v1", sessions::router())
+        .nest("/api/v1", audit::router())
         .merge(ops::router())
 }
 

@@ -27,7 +27,7 @@ use crate::{
     crypto::Keyring,
     store::{
         self, Conn, Db, StoreError,
-        audit::{AuditRow, ChainHead, NewAuditEvent, Snapshot},
+        audit::{AuditRow, ChainHead, EventFilter, NewAuditEvent, Snapshot},
     },
 };
 
@@ -299,6 +299,15 @@ async fn walk(
     let mut checked: u64 = 0;
     // While `expected <= slow_until`, rows are read one at a time (see below).
     let mut slow_until: i64 = 0;
+    if let Some(first) = store::audit::next_seq(c, i64::MIN).await?
+        && first < 1
+    {
+        return Ok(VerifyReport::bad(
+            0,
+            Some(first),
+            format!("an event has seq {first}, outside the chain (seq starts at 1)"),
+        ));
+    }
     loop {
         let size = if expected <= slow_until { 1 } else { PAGE };
         let page = match store::audit::chain_page(c, expected - 1, size).await {
@@ -313,11 +322,15 @@ async fn walk(
             Err(StoreError::Other(e)) => {
                 let seq = store::audit::next_seq(c, expected - 1).await?.unwrap_or(expected);
                 tracing::warn!(seq, error = %e, "audit event cannot be read");
-                return Ok(VerifyReport::bad(
-                    checked,
-                    Some(seq.min(expected)),
-                    format!("the event at seq {seq} cannot be read (a column holds an invalid value)"),
-                ));
+                return Ok(if seq > expected {
+                    missing(checked, expected, seq)
+                } else {
+                    VerifyReport::bad(
+                        checked,
+                        Some(seq),
+                        format!("the event at seq {seq} cannot be read (a column holds an invalid value)"),
+                    )
+                });
             }
             Err(e) => return Err(e),
         };
@@ -327,11 +340,7 @@ async fn walk(
         for row in &page {
             let seq = row.event.seq;
             if seq != expected {
-                return Ok(VerifyReport::bad(
-                    checked,
-                    Some(expected),
-                    format!("event seq {expected} is missing (the next event is seq {seq})"),
-                ));
+                return Ok(missing(checked, expected, seq));
             }
             let Some(key) = keys.get(&row.chain_key_id) else {
                 return Ok(VerifyReport::bad(
@@ -401,6 +410,14 @@ async fn walk(
     Ok(VerifyReport::good(checked))
 }
 
+fn missing(checked: u64, expected: i64, next: i64) -> VerifyReport {
+    VerifyReport::bad(
+        checked,
+        Some(expected),
+        format!("event seq {expected} is missing (the next event is seq {next})"),
+    )
+}
+
 fn head_missing() -> VerifyReport {
     VerifyReport::bad(0, None, "the chain head (audit_chain row 1) is missing")
 }
@@ -446,6 +463,12 @@ pub async fn reseal(db: &Db, keyring: &Keyring) -> store::Result<ResealReport> {
     }
     tx.commit().await?;
     Ok(ResealReport { verified, resealed: state.count })
+}
+
+/// A page of events, oldest first (`GET /audit/events`). Reading is not audited.
+pub async fn events(db: &Db, filter: &EventFilter<'_>) -> store::Result<Vec<AuditRow>> {
+    let mut c = db.read().await?;
+    store::audit::query(&mut c.conn(), filter).await
 }
 
 /// The key ids the audit chain is sealed under (start-up checks them against the keyring).

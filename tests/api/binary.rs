@@ -59,14 +59,32 @@ impl Deployment {
         }
     }
 
-    /// Row counts of every table, to prove a refused start-up changed nothing.
-    async fn row_counts(&self) -> Vec<i64> {
-        let url = self
-            .env
+    fn database_url(&self) -> String {
+        self.env
             .iter()
             .find(|(k, _)| k == "CENTRALDB_DATABASE_URL")
             .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| format!("sqlite://{}", self.data.join("centraldb-mfa.db").display()));
+            .unwrap_or_else(|| format!("sqlite://{}", self.data.join("centraldb-mfa.db").display()))
+    }
+
+    /// Runs a raw SQL statement against the deployment's database (tampering).
+    async fn exec(&self, sql: &str) {
+        let url = self.database_url();
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        if url.starts_with("sqlite") {
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        } else {
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+
+    /// Row counts of every table, to prove a refused start-up changed nothing.
+    async fn row_counts(&self) -> Vec<i64> {
+        let url = self.database_url();
         let mut out = Vec::new();
         for t in ["api_keys", "token_bundles", "key_checks", "audit_events"] {
             let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {t}"));
@@ -309,8 +327,10 @@ async fn rewrap_moves_everything_to_the_new_key_and_the_old_key_can_go() {
     let (ok, out, err) = run(&both, d.dir.path(), &["rewrap"]).await;
     assert!(ok, "{out}{err}");
     assert!(out.contains("rewrapped 3 ciphertext(s) under key 'k2'"), "{out}");
+    assert!(out.contains("; re-sealed 3 audit event(s)"), "the audit chain moves to k2 too: {out}");
     let (ok, out, _) = run(&both, d.dir.path(), &["rewrap"]).await;
     assert!(ok && out.contains("rewrapped 0"), "a second pass has nothing to do: {out}");
+    assert!(out.contains("re-sealed 0 audit event(s)"), "{out}");
     // The old key removed: everything still decrypts.
     let s = Server::start(&d.with("CENTRALDB_ENCRYPTION_KEYS", &k2), d.dir.path()).await;
     for u in ["r1", "r2", "r3"] {
@@ -321,6 +341,43 @@ async fn rewrap_moves_everything_to_the_new_key_and_the_old_key_can_go() {
         assert_eq!(body["version"], 1, "rewrap does not change the version");
     }
     s.stop().await;
+    // The audit chain, re-sealed under k2, still verifies without k1.
+    let (ok, out, err) = run(&d.with("CENTRALDB_ENCRYPTION_KEYS", &k2), d.dir.path(), &["audit", "verify"]).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.trim(), "audit chain ok: 8 events", "3 writes, 2 rewraps, 3 reads");
+}
+
+#[tokio::test]
+async fn audit_verify_finds_a_tampered_row() {
+    let d = Deployment::new().await;
+    let http = reqwest::Client::new();
+    let s = Server::start(&d.env, d.dir.path()).await;
+    let key = d.admin_key();
+    for u in ["a1", "a2", "a3"] {
+        let r = http.put(s.url(&tokens_path(u))).bearer_auth(&key).json(&garth_body(u)).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let r = http.get(s.url("/api/v1/audit/verify")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"ok": true, "events_checked": 3}));
+    s.stop().await;
+    let (ok, out, err) = run(&d.env, d.dir.path(), &["audit", "verify"]).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.trim(), "audit chain ok: 3 events");
+
+    d.exec("UPDATE audit_events SET user_id = 'someone-else' WHERE seq = 2").await;
+    let (ok, out, err) = run(&d.env, d.dir.path(), &["audit", "verify"]).await;
+    assert!(!ok, "a broken chain exits 1: {out}{err}");
+    assert!(out.starts_with("audit chain BROKEN at seq 2: "), "{out}");
+    d.exec("DELETE FROM audit_events WHERE seq = 2").await;
+    let (ok, out, _) = run(&d.env, d.dir.path(), &["audit", "verify"]).await;
+    assert!(!ok && out.starts_with("audit chain BROKEN at seq 2: event seq 2 is missing"), "{out}");
+    // Rewrap will not re-seal (and so launder) a broken chain.
+    let k2 = key_spec("k2");
+    let both = d.with("CENTRALDB_ENCRYPTION_KEYS", &format!("{k2},{}", d.key_spec_in_use()));
+    let (ok, out, _) = run(&both, d.dir.path(), &["rewrap"]).await;
+    assert!(!ok, "{out}");
+    assert!(out.contains("rewrapped 3 ciphertext(s) under key 'k2'"), "{out}");
+    assert!(out.contains("audit chain NOT re-sealed: BROKEN at seq 2"), "{out}");
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The integration suite, compiled into one test binary. Runs on SQLite by default and on
 //! PostgreSQL with `CENTRALDB_TEST_BACKEND=postgres` (see `./scripts/test`).
 
+mod audit;
 mod auth;
 mod binary;
 mod helpers;

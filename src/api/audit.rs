@@ -1,0 +1,199 @@
+//! `/api/v1/audit/events` and `/api/v1/audit/verify`. Reading the audit log is not itself
+//! audited (refused requests are: the `Auth` extractor records them).
+
+use axum::{Json, extract::State};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use crate::{
+    domain::UserId,
+    error::{ApiError, Problem},
+    services::audit::{self, Outcome, VerifyReport},
+    state::AppState,
+    store::audit::{AuditRow, EventFilter},
+};
+
+use super::extract::{Admin, ApiQuery, AuditRead, Auth};
+
+pub const DEFAULT_LIMIT: i64 = 100;
+pub const MAX_LIMIT: i64 = 1000;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_events)).routes(routes!(verify_chain))
+}
+
+/// Query of `GET /audit/events`. Every filter is optional; they combine with AND.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Only this user's events.
+    pub user_id: Option<String>,
+    /// Only events of this type, e.g. `token.read`, `auth.denied`.
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    /// Only events with this outcome: `success`, `failure`, `denied` or `error`.
+    pub outcome: Option<String>,
+    /// Only events at or after this time (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub since: Option<String>,
+    /// Only events before this time (RFC 3339; exclusive).
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub until: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000, default = 100)]
+    pub limit: Option<String>,
+    /// Cursor: only events with a `seq` greater than this (pass the previous page's `next_after`).
+    #[param(value_type = Option<i64>, minimum = 0)]
+    pub after: Option<String>,
+}
+
+/// One audit event. Never holds a token, code, hash, key or resume state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEvent {
+    /// Position in the log: 1, 2, 3, ... without gaps.
+    pub seq: i64,
+    pub id: Uuid,
+    pub at: DateTime<Utc>,
+    /// What happened, e.g. `token.write`, `token.read`, `auth.denied`, `key.rewrap`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `success`, `failure`, `denied` or `error`.
+    pub outcome: String,
+    pub user_id: Option<String>,
+    /// `key:<api key id>`, or `cli`.
+    pub actor: Option<String>,
+    pub request_id: Option<String>,
+    pub source_ip: Option<String>,
+    /// Non-secret facts about the act (see the README's event table).
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+impl From<AuditRow> for AuditEvent {
+    fn from(r: AuditRow) -> Self {
+        // Stored as JSON text by the service; shown as a string if it no longer parses.
+        let details = serde_json::from_str(&r.details).unwrap_or(Value::String(r.details));
+        Self {
+            seq: r.seq,
+            id: r.id,
+            at: r.at,
+            type_: r.type_,
+            outcome: r.outcome,
+            user_id: r.user_id,
+            actor: r.actor,
+            request_id: r.request_id,
+            source_ip: r.source_ip,
+            details,
+        }
+    }
+}
+
+/// A page of events, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEventsPage {
+    pub events: Vec<AuditEvent>,
+    /// The `after` of the next page when this page is full; `null` when there is no more.
+    pub next_after: Option<i64>,
+}
+
+fn parse_time(field: &'static str, v: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    v.map(|s| {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| ApiError::field(field, format!("{field} must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")))
+    })
+    .transpose()
+}
+
+fn parse_int(
+    field: &'static str,
+    v: Option<&str>,
+    range: std::ops::RangeInclusive<i64>,
+    what: &str,
+) -> Result<Option<i64>, ApiError> {
+    v.map(|s| {
+        s.parse::<i64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| ApiError::field(field, format!("{field} must be {what}")))
+    })
+    .transpose()
+}
+
+/// List audit events, oldest first, with optional filters and a `seq` cursor.
+#[utoipa::path(
+    get, path = "/audit/events", tag = "audit",
+    params(EventsQuery),
+    responses(
+        (status = 200, body = AuditEventsPage),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` naming the `field`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["audit:read"]))
+)]
+async fn list_events(
+    _auth: Auth<AuditRead>,
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> Result<Json<AuditEventsPage>, ApiError> {
+    let user_id = q.user_id.as_deref().map(UserId::parse).transpose().map_err(|m| ApiError::field("user_id", m))?;
+    if let Some(t) = q.type_.as_deref()
+        && (t.is_empty()
+            || t.len() > 100
+            || !t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(ApiError::field("type", "type must be 1-100 characters of letters, digits, '.', '_', ':' and '-'"));
+    }
+    let outcome = q
+        .outcome
+        .as_deref()
+        .map(|o| {
+            Outcome::parse(o)
+                .ok_or_else(|| ApiError::field("outcome", "outcome must be one of success, failure, denied, error"))
+        })
+        .transpose()?;
+    let since = parse_time("since", q.since.as_deref())?;
+    let until = parse_time("until", q.until.as_deref())?;
+    if let (Some(s), Some(u)) = (since, until)
+        && s >= u
+    {
+        return Err(ApiError::field("until", "until must be later than since"));
+    }
+    let limit =
+        parse_int("limit", q.limit.as_deref(), 1..=MAX_LIMIT, "an integer from 1 to 1000")?.unwrap_or(DEFAULT_LIMIT);
+    let after = parse_int("after", q.after.as_deref(), 0..=i64::MAX, "a non-negative integer (a seq)")?.unwrap_or(0);
+    let filter = EventFilter {
+        after,
+        user_id: user_id.as_ref().map(UserId::as_str),
+        type_: q.type_.as_deref(),
+        outcome: outcome.map(Outcome::as_str),
+        since,
+        until,
+        limit,
+    };
+    let rows = audit::events(&state.db, &filter).await?;
+    let next_after = if rows.len() as i64 == limit { rows.last().map(|r| r.seq) } else { None };
+    Ok(Json(AuditEventsPage { events: rows.into_iter().map(AuditEvent::from).collect(), next_after }))
+}
+
+/// Check the audit log's HMAC chain: every event's seal, `seq` without gaps, and the chain head.
+/// Finds edited, deleted (including from the end), inserted and reordered events.
+#[utoipa::path(
+    get, path = "/audit/verify", tag = "audit",
+    responses(
+        (status = 200, description = "The result; `ok: false` names `first_bad_seq` (when an event is at fault) and the `reason`", body = VerifyReport),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["admin"]))
+)]
+async fn verify_chain(_auth: Auth<Admin>, State(state): State<AppState>) -> Result<Json<VerifyReport>, ApiError> {
+    Ok(Json(audit::verify(&state.db, &state.keyring).await?))
+}
