@@ -113,6 +113,8 @@ pub struct Settings {
     pub sweep_interval: Duration,
     /// How long terminal challenges and sessions are kept before the sweeper deletes them.
     pub retention: Duration,
+    /// Readers that may long-poll for a new token version at once; past that, 503.
+    pub max_waiters: usize,
 }
 
 pub const DEFAULT_SQLITE_FILE: &str = "centraldb-mfa.db";
@@ -278,6 +280,8 @@ impl Settings {
         let sweep_interval = Duration::from_secs(num("CENTRALDB_SWEEP_INTERVAL_SECS", 30, 1, 86_400)?);
         let retention = Duration::from_secs(num("CENTRALDB_RETENTION_SECS", 7 * 86_400, 0, 3650 * 86_400)?);
 
+        let max_waiters = num("CENTRALDB_MAX_WAITERS", 1000, 1, 1_000_000)? as usize;
+
         Ok(Self {
             data_dir,
             database_url,
@@ -298,6 +302,7 @@ impl Settings {
             mfa,
             sweep_interval,
             retention,
+            max_waiters,
         })
     }
 

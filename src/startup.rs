@@ -157,14 +157,22 @@ impl Application {
         let sweeper = tokio::spawn(crate::sweeper::run(state.clone(), async move {
             let _ = sweeper_stop.wait_for(|stopped| *stopped).await;
         }));
+        let mut listener_stop = stop_rx.clone();
+        let version_listener = tokio::spawn(state.notifier.clone().listen_postgres(db.clone(), async move {
+            let _ = listener_stop.wait_for(|stopped| *stopped).await;
+        }));
+        let notifier = state.notifier.clone();
         let app = api::app(state);
         let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;
                 let _ = stop_tx.send(true);
+                // Long-polling readers answer 304 now instead of holding up the shutdown.
+                notifier.close();
             })
             .await;
         let _ = sweeper.await;
+        let _ = version_listener.await;
         upkeep.abort();
         db.close().await;
         tracing::info!("stopped");

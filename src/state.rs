@@ -7,7 +7,14 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::{
     config::Settings,
     crypto::Keyring,
-    services::{api_keys::ApiKeys, code_hasher::CodeHasher, mfa::Mfa, sessions::Sessions, tokens::Vault},
+    services::{
+        api_keys::ApiKeys,
+        code_hasher::CodeHasher,
+        leases::{Leases, VersionNotifier},
+        mfa::Mfa,
+        sessions::Sessions,
+        tokens::Vault,
+    },
     store::Db,
 };
 
@@ -20,6 +27,8 @@ pub struct AppState {
     pub vault: Vault,
     pub mfa: Mfa,
     pub sessions: Sessions,
+    pub leases: Leases,
+    pub notifier: VersionNotifier,
     pub metrics: PrometheusHandle,
 }
 
@@ -29,8 +38,11 @@ impl AppState {
         let keyring = Arc::new(keyring);
         let api_keys = Arc::new(ApiKeys::new(db.clone(), settings.api_key_cache_ttl));
         let hasher = CodeHasher::new(settings.argon2, settings.argon2_workers, settings.argon2_queue)?;
+        let notifier = VersionNotifier::new(settings.max_waiters);
         Ok(Self {
-            vault: Vault::new(db.clone(), keyring.clone()),
+            vault: Vault::new(db.clone(), keyring.clone(), notifier.clone()),
+            leases: Leases::new(db.clone(), keyring.clone()),
+            notifier,
             mfa: Mfa::new(db.clone(), keyring.clone(), hasher, settings.mfa.clone()),
             sessions: Sessions::new(db.clone(), keyring.clone()),
             db,

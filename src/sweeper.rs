@@ -3,6 +3,7 @@
 //!   moves their sessions to `expired`;
 //! - expires active sessions past their expiry (cancelling their live challenges);
 //! - destroys the ciphertext of token bundles past their refresh expiry (`token.expired`);
+//! - ends refresh leases past their expiry (`lease.expired`; the fence is kept);
 //! - deletes terminal challenges and sessions older than the retention period, and failure
 //!   records older than the failure window.
 //!
@@ -29,6 +30,7 @@ pub struct SweepReport {
     pub challenges_expired: u64,
     pub sessions_expired: u64,
     pub tokens_expired: u64,
+    pub leases_expired: u64,
     pub purged: u64,
 }
 
@@ -145,6 +147,34 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
             tx.commit().await?;
         }
         if (users.len() as i64) < BATCH {
+            break;
+        }
+    }
+
+    loop {
+        let lapsed = {
+            let mut rc = state.db.read().await?;
+            store::leases::due_for_expiry(&mut rc.conn(), now, BATCH).await?
+        };
+        for l in &lapsed {
+            let mut tx = state.db.begin_write().await?;
+            let mut c = tx.conn();
+            if store::leases::expire(&mut c, &l.user_id, l.fence, now).await? {
+                report.leases_expired += 1;
+                audit::record(
+                    &mut c,
+                    keyring,
+                    &ctx,
+                    "lease.expired",
+                    Outcome::Success,
+                    Some(&l.user_id),
+                    json!({"fence": l.fence, "holder": l.holder}),
+                )
+                .await?;
+            }
+            tx.commit().await?;
+        }
+        if (lapsed.len() as i64) < BATCH {
             break;
         }
     }

@@ -64,9 +64,14 @@ pub async fn track_metrics(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Bounds every request by `CENTRALDB_REQUEST_TIMEOUT_SECS`; past it, 503 `unavailable`.
+/// Bounds every request by `CENTRALDB_REQUEST_TIMEOUT_SECS`; past it, 503 `unavailable`. A
+/// long-poll (`wait_seconds`) gets its wait on top.
 pub async fn timeout(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(state.settings.request_timeout, next.run(req)).await {
+    let mut limit = state.settings.request_timeout;
+    if req.uri().query().is_some_and(|q| q.contains("wait_seconds=")) {
+        limit += std::time::Duration::from_secs(crate::services::leases::MAX_WAIT_SECS);
+    }
+    match tokio::time::timeout(limit, next.run(req)).await {
         Ok(resp) => resp,
         Err(_) => {
             ApiError::Unavailable { detail: "the request timed out; try again", retry_after_secs: 1 }.into_response()

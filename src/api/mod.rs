@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod extract;
+pub mod leases;
 pub mod mfa;
 pub mod middleware;
 pub mod ops;
@@ -66,6 +67,7 @@ impl Modify for BearerAuth {
 fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", tokens::router())
+        .nest("/api/v1", leases::router())
         .nest("/api/v1", mfa::router())
         .nest("/api/v1", sessions::router())
         .nest("/api/v1", audit::router())

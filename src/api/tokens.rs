@@ -18,7 +18,10 @@ use crate::{
         tokens::{BundleKind, garth_dump},
     },
     error::{ApiError, Problem},
-    services::tokens::{TokenMetadata, TokenStatus},
+    services::{
+        leases::MAX_WAIT_SECS,
+        tokens::{TokenMetadata, TokenStatus},
+    },
     state::AppState,
     store::tokens::WriteCondition,
 };
@@ -134,6 +137,10 @@ pub struct TokenBundleResponse {
 pub struct GetTokensQuery {
     /// `garth_dump` returns the string `garth.Client.loads()` accepts instead of the two objects.
     pub representation: Option<String>,
+    /// Answer only once the stored version is greater than this (else 304 when the wait ends).
+    pub newer_than: Option<i64>,
+    /// How long to wait for a newer version, 0-30 seconds (default 0).
+    pub wait_seconds: Option<u64>,
 }
 
 #[derive(Deserialize, Serialize, ToSchema, Default)]
@@ -202,6 +209,20 @@ fn write_condition(headers: &HeaderMap) -> Result<WriteCondition, ApiError> {
     }
 }
 
+/// `X-Lease-Fence: <fence>`, when present.
+pub fn lease_fence(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    headers
+        .get("x-lease-fence")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .filter(|f| *f >= 1)
+                .ok_or_else(|| ApiError::field("x-lease-fence", "must be a positive integer (the lease's fence)"))
+        })
+        .transpose()
+}
+
 // ---- handlers ----------------------------------------------------------------------------
 
 /// Store or replace a user's token bundle (encrypted at rest).
@@ -211,6 +232,7 @@ fn write_condition(headers: &HeaderMap) -> Result<WriteCondition, ApiError> {
         ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]"),
         ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: write only if the stored version is this; `*`: only if a bundle exists"),
         ("If-None-Match" = Option<String>, Header, description = "`*`: write only if no bundle is stored"),
+        ("X-Lease-Fence" = Option<i64>, Header, description = "The fence of the caller's refresh lease: the write is accepted only while it is the live lease, and releases it"),
     ),
     request_body = PutTokensRequest,
     responses(
@@ -218,6 +240,7 @@ fn write_condition(headers: &HeaderMap) -> Result<WriteCondition, ApiError> {
         (status = 200, description = "Replaced", body = TokenMetadata, headers(("ETag" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`lease_held` (another holder's lease is live; with `holder`, `expires_at`, Retry-After) or `lease_lost` (the fence is not the live lease); nothing written", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "`version_conflict` (with `current_version`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, body = Problem, content_type = "application/problem+json"),
         (status = 415, body = Problem, content_type = "application/problem+json"),
@@ -236,7 +259,8 @@ async fn put_tokens(
     let cond = write_condition(&headers)?;
     let bundle = TokenBundle::from_body(body)
         .map_err(|e| ApiError::field(e.field.clone(), format!("{} {}", e.field, e.message)))?;
-    let (meta, created) = state.vault.put(&auth.ctx, &user, bundle, cond).await?;
+    let fence = lease_fence(&headers)?;
+    let (meta, created) = state.vault.put(&auth.ctx, &user, bundle, cond, fence).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok(with_etag(status, meta.version, meta))
 }
@@ -247,6 +271,7 @@ async fn put_tokens(
     params(("user_id" = String, Path), GetTokensQuery),
     responses(
         (status = 200, body = TokenBundleResponse, headers(("ETag" = String))),
+        (status = 304, description = "`newer_than` given and no newer version appeared within `wait_seconds`", headers(("ETag" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`tokens_not_found`", body = Problem, content_type = "application/problem+json"),
@@ -270,6 +295,21 @@ async fn get_tokens(
             return Err(ApiError::field("representation", "must be garth_dump or objects"));
         }
     };
+    if let Some(newer_than) = q.newer_than {
+        let wait = q.wait_seconds.unwrap_or(0);
+        if wait > MAX_WAIT_SECS {
+            return Err(ApiError::field("wait_seconds", format!("must be between 0 and {MAX_WAIT_SECS}")));
+        }
+        let newer =
+            state.notifier.wait_newer(&state.db, &user, newer_than, std::time::Duration::from_secs(wait)).await?;
+        if !newer {
+            let mut resp = StatusCode::NOT_MODIFIED.into_response();
+            resp.headers_mut().insert(header::ETAG, etag(newer_than));
+            return Ok(resp);
+        }
+    } else if q.wait_seconds.is_some() {
+        return Err(ApiError::field("wait_seconds", "only applies together with newer_than"));
+    }
     let opened = state.vault.get(&auth.ctx, &user, as_dump.then_some(BundleKind::Garth)).await?;
     let mut secrets: Map<String, Value> = opened.secrets;
     let mut take_str = |k: &str| match secrets.remove(k) {

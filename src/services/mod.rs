@@ -4,6 +4,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod code_hasher;
 pub mod keys;
+pub mod leases;
 pub mod mfa;
 pub mod sessions;
 pub mod tokens;

@@ -92,11 +92,12 @@ pub struct Vault {
     db: Db,
     keyring: Arc<Keyring>,
     auditor: Auditor,
+    notifier: crate::services::leases::VersionNotifier,
 }
 
 impl Vault {
-    pub fn new(db: Db, keyring: Arc<Keyring>) -> Self {
-        Self { db, auditor: Auditor::new(keyring.clone()), keyring }
+    pub fn new(db: Db, keyring: Arc<Keyring>, notifier: crate::services::leases::VersionNotifier) -> Self {
+        Self { db, auditor: Auditor::new(keyring.clone()), keyring, notifier }
     }
 
     /// Stores a bundle if `cond` holds. Returns its metadata and whether it was created.
@@ -106,6 +107,7 @@ impl Vault {
         user: &UserId,
         bundle: TokenBundle,
         cond: WriteCondition,
+        fence: Option<i64>,
     ) -> Result<(TokenMetadata, bool), ApiError> {
         let kind = bundle.kind.as_str();
         // Encrypt before taking the write lock, to keep the lock short.
@@ -121,8 +123,40 @@ impl Vault {
             now,
         };
         let mut tx = self.db.begin_write().await?;
+        // Refresh leases: a fenced write must hold the live lease; an unfenced one must not race
+        // another holder's lease. (Writers are serialised, so check-then-write is safe here.)
+        let live = store::leases::live(&mut tx.conn(), user.as_str(), now).await?;
+        let refusal = match (fence, &live) {
+            (Some(f), Some(l)) if l.fence == f => None,
+            (Some(f), _) => Some(("lease_lost", json!({"kind": kind, "reason": "lease_lost", "fence": f}))),
+            (None, Some(l)) => Some(("lease_held", json!({"kind": kind, "reason": "lease_held", "held_by": l.holder}))),
+            (None, None) => None,
+        };
+        if let Some((code, details)) = refusal {
+            let event = if code == "lease_lost" { "lease.lost" } else { "token.write" };
+            self.auditor.record(&mut tx.conn(), ctx, event, Outcome::Failure, Some(user.as_str()), details).await?;
+            tx.commit().await?;
+            return Err(match live {
+                Some(l) if code == "lease_held" => crate::services::leases::lease_held(&l, now),
+                _ => crate::services::leases::lease_lost(),
+            });
+        }
         match store::tokens::write(&mut tx.conn(), &new, cond).await? {
             Some((row, created)) => {
+                if let Some(f) = fence {
+                    store::leases::release(&mut tx.conn(), user.as_str(), f, now).await?;
+                    self.auditor
+                        .record(
+                            &mut tx.conn(),
+                            ctx,
+                            "lease.released",
+                            Outcome::Success,
+                            Some(user.as_str()),
+                            json!({"fence": f, "version": row.version, "by": "write"}),
+                        )
+                        .await?;
+                }
+                store::tokens::announce_version(&mut tx.conn(), user.as_str(), row.version).await?;
                 let meta = TokenMetadata::from_row(&row, now);
                 self.auditor
                     .record(
@@ -136,6 +170,7 @@ impl Vault {
                     )
                     .await?;
                 tx.commit().await?;
+                self.notifier.publish(user.as_str(), row.version);
                 Ok((meta, created))
             }
             None => {
@@ -277,8 +312,14 @@ impl Vault {
             None => (Outcome::Failure, json!({"reason": reason, "error": "not_found"})),
         };
         self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", outcome, Some(user.as_str()), details).await?;
+        if let Some(r) = &row {
+            store::tokens::announce_version(&mut tx.conn(), user.as_str(), r.version).await?;
+        }
         tx.commit().await?;
-        row.map(|_| ()).ok_or_else(ApiError::tokens_not_found)
+        let row = row.ok_or_else(ApiError::tokens_not_found)?;
+        // Waiting readers wake up (and find the bundle gone: 410).
+        self.notifier.publish(user.as_str(), row.version);
+        Ok(())
     }
 
     /// Logout: removes the bundle (idempotent).

@@ -51,6 +51,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod challenges;
 pub mod keys;
+pub mod leases;
 pub mod sessions;
 pub mod tokens;
 

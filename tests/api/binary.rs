@@ -414,7 +414,8 @@ async fn two_processes_on_one_database_agree_on_attempts() {
     let key = d.admin_key();
     let http = reqwest::Client::new();
     let create = |code: &str, max: i64| {
-        let body = json!({"user_id": "multi", "method": "email", "verifier": "service", "code": code, "max_attempts": max});
+        let body =
+            json!({"user_id": "multi", "method": "email", "verifier": "service", "code": code, "max_attempts": max});
         http.post(a.url("/api/v1/mfa/challenges")).bearer_auth(&key).json(&body).send()
     };
     let fire = |id: String, codes: Vec<String>, path: &'static str| {
@@ -442,7 +443,15 @@ async fn two_processes_on_one_database_agree_on_attempts() {
     let statuses = fire(id.clone(), vec!["123456".to_string(); 40], "verify").await;
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
     assert!(statuses.iter().all(|s| [200, 409, 423].contains(s)), "{statuses:?}");
-    let g: Value = http.get(b.url(&format!("/api/v1/mfa/challenges/{id}"))).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    let g: Value = http
+        .get(b.url(&format!("/api/v1/mfa/challenges/{id}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(g["attempts"].as_i64().unwrap() <= 5, "{g}");
     // 20 consumes across both: exactly one.
     let statuses = fire(id.clone(), vec!["x".to_string(); 20], "consume").await;
@@ -455,8 +464,69 @@ async fn two_processes_on_one_database_agree_on_attempts() {
     let statuses = fire(id.clone(), codes, "verify").await;
     assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 4, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 423).count(), 26, "{statuses:?}");
-    let g: Value = http.get(a.url(&format!("/api/v1/mfa/challenges/{id}"))).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    let g: Value = http
+        .get(a.url(&format!("/api/v1/mfa/challenges/{id}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!((g["status"].as_str(), g["attempts"].as_i64()), (Some("failed"), Some(4)));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Two processes on one database agree on the refresh lease, and a reader waiting on one
+/// process receives the version written through the other (LISTEN/NOTIFY on PostgreSQL, a
+/// short poll on SQLite).
+#[tokio::test]
+async fn two_processes_agree_on_the_lease_and_wake_each_others_waiters() {
+    let d = Deployment::new().await;
+    let a = Server::start(&d.env, d.dir.path()).await;
+    let b = Server::start(&d.env, d.dir.path()).await;
+    let key = d.admin_key();
+    let http = reqwest::Client::new();
+    let path = tokens_path("shared");
+    let r = http.put(a.url(&path)).bearer_auth(&key).json(&garth_body("v1")).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let lease = |srv: &Server, holder: &str| {
+        http.post(srv.url(&format!("{path}/lease"))).bearer_auth(&key).json(&json!({"holder": holder})).send()
+    };
+    // Concurrent acquisition through both processes: one winner.
+    let (ra, rb) = tokio::join!(lease(&a, "worker-a"), lease(&b, "worker-b"));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    let mut statuses = [ra.status().as_u16(), rb.status().as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409]);
+    let (winner, loser) = if ra.status() == 201 { (&a, &b) } else { (&b, &a) };
+    let granted: Value = if ra.status() == 201 { ra.json().await.unwrap() } else { rb.json().await.unwrap() };
+    let fence = granted["fence"].as_i64().unwrap();
+    // The loser's process waits for the new version; the winner writes it.
+    let waiter = {
+        let (http, key, url) = (http.clone(), key.clone(), loser.url(&format!("{path}?newer_than=1&wait_seconds=15")));
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            let r = http.get(url).bearer_auth(key).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap(), t.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let w = http
+        .put(winner.url(&path))
+        .bearer_auth(&key)
+        .header("x-lease-fence", fence.to_string())
+        .json(&garth_body("refreshed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(w.status(), 200);
+    let (status, body, waited) = waiter.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["version"], 2);
+    assert_eq!(body["oauth2_token"]["access_token"], "acc-refreshed-SECRET");
+    assert!(waited < Duration::from_secs(5), "woken across processes in {waited:?}");
     a.stop().await;
     b.stop().await;
 }

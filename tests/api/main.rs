@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod binary;
 mod helpers;
+mod leases;
 mod mfa;
 mod ops;
 mod tokens;

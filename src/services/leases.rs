@@ -1,0 +1,257 @@
+//! Refresh leases: exactly one GarminSync worker refreshes a user's tokens while the others wait
+//! for its result.
+//!
+//! A lease carries a fence that only grows per user. A write presenting a fence is accepted only
+//! while that fence is the live lease (so a worker whose lease lapsed and was granted to another
+//! can never overwrite the newer tokens), and releases it. Waiting workers long-poll for a newer
+//! version: woken in-process by a broadcast, across processes by PostgreSQL LISTEN/NOTIFY (or,
+//! on SQLite, by a modest poll).
+
+use std::{sync::Arc, time::Duration};
+
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{Semaphore, broadcast, watch};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    crypto::Keyring,
+    domain::UserId,
+    error::ApiError,
+    services::audit::{self, AuditContext, Outcome},
+    store::{self, Db, leases::LeaseRow},
+};
+
+pub const DEFAULT_TTL_SECS: i64 = 30;
+pub const MAX_TTL_SECS: i64 = 300;
+pub const MAX_WAIT_SECS: u64 = 30;
+/// The PostgreSQL channel new versions are announced on (`<version> <user_id>`).
+pub const CHANNEL: &str = "centraldb_token_versions";
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LeaseView {
+    pub lease_id: Uuid,
+    /// Grows with every lease granted for this user; present it as `X-Lease-Fence`.
+    pub fence: i64,
+    pub holder: String,
+    pub expires_at: DateTime<Utc>,
+    /// The stored bundle's version when the lease was granted.
+    pub version: i64,
+}
+
+impl LeaseView {
+    fn from_row(r: &LeaseRow, version: i64) -> Option<Self> {
+        Some(Self {
+            lease_id: r.lease_id?,
+            fence: r.fence,
+            holder: r.holder.clone()?,
+            expires_at: r.expires_at?,
+            version,
+        })
+    }
+}
+
+/// The 409 for a write or acquisition while another holder's lease is live.
+pub fn lease_held(l: &LeaseRow, now: DateTime<Utc>) -> ApiError {
+    let retry = l.expires_at.map(|e| (e - now).num_seconds().max(1) as u64).unwrap_or(1);
+    ApiError::coded(StatusCode::CONFLICT, "lease_held", "another worker holds the refresh lease for this user")
+        .with("holder", l.holder.clone().unwrap_or_default())
+        .with("expires_at", l.expires_at.map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
+        .retry_after(retry)
+}
+
+pub fn lease_lost() -> ApiError {
+    ApiError::coded(
+        StatusCode::CONFLICT,
+        "lease_lost",
+        "this fence is not the live lease any more (it expired or was granted to another worker); nothing was written",
+    )
+}
+
+/// Announces new bundle versions to long-polling readers, and bounds how many may wait.
+#[derive(Clone)]
+pub struct VersionNotifier {
+    tx: broadcast::Sender<(Arc<str>, i64)>,
+    waiters: Arc<Semaphore>,
+    closing: watch::Sender<bool>,
+}
+
+impl VersionNotifier {
+    pub fn new(max_waiters: usize) -> Self {
+        let (tx, _) = broadcast::channel(4096);
+        let (closing, _) = watch::channel(false);
+        Self { tx, waiters: Arc::new(Semaphore::new(max_waiters)), closing }
+    }
+
+    pub fn publish(&self, user: &str, version: i64) {
+        let _ = self.tx.send((Arc::from(user), version));
+    }
+
+    /// Ends every wait now (shutdown): waiters answer 304 at once.
+    pub fn close(&self) {
+        let _ = self.closing.send(true);
+    }
+
+    /// Waits until the stored version of `user` is above `newer_than`, or `wait` passes.
+    /// True when a newer version is there.
+    pub async fn wait_newer(&self, db: &Db, user: &UserId, newer_than: i64, wait: Duration) -> Result<bool, ApiError> {
+        let current = || async {
+            let mut rc = db.read().await?;
+            let row = store::tokens::get(&mut rc.conn(), user.as_str()).await?;
+            Ok::<_, ApiError>(row.map(|r| r.version).unwrap_or(0))
+        };
+        if wait.is_zero() {
+            return Ok(current().await? > newer_than);
+        }
+        let _permit = self.waiters.clone().try_acquire_owned().map_err(|_| ApiError::Unavailable {
+            detail: "too many readers are waiting for new versions",
+            retry_after_secs: 1,
+        })?;
+        // Subscribe before reading, so a version written in between is not missed.
+        let mut rx = self.tx.subscribe();
+        let mut closing = self.closing.subscribe();
+        if *closing.borrow() || current().await? > newer_than {
+            return Ok(!*closing.borrow());
+        }
+        // Another process may write (SQLite has no NOTIFY; a PostgreSQL listener may reconnect):
+        // re-read now and then.
+        let poll = match db {
+            Db::Sqlite { .. } => Duration::from_millis(500),
+            Db::Postgres { .. } => Duration::from_secs(5),
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return Ok(false),
+                _ = closing.changed() => return Ok(false),
+                msg = rx.recv() => match msg {
+                    Ok((u, v)) if &*u == user.as_str() && v > newer_than => return Ok(true),
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if current().await? > newer_than { return Ok(true) }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(false),
+                },
+                _ = ticker.tick() => {
+                    if current().await? > newer_than { return Ok(true) }
+                }
+            }
+        }
+    }
+
+    /// On PostgreSQL: forwards other processes' NOTIFYs to local waiters, reconnecting as needed,
+    /// until `stop` resolves.
+    pub async fn listen_postgres(self, db: Db, stop: impl std::future::Future<Output = ()>) {
+        let Db::Postgres { pool } = db else { return };
+        tokio::pin!(stop);
+        loop {
+            let listener = async {
+                let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                l.listen(CHANNEL).await?;
+                loop {
+                    let n = l.recv().await?;
+                    if let Some((v, u)) = n.payload().split_once(' ')
+                        && let Ok(v) = v.parse::<i64>()
+                    {
+                        self.publish(u, v);
+                    }
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            tokio::select! {
+                () = &mut stop => return,
+                r = listener => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "version listener lost its connection; reconnecting");
+                    }
+                }
+            }
+            tokio::select! {
+                () = &mut stop => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Leases {
+    db: Db,
+    keyring: Arc<Keyring>,
+}
+
+impl Leases {
+    pub fn new(db: Db, keyring: Arc<Keyring>) -> Self {
+        Self { db, keyring }
+    }
+
+    /// Grants a lease, or gives the same holder its live lease back (extended). `true` when new.
+    pub async fn acquire(
+        &self,
+        ctx: &AuditContext,
+        user: &UserId,
+        holder: &str,
+        ttl_secs: i64,
+    ) -> Result<(LeaseView, bool), ApiError> {
+        let now = store::now();
+        let expires_at = now + chrono::Duration::seconds(ttl_secs);
+        let u = user.as_str();
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        let version = store::tokens::get(&mut c, u).await?.map(|r| r.version).ok_or_else(ApiError::tokens_not_found)?;
+        let renewed = store::leases::renew(&mut c, u, holder, expires_at, now).await?;
+        let (row, created, event) = match renewed {
+            Some(r) => (r, false, "lease.renewed"),
+            None => match store::leases::grant(&mut c, u, Uuid::now_v7(), holder, expires_at, now).await? {
+                Some(r) => (r, true, "lease.granted"),
+                None => {
+                    let live = store::leases::live(&mut c, u, now).await?;
+                    audit::record(
+                        &mut c,
+                        &self.keyring,
+                        ctx,
+                        "lease.refused",
+                        Outcome::Denied,
+                        Some(u),
+                        json!({"holder": holder, "held_by": live.as_ref().and_then(|l| l.holder.clone())}),
+                    )
+                    .await?;
+                    tx.commit().await?;
+                    return Err(live.map(|l| lease_held(&l, now)).unwrap_or_else(lease_lost));
+                }
+            },
+        };
+        audit::record(
+            &mut c,
+            &self.keyring,
+            ctx,
+            event,
+            Outcome::Success,
+            Some(u),
+            json!({"holder": holder, "fence": row.fence, "ttl_seconds": ttl_secs}),
+        )
+        .await?;
+        tx.commit().await?;
+        let view =
+            LeaseView::from_row(&row, version).ok_or_else(|| ApiError::Internal("lease row incomplete".into()))?;
+        Ok((view, created))
+    }
+
+    /// Ends the lease with this fence early.
+    pub async fn release(&self, ctx: &AuditContext, user: &UserId, fence: i64) -> Result<(), ApiError> {
+        let now = store::now();
+        let mut tx = self.db.begin_write().await?;
+        let mut c = tx.conn();
+        let done = store::leases::release(&mut c, user.as_str(), fence, now).await?;
+        let (event, outcome) =
+            if done.is_some() { ("lease.released", Outcome::Success) } else { ("lease.lost", Outcome::Failure) };
+        audit::record(&mut c, &self.keyring, ctx, event, outcome, Some(user.as_str()), json!({"fence": fence})).await?;
+        tx.commit().await?;
+        done.map(|_| ()).ok_or_else(lease_lost)
+    }
+}

@@ -1,0 +1,252 @@
+use std::{sync::Arc, time::Duration};
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn lease_path(user: &str) -> String {
+    format!("/api/v1/users/{user}/tokens/lease")
+}
+
+async fn stored(app: &TestApp, user: &str) -> i64 {
+    let r = app.put(&tokens_path(user)).json(garth_body("v1")).send().await;
+    assert_eq!(r.status, 201);
+    r.json["version"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn acquire_renew_and_refuse() {
+    let app = TestApp::spawn().await;
+    app.post(&lease_path("nobody")).json(json!({"holder": "w1"})).send().await.assert_problem(404, "tokens_not_found");
+    let v = stored(&app, "u").await;
+    let r = app.post(&lease_path("u")).json(json!({"holder": "worker-7", "ttl_seconds": 30})).send().await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.json["fence"], 1);
+    assert_eq!(r.json["holder"], "worker-7");
+    assert_eq!(r.json["version"], v);
+    assert!(r.json["lease_id"].is_string() && r.json["expires_at"].is_string());
+    // The same holder gets its live lease back.
+    let again = app.post(&lease_path("u")).json(json!({"holder": "worker-7"})).send().await;
+    assert_eq!(again.status, 200);
+    assert_eq!((again.json["fence"].clone(), again.json["lease_id"].clone()), (json!(1), r.json["lease_id"].clone()));
+    // Another holder is refused while it is live.
+    let other = app.post(&lease_path("u")).json(json!({"holder": "worker-8"})).send().await;
+    other.assert_problem(409, "lease_held");
+    assert_eq!(other.json["holder"], "worker-7");
+    assert!(other.json["expires_at"].is_string());
+    let retry: u64 = other.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry));
+    // Bad input.
+    for body in
+        [json!({"holder": ""}), json!({"holder": "w", "ttl_seconds": 0}), json!({"holder": "w", "ttl_seconds": 301})]
+    {
+        app.post(&lease_path("u")).json(body).send().await.assert_problem(422, "validation_failed");
+    }
+    let reader = app.key("tokens:read").await;
+    app.post(&lease_path("u")).key(&reader).json(json!({"holder": "w"})).send().await.assert_problem(403, "forbidden");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_acquirers_get_exactly_one_lease() {
+    let app = Arc::new(TestApp::spawn().await);
+    stored(&app, "hot").await;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let app = app.clone();
+        set.spawn(async move {
+            let r = app.post(&lease_path("hot")).json(json!({"holder": format!("worker-{i}")})).send().await;
+            (r.status.as_u16(), r.json["fence"].as_i64())
+        });
+    }
+    let results = set.join_all().await;
+    let granted: Vec<_> = results.iter().filter(|(s, _)| *s == 201).collect();
+    assert_eq!(granted.len(), 1, "{results:?}");
+    assert_eq!(granted[0].1, Some(1));
+    assert_eq!(results.iter().filter(|(s, _)| *s == 409).count(), 49, "{results:?}");
+    let granted_events = app.audit().await.iter().filter(|e| e.type_ == "lease.granted").count();
+    assert_eq!(granted_events, 1);
+}
+
+#[tokio::test]
+async fn a_fenced_write_releases_the_lease_and_an_unfenced_one_is_refused() {
+    let app = TestApp::spawn().await;
+    let v = stored(&app, "f").await;
+    let l = app.post(&lease_path("f")).json(json!({"holder": "a"})).send().await;
+    let fence = l.json["fence"].as_i64().unwrap().to_string();
+    // Someone without the lease may not write meanwhile.
+    let r = app.put(&tokens_path("f")).json(garth_body("intruder")).send().await;
+    r.assert_problem(409, "lease_held");
+    assert_eq!(app.get(&format!("{}/metadata", tokens_path("f"))).send().await.json["version"], v, "nothing written");
+    // The holder writes with its fence (and If-Match): accepted, lease released.
+    let w = app
+        .put(&tokens_path("f"))
+        .header("x-lease-fence", &fence)
+        .header("if-match", &format!("\"{v}\""))
+        .json(garth_body("refreshed"))
+        .send()
+        .await;
+    assert_eq!(w.status, 200, "{}", w.text);
+    assert_eq!(w.json["version"], v + 1);
+    let next = app.post(&lease_path("f")).json(json!({"holder": "b"})).send().await;
+    assert_eq!(next.status, 201, "the lease was released by the write");
+    assert_eq!(next.json["fence"], 2, "fences only grow");
+    // The old fence is dead.
+    app.put(&tokens_path("f"))
+        .header("x-lease-fence", &fence)
+        .json(garth_body("x"))
+        .send()
+        .await
+        .assert_problem(409, "lease_lost");
+    app.put(&tokens_path("f"))
+        .header("x-lease-fence", "abc")
+        .json(garth_body("x"))
+        .send()
+        .await
+        .assert_problem(422, "validation_failed");
+}
+
+#[tokio::test]
+async fn if_match_composes_with_the_fence_and_keeps_the_lease() {
+    let app = TestApp::spawn().await;
+    let v = stored(&app, "c").await;
+    let fence = app.post(&lease_path("c")).json(json!({"holder": "a"})).send().await.json["fence"].to_string();
+    let r = app
+        .put(&tokens_path("c"))
+        .header("x-lease-fence", &fence)
+        .header("if-match", &format!("\"{}\"", v + 5))
+        .json(garth_body("x"))
+        .send()
+        .await;
+    r.assert_problem(412, "version_conflict");
+    let r = app
+        .put(&tokens_path("c"))
+        .header("x-lease-fence", &fence)
+        .header("if-match", &format!("\"{v}\""))
+        .json(garth_body("x"))
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "the lease survived the 412: {}", r.text);
+}
+
+#[tokio::test]
+async fn a_stale_fence_is_refused_after_expiry_and_regrant() {
+    let app = TestApp::spawn().await;
+    let v = stored(&app, "s").await;
+    let a = app.post(&lease_path("s")).json(json!({"holder": "slow", "ttl_seconds": 1})).send().await;
+    let stale = a.json["fence"].to_string();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let b = app.post(&lease_path("s")).json(json!({"holder": "fast"})).send().await;
+    assert_eq!(b.status, 201);
+    assert_eq!(b.json["fence"], 2);
+    let late = app.put(&tokens_path("s")).header("x-lease-fence", &stale).json(garth_body("dead-token")).send().await;
+    late.assert_problem(409, "lease_lost");
+    let m = app.get(&format!("{}/metadata", tokens_path("s"))).send().await;
+    assert_eq!(m.json["version"], v, "the stale writer wrote nothing");
+    let ok = app
+        .put(&tokens_path("s"))
+        .header("x-lease-fence", &b.json["fence"].to_string())
+        .json(garth_body("fresh"))
+        .send()
+        .await;
+    assert_eq!(ok.status, 200);
+    let g = app.get(&tokens_path("s")).send().await;
+    assert_eq!(g.json["oauth2_token"]["access_token"], "acc-fresh-SECRET");
+    let events: Vec<String> = app.audit().await.into_iter().map(|e| e.type_).collect();
+    assert!(events.iter().any(|t| t == "lease.lost"), "{events:?}");
+}
+
+#[tokio::test]
+async fn release_early() {
+    let app = TestApp::spawn().await;
+    stored(&app, "r").await;
+    let fence = app.post(&lease_path("r")).json(json!({"holder": "a"})).send().await.json["fence"].to_string();
+    app.delete(&lease_path("r")).send().await.assert_problem(422, "validation_failed");
+    assert_eq!(app.delete(&lease_path("r")).header("x-lease-fence", &fence).send().await.status, 204);
+    app.delete(&lease_path("r")).header("x-lease-fence", &fence).send().await.assert_problem(409, "lease_lost");
+    assert_eq!(app.post(&lease_path("r")).json(json!({"holder": "b"})).send().await.status, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_receive_the_winners_version() {
+    let app = Arc::new(TestApp::spawn().await);
+    let v = stored(&app, "w").await;
+    let fence = app.post(&lease_path("w")).json(json!({"holder": "winner"})).send().await.json["fence"].to_string();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let app = app.clone();
+        set.spawn(async move {
+            let t = std::time::Instant::now();
+            let r = app.get(&format!("{}?newer_than={v}&wait_seconds=10", tokens_path("w"))).send().await;
+            (r.status.as_u16(), r.json["version"].as_i64(), r.json["oauth2_token"]["access_token"].clone(), t.elapsed())
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let w = app.put(&tokens_path("w")).header("x-lease-fence", &fence).json(garth_body("won")).send().await;
+    assert_eq!(w.status, 200);
+    for (status, version, access, waited) in set.join_all().await {
+        assert_eq!(status, 200);
+        assert_eq!(version, Some(v + 1));
+        assert_eq!(access, "acc-won-SECRET");
+        assert!(waited < Duration::from_secs(3), "woken promptly, not at the end of the wait: {waited:?}");
+    }
+}
+
+#[tokio::test]
+async fn long_poll_edges() {
+    let app = TestApp::spawn().await;
+    let v = stored(&app, "lp").await;
+    // Already newer: immediate.
+    let r = app.get(&format!("{}?newer_than={}&wait_seconds=10", tokens_path("lp"), v - 1)).send().await;
+    assert_eq!(r.status, 200);
+    // Nothing new: 304 at the end of the wait.
+    let t = std::time::Instant::now();
+    let r = app.get(&format!("{}?newer_than={v}&wait_seconds=1", tokens_path("lp"))).send().await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.header("etag"), Some(format!("\"{v}\"").as_str()));
+    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let r = app.get(&format!("{}?newer_than={v}", tokens_path("lp"))).send().await;
+    assert_eq!(r.status, 304, "wait_seconds defaults to 0");
+    app.get(&format!("{}?newer_than={v}&wait_seconds=31", tokens_path("lp")))
+        .send()
+        .await
+        .assert_problem(422, "validation_failed");
+    app.get(&format!("{}?wait_seconds=3", tokens_path("lp"))).send().await.assert_problem(422, "validation_failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_are_bounded() {
+    let app = Arc::new(
+        TestApp::spawn_with(|v| {
+            v.insert("CENTRALDB_MAX_WAITERS".into(), "2".into());
+        })
+        .await,
+    );
+    let v = stored(&app, "cap").await;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let app = app.clone();
+        set.spawn(async move {
+            app.get(&format!("{}?newer_than={v}&wait_seconds=2", tokens_path("cap"))).send().await.status.as_u16()
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = app.get(&format!("{}?newer_than={v}&wait_seconds=2", tokens_path("cap"))).send().await;
+    r.assert_problem(503, "unavailable");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(set.join_all().await, vec![304, 304]);
+}
+
+#[tokio::test]
+async fn the_sweeper_expires_leases_and_keeps_the_fence() {
+    let app = TestApp::spawn().await;
+    stored(&app, "sw").await;
+    app.post(&lease_path("sw")).json(json!({"holder": "a", "ttl_seconds": 5})).send().await;
+    let later = centraldb_mfa::store::now() + chrono::Duration::seconds(10);
+    let report = centraldb_mfa::sweeper::sweep_once(&app.state, later).await.unwrap();
+    assert_eq!(report.leases_expired, 1);
+    let again = centraldb_mfa::sweeper::sweep_once(&app.state, later).await.unwrap();
+    assert_eq!(again.leases_expired, 0);
+    assert_eq!(app.audit().await.iter().filter(|e| e.type_ == "lease.expired").count(), 1);
+    let b = app.post(&lease_path("sw")).json(json!({"holder": "b"})).send().await;
+    assert_eq!(b.json["fence"], 2);
+}
