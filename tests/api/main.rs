@@ -8,4 +8,7 @@ mod helpers;
 mod leases;
 mod mfa;
 mod ops;
+mod outage;
+mod sessions;
+mod sweeper;
 mod tokens;
