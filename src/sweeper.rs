@@ -85,9 +85,11 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
                 if let Some(sid) = ch.session_id
                     && let Some(s) = store::sessions::get(&mut c, sid).await?
                     && s.challenge_id == Some(ch.id)
+                    && move_session(&mut c, keyring, &ctx, &s, SessionState::Expired, Some("challenge_expired"), now)
+                        .await?
+                        .is_some()
                 {
-                    move_session(&mut c, keyring, &ctx, &s, SessionState::Expired, Some("challenge_expired"), now)
-                        .await?;
+                    report.sessions_expired += 1;
                 }
             }
             tx.commit().await?;

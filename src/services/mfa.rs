@@ -359,7 +359,10 @@ impl Mfa {
 
     /// Records a refused use of a challenge (locked, expired, not pending) and returns the error.
     async fn refuse(&self, ctx: &AuditContext, type_: &str, row: &ChallengeRow, now: DateTime<Utc>) -> ApiError {
-        let err = not_usable(row, now);
+        self.refuse_with(ctx, type_, row, not_usable(row, now)).await
+    }
+
+    async fn refuse_with(&self, ctx: &AuditContext, type_: &str, row: &ChallengeRow, err: ApiError) -> ApiError {
         let result = async {
             let mut tx = self.db.begin_write().await?;
             self.audit(
@@ -380,12 +383,45 @@ impl Mfa {
         }
     }
 
+    /// A code for a challenge whose login session has ended (past its TTL, or terminal) is
+    /// refused before any attempt is used: a late code must not revive a dead flow.
+    async fn ensure_session_alive(
+        &self,
+        c: &mut Conn<'_>,
+        row: &ChallengeRow,
+        now: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
+        if let Some(sid) = row.session_id
+            && let Some(s) = store::sessions::get(c, sid).await?
+        {
+            let state = effective_state(&s, now);
+            if state.is_terminal() {
+                return Err(ApiError::coded(
+                    StatusCode::GONE,
+                    "challenge_expired",
+                    format!("the login session of this challenge has ended ({})", state.as_str()),
+                )
+                .with("session_state", state.as_str()));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks a code against a service-verified challenge.
     pub async fn verify(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
         let now = store::now();
-        // 1. Reserve an attempt (atomically) before looking at the code.
+        // 0. A challenge of an ended login session takes no code.
         let mut tx = self.db.begin_write().await?;
         let mut c = tx.conn();
+        let current = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
+        // (A challenge that is itself locked, expired or done answers for that below.)
+        let usable =
+            effective_status(&current, now) == ChallengeStatus::Pending && current.attempts < current.max_attempts;
+        if let Err(e) = if usable { self.ensure_session_alive(&mut c, &current, now).await } else { Ok(()) } {
+            drop(tx);
+            return Err(self.refuse_with(ctx, "challenge.verify", &current, e).await);
+        }
+        // 1. Reserve an attempt (atomically) before looking at the code.
         let Some(row) = store::challenges::reserve_attempt(&mut c, id, Verifier::Service.as_str(), now).await? else {
             let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
             drop(tx);
@@ -517,6 +553,10 @@ impl Mfa {
         if !usable {
             drop(tx);
             return Err(self.refuse(ctx, "challenge.attempt", &row, now).await);
+        }
+        if let Err(e) = self.ensure_session_alive(&mut c, &row, now).await {
+            drop(tx);
+            return Err(self.refuse_with(ctx, "challenge.attempt", &row, e).await);
         }
         if store::challenges::code_tried(&mut c, id, &mac).await? {
             self.audit(

@@ -92,7 +92,28 @@ pub(crate) async fn move_session(
     reason: Option<&str>,
     now: DateTime<Utc>,
 ) -> store::Result<Option<SessionRow>> {
-    let from = SessionState::parse(&row.state).unwrap_or(SessionState::Failed);
+    let stored = SessionState::parse(&row.state).unwrap_or(SessionState::Failed);
+    let from = effective_state(row, now);
+    if from == SessionState::Expired && stored != SessionState::Expired {
+        // Past its TTL but not yet swept: it already reads `expired`, so that is what it
+        // becomes; it never moves on to anything else (no superseding or reviving a dead flow).
+        let expired =
+            store::sessions::transition(c, row.id, stored.as_str(), SessionState::Expired.as_str(), Some("ttl"), now)
+                .await?;
+        if let Some(m) = &expired {
+            audit(
+                c,
+                keyring,
+                ctx,
+                "session.transition",
+                Outcome::Success,
+                &m.user_id,
+                json!({"session_id": m.id, "from": stored, "to": SessionState::Expired, "reason": "ttl"}),
+            )
+            .await?;
+        }
+        return Ok(if to == SessionState::Expired { expired } else { None });
+    }
     if !from.can_move_to(to) {
         return Ok(None);
     }

@@ -211,10 +211,10 @@ pub struct Snapshot(SnapshotTx);
 impl Snapshot {
     pub async fn begin(db: &Db) -> Result<Self> {
         Ok(Self(match db {
-            Db::Sqlite { pool, .. } => SnapshotTx::Sqlite(pool.begin().await?),
-            Db::Postgres { pool } => {
-                SnapshotTx::Postgres(pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?)
-            }
+            Db::Sqlite { pool, .. } => SnapshotTx::Sqlite(super::begin_sqlite(pool, "BEGIN").await?),
+            Db::Postgres { pool } => SnapshotTx::Postgres(
+                super::begin_postgres(pool, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", None).await?,
+            ),
         }))
     }
 

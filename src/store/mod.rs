@@ -135,6 +135,41 @@ fn create_private_file(path: &std::path::Path) {
     let _ = opts.open(path);
 }
 
+/// Starting a transaction is not safe to cancel in sqlx 0.9: a caller dropped while `BEGIN` is
+/// in flight (a request timeout, a client gone) can return the connection to the pool inside an
+/// open transaction (sqlx issue #4393), which on PostgreSQL could then hold the audit head lock
+/// forever. So `BEGIN` runs in a task of its own: a cancelled caller merely stops waiting, the
+/// task finishes, and a transaction nobody claims is dropped and rolled back as usual.
+pub(crate) async fn begin_sqlite(
+    pool: &SqlitePool,
+    statement: &'static str,
+) -> Result<sqlx::Transaction<'static, Sqlite>> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.begin_with(statement).await })
+        .await
+        .map_err(|e| StoreError::Other(format!("transaction start task failed: {e}")))?
+        .map_err(StoreError::from)
+}
+
+/// As [`begin_sqlite`], optionally running one statement (a lock) right after `BEGIN`.
+pub(crate) async fn begin_postgres(
+    pool: &PgPool,
+    statement: &'static str,
+    then: Option<&'static str>,
+) -> Result<sqlx::Transaction<'static, Postgres>> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut tx = pool.begin_with(statement).await?;
+        if let Some(sql) = then {
+            sqlx::query(sql).execute(&mut *tx).await?;
+        }
+        Ok::<_, sqlx::Error>(tx)
+    })
+    .await
+    .map_err(|e| StoreError::Other(format!("transaction start task failed: {e}")))?
+    .map_err(StoreError::from)
+}
+
 #[derive(Clone)]
 pub enum Db {
     Sqlite { pool: SqlitePool, write_lock: Arc<Mutex<()>>, acquire_timeout: Duration },
@@ -260,18 +295,20 @@ impl Db {
                 let guard = tokio::time::timeout(*acquire_timeout, write_lock.clone().lock_owned())
                     .await
                     .map_err(|_| StoreError::Unavailable("timed out waiting for the SQLite writer".into()))?;
-                let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let tx = begin_sqlite(pool, "BEGIN IMMEDIATE").await?;
                 Ok(WriteTx { tx: TxKind::Sqlite(tx), _guard: Some(guard) })
             }
-            Self::Postgres { pool } => {
-                let mut tx = pool.begin().await?;
-                // Every write transaction appends to the audit chain, whose head row is a lock
-                // all of them need. Taking it first, before any other row lock, means no two
-                // transactions can each hold a lock the other waits for (no deadlocks), and
-                // writers are serialised across processes as SQLite's are.
-                sqlx::query("SELECT last_seq FROM audit_chain WHERE id = 1 FOR UPDATE").execute(&mut *tx).await?;
-                Ok(WriteTx { tx: TxKind::Postgres(tx), _guard: None })
-            }
+            // Every write transaction appends to the audit chain, whose head row is a lock all
+            // of them need. Taking it first, before any other row lock, means no two
+            // transactions can each hold a lock the other waits for (no deadlocks), and writers
+            // are serialised across processes as SQLite's are.
+            Self::Postgres { pool } => Ok(WriteTx {
+                tx: TxKind::Postgres(
+                    begin_postgres(pool, "BEGIN", Some("SELECT last_seq FROM audit_chain WHERE id = 1 FOR UPDATE"))
+                        .await?,
+                ),
+                _guard: None,
+            }),
         }
     }
 
