@@ -133,7 +133,9 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
         for u in &users {
             let mut tx = state.db.begin_write().await?;
             let mut c = tx.conn();
+            let mut expired_version = None;
             if let Some(row) = store::tokens::expire(&mut c, u, now).await? {
+                expired_version = Some(row.version);
                 report.tokens_expired += 1;
                 audit::record(
                     &mut c,
@@ -147,6 +149,10 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
                 .await?;
             }
             tx.commit().await?;
+            if let Some(v) = expired_version {
+                // Readers waiting for a newer version wake up (and find the bundle gone: 410).
+                state.notifier.publish(u, v);
+            }
         }
         if (users.len() as i64) < BATCH {
             break;

@@ -45,6 +45,14 @@ impl From<JsonRejection> for ApiError {
 /// serde messages quote the offending value (`invalid type: string "..."`); a value may be a
 /// secret, so it is not echoed.
 fn redact_quoted(msg: &str) -> String {
+    // `unknown variant `x`, expected ...` quotes the value in backticks.
+    let msg = match msg.split_once("unknown variant `") {
+        Some((head, rest)) => match rest.split_once('`') {
+            Some((_, tail)) => format!("{head}unknown variant `…`{tail}"),
+            None => msg.to_string(),
+        },
+        None => msg.to_string(),
+    };
     let mut out = String::with_capacity(msg.len());
     let mut in_quote = false;
     for c in msg.chars() {
@@ -213,5 +221,7 @@ mod tests {
         let m = super::redact_quoted(r#"invalid type: string "s3cret", expected a boolean at line 1"#);
         assert!(!m.contains("s3cret"));
         assert!(m.contains("expected a boolean"));
+        let m = super::redact_quoted("to: unknown variant `s3cret`, expected one of `started`, `failed` at line 1");
+        assert!(!m.contains("s3cret") && m.contains("expected one of `started`"));
     }
 }

@@ -32,6 +32,9 @@ pub enum HashError {
     Internal(String),
 }
 
+/// A place in the argon2 queue (released on drop).
+pub struct Admission(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
 #[derive(Clone)]
 pub struct CodeHasher {
     params: Params,
@@ -57,11 +60,25 @@ impl CodeHasher {
         Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone())
     }
 
+    /// A place in the queue, taken before any work that must not be wasted on a refusal (an MFA
+    /// attempt is reserved only once the check is sure to run).
+    pub fn admit(&self) -> Result<Admission, HashError> {
+        self.admission.clone().try_acquire_owned().map(Admission).map_err(|_| HashError::Busy)
+    }
+
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(Params) -> Result<T, HashError> + Send + 'static,
     ) -> Result<T, HashError> {
-        let _admitted = self.admission.clone().try_acquire_owned().map_err(|_| HashError::Busy)?;
+        let admitted = self.admit()?;
+        self.run_admitted(admitted, f).await
+    }
+
+    async fn run_admitted<T: Send + 'static>(
+        &self,
+        _admitted: Admission,
+        f: impl FnOnce(Params) -> Result<T, HashError> + Send + 'static,
+    ) -> Result<T, HashError> {
         let _running = self.workers.clone().acquire_owned().await.map_err(|_| HashError::Busy)?;
         let params = self.params.clone();
         tokio::task::spawn_blocking(move || f(params))
@@ -83,7 +100,21 @@ impl CodeHasher {
 
     /// Constant-time check of a code against a stored PHC string (its own parameters apply).
     pub async fn verify(&self, code: Zeroizing<String>, phc: String) -> Result<bool, HashError> {
-        self.run(move |params| Ok(Self::argon(&params).verify_password(code.as_bytes(), phc.as_str()).is_ok())).await
+        let admitted = self.admit()?;
+        self.verify_admitted(admitted, code, phc).await
+    }
+
+    /// [`verify`](Self::verify) with a place already taken by [`admit`](Self::admit).
+    pub async fn verify_admitted(
+        &self,
+        admitted: Admission,
+        code: Zeroizing<String>,
+        phc: String,
+    ) -> Result<bool, HashError> {
+        self.run_admitted(admitted, move |params| {
+            Ok(Self::argon(&params).verify_password(code.as_bytes(), phc.as_str()).is_ok())
+        })
+        .await
     }
 }
 

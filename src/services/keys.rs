@@ -73,6 +73,7 @@ async fn key_ids_known(db: &Db) -> Result<Vec<String>, StoreError> {
     let mut c = db.read().await?;
     let mut ids: Vec<String> = store::keys::all(&mut c.conn()).await?.into_iter().map(|(id, _)| id).collect();
     ids.extend(store::tokens::key_ids_in_use(&mut c.conn()).await?);
+    ids.extend(store::challenges::resume_key_ids(&mut c.conn()).await?);
     ids.extend(store::audit::chain_key_ids(&mut c.conn()).await?);
     ids.sort();
     ids.dedup();
@@ -87,7 +88,13 @@ pub async fn verify_keyring(db: &Db, ring: &Keyring) -> Result<(), KeyError> {
         let mut c = db.read().await?;
         (
             store::keys::all(&mut c.conn()).await?,
-            store::tokens::key_ids_in_use(&mut c.conn()).await?,
+            {
+                let mut ids = store::tokens::key_ids_in_use(&mut c.conn()).await?;
+                ids.extend(store::challenges::resume_key_ids(&mut c.conn()).await?);
+                ids.sort();
+                ids.dedup();
+                ids
+            },
             store::audit::chain_key_ids(&mut c.conn()).await?,
         )
     };
@@ -163,6 +170,31 @@ pub async fn rewrap(db: &Db, ring: &Keyring, ctx: &AuditContext) -> Result<Rewra
             let new = ring.encrypt(&plain, &aad);
             let mut tx = db.begin_write().await?;
             if store::tokens::rewrap_one(&mut tx.conn(), &cand.user_id, &cand.ciphertext, &active, &new).await? {
+                report.rewrapped += 1;
+            } else {
+                report.skipped_changed += 1;
+            }
+            tx.commit().await?;
+        }
+    }
+    // MFA resume states (live for minutes, but they must not be stranded either).
+    let mut after = uuid::Uuid::nil();
+    loop {
+        let page = {
+            let mut c = db.read().await?;
+            store::challenges::rewrap_page(&mut c.conn(), &active, after, 200).await?
+        };
+        let Some((last, _)) = page.last() else { break };
+        after = *last;
+        for (id, old) in page {
+            let aad = crate::services::mfa::resume_aad(id);
+            let Ok(plain) = ring.decrypt(&old, &aad) else {
+                report.failed.push(format!("challenge {id}"));
+                continue;
+            };
+            let new = ring.encrypt(&plain, &aad);
+            let mut tx = db.begin_write().await?;
+            if store::challenges::rewrap_one(&mut tx.conn(), id, &old, &active, &new).await? {
                 report.rewrapped += 1;
             } else {
                 report.skipped_changed += 1;

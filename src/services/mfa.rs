@@ -153,7 +153,8 @@ pub struct Mfa {
     limits: Arc<MfaLimits>,
 }
 
-fn resume_aad(id: Uuid) -> Aad {
+/// What a resume state is bound to (also used by `rewrap`).
+pub fn resume_aad(id: Uuid) -> Aad {
     Aad::new(&["challenge_resume", &id.to_string()])
 }
 
@@ -421,7 +422,15 @@ impl Mfa {
             drop(tx);
             return Err(self.refuse_with(ctx, "challenge.verify", &current, e).await);
         }
-        // 1. Reserve an attempt (atomically) before looking at the code.
+        // 1. Reserve an attempt (atomically) before looking at the code, once a place in the
+        //    argon2 queue is ours: a busy service answers 503 without using up an attempt.
+        let admitted = match self.hasher.admit() {
+            Ok(a) => a,
+            Err(e) => {
+                drop(tx);
+                return Err(busy(e));
+            }
+        };
         let Some(row) = store::challenges::reserve_attempt(&mut c, id, Verifier::Service.as_str(), now).await? else {
             let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
             drop(tx);
@@ -443,7 +452,7 @@ impl Mfa {
 
         // 2. The expensive check, outside any transaction.
         let phc = row.code_hash.clone().unwrap_or_default();
-        let right = self.hasher.verify(code, phc).await.map_err(busy)?;
+        let right = self.hasher.verify_admitted(admitted, code, phc).await.map_err(busy)?;
 
         // 3. Record the outcome.
         let now = store::now();
@@ -625,7 +634,7 @@ impl Mfa {
             let consume_by = now + Duration::from_std(self.limits.consume_window).unwrap_or(Duration::minutes(5));
             let Some(done) = store::challenges::mark_verified(&mut c, id, now, consume_by).await? else {
                 drop(tx);
-                return Err(self.refuse(ctx, "challenge.verify", &row, now).await);
+                return Err(self.refuse(ctx, "challenge.attempt_result", &row, now).await);
             };
             self.after_verified(&mut c, ctx, &done, now).await?;
             done
@@ -680,7 +689,8 @@ impl Mfa {
         let mut tx = self.db.begin_write().await?;
         let mut c = tx.conn();
         let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
-        if row.status == ChallengeStatus::Cancelled.as_str() {
+        // Already over (cancelled, consumed, failed, expired): nothing left to cancel.
+        if !matches!(effective_status(&row, now), ChallengeStatus::Pending | ChallengeStatus::Verified) {
             return Ok(());
         }
         if !cancel_challenge(&mut c, &self.keyring, ctx, &row, "cancelled", now).await? {

@@ -274,14 +274,15 @@ impl Sessions {
         Ok(SessionView::from_row(&moved, now))
     }
 
-    /// `DELETE /sessions/{id}`: cancel (idempotent for an already cancelled session).
+    /// `DELETE /sessions/{id}`: cancel. A session already over (in any terminal state) has
+    /// nothing left to cancel: 204 as well, and it keeps its state.
     pub async fn cancel(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
         match self.transition(ctx, id, SessionState::Cancelled, Some("cancelled")).await {
             Ok(_) => Ok(()),
-            Err(e) => {
-                let already = self.get(id).await.map(|s| s.state == SessionState::Cancelled).unwrap_or(false);
-                if already { Ok(()) } else { Err(e) }
-            }
+            Err(e) => match self.get(id).await {
+                Ok(s) if s.state.is_terminal() => Ok(()),
+                _ => Err(e),
+            },
         }
     }
 

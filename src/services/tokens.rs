@@ -13,6 +13,7 @@ use crate::{
     domain::{BundleKind, TokenBundle, UserId, tokens::secrets_from_plaintext},
     error::ApiError,
     services::audit::{AuditContext, Auditor, Outcome},
+    services::group_commit::{ReadAudit, ReadRecord},
     store::{
         self, Db,
         tokens::{BundleRow, NewBundle, WriteCondition},
@@ -93,11 +94,13 @@ pub struct Vault {
     keyring: Arc<Keyring>,
     auditor: Auditor,
     notifier: crate::services::leases::VersionNotifier,
+    reads: ReadAudit,
 }
 
 impl Vault {
     pub fn new(db: Db, keyring: Arc<Keyring>, notifier: crate::services::leases::VersionNotifier) -> Self {
-        Self { db, auditor: Auditor::new(keyring.clone()), keyring, notifier }
+        let reads = ReadAudit::start(db.clone(), keyring.clone());
+        Self { db, auditor: Auditor::new(keyring.clone()), keyring, notifier, reads }
     }
 
     /// Stores a bundle if `cond` holds. Returns its metadata and whether it was created.
@@ -199,7 +202,8 @@ impl Vault {
     }
 
     /// Decrypts and returns a bundle; refuses one that needs a new login, or (with
-    /// `require_kind`) one of another kind, before decrypting anything.
+    /// `require_kind`) one of another kind, before decrypting anything. Reads on a pooled
+    /// connection; the audit row (and `last_used_at`) is group-committed before the answer.
     pub async fn get(
         &self,
         ctx: &AuditContext,
@@ -207,32 +211,34 @@ impl Vault {
         require_kind: Option<BundleKind>,
     ) -> Result<OpenedBundle, ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
-        let found = store::tokens::get_with_secret(&mut tx.conn(), user.as_str()).await?;
+        let found = {
+            let mut rc = self.db.read().await?;
+            store::tokens::get_with_secret(&mut rc.conn(), user.as_str()).await?
+        };
+        let audit = |outcome: Outcome, details: serde_json::Value, touch: Option<chrono::DateTime<chrono::Utc>>| {
+            self.reads.record(ReadRecord {
+                ctx: ctx.clone(),
+                type_: "token.read",
+                outcome,
+                user_id: user.as_str().to_string(),
+                details,
+                touch,
+            })
+        };
         let fail = |reason: &str| json!({"reason": reason});
         let Some(b) = found else {
-            self.auditor
-                .record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail("not_found"))
-                .await?;
-            tx.commit().await?;
+            audit(Outcome::Failure, fail("not_found"), None).await?;
             return Err(ApiError::tokens_not_found());
         };
         let (status, reason) = status_of(&b.row, now);
         let (TokenStatus::Valid | TokenStatus::AccessExpired, Some(ciphertext)) = (status, b.ciphertext.as_deref())
         else {
             let reason = reason.unwrap_or_else(|| "destroyed".into());
-            self.auditor
-                .record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail(&reason))
-                .await?;
-            tx.commit().await?;
+            audit(Outcome::Failure, fail(&reason), None).await?;
             return Err(ApiError::ReauthRequired { reason });
         };
         if let Some(kind) = require_kind.filter(|k| k.as_str() != b.row.kind) {
-            let reason = "representation_unavailable";
-            self.auditor
-                .record(&mut tx.conn(), ctx, "token.read", Outcome::Failure, Some(user.as_str()), fail(reason))
-                .await?;
-            tx.commit().await?;
+            audit(Outcome::Failure, fail("representation_unavailable"), None).await?;
             return Err(ApiError::field(
                 "representation",
                 format!("this representation is only available for {} bundles", kind.as_str()),
@@ -246,32 +252,12 @@ impl Vault {
         let secrets = match opened {
             Ok(s) => s,
             Err(error) => {
-                self.auditor
-                    .record(
-                        &mut tx.conn(),
-                        ctx,
-                        "token.read",
-                        Outcome::Error,
-                        Some(user.as_str()),
-                        json!({"reason": "decrypt_failed", "key_id": b.row.key_id, "error": error}),
-                    )
-                    .await?;
-                tx.commit().await?;
+                let details = json!({"reason": "decrypt_failed", "key_id": b.row.key_id, "error": error});
+                audit(Outcome::Error, details, None).await?;
                 return Err(ApiError::DecryptFailed);
             }
         };
-        store::tokens::touch_last_used(&mut tx.conn(), user.as_str(), now).await?;
-        self.auditor
-            .record(
-                &mut tx.conn(),
-                ctx,
-                "token.read",
-                Outcome::Success,
-                Some(user.as_str()),
-                json!({"kind": b.row.kind, "version": b.row.version}),
-            )
-            .await?;
-        tx.commit().await?;
+        audit(Outcome::Success, json!({"kind": b.row.kind, "version": b.row.version}), Some(now)).await?;
         let mut metadata = TokenMetadata::from_row(&b.row, now);
         metadata.last_used_at = Some(now);
         Ok(OpenedBundle { metadata, secrets })
@@ -283,23 +269,24 @@ impl Vault {
         &self,
         ctx: &AuditContext,
         user: &UserId,
-        event: &str,
+        event: &'static str,
     ) -> Result<Option<TokenMetadata>, ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
-        let row = store::tokens::get(&mut tx.conn(), user.as_str()).await?;
+        let row = {
+            let mut rc = self.db.read().await?;
+            store::tokens::get(&mut rc.conn(), user.as_str()).await?
+        };
         let meta = row.as_ref().map(|r| TokenMetadata::from_row(r, now));
-        self.auditor
-            .record(
-                &mut tx.conn(),
-                ctx,
-                event,
-                Outcome::Success,
-                Some(user.as_str()),
-                json!({"found": meta.is_some(), "status": meta.as_ref().map(|m| m.status)}),
-            )
+        self.reads
+            .record(ReadRecord {
+                ctx: ctx.clone(),
+                type_: event,
+                outcome: Outcome::Success,
+                user_id: user.as_str().to_string(),
+                details: json!({"found": meta.is_some(), "status": meta.as_ref().map(|m| m.status)}),
+                touch: None,
+            })
             .await?;
-        tx.commit().await?;
         Ok(meta)
     }
 

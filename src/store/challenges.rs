@@ -130,15 +130,30 @@ pub async fn mark_failed(c: &mut Conn<'_>, id: Uuid, now: DateTime<Utc>) -> Resu
     end(c, SQL, id, now).await
 }
 
-/// Expires one live challenge that is past its expiry (the sweeper's move).
+/// How long past its expiry a challenge waits for Garmin's answer to an attempt reserved in time.
+pub const LATE_RESULT_GRACE_SECS: i64 = 120;
+
+/// A challenge with an attempt reserved less than the grace period ago and not yet answered.
+macro_rules! awaiting_result {
+    () => {
+        "EXISTS (SELECT 1 FROM challenge_attempts a WHERE a.challenge_id = challenges.id \
+         AND a.result IS NULL AND a.created_at > $3)"
+    };
+}
+
+/// Expires one live challenge that is past its expiry (the sweeper's move), unless Garmin's
+/// answer to a recent attempt is still awaited.
 pub async fn expire(c: &mut Conn<'_>, id: Uuid, now: DateTime<Utc>) -> Result<Option<ChallengeRow>> {
     const SQL: &str = concat!(
         "UPDATE challenges SET status = 'expired', ",
         destroy_resume!(),
-        ", updated_at = $2 WHERE id = $1 AND status IN ('pending', 'verified') AND expires_at <= $2 RETURNING ",
+        ", updated_at = $2 WHERE id = $1 AND status IN ('pending', 'verified') AND expires_at <= $2 AND NOT ",
+        awaiting_result!(),
+        " RETURNING ",
         cols!()
     );
-    end(c, SQL, id, now).await
+    let grace = now - chrono::Duration::seconds(LATE_RESULT_GRACE_SECS);
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(id).bind(now).bind(grace).fetch_optional(c).await)?)
 }
 
 /// `verified` → `consumed`, exactly once, before the consume deadline.
@@ -186,9 +201,13 @@ pub async fn mark_verified(
 
 /// Live challenges past their expiry, at most `limit` (the sweeper's work list).
 pub async fn due_for_expiry(c: &mut Conn<'_>, now: DateTime<Utc>, limit: i64) -> Result<Vec<Uuid>> {
-    const SQL: &str =
-        "SELECT id FROM challenges WHERE status IN ('pending', 'verified') AND expires_at <= $1 ORDER BY id LIMIT $2";
-    Ok(dispatch!(c, |c| sqlx::query_scalar(SQL).bind(now).bind(limit).fetch_all(c).await)?)
+    const SQL: &str = concat!(
+        "SELECT id FROM challenges WHERE status IN ('pending', 'verified') AND expires_at <= $1 AND NOT ",
+        awaiting_result!(),
+        " ORDER BY id LIMIT $2"
+    );
+    let grace = now - chrono::Duration::seconds(LATE_RESULT_GRACE_SECS);
+    Ok(dispatch!(c, |c| sqlx::query_scalar(SQL).bind(now).bind(limit).bind(grace).fetch_all(c).await)?)
 }
 
 /// Deletes terminal challenges (and their attempts) last changed before `before`.
@@ -279,4 +298,38 @@ pub async fn failures_since(
 pub async fn purge_failures(c: &mut Conn<'_>, before: DateTime<Utc>) -> Result<u64> {
     const SQL: &str = "DELETE FROM mfa_failures WHERE at <= $1";
     Ok(dispatch!(c, |c| sqlx::query(SQL).bind(before).execute(c).await.map(|r| r.rows_affected()))?)
+}
+
+// ---- key rotation --------------------------------------------------------------------------
+
+/// Key ids that some stored resume state is encrypted under.
+pub async fn resume_key_ids(c: &mut Conn<'_>) -> Result<Vec<String>> {
+    const SQL: &str = "SELECT DISTINCT resume_key_id FROM challenges WHERE resume_key_id IS NOT NULL";
+    Ok(dispatch!(c, |c| sqlx::query_scalar(SQL).fetch_all(c).await)?)
+}
+
+/// A page of resume states not under `active_key_id`, in id order after `after`.
+pub async fn rewrap_page(
+    c: &mut Conn<'_>,
+    active_key_id: &str,
+    after: Uuid,
+    limit: i64,
+) -> Result<Vec<(Uuid, Vec<u8>)>> {
+    const SQL: &str = "SELECT id, resume_state FROM challenges WHERE resume_state IS NOT NULL \
+                       AND resume_key_id <> $1 AND id > $2 ORDER BY id LIMIT $3";
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(active_key_id).bind(after).bind(limit).fetch_all(c).await)?)
+}
+
+/// Replaces one resume state if it is still the one read (compare-and-set).
+pub async fn rewrap_one(c: &mut Conn<'_>, id: Uuid, old: &[u8], key_id: &str, new: &[u8]) -> Result<bool> {
+    const SQL: &str = "UPDATE challenges SET resume_state = $3, resume_key_id = $4 WHERE id = $1 AND resume_state = $2";
+    let n = dispatch!(c, |c| sqlx::query(SQL)
+        .bind(id)
+        .bind(old)
+        .bind(new)
+        .bind(key_id)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+    Ok(n > 0)
 }

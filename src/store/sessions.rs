@@ -82,7 +82,7 @@ pub async fn transition(
     now: DateTime<Utc>,
 ) -> Result<Option<SessionRow>> {
     const SQL: &str = concat!(
-        "UPDATE sessions SET state = $3, reason = COALESCE($4, reason), updated_at = $5 \
+        "UPDATE sessions SET state = $3, reason = $4, updated_at = $5 \
          WHERE id = $1 AND state = $2 RETURNING ",
         cols!()
     );

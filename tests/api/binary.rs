@@ -201,7 +201,9 @@ async fn a_stored_bundle_survives_a_restart() {
     }
     let key = d.admin_key();
     assert!(!s.log.lock().unwrap().contains(&key), "the admin key is never logged");
-    let r = http.put(s.url(&tokens_path("persist"))).bearer_auth(&key).json(&garth_body("p")).send().await.unwrap();
+    // One body, built once: `garth_body` stamps expiry times from the clock.
+    let stored = garth_body("p");
+    let r = http.put(s.url(&tokens_path("persist"))).bearer_auth(&key).json(&stored).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let (clean, _) = s.stop().await;
     assert!(clean, "SIGTERM shuts down gracefully with exit 0");
@@ -210,7 +212,7 @@ async fn a_stored_bundle_survives_a_restart() {
     let r = http.get(s.url(&tokens_path("persist"))).bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["oauth2_token"], garth_body("p")["oauth2_token"]);
+    assert_eq!(body["oauth2_token"], stored["oauth2_token"]);
     assert_eq!(body["version"], 1);
     s.stop().await;
 }
@@ -316,6 +318,18 @@ async fn rewrap_moves_everything_to_the_new_key_and_the_old_key_can_go() {
         let r = http.put(s.url(&tokens_path(u))).bearer_auth(&key).json(&garth_body(u)).send().await.unwrap();
         assert_eq!(r.status(), 201);
     }
+    // An MFA login in progress: its resume state is encrypted too.
+    let ch: Value = http
+        .post(s.url("/api/v1/mfa/challenges"))
+        .bearer_auth(&key)
+        .json(&json!({"user_id": "r1", "method": "email", "verifier": "external", "resume_state": "pickled-ROTATE"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ch_id = ch["id"].as_str().unwrap().to_string();
     s.stop().await;
 
     let k2 = key_spec("k2");
@@ -326,8 +340,10 @@ async fn rewrap_moves_everything_to_the_new_key_and_the_old_key_can_go() {
     let both = d.with("CENTRALDB_ENCRYPTION_KEYS", &format!("{k2},{k1}"));
     let (ok, out, err) = run(&both, d.dir.path(), &["rewrap"]).await;
     assert!(ok, "{out}{err}");
-    assert!(out.contains("rewrapped 3 ciphertext(s) under key 'k2'"), "{out}");
-    assert!(out.contains("; re-sealed 3 audit event(s)"), "the audit chain moves to k2 too: {out}");
+    // Three bundles and one resume state.
+    assert!(out.contains("rewrapped 4 ciphertext(s) under key 'k2'"), "{out}");
+    // Three token writes and one challenge creation.
+    assert!(out.contains("; re-sealed 4 audit event(s)"), "the audit chain moves to k2 too: {out}");
     let (ok, out, _) = run(&both, d.dir.path(), &["rewrap"]).await;
     assert!(ok && out.contains("rewrapped 0"), "a second pass has nothing to do: {out}");
     assert!(out.contains("re-sealed 0 audit event(s)"), "{out}");
@@ -340,11 +356,22 @@ async fn rewrap_moves_everything_to_the_new_key_and_the_old_key_can_go() {
         assert_eq!(body["oauth2_token"]["access_token"], format!("acc-{u}-SECRET"));
         assert_eq!(body["version"], 1, "rewrap does not change the version");
     }
+    let a: Value = http
+        .post(s.url(&format!("/api/v1/mfa/challenges/{ch_id}/attempts")))
+        .bearer_auth(&key)
+        .json(&json!({"code": "123456"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(a["resume_state"], "pickled-ROTATE", "the resume state decrypts under the new key alone");
     s.stop().await;
     // The audit chain, re-sealed under k2, still verifies without k1.
     let (ok, out, err) = run(&d.with("CENTRALDB_ENCRYPTION_KEYS", &k2), d.dir.path(), &["audit", "verify"]).await;
     assert!(ok, "{out}{err}");
-    assert_eq!(out.trim(), "audit chain ok: 8 events", "3 writes, 2 rewraps, 3 reads");
+    assert_eq!(out.trim(), "audit chain ok: 10 events", "3 writes, 1 challenge + 1 attempt, 2 rewraps, 3 reads");
 }
 
 #[tokio::test]

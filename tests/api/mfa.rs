@@ -416,3 +416,81 @@ async fn concurrent_duplicate_codes_reserve_one_attempt() {
     let (_, attempts, _, _) = raw_challenge(&app, &id).await;
     assert_eq!(attempts, 1);
 }
+
+/// A verification refused because the argon2 queue is full (503) uses no attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_refusal_uses_no_attempt() {
+    let app = Arc::new(
+        TestApp::spawn_with(|v| {
+            v.remove("CENTRALDB_ARGON2_MEMORY_KIB");
+            v.remove("CENTRALDB_ARGON2_ITERATIONS");
+            v.insert("CENTRALDB_ARGON2_WORKERS".into(), "1".into());
+            v.insert("CENTRALDB_ARGON2_QUEUE".into(), "0".into());
+        })
+        .await,
+    );
+    let mut body = service("busy");
+    body["code"] = json!("123456");
+    body["max_attempts"] = json!(10);
+    let id = create(&app, body).await.json["id"].as_str().unwrap().to_string();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let (app, id) = (app.clone(), id.clone());
+        set.spawn(async move {
+            let r = app
+                .post(&format!("{CH}/{id}/verify"))
+                .json(json!({"code": format!("{:06}", 500_000 + i)}))
+                .send()
+                .await;
+            (r.status.as_u16(), r.header("retry-after").is_some())
+        });
+    }
+    let results = set.join_all().await;
+    let checked = results.iter().filter(|(s, _)| *s == 400).count();
+    let busy = results.iter().filter(|(s, _)| *s == 503).count();
+    assert_eq!(checked + busy, 10, "{results:?}");
+    assert!(busy > 0, "with one worker and no queue some are refused: {results:?}");
+    assert!(results.iter().filter(|(s, _)| *s == 503).all(|(_, retry)| *retry), "503 carries Retry-After");
+    let (status, attempts, _, _) = raw_challenge(&app, &id).await;
+    assert_eq!(attempts as usize, checked, "only checked codes used an attempt");
+    assert_eq!(status, "pending");
+}
+
+/// Garmin's answer to an attempt reserved in time still counts after the challenge expires,
+/// even if the sweeper runs in between (within the grace period).
+#[tokio::test]
+async fn a_late_garmin_answer_survives_a_sweep_within_the_grace_period() {
+    let app = TestApp::spawn().await;
+    let mut body = external("late");
+    body["ttl_seconds"] = json!(1);
+    let id = create(&app, body).await.json["id"].as_str().unwrap().to_string();
+    let a = app.post(&format!("{CH}/{id}/attempts")).json(json!({"code": "246810"})).send().await;
+    assert_eq!(a.status, 201);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let report = centraldb_mfa::sweeper::sweep_once(&app.state, centraldb_mfa::store::now()).await.unwrap();
+    assert_eq!(report.challenges_expired, 0, "an answer is still awaited");
+    let res = app.post(&format!("{CH}/{id}/attempts/1/result")).json(json!({"success": true})).send().await;
+    assert_eq!(res.status, 200, "{}", res.text);
+    assert_eq!(res.json["status"], "verified");
+    // Past the grace period an unanswered challenge is expired as usual.
+    let mut body = external("late2");
+    body["ttl_seconds"] = json!(1);
+    let id2 = create(&app, body).await.json["id"].as_str().unwrap().to_string();
+    app.post(&format!("{CH}/{id2}/attempts")).json(json!({"code": "135799"})).send().await;
+    let later = centraldb_mfa::store::now() + chrono::Duration::seconds(200);
+    let report = centraldb_mfa::sweeper::sweep_once(&app.state, later).await.unwrap();
+    assert!(report.challenges_expired >= 1);
+    assert_eq!(raw_challenge(&app, &id2).await.0, "expired");
+}
+
+#[tokio::test]
+async fn deleting_an_ended_challenge_is_204_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let mut body = service("ended");
+    body["code"] = json!("123456");
+    let id = create(&app, body).await.json["id"].as_str().unwrap().to_string();
+    app.post(&format!("{CH}/{id}/verify")).json(json!({"code": "123456"})).send().await;
+    assert_eq!(app.post(&format!("{CH}/{id}/consume")).send().await.status, 200);
+    assert_eq!(app.delete(&format!("{CH}/{id}")).send().await.status, 204);
+    assert_eq!(app.get(&format!("{CH}/{id}")).send().await.json["status"], "consumed");
+}
