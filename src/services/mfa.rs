@@ -27,7 +27,9 @@ use crate::{
     services::{
         audit::{AuditContext, Outcome},
         code_hasher::{CodeHasher, HashError},
-        sessions::{self, audit, cancel_challenge, effective_state, move_session, session_not_found},
+        sessions::{
+            self, audit, cancel_challenge, effective_state, move_linked_session, move_session, session_not_found,
+        },
     },
     store::{self, Conn, Db, challenges::ChallengeRow},
 };
@@ -506,11 +508,7 @@ impl Mfa {
             json!({"challenge_id": done.id, "attempt": done.attempts, "session_id": done.session_id}),
         )
         .await?;
-        if let Some(sid) = done.session_id
-            && let Some(s) = store::sessions::get(c, sid).await?
-        {
-            move_session(c, &self.keyring, ctx, &s, SessionState::MfaVerified, Some("challenge_verified"), now).await?;
-        }
+        move_linked_session(c, &self.keyring, ctx, done, SessionState::MfaVerified, "challenge_verified", now).await?;
         Ok(())
     }
 
@@ -532,11 +530,7 @@ impl Mfa {
                 json!({"challenge_id": row.id, "attempts": row.attempts, "session_id": row.session_id}),
             )
             .await?;
-            if let Some(sid) = row.session_id
-                && let Some(s) = store::sessions::get(c, sid).await?
-            {
-                move_session(c, &self.keyring, ctx, &s, SessionState::Failed, Some("challenge_locked"), now).await?;
-            }
+            move_linked_session(c, &self.keyring, ctx, row, SessionState::Failed, "challenge_locked", now).await?;
         }
         Ok(())
     }

@@ -81,6 +81,32 @@ pub(crate) async fn audit(
     audit::record(c, keyring, ctx, type_, outcome, Some(user_id), details).await.map(|_| ())
 }
 
+/// Moves a session from exactly `from` to `to`, auditing the move.
+async fn transition_audited(
+    c: &mut Conn<'_>,
+    keyring: &Keyring,
+    ctx: &AuditContext,
+    id: Uuid,
+    (from, to): (SessionState, SessionState),
+    reason: Option<&str>,
+    now: DateTime<Utc>,
+) -> store::Result<Option<SessionRow>> {
+    let moved = store::sessions::transition(c, id, from.as_str(), to.as_str(), reason, now).await?;
+    if let Some(m) = &moved {
+        audit(
+            c,
+            keyring,
+            ctx,
+            "session.transition",
+            Outcome::Success,
+            &m.user_id,
+            json!({"session_id": m.id, "from": from, "to": to, "reason": reason}),
+        )
+        .await?;
+    }
+    Ok(moved)
+}
+
 /// Moves a session to `to` if its current state allows it, auditing the move. `None` when it
 /// did not move (terminal, not allowed, or changed concurrently).
 pub(crate) async fn move_session(
@@ -98,39 +124,28 @@ pub(crate) async fn move_session(
         // Past its TTL but not yet swept: it already reads `expired`, so that is what it
         // becomes; it never moves on to anything else (no superseding or reviving a dead flow).
         let expired =
-            store::sessions::transition(c, row.id, stored.as_str(), SessionState::Expired.as_str(), Some("ttl"), now)
-                .await?;
-        if let Some(m) = &expired {
-            audit(
-                c,
-                keyring,
-                ctx,
-                "session.transition",
-                Outcome::Success,
-                &m.user_id,
-                json!({"session_id": m.id, "from": stored, "to": SessionState::Expired, "reason": "ttl"}),
-            )
-            .await?;
-        }
+            transition_audited(c, keyring, ctx, row.id, (stored, SessionState::Expired), Some("ttl"), now).await?;
         return Ok(if to == SessionState::Expired { expired } else { None });
     }
     if !from.can_move_to(to) {
         return Ok(None);
     }
-    let moved = store::sessions::transition(c, row.id, from.as_str(), to.as_str(), reason, now).await?;
-    if let Some(m) = &moved {
-        audit(
-            c,
-            keyring,
-            ctx,
-            "session.transition",
-            Outcome::Success,
-            &m.user_id,
-            json!({"session_id": m.id, "from": from, "to": to, "reason": reason}),
-        )
-        .await?;
-    }
-    Ok(moved)
+    transition_audited(c, keyring, ctx, row.id, (stored, to), reason, now).await
+}
+
+/// Moves the session a challenge belongs to (if any), as [`move_session`] does.
+pub(crate) async fn move_linked_session(
+    c: &mut Conn<'_>,
+    keyring: &Keyring,
+    ctx: &AuditContext,
+    ch: &ChallengeRow,
+    to: SessionState,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> store::Result<Option<SessionRow>> {
+    let Some(sid) = ch.session_id else { return Ok(None) };
+    let Some(s) = store::sessions::get(c, sid).await? else { return Ok(None) };
+    move_session(c, keyring, ctx, &s, to, Some(reason), now).await
 }
 
 /// Cancels a challenge (destroying its resume state), auditing it.
