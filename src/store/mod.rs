@@ -20,7 +20,6 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
 };
-use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::config::{DatabaseUrl, Settings, SqliteSync};
 
@@ -28,6 +27,8 @@ use crate::config::{DatabaseUrl, Settings, SqliteSync};
 pub enum Conn<'c> {
     Sqlite(&'c mut SqliteConnection),
     Postgres(&'c mut PgConnection),
+    /// A write transaction that no longer has a connection (never handed out in practice).
+    Closed,
 }
 
 /// Runs the same expression against whichever backend `$conn` holds. Inside, `$c` is a
@@ -43,6 +44,7 @@ macro_rules! dispatch {
                 let $c = &mut **inner;
                 $body
             }
+            $crate::store::Conn::Closed => Err(sqlx::Error::PoolClosed),
         }
     };
 }
@@ -50,6 +52,7 @@ macro_rules! dispatch {
 pub mod api_keys;
 pub mod audit;
 pub mod challenges;
+mod group;
 pub mod keys;
 pub mod leases;
 pub mod sessions;
@@ -172,7 +175,7 @@ pub(crate) async fn begin_postgres(
 
 #[derive(Clone)]
 pub enum Db {
-    Sqlite { pool: SqlitePool, write_lock: Arc<Mutex<()>>, acquire_timeout: Duration },
+    Sqlite { pool: SqlitePool, writer: Arc<group::SqliteWriter>, acquire_timeout: Duration },
     Postgres { pool: PgPool },
 }
 
@@ -186,28 +189,32 @@ impl std::fmt::Debug for Db {
 }
 
 enum TxKind {
-    Sqlite(sqlx::Transaction<'static, Sqlite>),
+    /// A savepoint in SQLite's shared (group-committed) write transaction.
+    Sqlite(group::GroupTx),
     Postgres(sqlx::Transaction<'static, Postgres>),
 }
 
 /// A write transaction. Dropped without `commit`, it rolls back.
 pub struct WriteTx {
     tx: TxKind,
-    // Declared after `tx`, so it is released after the transaction ends.
-    _guard: Option<OwnedMutexGuard<()>>,
 }
 
 impl WriteTx {
     pub fn conn(&mut self) -> Conn<'_> {
         match &mut self.tx {
-            TxKind::Sqlite(t) => Conn::Sqlite(&mut *t),
+            TxKind::Sqlite(g) => match g.conn() {
+                Some(c) => Conn::Sqlite(c),
+                // Unreachable: a GroupTx holds its connection until commit or drop.
+                None => Conn::Closed,
+            },
             TxKind::Postgres(t) => Conn::Postgres(&mut *t),
         }
     }
 
+    /// Commits (on SQLite: once the group commit holding this write is durable).
     pub async fn commit(self) -> Result<()> {
         match self.tx {
-            TxKind::Sqlite(t) => t.commit().await?,
+            TxKind::Sqlite(g) => g.commit().await?,
             TxKind::Postgres(t) => t.commit().await?,
         }
         Ok(())
@@ -270,7 +277,8 @@ impl Db {
                 .test_before_acquire(false)
                 .connect_with(opts)
                 .await?;
-            Ok(Self::Sqlite { pool, write_lock: Arc::new(Mutex::new(())), acquire_timeout })
+            let writer = group::SqliteWriter::start(pool.clone());
+            Ok(Self::Sqlite { pool, writer, acquire_timeout })
         }
     }
 
@@ -291,12 +299,8 @@ impl Db {
 
     pub async fn begin_write(&self) -> Result<WriteTx> {
         match self {
-            Self::Sqlite { pool, write_lock, acquire_timeout } => {
-                let guard = tokio::time::timeout(*acquire_timeout, write_lock.clone().lock_owned())
-                    .await
-                    .map_err(|_| StoreError::Unavailable("timed out waiting for the SQLite writer".into()))?;
-                let tx = begin_sqlite(pool, "BEGIN IMMEDIATE").await?;
-                Ok(WriteTx { tx: TxKind::Sqlite(tx), _guard: Some(guard) })
+            Self::Sqlite { writer, acquire_timeout, .. } => {
+                Ok(WriteTx { tx: TxKind::Sqlite(writer.begin(*acquire_timeout).await?) })
             }
             // Every write transaction appends to the audit chain, whose head row is a lock all
             // of them need. Taking it first, before any other row lock, means no two
@@ -307,7 +311,6 @@ impl Db {
                     begin_postgres(pool, "BEGIN", Some("SELECT last_seq FROM audit_chain WHERE id = 1 FOR UPDATE"))
                         .await?,
                 ),
-                _guard: None,
             }),
         }
     }

@@ -385,3 +385,57 @@ async fn invalidate_accepts_an_empty_body() {
     let r = app.post(&format!("{p}/invalidate")).raw_body("application/json", "{oops").send().await;
     r.assert_problem(422, "validation_failed");
 }
+
+/// Writes that share a group commit stay independent: a refused write undoes only itself, and
+/// writes cancelled at random moments (a client gone, a timeout) leave a consistent store whose
+/// audit chain still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_and_cancelled_writes_stay_independent() {
+    let app = std::sync::Arc::new(TestApp::spawn().await);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let app = app.clone();
+        set.spawn(async move {
+            let mut req = app.put(&tokens_path(&format!("g{i}"))).json(garth_body(&format!("g{i}")));
+            if i % 2 == 1 {
+                req = req.header("if-match", "\"7\"");
+            }
+            (i, req.send().await.status.as_u16())
+        });
+    }
+    for (i, status) in set.join_all().await {
+        assert_eq!(status, if i % 2 == 0 { 201 } else { 412 }, "user g{i}");
+    }
+    for i in 0..40 {
+        let r = app.get(&tokens_path(&format!("g{i}"))).send().await;
+        if i % 2 == 0 {
+            assert_eq!(r.status, 200);
+            assert_eq!(r.json["oauth2_token"]["access_token"], format!("acc-g{i}-SECRET"));
+        } else {
+            r.assert_problem(404, "tokens_not_found");
+        }
+    }
+    // Cancel writes at random points.
+    for i in 0..30u64 {
+        let app2 = app.clone();
+        let fut = async move { app2.put(&tokens_path("cancelled")).json(garth_body(&format!("c{i}"))).send().await };
+        let _ = tokio::time::timeout(std::time::Duration::from_micros(i * 150), fut).await;
+    }
+    // Everything still works, and what was written is whole.
+    let w = app.put(&tokens_path("after")).json(garth_body("after")).send().await;
+    assert_eq!(w.status, 201, "{}", w.text);
+    let r = app.get(&tokens_path("cancelled")).send().await;
+    assert!(r.status == 200 || r.status == 404, "{}", r.text);
+    if r.status == 200 {
+        let v = r.json["version"].as_i64().unwrap();
+        let writes = app
+            .audit()
+            .await
+            .iter()
+            .filter(|e| e.type_ == "token.write" && e.user_id.as_deref() == Some("cancelled"))
+            .count();
+        assert_eq!(v as usize, writes, "every committed write has its audit row, and only those");
+    }
+    let report = centraldb_mfa::services::audit::verify(app.db(), &app.state.keyring).await.unwrap();
+    assert!(report.ok, "{report:?}");
+}
