@@ -115,6 +115,8 @@ pub struct Settings {
     pub retention: Duration,
     /// Readers that may long-poll for a new token version at once; past that, 503.
     pub max_waiters: usize,
+    /// Open client connections at most; more wait in the kernel backlog.
+    pub max_connections: usize,
 }
 
 pub const DEFAULT_SQLITE_FILE: &str = "centraldb-mfa.db";
@@ -281,6 +283,7 @@ impl Settings {
         let retention = Duration::from_secs(num("CENTRALDB_RETENTION_SECS", 7 * 86_400, 0, 3650 * 86_400)?);
 
         let max_waiters = num("CENTRALDB_MAX_WAITERS", 1000, 1, 1_000_000)? as usize;
+        let max_connections = num("CENTRALDB_MAX_CONNECTIONS", 16_384, 1, 1_000_000)? as usize;
 
         Ok(Self {
             data_dir,
@@ -303,6 +306,7 @@ impl Settings {
             sweep_interval,
             retention,
             max_waiters,
+            max_connections,
         })
     }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod error;
+pub mod listener;
 pub mod services;
 pub mod startup;
 pub mod state;

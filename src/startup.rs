@@ -162,7 +162,15 @@ impl Application {
             let _ = listener_stop.wait_for(|stopped| *stopped).await;
         }));
         let notifier = state.notifier.clone();
+        let state_max_connections = state.settings.max_connections;
         let app = api::app(state);
+        let max_connections = state_max_connections;
+        let listener = axum::serve::ListenerExt::tap_io(
+            crate::listener::LimitedListener::new(listener, max_connections),
+            |io: &mut crate::listener::LimitedStream| {
+                let _ = io.stream.set_nodelay(true);
+            },
+        );
         let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;

@@ -557,3 +557,36 @@ async fn two_processes_agree_on_the_lease_and_wake_each_others_waiters() {
     a.stop().await;
     b.stop().await;
 }
+
+/// At `CENTRALDB_MAX_CONNECTIONS` open connections the server stops accepting; a waiting client
+/// is served as soon as one closes.
+#[tokio::test]
+async fn the_connection_limit_holds_extra_clients_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = Deployment::new().await;
+    let s = Server::start(&d.with("CENTRALDB_MAX_CONNECTIONS", "2"), d.dir.path()).await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let get = |mut c: tokio::net::TcpStream| async move {
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        c
+    };
+    // Two keep-alive connections, each served once and then held open.
+    let c1 = get(tokio::net::TcpStream::connect(&addr).await.unwrap()).await;
+    let c2 = get(tokio::net::TcpStream::connect(&addr).await.unwrap()).await;
+    // A third connects (the kernel accepts it into the backlog) but is not served...
+    let third = tokio::spawn({
+        let addr = addr.clone();
+        async move { get(tokio::net::TcpStream::connect(&addr).await.unwrap()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "a third connection must wait while two are open");
+    // ...until one of the two closes.
+    drop(c1);
+    let served = tokio::time::timeout(Duration::from_secs(5), third).await;
+    assert!(served.is_ok(), "the waiting client is served once a connection closes");
+    drop(c2);
+    s.stop().await;
+}
