@@ -590,3 +590,90 @@ async fn the_connection_limit_holds_extra_clients_until_one_closes() {
     drop(c2);
     s.stop().await;
 }
+
+/// Three processes on one database: 100 concurrent right-code verifications of one challenge give
+/// exactly one success; 100 concurrent If-Match PUTs of the same version give exactly one write;
+/// and three instances sweeping at once record each expiry once.
+#[tokio::test]
+async fn three_processes_one_success_one_write_one_expiry_record() {
+    let d = Deployment::new().await;
+    let env = d.with("CENTRALDB_SWEEP_INTERVAL_SECS", "1");
+    let servers = [
+        Server::start(&env, d.dir.path()).await,
+        Server::start(&env, d.dir.path()).await,
+        Server::start(&env, d.dir.path()).await,
+    ];
+    let key = d.admin_key();
+    let http = reqwest::Client::new();
+    let base = |i: usize| servers[i % 3].url("");
+
+    let ch: Value = http
+        .post(format!("{}/api/v1/mfa/challenges", base(0)))
+        .bearer_auth(&key)
+        .json(
+            &json!({"user_id": "tri", "method": "email", "verifier": "service", "code": "123456", "max_attempts": 10}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = ch["id"].as_str().unwrap().to_string();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let (http, key, url) = (http.clone(), key.clone(), format!("{}/api/v1/mfa/challenges/{id}/verify", base(i)));
+        set.spawn(async move {
+            http.post(url).bearer_auth(key).json(&json!({"code": "123456"})).send().await.unwrap().status().as_u16()
+        });
+    }
+    let statuses = set.join_all().await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
+
+    let put = http.put(format!("{}{}", base(0), tokens_path("tri"))).bearer_auth(&key).json(&garth_body("v1")).send();
+    assert_eq!(put.await.unwrap().status(), 201);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let (http, key, url) = (http.clone(), key.clone(), format!("{}{}", base(i), tokens_path("tri")));
+        set.spawn(async move {
+            let r =
+                http.put(url).bearer_auth(key).header("if-match", "\"1\"").json(&garth_body(&format!("w{i}"))).send();
+            r.await.unwrap().status().as_u16()
+        });
+    }
+    let statuses = set.join_all().await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 412).count(), 99, "{statuses:?}");
+
+    // Challenges expire while all three instances sweep every second. One user asks for ten
+    // (three are accepted, the rest get 429), nine users for one each: twelve expire.
+    let mut accepted = 0;
+    for _ in 0..10 {
+        let body = json!({"user_id": "tri2", "method": "email", "verifier": "service", "ttl_seconds": 1});
+        let r = http.post(format!("{}/api/v1/mfa/challenges", base(1))).bearer_auth(&key).json(&body).send().await;
+        accepted += usize::from(r.unwrap().status() == 201);
+    }
+    assert_eq!(accepted, 3);
+    for u in 0..9 {
+        let body = json!({"user_id": format!("tri-{u}"), "method": "email", "verifier": "service", "ttl_seconds": 1});
+        http.post(format!("{}/api/v1/mfa/challenges", base(u))).bearer_auth(&key).json(&body).send().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let events: Value = http
+        .get(format!("{}/api/v1/audit/events?type=challenge.expired&limit=1000", base(2)))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> =
+        events["events"].as_array().unwrap().iter().map(|e| e["details"]["challenge_id"].as_str().unwrap()).collect();
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(ids.len(), unique.len(), "each expiry is recorded once: {ids:?}");
+    assert_eq!(ids.len(), 12, "3 + 9 challenges expired, each recorded once");
+    for s in servers {
+        s.stop().await;
+    }
+}
