@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# Load-test centraldb-mfa on this machine (not run by CI): builds release, starts the server on
+# 127.0.0.1 with a fresh SQLite data folder (and, with --postgres, a second time on PostgreSQL),
+# runs the loadgen scenarios against it, records the server's CPU time and resident memory per
+# scenario, prints a table and writes the JSON results to a folder, then stops the server.
+#
+#   scripts/bench.sh [--postgres URL] [--out DIR] [--bin PATH] [--label TEXT] [--quick] [--no-10k]
+#                    [--port N] [--only LIST]
+#
+#   --postgres URL  also run on PostgreSQL (loopback only); a fresh schema is created with psql
+#                   when psql is installed (and dropped afterwards), else the URL's database is used
+#   --out DIR       results folder (default target/bench-results/<UTC timestamp>)
+#   --bin PATH      server binary to test instead of building this tree (e.g. a baseline build)
+#   --label TEXT    recorded in summary.json (e.g. "baseline b0e1010")
+#   --quick         5 s scenarios and 200/1000 flow users: a smoke test of the harness
+#   --no-10k        skip the 10,000-user flow
+#   --summarize DIR only rebuild summary.json and the table from the results in DIR
+#   --only LIST     comma-separated scenario names to run (healthz,token-get,token-put,
+#                   mfa-verify-50,mfa-verify-overload,flow-1000,flow-10000)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+
+PG_URL=""
+OUT=""
+BIN=""
+QUICK=0
+RUN_10K=1
+PORT=18080
+ONLY=""
+LABEL=""
+SUMMARIZE=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --postgres) PG_URL="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --bin) BIN="$2"; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    --no-10k) RUN_10K=0; shift ;;
+    --port) PORT="$2"; shift 2 ;;
+    --only) ONLY="$2"; shift 2 ;;
+    --label) LABEL="$2"; shift 2 ;;
+    --summarize) SUMMARIZE="$2"; shift 2 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+command -v jq >/dev/null || { echo "jq is required" >&2; exit 2; }
+command -v curl >/dev/null || { echo "curl is required" >&2; exit 2; }
+
+# PostgreSQL must be on this machine: this workplace allows no traffic elsewhere.
+if [[ -n "$PG_URL" ]]; then
+  rest="${PG_URL#*://}"; rest="${rest%%[/?]*}"; rest="${rest##*@}"
+  if [[ "$rest" == \[* ]]; then pg_host="${rest%%]*}"; pg_host="${pg_host#[}"; else pg_host="${rest%%:*}"; fi
+  case "$pg_host" in
+    127.*|localhost|::1|"") ;;
+    *) echo "refusing --postgres host '$pg_host': loopback only" >&2; exit 2 ;;
+  esac
+fi
+
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+OUT="${OUT:-${SUMMARIZE:-target/bench-results/$STAMP}}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+
+if [[ $QUICK == 1 ]]; then
+  DUR=5; DUR_OVER=5; FLOW_SMALL=200; FLOW_BIG=1000; FLOW_CAP=60
+else
+  DUR=20; DUR_OVER=10; FLOW_SMALL=1000; FLOW_BIG=10000; FLOW_CAP=180
+fi
+
+# ---- summary ----------------------------------------------------------------------------------
+
+summarize() {
+  mem_kib="$(awk '$1 == "MemTotal:" {print $2}' /proc/meminfo)"
+  git_rev="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  git_dirty="$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l | tr -d ' ')"
+  jq -s --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" --arg nproc "$(nproc)" --arg mem "$mem_kib" \
+    --arg kernel "$(uname -r)" --arg rustc "$(rustc --version)" --arg rev "$git_rev" --arg dirty "$git_dirty" \
+    --arg bin "$BIN" --arg lbl "$LABEL" '
+    . as $all |
+    def rps($b; $s): ($all | map(select(.backend == $b and .scenario == $s)) | .[0].run.total.throughput_rps) // null;
+    {date: $date, "label": $lbl, server_binary: $bin, git_rev: $rev, modified_tracked_files: ($dirty | tonumber),
+     machine: {nproc: ($nproc | tonumber), mem_total_kib: ($mem | tonumber), kernel: $kernel, rustc: $rustc},
+     token_get_to_healthz: (map(.backend) | unique | map({key: ., value:
+        (if rps(.; "token-get") and rps(.; "healthz") then (rps(.; "token-get") / rps(.; "healthz") * 1000 | round / 1000) else null end)})
+        | from_entries),
+     scenarios: sort_by((.backend != "sqlite"),
+        (.scenario as $n | ["healthz", "token-get", "token-put", "mfa-verify-50", "mfa-verify-overload"] | index($n) // 9),
+        (.args.connections))}' $(ls "$OUT"/sqlite-*.json "$OUT"/postgres-*.json 2>/dev/null) > "$OUT/summary.json"
+
+  echo
+  echo "== results ($OUT) =="
+  printf '%-9s %-20s %-34s %9s %7s %9s %8s %8s %8s %9s %7s %8s %8s  %s\n' \
+    backend scenario row requests errors req/s p50_ms p95_ms p99_ms max_ms srv_cpu rss0_MiB hwm_MiB statuses
+  jq -r '
+    def n(x): if x == null then "-" else (x * 100 | round / 100 | tostring) end;
+    def st(r): [(r.statuses // {} | to_entries[]), (r.transport_errors // {} | to_entries[])] | map("\(.key):\(.value)") | join(" ");
+    def row(s; name; r): [s.backend, s.scenario, name, (r.requests|tostring), (r.errors|tostring), n(r.throughput_rps),
+        n(r.latency.p50_ms), n(r.latency.p95_ms), n(r.latency.p99_ms), n(r.latency.max_ms),
+        n(s.server.cpu_s), n(s.server.vm_rss_before_kib / 1024), n(s.server.vm_hwm_kib / 1024), st(r)] | @tsv;
+    .scenarios[] as $s |
+    if ($s.scenario | startswith("flow")) then
+      row($s; "all requests"; $s.run.total),
+      ($s.run.routes[] | select(.derived or (.route | test("GET /api"))) as $r | row($s; $r.route; $r))
+    else
+      ($s.run.routes[0] // $s.run.total) as $r | row($s; $r.route; $r)
+    end' "$OUT/summary.json" |
+  while IFS=$'\t' read -r b sc label req err rps p50 p95 p99 max cpu rss0 hwm sts; do
+    printf '%-9s %-20s %-34.34s %9s %7s %9s %8s %8s %8s %9s %7s %8s %8s  %s\n' \
+      "$b" "$sc" "$label" "$req" "$err" "$rps" "$p50" "$p95" "$p99" "$max" "$cpu" "$rss0" "$hwm" "$sts"
+  done
+  echo
+  jq -r '"token GET / healthz throughput: " + (.token_get_to_healthz | tostring)' "$OUT/summary.json"
+  echo "JSON: $OUT/summary.json (and one file per scenario)"
+}
+
+if [[ -n "$SUMMARIZE" ]]; then
+  summarize
+  exit 0
+fi
+
+echo "== building (release) =="
+if [[ -z "$BIN" ]]; then
+  cargo build --release --bin centraldb-mfa --example loadgen
+  BIN="$ROOT/target/release/centraldb-mfa"
+else
+  cargo build --release --example loadgen
+fi
+LOADGEN="$ROOT/target/release/examples/loadgen"
+[[ -x "$BIN" ]] || { echo "no server binary at $BIN" >&2; exit 2; }
+
+# The server gets as many open files as allowed (10,000 connections need them).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+CLK_TCK="$(getconf CLK_TCK)"
+SERVER_PID=""
+WORK=""
+PG_SCHEMA=""
+PG_ADMIN_URL=""
+
+stop_server() {
+  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 150); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$SERVER_PID" 2>/dev/null && kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+
+drop_pg_schema() {
+  if [[ -n "$PG_SCHEMA" ]]; then
+    psql -q "$PG_ADMIN_URL" -c "DROP SCHEMA IF EXISTS $PG_SCHEMA CASCADE" >/dev/null 2>&1 || true
+    PG_SCHEMA=""
+  fi
+}
+
+cleanup() {
+  stop_server
+  drop_pg_schema
+  [[ -n "$WORK" && -d "$WORK" ]] && rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+proc_field() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$SERVER_PID/status" 2>/dev/null || echo 0; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat" 2>/dev/null || echo 0; }
+
+prepare_work() {
+  WORK="$(mktemp -d "${TMPDIR:-/tmp}/centraldb-bench.XXXXXX")"
+  mkdir -m 700 "$WORK/data"
+  "$BIN" keygen --id k1 > "$WORK/encryption-keys"
+  # A bootstrap admin key: 43 random URL-safe characters.
+  printf 'bench%s' "$(head -c 32 /dev/urandom | base64 | tr -d '/+=\n' | head -c 43)" > "$WORK/admin-key"
+  chmod 600 "$WORK/encryption-keys" "$WORK/admin-key"
+}
+
+start_server() { # backend database_url (same data folder, keys and database on a restart)
+  local backend="$1" url="$2"
+  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+    echo "port $PORT is in use; pass --port" >&2; exit 2
+  fi
+  env CENTRALDB_DATA_DIR="$WORK/data" \
+    CENTRALDB_DATABASE_URL="$url" \
+    CENTRALDB_ENCRYPTION_KEYS_FILE="$WORK/encryption-keys" \
+    CENTRALDB_BOOTSTRAP_ADMIN_KEY_FILE="$WORK/admin-key" \
+    CENTRALDB_LISTEN="127.0.0.1:$PORT" \
+    CENTRALDB_LOG_FORMAT=json \
+    RUST_LOG=warn \
+    "$BIN" serve >> "$OUT/server-$backend.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 100); do
+    if curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then return 0; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.2
+  done
+  echo "server did not become ready; log:" >&2
+  tail -20 "$OUT/server-$backend.log" >&2
+  exit 1
+}
+
+wanted() { [[ -z "$ONLY" || ",$ONLY," == *",$1,"* ]]; }
+
+# scenario backend name loadgen-args...
+scenario() {
+  local backend="$1" name="$2"; shift 2
+  wanted "$name" || return 0
+  local file="$OUT/$backend-$name.json"
+  echo "== $backend: $name: loadgen $* =="
+  # Reset the peak RSS, so VmHWM is this scenario's peak (Linux >= 4.0; best effort).
+  echo 5 > "/proc/$SERVER_PID/clear_refs" 2>/dev/null || true
+  local t0 t1 rc=0 rss0
+  rss0="$(proc_field VmRSS)"
+  t0="$(cpu_ticks)"
+  "$LOADGEN" --url "http://127.0.0.1:$PORT" --key-file "$WORK/admin-key" --json --out "$file" "$@" > /dev/null || rc=$?
+  t1="$(cpu_ticks)"
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "the server died during $name; log tail:" >&2; tail -20 "$OUT/server-$backend.log" >&2; exit 1
+  fi
+  local hwm rss
+  hwm="$(proc_field VmHWM)"; rss="$(proc_field VmRSS)"
+  if [[ -s "$file" ]]; then
+    jq --arg b "$backend" --arg n "$name" --argjson cpu "$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')" \
+      --argjson hwm "${hwm:-0}" --argjson rss "${rss:-0}" --argjson rss0 "${rss0:-0}" --argjson rc "$rc" \
+      --arg cmd "loadgen $*" \
+      '. + {backend: $b, scenario: $n, command: $cmd, loadgen_exit: $rc,
+            server: {cpu_s: $cpu, vm_rss_before_kib: $rss0, vm_hwm_kib: $hwm, vm_rss_after_kib: $rss}}' "$file" > "$file.tmp" && mv "$file.tmp" "$file"
+  else
+    echo "loadgen wrote no result for $name (exit $rc)" >&2
+  fi
+}
+
+run_backend() { # backend database_url
+  local backend="$1" url="$2"
+  echo "== $backend: starting server =="
+  prepare_work
+  : > "$OUT/server-$backend.log"
+  start_server "$backend" "$url"
+  scenario "$backend" healthz --mode healthz --connections 64 --duration "$DUR"
+  scenario "$backend" token-get --mode token-get --connections 64 --duration "$DUR" --users 1000
+  scenario "$backend" token-put --mode token-put --connections 64 --duration "$DUR" --users 1000
+  scenario "$backend" mfa-verify-50 --mode mfa-verify --rate 50 --duration "$DUR" --connections 64
+  # Past capacity: argon2 at ~20 ms a core gives ~100/s on 2 cores; ask for 3x that.
+  scenario "$backend" mfa-verify-overload --mode mfa-verify --rate 300 --duration "$DUR_OVER" --connections 512
+  # The flows run on a freshly started server (same database), so their memory figures are not
+  # inflated by what the argon2 scenarios left in the allocator.
+  restart_for_flow() { wanted "$1" || return 0; stop_server; start_server "$backend" "$url"; }
+  restart_for_flow "flow-$FLOW_SMALL"
+  scenario "$backend" "flow-$FLOW_SMALL" --mode flow --connections "$FLOW_SMALL" --requests "$FLOW_SMALL" \
+    --gets 5 --duration "$FLOW_CAP" --timeout 60
+  if [[ $RUN_10K == 1 ]]; then
+    restart_for_flow "flow-$FLOW_BIG"
+    scenario "$backend" "flow-$FLOW_BIG" --mode flow --connections "$FLOW_BIG" --requests "$FLOW_BIG" \
+      --gets 5 --duration "$FLOW_CAP" --timeout 60
+  fi
+  stop_server
+  rm -rf "$WORK"; WORK=""
+}
+
+# ---- run ------------------------------------------------------------------------------------
+
+# Empty CENTRALDB_DATABASE_URL means the default: <data>/centraldb-mfa.db.
+run_backend sqlite ""
+
+if [[ -n "$PG_URL" ]]; then
+  pg_url="$PG_URL"
+  if command -v psql >/dev/null; then
+    PG_ADMIN_URL="$PG_URL"
+    PG_SCHEMA="cdbbench_$(date +%s)_$RANDOM"
+    psql -q "$PG_ADMIN_URL" -c "CREATE SCHEMA $PG_SCHEMA" >/dev/null
+    sep='?'; [[ "$PG_URL" == *\?* ]] && sep='&'
+    pg_url="${PG_URL}${sep}options=-c%20search_path%3D${PG_SCHEMA}"
+  else
+    echo "psql not found: the tables go into the database named by --postgres as it is" >&2
+  fi
+  run_backend postgres "$pg_url"
+  drop_pg_schema
+fi
+
+summarize
