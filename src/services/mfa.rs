@@ -215,6 +215,19 @@ impl Mfa {
         audit(c, &self.keyring, ctx, type_, outcome, user, details).await
     }
 
+    /// Records an attempt just reserved (the row carries its number).
+    async fn audit_attempt(&self, c: &mut Conn<'_>, ctx: &AuditContext, row: &ChallengeRow) -> store::Result<()> {
+        self.audit(
+            c,
+            ctx,
+            "challenge.attempt",
+            Outcome::Success,
+            &row.user_id,
+            json!({"challenge_id": row.id, "attempt": row.attempts}),
+        )
+        .await
+    }
+
     /// A keyed hash of a tried code, bound to the challenge (never the code itself).
     fn code_mac(&self, id: Uuid, code: &str) -> Result<Vec<u8>, ApiError> {
         let key = self
@@ -441,15 +454,7 @@ impl Mfa {
             }
             return Err(self.refuse(ctx, "challenge.verify", &row, now).await);
         };
-        self.audit(
-            &mut c,
-            ctx,
-            "challenge.attempt",
-            Outcome::Success,
-            &row.user_id,
-            json!({"challenge_id": id, "attempt": row.attempts}),
-        )
-        .await?;
+        self.audit_attempt(&mut c, ctx, &row).await?;
         tx.commit().await?;
 
         // 2. The expensive check, outside any transaction.
@@ -583,15 +588,7 @@ impl Mfa {
             return Err(self.refuse(ctx, "challenge.attempt", &row, now).await);
         };
         store::challenges::insert_attempt(&mut c, id, row.attempts, &mac, now).await?;
-        self.audit(
-            &mut c,
-            ctx,
-            "challenge.attempt",
-            Outcome::Success,
-            &row.user_id,
-            json!({"challenge_id": id, "attempt": row.attempts}),
-        )
-        .await?;
+        self.audit_attempt(&mut c, ctx, &row).await?;
         let resume_state = self.open_resume(&row)?;
         tx.commit().await?;
         Ok(AttemptReserved { attempt: row.attempts, attempts_remaining: row.max_attempts - row.attempts, resume_state })
