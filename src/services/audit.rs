@@ -164,6 +164,67 @@ pub async fn record(
     Ok(event.seq)
 }
 
+/// One event of a batch written by [`record_many`].
+pub struct PendingEvent<'a> {
+    pub ctx: &'a AuditContext,
+    pub type_: &'a str,
+    pub outcome: Outcome,
+    pub user_id: Option<&'a str>,
+    pub details: String,
+}
+
+/// Writes many events through `c` (a write transaction) with O(1) statements: the head is
+/// advanced once by the batch size, the HMACs are chained here, the rows go in multi-row
+/// INSERTs and the head's HMAC is set once. The events get consecutive seqs in slice order.
+pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingEvent<'_>]) -> store::Result<()> {
+    let Some(n) = i64::try_from(events.len()).ok().filter(|n| *n > 0) else { return Ok(()) };
+    let chain_key_id = keyring.active_key_id();
+    let key = keyring
+        .derive(chain_key_id, CHAIN_KEY_LABEL)
+        .ok_or_else(|| StoreError::Other("the active key cannot derive the audit chain key".into()))?;
+    let head = store::audit::advance_head_by(c, n).await?;
+    let first_seq = head.last_seq - n + 1;
+    let mut prev = head.last_hmac;
+    let mut sealed = Vec::with_capacity(events.len());
+    for (seq, e) in (first_seq..).zip(events) {
+        let view = EventView {
+            seq,
+            id: Uuid::now_v7(),
+            at: store::now(),
+            type_: e.type_,
+            outcome: e.outcome.as_str(),
+            user_id: e.user_id,
+            actor: e.ctx.actor.as_deref(),
+            request_id: e.ctx.request_id.as_deref(),
+            source_ip: e.ctx.source_ip.as_deref(),
+            details: &e.details,
+        };
+        let hmac = seal(&key, &prev, &view, chain_key_id);
+        prev.clone_from(&hmac);
+        sealed.push((seq, view.id, view.at, hmac));
+    }
+    let rows: Vec<NewAuditEvent<'_>> = sealed
+        .iter()
+        .zip(events)
+        .map(|((seq, id, at, hmac), e)| NewAuditEvent {
+            seq: *seq,
+            id: *id,
+            at: *at,
+            type_: e.type_,
+            outcome: e.outcome.as_str(),
+            user_id: e.user_id,
+            actor: e.ctx.actor.as_deref(),
+            request_id: e.ctx.request_id.as_deref(),
+            source_ip: e.ctx.source_ip.as_deref(),
+            details: &e.details,
+            chain_key_id,
+            hmac,
+        })
+        .collect();
+    store::audit::insert_many(c, &rows).await?;
+    store::audit::set_head_hmac(c, &prev).await
+}
+
 /// The fields an event's HMAC covers (besides the previous HMAC and the chain key id).
 struct EventView<'a> {
     seq: i64,

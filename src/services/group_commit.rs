@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     crypto::Keyring,
-    services::audit::{self, AuditContext, Outcome},
+    services::audit::{self, AuditContext, Outcome, PendingEvent},
     store::{self, Db, StoreError},
 };
 
@@ -86,14 +86,28 @@ async fn writer(db: Db, keyring: Arc<Keyring>, mut rx: mpsc::Receiver<Job>) {
 }
 
 async fn write_batch(db: &Db, keyring: &Keyring, batch: &[Job]) -> Result<(), StoreError> {
+    // One `last_used_at` per user: the latest read of theirs in this batch.
+    let mut touches: Vec<(&str, DateTime<Utc>)> = Vec::new();
+    for r in batch.iter().map(|j| &j.record) {
+        let Some(at) = r.touch else { continue };
+        match touches.iter_mut().find(|(u, _)| *u == r.user_id) {
+            Some((_, t)) => *t = (*t).max(at),
+            None => touches.push((&r.user_id, at)),
+        }
+    }
+    let events: Vec<PendingEvent<'_>> = batch
+        .iter()
+        .map(|j| PendingEvent {
+            ctx: &j.record.ctx,
+            type_: j.record.type_,
+            outcome: j.record.outcome,
+            user_id: Some(&j.record.user_id),
+            details: j.record.details.to_string(),
+        })
+        .collect();
     let mut tx = db.begin_write().await?;
     let mut c = tx.conn();
-    for job in batch {
-        let r = &job.record;
-        if let Some(at) = r.touch {
-            store::tokens::touch_last_used(&mut c, &r.user_id, at).await?;
-        }
-        audit::record(&mut c, keyring, &r.ctx, r.type_, r.outcome, Some(&r.user_id), r.details.clone()).await?;
-    }
+    store::tokens::touch_many(&mut c, &touches).await?;
+    audit::record_many(&mut c, keyring, &events).await?;
     tx.commit().await
 }

@@ -62,6 +62,8 @@ pub struct ChainHead {
 }
 
 const ADVANCE_HEAD: &str = "UPDATE audit_chain SET last_seq = last_seq + 1 WHERE id = 1 RETURNING last_seq, last_hmac";
+const ADVANCE_HEAD_BY: &str =
+    "UPDATE audit_chain SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq, last_hmac";
 const LOCK_HEAD: &str = "UPDATE audit_chain SET last_seq = last_seq WHERE id = 1 RETURNING last_seq, last_hmac";
 const READ_HEAD: &str = "SELECT last_seq, last_hmac FROM audit_chain WHERE id = 1";
 const SET_HEAD_HMAC: &str = "UPDATE audit_chain SET last_hmac = $1 WHERE id = 1";
@@ -105,6 +107,13 @@ pub async fn advance_head(c: &mut Conn<'_>) -> Result<ChainHead> {
     head.ok_or_else(head_missing)
 }
 
+/// Hands out the next `n` seqs at once: returns the last of them and the HMAC of the event
+/// before the first (the head as it was).
+pub async fn advance_head_by(c: &mut Conn<'_>, n: i64) -> Result<ChainHead> {
+    let head: Option<ChainHead> = dispatch!(c, |c| sqlx::query_as(ADVANCE_HEAD_BY).bind(n).fetch_optional(c).await)?;
+    head.ok_or_else(head_missing)
+}
+
 /// The head, locked for the rest of the transaction (no event can be appended meanwhile).
 pub async fn lock_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
     Ok(dispatch!(c, |c| sqlx::query_as(LOCK_HEAD).fetch_optional(c).await)?)
@@ -136,6 +145,66 @@ pub async fn insert(c: &mut Conn<'_>, e: &NewAuditEvent<'_>) -> Result<()> {
         .execute(c)
         .await
         .map(|r| r.rows_affected()))?;
+    Ok(())
+}
+
+/// Rows per multi-row INSERT: a batch is cut into chunks of these sizes, so only three
+/// statements are ever prepared (each at most 64 × 12 = 768 parameters).
+const INSERT_CHUNKS: [usize; 3] = [64, 8, 1];
+
+/// `INSERT ... VALUES (...), (...)` for `rows` events, built once per chunk size.
+fn insert_rows_sql(rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        INSERT_CHUNKS
+            .iter()
+            .map(|&n| {
+                let values: Vec<String> = (0..n)
+                    .map(|r| {
+                        let p: Vec<String> = (1..=12).map(|i| format!("${}", r * 12 + i)).collect();
+                        format!("({})", p.join(", "))
+                    })
+                    .collect();
+                format!(
+                    "INSERT INTO audit_events ({}, chain_key_id, hmac) VALUES {}",
+                    event_columns!(),
+                    values.join(", ")
+                )
+            })
+            .collect()
+    });
+    let i = INSERT_CHUNKS.iter().position(|&n| n == rows).unwrap_or(INSERT_CHUNKS.len() - 1);
+    all.get(i).map_or(INSERT, String::as_str)
+}
+
+/// Inserts many events with a few multi-row statements.
+pub async fn insert_many(c: &mut Conn<'_>, events: &[NewAuditEvent<'_>]) -> Result<()> {
+    let mut rest = events;
+    while !rest.is_empty() {
+        let size = INSERT_CHUNKS.iter().copied().find(|&n| n <= rest.len()).unwrap_or(1);
+        let (chunk, tail) = rest.split_at(size);
+        let sql = insert_rows_sql(size);
+        dispatch!(c, |c| {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for e in chunk {
+                q = q
+                    .bind(e.seq)
+                    .bind(e.id)
+                    .bind(e.at)
+                    .bind(e.type_)
+                    .bind(e.outcome)
+                    .bind(e.user_id)
+                    .bind(e.actor)
+                    .bind(e.request_id)
+                    .bind(e.source_ip)
+                    .bind(e.details)
+                    .bind(e.chain_key_id)
+                    .bind(e.hmac);
+            }
+            q.execute(c).await.map(|r| r.rows_affected())
+        })?;
+        rest = tail;
+    }
     Ok(())
 }
 

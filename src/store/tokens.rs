@@ -1,8 +1,8 @@
 //! `token_bundles`: one row per user; the ciphertext is NULL once destroyed (invalidation, expiry).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 
-use super::{Conn, Result};
+use super::{Conn, Result, StoreError};
 
 /// Everything about a bundle but its ciphertext.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -140,6 +140,36 @@ pub async fn touch_last_used(c: &mut Conn<'_>, user_id: &str, now: DateTime<Utc>
         .map(|r| r.rows_affected()))?;
     Ok(())
 }
+
+/// Sets `last_used_at` of many bundles in one statement (`touches`: user id and instant, one
+/// entry per user). SQLite takes them as a JSON array, PostgreSQL as two arrays.
+pub async fn touch_many(c: &mut Conn<'_>, touches: &[(&str, DateTime<Utc>)]) -> Result<()> {
+    if touches.is_empty() {
+        return Ok(());
+    }
+    match c {
+        Conn::Sqlite(c) => {
+            // The instant in the text form sqlx's SQLite encoder writes for a `DateTime<Utc>`.
+            let rows: Vec<(&str, String)> =
+                touches.iter().map(|(u, at)| (*u, at.to_rfc3339_opts(SecondsFormat::AutoSi, false))).collect();
+            let json = serde_json::to_string(&rows).map_err(|e| StoreError::Other(e.to_string()))?;
+            sqlx::query(TOUCH_MANY_SQLITE).bind(json).execute(&mut **c).await?;
+        }
+        Conn::Postgres(c) => {
+            let users: Vec<&str> = touches.iter().map(|(u, _)| *u).collect();
+            let ats: Vec<DateTime<Utc>> = touches.iter().map(|(_, at)| *at).collect();
+            sqlx::query(TOUCH_MANY_POSTGRES).bind(users).bind(ats).execute(&mut **c).await?;
+        }
+        Conn::Closed => return Err(sqlx::Error::PoolClosed.into()),
+    }
+    Ok(())
+}
+
+const TOUCH_MANY_SQLITE: &str = "UPDATE token_bundles SET last_used_at = v.at \
+     FROM (SELECT value->>0 AS user_id, value->>1 AS at FROM json_each($1)) AS v \
+     WHERE token_bundles.user_id = v.user_id";
+const TOUCH_MANY_POSTGRES: &str = "UPDATE token_bundles AS t SET last_used_at = v.at \
+     FROM UNNEST($1::text[], $2::timestamptz[]) AS v(user_id, at) WHERE t.user_id = v.user_id";
 
 /// Destroys the ciphertext and remembers why; bumps the version. `None` when no row exists.
 pub async fn invalidate(

@@ -316,6 +316,59 @@ async fn concurrent_writers_keep_the_chain_gap_free_and_valid() {
     assert_eq!(verify(&app).await, json!({"ok": true, "events_checked": 24}));
 }
 
+/// Reads are audited in batches (one transaction, a few statements for many events): the chain
+/// stays gap-free and valid, every read has its own row, and each bundle's `last_used_at` is the
+/// latest instant a read of it reported.
+#[tokio::test]
+async fn concurrent_reads_are_batched_into_a_valid_chain_with_exact_last_used() {
+    let app = TestApp::spawn().await;
+    let users: Vec<String> = (0..8).map(|i| format!("r{i}")).collect();
+    for u in &users {
+        assert_eq!(app.put(&tokens_path(u)).json(garth_body(u)).send().await.status, 201);
+    }
+    let mut tasks = Vec::new();
+    for round in 0..10 {
+        for u in &users {
+            let router = app.router.clone();
+            let u = u.clone();
+            tasks.push(tokio::spawn(async move {
+                use tower::ServiceExt;
+                let uri = if round % 3 == 2 { format!("{}/metadata", tokens_path(&u)) } else { tokens_path(&u) };
+                let req = axum::http::Request::get(uri)
+                    .header("authorization", format!("Bearer {ADMIN_KEY}"))
+                    .body(axum::body::Body::empty())
+                    .unwrap();
+                let res = router.oneshot(req).await.unwrap();
+                assert_eq!(res.status(), 200);
+                let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                let decrypting = round % 3 != 2;
+                (u, decrypting, v["last_used_at"].as_str().map(str::to_string))
+            }));
+        }
+    }
+    let mut latest: std::collections::HashMap<String, chrono::DateTime<chrono::FixedOffset>> = Default::default();
+    for t in tasks {
+        let (u, decrypting, at) = t.await.unwrap();
+        if decrypting {
+            let at = chrono::DateTime::parse_from_rfc3339(&at.unwrap()).unwrap();
+            let e = latest.entry(u).or_insert(at);
+            *e = (*e).max(at);
+        }
+    }
+    let events = app.audit().await;
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=88).collect::<Vec<_>>());
+    let reads = events.iter().filter(|e| e.type_ == "token.read").count();
+    let meta = events.iter().filter(|e| e.type_ == "token.metadata_read").count();
+    assert_eq!((reads, meta), (56, 24), "one row per read");
+    assert_eq!(verify(&app).await, json!({"ok": true, "events_checked": 88}));
+    for u in &users {
+        let m = app.get(&format!("{}/metadata", tokens_path(u))).send().await;
+        let stored = chrono::DateTime::parse_from_rfc3339(m.json["last_used_at"].as_str().unwrap()).unwrap();
+        assert_eq!(stored, latest[u], "{u}: last_used_at is the latest read's instant");
+    }
+}
+
 #[tokio::test]
 async fn an_edited_row_is_found() {
     let app = app_with_events(5).await;
