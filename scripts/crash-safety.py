@@ -1,0 +1,700 @@
+#!/usr/bin/env python3
+"""Crash-safety test: SIGKILL the real centraldb-mfa binary under concurrent token PUT load.
+
+For each backend (SQLite, PostgreSQL) one deployment (data dir, encryption key, bootstrap admin
+key, database) is used for all cycles. Each cycle:
+
+  1. start `centraldb-mfa serve` on a free loopback port and wait for /readyz;
+  2. run N writer threads doing `PUT /api/v1/users/{user}/tokens` (If-None-Match: * for users not
+     stored yet, If-Match: "<version>" for stored ones); every write carries a unique marker in
+     its token fields; every 2xx answer is recorded as acknowledged (user, version, marker);
+  3. SIGKILL the server at a random moment (0.3-3 s after the load started); requests in flight
+     at that moment are "unknown" (neither acknowledged nor refused);
+  4. restart on the same data, wait for /readyz, GET every user's tokens and check:
+     stored version >= the highest acknowledged version, and, when equal, the stored marker is
+     the acknowledged one; a newer stored version must carry the marker of a write whose outcome
+     was unknown (in flight at a kill or answered 5xx) -- never of a refused (412) one;
+  5. `centraldb-mfa audit verify` (CLI, same env) and GET /api/v1/audit/verify must report ok.
+
+Any lost write, foreign content or audit chain failure makes the exit code 1.
+python3 stdlib only.
+"""
+
+import argparse
+import atexit
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+BOOT_KEY_LEN = 48
+FAR_EXPIRY = 4102444800  # 2100-01-01: the sweeper never expires these bundles.
+
+_children = []  # live server processes, killed on exit
+_cleanups = []  # callables run once on exit (drop PG database, remove temp dirs)
+_cleaned = False
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cleanup():
+    global _cleaned
+    if _cleaned:
+        return
+    _cleaned = True
+    for p in list(_children):
+        if p.poll() is None:
+            try:
+                p.kill()
+                p.wait(timeout=10)
+            except Exception:
+                pass
+    for fn in reversed(_cleanups):
+        try:
+            fn()
+        except Exception as e:  # keep cleaning up the rest
+            print(f"cleanup error: {e}", file=sys.stderr)
+
+
+def _on_signal(signum, _frame):
+    cleanup()
+    sys.exit(128 + signum)
+
+
+# --------------------------------------------------------------------------------------------
+# Deployment and server process
+# --------------------------------------------------------------------------------------------
+
+
+class Deployment:
+    def __init__(self, args, backend, workdir):
+        self.bin = args.bin
+        self.backend = backend
+        self.dir = os.path.join(workdir, backend)
+        self.data = os.path.join(self.dir, "data")
+        os.makedirs(self.dir, mode=0o700)
+        self.admin_key = "crash-safety-" + "".join(
+            random.SystemRandom().choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(BOOT_KEY_LEN)
+        )
+        keygen = subprocess.run([self.bin, "keygen", "--id", "k1"], capture_output=True, text=True, timeout=30)
+        if keygen.returncode != 0:
+            raise RuntimeError(f"keygen failed: {keygen.stderr}")
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/root"),
+            "RUST_LOG": "info",
+            "CENTRALDB_LOG_FORMAT": "json",
+            "CENTRALDB_LISTEN": "127.0.0.1:0",
+            "CENTRALDB_DATA_DIR": self.data,
+            "CENTRALDB_ENCRYPTION_KEYS": keygen.stdout.strip(),
+            "CENTRALDB_BOOTSTRAP_ADMIN_KEY": self.admin_key,
+        }
+        self.db_name = None
+        if backend == "postgres":
+            self._create_pg_database(args.postgres_url)
+
+    def _create_pg_database(self, base_url):
+        if shutil.which("psql") is None:
+            raise RuntimeError("psql not found (needed to create the PostgreSQL database)")
+        name = f"crash_safety_{os.getpid()}_{random.SystemRandom().randrange(1 << 30)}"
+        admin_url = base_url
+        r = subprocess.run(
+            ["psql", admin_url, "-v", "ON_ERROR_STOP=1", "-qc", f'CREATE DATABASE "{name}"'],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"cannot create PostgreSQL database: {r.stderr.strip()}")
+        self.db_name = name
+
+        def drop():
+            subprocess.run(
+                ["psql", admin_url, "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
+                capture_output=True,
+                timeout=60,
+            )
+
+        _cleanups.append(drop)
+        u = urllib.parse.urlsplit(base_url)
+        self.env["CENTRALDB_DATABASE_URL"] = urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + name, u.query, ""))
+
+    def exec_sql(self, sql):
+        """Runs SQL directly against the deployment's database (only for --inject-fault)."""
+        if self.backend == "sqlite":
+            import sqlite3
+
+            db = sqlite3.connect(os.path.join(self.data, "centraldb-mfa.db"))
+            try:
+                db.execute(sql)
+                db.commit()
+            finally:
+                db.close()
+        else:
+            r = subprocess.run(
+                ["psql", self.env["CENTRALDB_DATABASE_URL"], "-v", "ON_ERROR_STOP=1", "-qc", sql],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if r.returncode != 0:
+                raise RuntimeError(f"psql: {r.stderr.strip()}")
+
+    def run_cli(self, *cli_args, timeout=120):
+        return subprocess.run(
+            [self.bin, *cli_args],
+            env={**self.env, "RUST_LOG": "warn"},
+            cwd=self.dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+class Server:
+    """One `serve` process; its combined output goes to a log file, the listen address is parsed."""
+
+    def __init__(self, dep, cycle):
+        self.log_path = os.path.join(dep.dir, f"serve-{cycle:02d}.log")
+        self.proc = subprocess.Popen(
+            [dep.bin, "serve"],
+            env=dep.env,
+            cwd=dep.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        _children.append(self.proc)
+        self.addr = None
+        self._addr_ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        with open(self.log_path, "wb") as out:
+            for line in self.proc.stdout:
+                out.write(line)
+                if self.addr is None:
+                    try:
+                        v = json.loads(line)
+                    except ValueError:
+                        continue
+                    f = v.get("fields", {})
+                    if f.get("message") == "centraldb-mfa listening":
+                        self.addr = f.get("addr")
+                        self._addr_ready.set()
+        self._addr_ready.set()
+
+    def wait_ready(self, admin_key, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        if not self._addr_ready.wait(timeout) or self.addr is None:
+            raise RuntimeError(f"server did not start (exit {self.proc.poll()}); see {self.log_path}")
+        host, port = self.addr.rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                st, _ = request(self.host, self.port, "GET", "/readyz", None, {}, timeout=3)
+                if st == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"/readyz not ready within {timeout}s; see {self.log_path}")
+
+    def sigkill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        rc = self.proc.wait(timeout=30)
+        self._reader.join(timeout=10)
+        _children.remove(self.proc)
+        return rc
+
+
+def request(host, port, method, path, body, headers, timeout=10, conn=None):
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        h = dict(headers)
+        if data is not None:
+            h["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=h)
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = None
+        return resp.status, parsed
+    finally:
+        if own:
+            conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Write bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+def token_body(marker):
+    return {
+        "kind": "garth",
+        "oauth1_token": {
+            "oauth_token": f"o1-{marker}",
+            "oauth_token_secret": f"o1s-{marker}",
+            "mfa_token": None,
+            "mfa_expiration_timestamp": None,
+            "domain": "garmin.com",
+        },
+        "oauth2_token": {
+            "scope": "CONNECT_READ CONNECT_WRITE",
+            "jti": marker,
+            "token_type": "Bearer",
+            "access_token": f"acc-{marker}",
+            "refresh_token": f"ref-{marker}",
+            "expires_in": 86400,
+            "expires_at": FAR_EXPIRY,
+            "refresh_token_expires_in": 2592000,
+            "refresh_token_expires_at": FAR_EXPIRY,
+        },
+    }
+
+
+def stored_marker(body):
+    try:
+        m = body["oauth2_token"]["jti"]
+        # All four fields must belong to the same write.
+        parts = {
+            body["oauth1_token"]["oauth_token"][3:],
+            body["oauth1_token"]["oauth_token_secret"][4:],
+            body["oauth2_token"]["access_token"][4:],
+            body["oauth2_token"]["refresh_token"][4:],
+        }
+        return m if parts == {m} else f"MIXED:{sorted(parts | {m})}"
+    except (KeyError, TypeError):
+        return None
+
+
+class Ledger:
+    """Everything the clients learnt, across all cycles of one backend."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.known = {}  # user -> version the writers will use for If-Match (None: If-None-Match)
+        self.acks = {}  # user -> {version: marker}
+        self.unknown = {}  # user -> set of markers whose outcome is unknown
+        self.refused = {}  # user -> set of markers answered 412
+        self.n_acks = 0
+        self.duplicate_acks = []
+        self.lost = set()  # (user, version) of acknowledged writes found missing, over all cycles
+
+    def ack(self, user, version, marker):
+        with self.lock:
+            per = self.acks.setdefault(user, {})
+            if version in per:
+                self.duplicate_acks.append((user, version, per[version], marker))
+            per[version] = marker
+            self.n_acks += 1
+            cur = self.known.get(user)
+            if cur is None or version > cur:
+                self.known[user] = version
+
+
+class CycleStats:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.acked = 0
+        self.conflicts = 0
+        self.unknown = 0
+        self.refused_conn = 0
+        self.other = {}
+
+    def bump(self, field, n=1):
+        with self.lock:
+            setattr(self, field, getattr(self, field) + n)
+
+    def other_status(self, st):
+        with self.lock:
+            self.other[str(st)] = self.other.get(str(st), 0) + 1
+
+
+def writer(wid, cycle, server, dep, ledger, users, stop, stats, rng):
+    auth = {"Authorization": f"Bearer {dep.admin_key}"}
+    conn = None
+    n = 0
+    while not stop.is_set():
+        user = rng.choice(users)
+        with ledger.lock:
+            known = ledger.known.get(user)
+        n += 1
+        marker = f"{dep.backend[:2]}c{cycle}w{wid}n{n}"
+        headers = dict(auth)
+        if known is None:
+            headers["If-None-Match"] = "*"
+        else:
+            headers["If-Match"] = f'"{known}"'
+        if conn is None:
+            conn = http.client.HTTPConnection(server.host, server.port, timeout=15)
+            try:
+                conn.connect()
+            except OSError:
+                # Never reached the server: not a write at all.
+                conn = None
+                stats.bump("refused_conn")
+                if stop.is_set():
+                    break
+                time.sleep(0.01)
+                continue
+        try:
+            st, body = request(None, None, "PUT", f"/api/v1/users/{user}/tokens", token_body(marker), headers, conn=conn)
+        except (OSError, http.client.HTTPException):
+            # Sent (at least partly) when the server died: outcome unknown.
+            with ledger.lock:
+                ledger.unknown.setdefault(user, set()).add(marker)
+            stats.bump("unknown")
+            try:
+                conn.close()
+            except Exception:
+                pass
+            conn = None
+            continue
+        if 200 <= st < 300:
+            ledger.ack(user, int(body["version"]), marker)
+            stats.bump("acked")
+        elif st == 412:
+            cur = (body or {}).get("current_version")
+            with ledger.lock:
+                ledger.refused.setdefault(user, set()).add(marker)
+                k = ledger.known.get(user)
+                if cur is not None and (k is None or cur > k):
+                    ledger.known[user] = int(cur)
+            stats.bump("conflicts")
+        else:
+            # 5xx (timeout, unavailable) may or may not have been applied.
+            with ledger.lock:
+                ledger.unknown.setdefault(user, set()).add(marker)
+            stats.other_status(st)
+    if conn is not None:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Checks after a restart
+# --------------------------------------------------------------------------------------------
+
+
+def check_users(server, dep, ledger, all_users):
+    """Returns (lost {(user, version)}, problems, landed_unknown); updates ledger.known from what is stored."""
+    auth = {"Authorization": f"Bearer {dep.admin_key}"}
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=15)
+    lost = set()
+    landed = 0
+    problems = []
+    try:
+        for user in sorted(all_users):
+            st, body = request(None, None, "GET", f"/api/v1/users/{user}/tokens", None, auth, conn=conn)
+            with ledger.lock:
+                acks = dict(ledger.acks.get(user, {}))
+                unknown = set(ledger.unknown.get(user, set()))
+                refused = set(ledger.refused.get(user, set()))
+            max_ack = max(acks) if acks else None
+            if st == 404:
+                stored_v, marker = None, None
+            elif st == 200:
+                stored_v, marker = int(body["version"]), stored_marker(body)
+            else:
+                problems.append(f"{user}: GET answered {st}: {body}")
+                continue
+            with ledger.lock:
+                ledger.known[user] = stored_v
+            if max_ack is not None and (stored_v is None or stored_v < max_ack):
+                gone = {(user, v) for v in acks if stored_v is None or v > stored_v}
+                lost |= gone
+                problems.append(
+                    f"{user}: LOST {len(gone)} acknowledged write(s): stored version {stored_v}, "
+                    f"acknowledged up to {max_ack} ({acks[max_ack]})"
+                )
+                continue
+            if stored_v is None:
+                continue
+            if stored_v == max_ack:
+                if marker != acks[max_ack]:
+                    lost.add((user, max_ack))
+                    problems.append(
+                        f"{user}: version {stored_v} holds {marker!r}, but the write acknowledged "
+                        f"with that version was {acks[max_ack]!r}"
+                    )
+                continue
+            # Stored version is newer than any acknowledgement: it must be an unknown-outcome write.
+            if marker in unknown:
+                landed += 1
+                with ledger.lock:
+                    ledger.acks.setdefault(user, {})[stored_v] = marker  # now known durable
+            elif marker in refused:
+                problems.append(f"{user}: version {stored_v} holds {marker!r}, a write refused with 412")
+            else:
+                problems.append(f"{user}: version {stored_v} holds {marker!r}, not a write of unknown outcome")
+    finally:
+        conn.close()
+    return lost, problems, landed
+
+
+def audit_checks(server, dep):
+    cli = dep.run_cli("audit", "verify")
+    cli_out = (cli.stdout + cli.stderr).strip()
+    cli_ok = cli.returncode == 0 and "audit chain ok" in cli_out
+    lines = [ln for ln in cli_out.splitlines() if "audit chain" in ln] or cli_out.splitlines()
+    try:
+        st, body = request(
+            server.host,
+            server.port,
+            "GET",
+            "/api/v1/audit/verify",
+            None,
+            {"Authorization": f"Bearer {dep.admin_key}"},
+            timeout=120,
+        )
+        http_ok = st == 200 and bool(body) and body.get("ok") is True
+        http_desc = json.dumps(body) if body is not None else f"HTTP {st}"
+    except (OSError, http.client.HTTPException) as e:
+        http_ok, http_desc = False, f"error: {e}"
+    return cli_ok, lines[-1] if lines else f"exit {cli.returncode}", http_ok, http_desc
+
+
+# --------------------------------------------------------------------------------------------
+# One backend
+# --------------------------------------------------------------------------------------------
+
+
+def run_backend(args, backend, workdir, rng):
+    t0 = time.monotonic()
+    dep = Deployment(args, backend, workdir)
+    ledger = Ledger()
+    base_users = [f"crash-{backend}-u{i:03d}" for i in range(args.users)]
+    fresh_per_cycle = max(1, args.users // 8)
+    all_users = set()
+    summary = {
+        "backend": backend,
+        "cycles": 0,
+        "writes_acknowledged": 0,
+        "writes_lost": 0,
+        "unknown_in_flight": 0,
+        "unknown_found_stored": 0,
+        "conflicts_412": 0,
+        "other_statuses": {},
+        "audit_verify_cli": None,
+        "audit_verify_http": None,
+        "audit_ok": True,
+        "problems": [],
+        "per_cycle": [],
+    }
+    log(f"{backend}: data {dep.dir}" + (f", database {dep.db_name}" if dep.db_name else ""))
+    for cycle in range(1, args.cycles + 1):
+        # Fresh users every cycle, so first writes (If-None-Match: *) are in flight at every kill.
+        users = base_users + [f"crash-{backend}-c{cycle:02d}-n{i}" for i in range(fresh_per_cycle)]
+        all_users.update(users)
+        server = Server(dep, cycle)
+        server.wait_ready(dep.admin_key)
+        stats = CycleStats()
+        stop = threading.Event()
+        threads = [
+            threading.Thread(
+                target=writer,
+                args=(w, cycle, server, dep, ledger, users, stop, stats, random.Random(rng.random())),
+                daemon=True,
+            )
+            for w in range(args.writers)
+        ]
+        for t in threads:
+            t.start()
+        delay = rng.uniform(args.kill_min, args.kill_max)
+        time.sleep(delay)
+        stop.set()
+        rc = server.sigkill()
+        for t in threads:
+            t.join(timeout=30)
+        if rc != -signal.SIGKILL:
+            summary["problems"].append(f"cycle {cycle}: server exited with {rc} before the kill")
+
+        if args.inject_fault and cycle == 1:
+            # Self-test of the checker: lose one acknowledged write and tamper one audit event.
+            with ledger.lock:
+                victim = sorted(u for u in ledger.acks if ledger.acks[u])[0]
+            dep.exec_sql(f"DELETE FROM token_bundles WHERE user_id = '{victim}'")
+            dep.exec_sql("UPDATE audit_events SET outcome = 'tampered' WHERE seq = 2")
+            log(f"{backend}: --inject-fault: deleted {victim}'s bundle, edited audit event 2")
+
+        # Restart on the same data and check.
+        server = Server(dep, cycle * 100)
+        server.wait_ready(dep.admin_key)
+        lost_set, problems, landed = check_users(server, dep, ledger, all_users)
+        lost = len(lost_set - ledger.lost)  # counted once, in the cycle it is first seen
+        ledger.lost |= lost_set
+        cli_ok, cli_desc, http_ok, http_desc = audit_checks(server, dep)
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+        _children.remove(server.proc)
+
+        summary["cycles"] = cycle
+        summary["writes_acknowledged"] += stats.acked
+        summary["writes_lost"] += lost
+        summary["unknown_in_flight"] += stats.unknown
+        summary["unknown_found_stored"] += landed
+        summary["conflicts_412"] += stats.conflicts
+        for k, v in stats.other.items():
+            summary["other_statuses"][k] = summary["other_statuses"].get(k, 0) + v
+        summary["audit_verify_cli"] = cli_desc
+        summary["audit_verify_http"] = http_desc
+        if not (cli_ok and http_ok):
+            summary["audit_ok"] = False
+            problems.append(f"audit verify failed: cli={cli_desc!r} http={http_desc!r}")
+        summary["problems"].extend(f"cycle {cycle}: {p}" for p in problems)
+        summary["per_cycle"].append(
+            {
+                "cycle": cycle,
+                "kill_after_s": round(delay, 3),
+                "acknowledged": stats.acked,
+                "conflicts_412": stats.conflicts,
+                "unknown_in_flight": stats.unknown,
+                "unknown_found_stored": landed,
+                "connect_refused": stats.refused_conn,
+                "other_statuses": stats.other,
+                "lost": lost,
+                "audit_cli_ok": cli_ok,
+                "audit_http_ok": http_ok,
+            }
+        )
+        log(
+            f"{backend} cycle {cycle:2d}/{args.cycles}: kill after {delay:.2f}s, acked {stats.acked}, "
+            f"412 {stats.conflicts}, unknown {stats.unknown} (stored {landed}), lost {lost}, "
+            f"audit cli {'ok' if cli_ok else 'FAIL'} / http {'ok' if http_ok else 'FAIL'}"
+        )
+        for p in problems[:20]:
+            log(f"  PROBLEM: {p}")
+    if ledger.duplicate_acks:
+        for u, v, m1, m2 in ledger.duplicate_acks[:20]:
+            summary["problems"].append(f"{u}: version {v} acknowledged twice ({m1}, {m2})")
+        summary["writes_lost"] += len(ledger.duplicate_acks)
+    summary["duplicate_version_acks"] = len(ledger.duplicate_acks)
+    summary["users_checked"] = len(all_users)
+    summary["seconds"] = round(time.monotonic() - t0, 1)
+    summary["ok"] = summary["writes_lost"] == 0 and summary["audit_ok"] and not summary["problems"]
+    return summary
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        description="SIGKILL the real centraldb-mfa binary under concurrent token PUT load, restart it, and "
+        "check that every acknowledged write survived and the audit chain verifies. Exit 1 on any loss.",
+    )
+    ap.add_argument("--bin", default="target/debug/centraldb-mfa", help="binary to test (not built by this script)")
+    ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    ap.add_argument("--cycles", type=int, default=20, help="kill/restart cycles per backend (default 20)")
+    ap.add_argument("--writers", type=int, default=16, help="concurrent writer threads (default 16)")
+    ap.add_argument("--users", type=int, default=64, help="users written to (plus users/8 new ones per cycle)")
+    ap.add_argument(
+        "--postgres-url",
+        default="postgres://postgres@127.0.0.1:5432/test",
+        help="server to create a fresh database on (dropped afterwards)",
+    )
+    ap.add_argument("--seed", type=int, default=None, help="random seed (kill moments, user choice)")
+    ap.add_argument("--kill-min", type=float, default=0.3, help="earliest kill after load start, s (default 0.3)")
+    ap.add_argument("--kill-max", type=float, default=3.0, help="latest kill after load start, s (default 3.0)")
+    ap.add_argument(
+        "--inject-fault",
+        action="store_true",
+        help="self-test: after the first kill, delete one acknowledged bundle and edit one audit event "
+        "directly in the database; the run must then report a lost write and a broken chain (exit 1)",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the data dirs and server logs (path is printed)")
+    ap.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
+    args = ap.parse_args()
+
+    if not (os.path.isfile(args.bin) and os.access(args.bin, os.X_OK)):
+        print(f"error: binary {args.bin!r} not found; build it first (cargo build)", file=sys.stderr)
+        return 2
+    args.bin = os.path.abspath(args.bin)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+    rng = random.Random(seed)
+
+    atexit.register(cleanup)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+    workdir = tempfile.mkdtemp(prefix="crash-safety-")
+    if args.keep:
+        log(f"keeping {workdir}")
+    else:
+        _cleanups.insert(0, lambda: shutil.rmtree(workdir, ignore_errors=True))
+
+    backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    log(f"seed {seed}; backends {', '.join(backends)}; {args.cycles} cycles, {args.writers} writers, {args.users} users")
+    t0 = time.monotonic()
+    results = []
+    failed = False
+    for b in backends:
+        try:
+            results.append(run_backend(args, b, workdir, rng))
+        except Exception as e:  # a start-up failure etc. is a failed run, not a crash of the script
+            results.append({"backend": b, "ok": False, "error": str(e)})
+            log(f"{b}: ERROR {e}")
+        cleanup_children()
+
+    print()
+    print("crash-safety summary")
+    for r in results:
+        if "error" in r:
+            print(f"  {r['backend']:8s} ERROR: {r['error']}")
+            failed = True
+            continue
+        print(
+            f"  {r['backend']:8s} cycles {r['cycles']}, writes acknowledged {r['writes_acknowledged']}, "
+            f"writes lost {r['writes_lost']}, unknown (in flight at kill) {r['unknown_in_flight']} "
+            f"({r['unknown_found_stored']} found stored), 412 conflicts {r['conflicts_412']}, "
+            f"audit verify {'ok' if r['audit_ok'] else 'FAILED'} [{r['audit_verify_cli']}; "
+            f"http {r['audit_verify_http']}], {r['seconds']} s"
+        )
+        if r["other_statuses"]:
+            print(f"           other statuses: {r['other_statuses']}")
+        for p in r["problems"][:50]:
+            print(f"           PROBLEM {p}")
+        failed |= not r["ok"]
+    total = round(time.monotonic() - t0, 1)
+    print(f"  total {total} s, seed {seed}: {'FAIL' if failed else 'PASS'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seed": seed, "seconds": total, "ok": not failed, "backends": results}, f, indent=2)
+    return 1 if failed else 0
+
+
+def cleanup_children():
+    for p in list(_children):
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        _children.remove(p)
+
+
+if __name__ == "__main__":
+    try:
+        code = main()
+    finally:
+        cleanup()
+    sys.exit(code)
