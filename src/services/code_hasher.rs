@@ -1,14 +1,17 @@
 //! argon2id for one-time codes, on a few dedicated threads behind a bounded queue.
 //!
-//! `workers` threads (one per core by default) run the hashes; at most `queue` more wait. The
-//! threads are long-lived, so each reuses its 19 MiB of argon2 memory instead of leaving it in
-//! the allocator arena of yet another blocking-pool thread (which grew the process to ~900 MB).
+//! `workers` threads (one per core by default) run the hashes; at most `queue` more wait. Each
+//! thread owns its argon2 memory (19 MiB by default), allocated once and reused for every hash
+//! (`hash_password_into_with_memory`) and zeroed after each, instead of asking the allocator for
+//! 19 MiB per hash: glibc raises its mmap threshold after the first such free, and from then on
+//! serves these blocks from arenas that are never given back (the process grew to ~900 MB).
 //! Past that the caller gets `Busy` at once (answered 503 with Retry-After), so a flood of
 //! verifications never stalls the rest of the service.
 
 use std::sync::Arc;
 
-use argon2::{Algorithm, Argon2, Params, PasswordHasher, PasswordVerifier, Version};
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
+use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
@@ -46,7 +49,11 @@ pub struct CodeHasher {
     jobs: std::sync::mpsc::Sender<Job>,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A job gets the thread's argon2 memory.
+type Job = Box<dyn FnOnce(&mut Vec<Block>) + Send>;
+
+/// The largest argon2 memory a stored hash may ask for (1 GiB); larger is refused, not allocated.
+const MAX_MEMORY_BLOCKS: usize = 1 << 20;
 
 /// Starts `n` threads that run jobs until every sender is gone.
 fn start_workers(n: usize) -> Result<std::sync::mpsc::Sender<Job>, String> {
@@ -57,13 +64,17 @@ fn start_workers(n: usize) -> Result<std::sync::mpsc::Sender<Job>, String> {
         std::thread::Builder::new()
             .name(format!("argon2-{i}"))
             .spawn(move || {
+                let mut memory: Vec<Block> = Vec::new();
                 loop {
                     let job = match rx.lock() {
                         Ok(r) => r.recv(),
                         Err(_) => return,
                     };
                     match job {
-                        Ok(job) => job(),
+                        Ok(job) => {
+                            job(&mut memory);
+                            memory.fill(Block::default());
+                        }
                         Err(_) => return,
                     }
                 }
@@ -93,7 +104,7 @@ impl CodeHasher {
 
     async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(Params) -> Result<T, HashError> + Send + 'static,
+        f: impl FnOnce(Params, &mut Vec<Block>) -> Result<T, HashError> + Send + 'static,
     ) -> Result<T, HashError> {
         let admitted = self.admit()?;
         self.run_admitted(admitted, f).await
@@ -102,13 +113,13 @@ impl CodeHasher {
     async fn run_admitted<T: Send + 'static>(
         &self,
         _admitted: Admission,
-        f: impl FnOnce(Params) -> Result<T, HashError> + Send + 'static,
+        f: impl FnOnce(Params, &mut Vec<Block>) -> Result<T, HashError> + Send + 'static,
     ) -> Result<T, HashError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let params = self.params.clone();
         self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f(params));
+            .send(Box::new(move |memory: &mut Vec<Block>| {
+                let _ = tx.send(f(params, memory));
             }))
             .map_err(|_| HashError::Internal("the argon2 threads stopped".into()))?;
         rx.await.map_err(|_| HashError::Internal("an argon2 job was lost".into()))?
@@ -116,12 +127,19 @@ impl CodeHasher {
 
     /// The PHC string (`$argon2id$v=19$m=...`) of a code, with a random 128-bit salt.
     pub async fn hash(&self, code: Zeroizing<String>) -> Result<String, HashError> {
-        self.run(move |params| {
+        self.run(move |params, memory| {
             let salt: [u8; 16] = rand::random();
-            Self::argon(&params)
-                .hash_password_with_salt(code.as_bytes(), &salt)
-                .map(|h| h.to_string())
-                .map_err(|e| HashError::Internal(e.to_string()))
+            let mut out = [0u8; Params::DEFAULT_OUTPUT_LEN];
+            let argon = Self::argon(&params);
+            hash_into(&argon, &params, code.as_bytes(), &salt, &mut out, memory)?;
+            let phc = PasswordHash {
+                algorithm: Algorithm::Argon2id.ident(),
+                version: Some(Version::V0x13.into()),
+                params: (&params).try_into().map_err(internal)?,
+                salt: Some(argon2::password_hash::phc::Salt::new(&salt).map_err(internal)?),
+                hash: Some(argon2::password_hash::phc::Output::new(&out).map_err(internal)?),
+            };
+            Ok(phc.to_string())
         })
         .await
     }
@@ -139,11 +157,46 @@ impl CodeHasher {
         code: Zeroizing<String>,
         phc: String,
     ) -> Result<bool, HashError> {
-        self.run_admitted(admitted, move |params| {
-            Ok(Self::argon(&params).verify_password(code.as_bytes(), phc.as_str()).is_ok())
-        })
-        .await
+        self.run_admitted(admitted, move |_, memory| Ok(verify_with_memory(code.as_bytes(), &phc, memory))).await
     }
+}
+
+fn internal(e: impl std::fmt::Display) -> HashError {
+    HashError::Internal(e.to_string())
+}
+
+/// argon2 of `pwd` into `out`, in `memory` (grown to the parameters' block count if needed).
+fn hash_into(
+    argon: &Argon2<'_>,
+    params: &Params,
+    pwd: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+    memory: &mut Vec<Block>,
+) -> Result<(), HashError> {
+    let blocks = params.block_count();
+    if blocks > MAX_MEMORY_BLOCKS {
+        return Err(HashError::Internal(format!("argon2 memory of {blocks} KiB is over the limit")));
+    }
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    let region = memory.get_mut(..blocks).ok_or_else(|| HashError::Internal("argon2 memory".into()))?;
+    argon.hash_password_into_with_memory(pwd, salt, out, region).map_err(internal)
+}
+
+/// Whether `code` matches the PHC string `phc` (its own algorithm, version and parameters),
+/// compared in constant time. A malformed PHC string never matches.
+fn verify_with_memory(code: &[u8], phc: &str, memory: &mut Vec<Block>) -> bool {
+    let Ok(hash) = PasswordHash::new(phc) else { return false };
+    let (Some(salt), Some(expected)) = (&hash.salt, &hash.hash) else { return false };
+    let Ok(algorithm) = Algorithm::try_from(hash.algorithm.as_str()) else { return false };
+    let Ok(version) = hash.version.map_or(Ok(Version::default()), Version::try_from) else { return false };
+    let Ok(params) = Params::try_from(&hash) else { return false };
+    let argon = Argon2::new(algorithm, version, params.clone());
+    let mut out = Zeroizing::new(vec![0u8; expected.len()]);
+    hash_into(&argon, &params, code, salt.as_ref(), &mut out, memory).is_ok()
+        && bool::from(out.as_slice().ct_eq(expected.as_ref()))
 }
 
 #[cfg(test)]
@@ -163,6 +216,32 @@ mod tests {
         assert!(h.verify(Zeroizing::new("123456".into()), phc.clone()).await.unwrap());
         assert!(!h.verify(Zeroizing::new("654321".into()), phc.clone()).await.unwrap());
         assert!(!h.verify(Zeroizing::new("123456".into()), "not a hash".into()).await.unwrap());
+    }
+
+    /// Hashes are standard PHC strings: argon2's own verifier accepts ours, and ours accepts
+    /// hashes made by argon2's own hasher (stored before this change) and with other parameters
+    /// than the configured ones, in memory reused across sizes.
+    #[tokio::test]
+    async fn hashes_interoperate_with_the_argon2_crate_across_parameters() {
+        use argon2::{PasswordHasher, PasswordVerifier};
+        let h = CodeHasher::new(cheap(), 1, 4).unwrap();
+        let ours = h.hash(Zeroizing::new("424242".into())).await.unwrap();
+        let reference = Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::new(64, 1, 1, None).unwrap());
+        assert!(reference.verify_password(b"424242", ours.as_str()).is_ok());
+        assert!(reference.verify_password(b"424243", ours.as_str()).is_err());
+        for (m, t) in [(256, 2), (8, 1), (1024, 1)] {
+            let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::new(m, t, 1, None).unwrap());
+            let theirs = argon.hash_password_with_salt(b"135790", b"saltsaltsaltsalt").unwrap().to_string();
+            assert!(h.verify(Zeroizing::new("135790".into()), theirs.clone()).await.unwrap(), "m={m}");
+            assert!(!h.verify(Zeroizing::new("135791".into()), theirs).await.unwrap(), "m={m}");
+        }
+        // Truncated, foreign-algorithm and absurd-memory hashes never match (and never allocate).
+        let cut = &ours[..ours.len() - 4];
+        assert!(!h.verify(Zeroizing::new("424242".into()), cut.to_string()).await.unwrap());
+        let argon2i = ours.replacen("$argon2id$", "$argon2i$", 1);
+        assert!(!h.verify(Zeroizing::new("424242".into()), argon2i).await.unwrap());
+        let huge = ours.replacen("m=64,", "m=4194304,", 1);
+        assert!(!h.verify(Zeroizing::new("424242".into()), huge).await.unwrap());
     }
 
     #[tokio::test]
