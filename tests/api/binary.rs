@@ -106,13 +106,16 @@ impl Deployment {
 }
 
 fn command(env: &[(String, String)], cwd: &Path, args: &[&str]) -> Command {
+    test_logging();
+    // A log-scanning run (`CENTRALDB_TEST_LOG_DIR`) runs every binary at trace; `env` may still override.
+    let level = if log_dir().is_some() { "trace" } else { "info" };
     let mut c = Command::new(BIN);
     c.args(args)
         .env_clear()
         .current_dir(cwd)
         .env("CENTRALDB_LISTEN", "127.0.0.1:0")
         .env("CENTRALDB_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", level)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -146,6 +149,7 @@ impl Server {
                     {
                         let _ = tx.try_send(v["fields"]["addr"].as_str().unwrap_or_default().to_string());
                     }
+                    append_binary_log(&line);
                     log.lock().unwrap().push_str(&line);
                     log.lock().unwrap().push('\n');
                 }
@@ -155,6 +159,7 @@ impl Server {
             .await
             .unwrap_or_else(|_| panic!("server did not start; log:\n{}", log.lock().unwrap()))
             .unwrap();
+        register_data_dir_secrets(env);
         Self { child, base: format!("http://{addr}"), log }
     }
 
@@ -173,9 +178,33 @@ impl Server {
     }
 }
 
-/// Runs a non-serving command to completion: (success, stdout, stderr).
+/// Registers the keys a deployment generated into its data folder (log scan).
+fn register_data_dir_secrets(env: &[(String, String)]) {
+    let Some((_, data)) = env.iter().find(|(k, _)| k == "CENTRALDB_DATA_DIR") else { return };
+    for f in ["encryption.key", "admin-api-key"] {
+        for part in std::fs::read_to_string(Path::new(data).join(f)).unwrap_or_default().trim().split(',') {
+            secret(part.split_once(':').map_or(part, |(_, k)| k));
+        }
+    }
+    for (k, v) in env.iter().filter(|(k, _)| k == "CENTRALDB_ENCRYPTION_KEYS" || k == "CENTRALDB_BOOTSTRAP_ADMIN_KEY") {
+        for part in v.split(',') {
+            secret(if k == "CENTRALDB_ENCRYPTION_KEYS" { part.split_once(':').map_or(part, |(_, k)| k) } else { part });
+        }
+    }
+}
+
+/// Runs a non-serving command to completion: (success, stdout, stderr). Its stderr (the log) is
+/// appended to the scanned logs; stdout is the command's output (`api-key create` prints a key by
+/// design), so keys printed there are registered as secrets instead.
 async fn run(env: &[(String, String)], cwd: &Path, args: &[&str]) -> (bool, String, String) {
     let out = tokio::time::timeout(Duration::from_secs(60), command(env, cwd, args).output()).await.unwrap().unwrap();
+    append_binary_log(&String::from_utf8_lossy(&out.stderr));
+    for word in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if word.starts_with("cdbm_") || word.split_once(':').is_some_and(|(_, k)| k.len() == 44) {
+            secret(word.split_once(':').map_or(word, |(_, k)| k));
+        }
+    }
+    register_data_dir_secrets(env);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -301,6 +330,7 @@ async fn logs_at_trace_never_contain_secrets() {
     let key_b64 = d.key_spec_in_use().split_once(':').unwrap().1.to_string();
     let mut secrets = garth_secrets("log");
     secrets.extend(["LOGSECRET".to_string(), bootstrap.to_string(), key_b64, dump]);
+    secrets.iter().for_each(|s| _ = secret(s));
     for s in &secrets {
         assert!(!log.contains(s.as_str()), "secret {s:.12}… found in the logs");
     }
@@ -319,6 +349,7 @@ async fn rewrap_moves_everything_to_the_new_key_and_the_old_key_can_go() {
         assert_eq!(r.status(), 201);
     }
     // An MFA login in progress: its resume state is encrypted too.
+    secret("pickled-ROTATE");
     let ch: Value = http
         .post(s.url("/api/v1/mfa/challenges"))
         .bearer_auth(&key)
@@ -465,6 +496,7 @@ async fn two_processes_on_one_database_agree_on_attempts() {
     };
 
     // 40 right codes, across both processes.
+    secret("123456");
     let r: Value = create("123456", 5).await.unwrap().json().await.unwrap();
     let id = r["id"].as_str().unwrap().to_string();
     let statuses = fire(id.clone(), vec!["123456".to_string(); 40], "verify").await;
@@ -488,6 +520,7 @@ async fn two_processes_on_one_database_agree_on_attempts() {
     let r: Value = create("123456", 4).await.unwrap().json().await.unwrap();
     let id = r["id"].as_str().unwrap().to_string();
     let codes = (0..30).map(|i| format!("{:06}", 300_000 + i)).collect();
+    (0..30).for_each(|i| _ = secret(&format!("{:06}", 300_000 + i)));
     let statuses = fire(id.clone(), codes, "verify").await;
     assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 4, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 423).count(), 26, "{statuses:?}");

@@ -29,6 +29,106 @@ use tower::ServiceExt;
 
 pub const ADMIN_KEY: &str = "test-bootstrap-admin-key-0123456789abcdef";
 
+// ---- whole-suite log capture and the secret registry ----------------------------------------
+//
+// With `CENTRALDB_TEST_LOG_DIR` set (`./scripts/test` sets it), this test process logs everything
+// (this crate, sqlx, hyper, tower_http, axum, ...) at `trace` into `<dir>/inproc-<pid>.log`, the
+// real-binary tests run the binary at `trace` and append its output to `<dir>/binary-<pid>.log`,
+// and every secret the suite creates or sends is appended, one JSON string per line, to
+// `<dir>/secrets-<pid>.txt`. `scripts/scan-logs.py` then counts the secrets found in the logs.
+
+/// The log directory of a scanning run, if any.
+pub fn log_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("CENTRALDB_TEST_LOG_DIR").filter(|v| !v.is_empty()).map(std::path::PathBuf::from)
+}
+
+/// Installs the trace-level file subscriber once per process (no-op without a log directory).
+pub fn test_logging() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let Some(dir) = log_dir() else { return };
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("inproc-{}.log", std::process::id()));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        use tracing_subscriber::prelude::*;
+        // No timestamps: their microsecond digits would look like 6-digit codes to the scanner.
+        let layer =
+            tracing_subscriber::fmt::layer().with_ansi(false).without_time().with_writer(std::sync::Mutex::new(file));
+        let _ = tracing_subscriber::registry().with(tracing_subscriber::EnvFilter::new("trace")).with(layer).try_init();
+        secret(ADMIN_KEY);
+    });
+}
+
+/// Registers a secret the suite uses: it must never appear in any log line. Returns it.
+pub fn secret(s: &str) -> &str {
+    static FILE: OnceLock<Option<std::sync::Mutex<std::fs::File>>> = OnceLock::new();
+    let file = FILE.get_or_init(|| {
+        let dir = log_dir()?;
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("secrets-{}.txt", std::process::id()));
+        Some(std::sync::Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap()))
+    });
+    if let Some(f) = file.as_ref().filter(|_| !s.is_empty()) {
+        use std::io::Write;
+        let line = format!("{}\n", Value::String(s.to_string()));
+        f.lock().unwrap_or_else(|e| e.into_inner()).write_all(line.as_bytes()).unwrap();
+    }
+    s
+}
+
+/// Registers every secret-bearing string field of a JSON document (request or response).
+pub fn secrets_in(v: &Value) {
+    const FIELDS: [&str; 11] = [
+        "code",
+        "resume_state",
+        "oauth_token",
+        "oauth_token_secret",
+        "access_token",
+        "refresh_token",
+        "mfa_token",
+        "di_token",
+        "di_refresh_token",
+        "di_client_id",
+        "garth_dump",
+    ];
+    if log_dir().is_none() {
+        return;
+    }
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                match x {
+                    Value::String(s) if FIELDS.contains(&k.as_str()) => {
+                        secret(s);
+                    }
+                    _ => secrets_in(x),
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(secrets_in),
+        _ => {}
+    }
+}
+
+/// Appends captured output of a real-binary run to `<dir>/binary-<pid>.log`.
+pub fn append_binary_log(text: &str) {
+    static FILE: OnceLock<Option<std::sync::Mutex<std::fs::File>>> = OnceLock::new();
+    let file = FILE.get_or_init(|| {
+        let dir = log_dir()?;
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("binary-{}.log", std::process::id()));
+        Some(std::sync::Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap()))
+    });
+    if let Some(f) = file {
+        use std::io::Write;
+        let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+        f.write_all(text.as_bytes()).unwrap();
+        if !text.ends_with('\n') {
+            f.write_all(b"\n").unwrap();
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -50,7 +150,12 @@ pub fn postgres_url() -> String {
 /// A random 256-bit key spec for the keyring.
 pub fn key_spec(id: &str) -> String {
     use base64::Engine;
-    format!("{id}:{}", base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>()))
+    test_logging();
+    let raw = rand::random::<[u8; 32]>();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+    secret(&b64);
+    secret(&hex::encode(raw));
+    format!("{id}:{b64}")
 }
 
 /// A fresh, empty database: its URL (with its own schema on PostgreSQL).
@@ -108,6 +213,7 @@ impl TestApp {
 
     /// Builds an app on a fresh database; `tweak` may change the environment it is built from.
     pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        test_logging();
         let dir = tempfile::tempdir().unwrap();
         let db_url = fresh_database_url(dir.path()).await;
         let mut vars: HashMap<String, String> = [
@@ -124,6 +230,11 @@ impl TestApp {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         tweak(&mut vars);
+        for k in ["CENTRALDB_ENCRYPTION_KEYS", "CENTRALDB_BOOTSTRAP_ADMIN_KEY"] {
+            for part in vars.get(k).map(|v| v.split(',').collect::<Vec<_>>()).unwrap_or_default() {
+                secret(part.split_once(':').map_or(part, |(_, key)| key));
+            }
+        }
         let settings = Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
         let state = startup::build_state(settings).await.unwrap();
         Self { router: api::app(state.clone()), state, dir, db_url, vars }
@@ -136,7 +247,7 @@ impl TestApp {
     /// A new API key with these scopes.
     pub async fn key(&self, scopes: &str) -> String {
         let (_, key) = api_keys::create(self.db(), "test", &Scopes::parse_list(scopes).unwrap()).await.unwrap();
-        key.to_string()
+        secret(&key).to_string()
     }
 
     pub fn request(&self, method: Method, uri: &str) -> RequestBuilder<'_> {
@@ -256,6 +367,7 @@ pub struct RequestBuilder<'a> {
 
 impl RequestBuilder<'_> {
     pub fn key(mut self, key: &str) -> Self {
+        secret(key);
         self.headers.retain(|(k, _)| k != "authorization");
         self.headers.push(("authorization".into(), format!("Bearer {key}")));
         self
@@ -269,6 +381,7 @@ impl RequestBuilder<'_> {
         self
     }
     pub fn json(mut self, v: Value) -> Self {
+        secrets_in(&v);
         self.headers.push(("content-type".into(), "application/json".into()));
         self.body = Some(serde_json::to_vec(&v).unwrap());
         self
@@ -289,6 +402,10 @@ impl RequestBuilder<'_> {
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        // A problem's `code` is an error code, not a secret.
+        if headers.get("content-type").is_none_or(|v| v != "application/problem+json") {
+            secrets_in(&json);
+        }
         TestResponse { status, headers, text: String::from_utf8_lossy(&bytes).into_owned(), json }
     }
 }
@@ -321,12 +438,16 @@ impl TestResponse {
 // ---- token fixtures -----------------------------------------------------------------------
 
 pub fn oauth1(tag: &str) -> Value {
+    secret(&format!("o1tok-{tag}-SECRET"));
+    secret(&format!("o1sec-{tag}-SECRET"));
     json!({"oauth_token": format!("o1tok-{tag}-SECRET"), "oauth_token_secret": format!("o1sec-{tag}-SECRET"),
            "mfa_token": null, "mfa_expiration_timestamp": null, "domain": "garmin.com",
            "custom_field": {"kept": true}})
 }
 
 pub fn oauth2_with(tag: &str, expires_at: i64, refresh_expires_at: i64) -> Value {
+    secret(&format!("acc-{tag}-SECRET"));
+    secret(&format!("ref-{tag}-SECRET"));
     json!({"scope": "CONNECT_READ CONNECT_WRITE", "jti": format!("jti-{tag}"), "token_type": "Bearer",
            "access_token": format!("acc-{tag}-SECRET"), "refresh_token": format!("ref-{tag}-SECRET"),
            "expires_in": 86400, "expires_at": expires_at, "refresh_token_expires_in": 2_592_000,
@@ -353,7 +474,9 @@ pub fn garth_secrets(tag: &str) -> Vec<String> {
 pub fn jwt(exp: i64, tag: &str) -> String {
     use base64::Engine;
     let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
-    format!("{}.{}.sig-{tag}", b64(&json!({"alg": "RS256"})), b64(&json!({"exp": exp, "sub": tag})))
+    let t = format!("{}.{}.sig-{tag}", b64(&json!({"alg": "RS256"})), b64(&json!({"exp": exp, "sub": tag})));
+    secret(&t);
+    t
 }
 
 pub fn tokens_path(user: &str) -> String {
