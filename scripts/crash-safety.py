@@ -452,6 +452,48 @@ def check_users(server, dep, ledger, all_users):
     return lost, problems, landed
 
 
+def audit_events_check(server, dep, ledger, all_users):
+    """Every stored version has exactly one `token.write` success event, and no event is left over
+    from a write that did not survive: per user the event versions are exactly 1..stored version."""
+    auth = {"Authorization": f"Bearer {dep.admin_key}"}
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    seen = {}
+    after = None
+    pages = 0
+    try:
+        while True:
+            q = "type=token.write&outcome=success&limit=1000" + (f"&after={after}" if after is not None else "")
+            st, body = request(None, None, "GET", f"/api/v1/audit/events?{q}", None, auth, conn=conn)
+            if st != 200:
+                return [f"GET /api/v1/audit/events answered {st}: {body}"], 0
+            pages += 1
+            for e in body["events"]:
+                u = e.get("user_id")
+                if u in all_users:
+                    seen.setdefault(u, []).append(int(e["details"]["version"]))
+            after = body.get("next_after")
+            if after is None:
+                break
+    finally:
+        conn.close()
+    problems = []
+    n = 0
+    with ledger.lock:
+        stored = {u: ledger.known.get(u) for u in all_users}
+    for u in sorted(all_users):
+        versions = sorted(seen.get(u, []))
+        n += len(versions)
+        want = list(range(1, (stored[u] or 0) + 1))
+        if versions != want:
+            extra = sorted(set(versions) - set(want)) + [v for i, v in enumerate(versions) if i and versions[i - 1] == v]
+            missing = sorted(set(want) - set(versions))
+            problems.append(
+                f"{u}: token.write events do not match the stored version {stored[u]}: "
+                f"missing {missing[:10]}, extra/duplicate {extra[:10]}"
+            )
+    return problems, n
+
+
 def audit_checks(server, dep):
     cli = dep.run_cli("audit", "verify")
     cli_out = (cli.stdout + cli.stderr).strip()
@@ -544,6 +586,11 @@ def run_backend(args, backend, workdir, rng):
         lost = len(lost_set - ledger.lost)  # counted once, in the cycle it is first seen
         ledger.lost |= lost_set
         cli_ok, cli_desc, http_ok, http_desc = audit_checks(server, dep)
+        if cycle == args.cycles:
+            ev_problems, n_events = audit_events_check(server, dep, ledger, all_users)
+            summary["token_write_events_checked"] = n_events
+            summary["token_write_events_ok"] = not ev_problems
+            problems.extend(ev_problems)
         server.proc.send_signal(signal.SIGTERM)
         try:
             server.proc.wait(timeout=20)
@@ -669,7 +716,9 @@ def main():
             f"writes lost {r['writes_lost']}, unknown (in flight at kill) {r['unknown_in_flight']} "
             f"({r['unknown_found_stored']} found stored), 412 conflicts {r['conflicts_412']}, "
             f"audit verify {'ok' if r['audit_ok'] else 'FAILED'} [{r['audit_verify_cli']}; "
-            f"http {r['audit_verify_http']}], {r['seconds']} s"
+            f"http {r['audit_verify_http']}], token.write events match stored versions: "
+            f"{'yes' if r.get('token_write_events_ok') else 'NO'} ({r.get('token_write_events_checked')}), "
+            f"{r['seconds']} s"
         )
         if r["other_statuses"]:
             print(f"           other statuses: {r['other_statuses']}")
