@@ -691,6 +691,11 @@ def main():
     else:
         _cleanups.insert(0, lambda: shutil.rmtree(workdir, ignore_errors=True))
 
+    # Run a private copy: other builds may relink target/debug while this runs.
+    snapshot = os.path.join(workdir, "centraldb-mfa")
+    shutil.copy2(args.bin, snapshot)
+    args.bin = snapshot
+
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     log(f"seed {seed}; backends {', '.join(backends)}; {args.cycles} cycles, {args.writers} writers, {args.users} users")
     t0 = time.monotonic()
