@@ -29,7 +29,7 @@ pub struct Group {
     /// The connection holding the open group transaction, if one is open.
     conn: Option<PoolConnection<Sqlite>>,
     /// Writers whose savepoints are released and who wait for the commit.
-    waiters: Vec<oneshot::Sender<std::result::Result<(), String>>>,
+    waiters: Vec<oneshot::Sender<Result<()>>>,
     /// Set when the open transaction can no longer be trusted (SQLite rolled it back).
     poisoned: bool,
 }
@@ -50,6 +50,16 @@ pub struct GroupTx {
 
 fn sql_err(e: sqlx::Error) -> StoreError {
     StoreError::from(e)
+}
+
+/// A failed RELEASE or COMMIT: the writers are told the database is unavailable (503), except
+/// when the disk is full, which they report as such (507).
+fn commit_err(what: &str, e: sqlx::Error) -> StoreError {
+    let text = format!("{what}: {e}");
+    match StoreError::from(e) {
+        StoreError::Full => StoreError::Full,
+        _ => StoreError::Unavailable(text),
+    }
 }
 
 impl SqliteWriter {
@@ -101,7 +111,7 @@ impl SqliteWriter {
 /// Fails every waiter and drops the group connection (closing it: its state is unknown).
 fn discard(group: &mut Group, why: &str) {
     for w in group.waiters.drain(..) {
-        let _ = w.send(Err(why.to_string()));
+        let _ = w.send(Err(StoreError::Unavailable(why.to_string())));
     }
     if let Some(conn) = group.conn.take() {
         let _ = conn.detach();
@@ -133,7 +143,7 @@ impl GroupTx {
                 Ok(_) => guard.waiters.push(tx),
                 Err(e) => {
                     guard.poisoned = true;
-                    let _ = tx.send(Err(format!("could not release the write: {e}")));
+                    let _ = tx.send(Err(commit_err("could not release the write", e)));
                 }
             }
             drop(guard);
@@ -143,7 +153,7 @@ impl GroupTx {
         .map_err(|e| StoreError::Other(format!("write release task failed: {e}")))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Unavailable(e)),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(StoreError::Other("the SQLite committer stopped".into())),
         }
     }
@@ -202,7 +212,7 @@ async fn committer(group: Arc<Mutex<Group>>, kick: Arc<Notify>) {
             Err(e) => {
                 tracing::warn!(error = %e, writers = g.waiters.len(), "group commit failed");
                 let _ = conn.detach();
-                Err(format!("the database could not commit: {e}"))
+                Err(commit_err("the database could not commit", e))
             }
         };
         for w in g.waiters.drain(..) {

@@ -68,7 +68,7 @@ pub async fn lock(c: &mut Conn<'_>, key: &str) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or is too busy right now (answer 503).
     #[error("database unavailable: {0}")]

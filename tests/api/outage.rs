@@ -439,3 +439,125 @@ async fn a_request_cut_off_mid_begin_leaves_no_connection_inside_a_transaction()
     }
     assert!(problems.is_empty(), "after the outage: {problems:#?}");
 }
+
+/// A small tmpfs mounted for one test; unmounted (lazily if still busy) when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (the test then has nothing to check) when no tmpfs can be mounted here.
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Self { dir }),
+            Ok(o) => {
+                eprintln!("cannot mount a tmpfs: {}", String::from_utf8_lossy(&o.stderr).trim());
+                None
+            }
+            Err(e) => {
+                eprintln!("cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the file system with `name`, leaving no free block.
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join(name)).unwrap();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) if chunk.len() > 512 => chunk.truncate(chunk.len() / 8),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            if lazy {
+                c.arg("-l");
+            }
+            c.arg(self.dir.path()).status().is_ok_and(|s| s.success())
+        };
+        if !umount(false) {
+            umount(true);
+        }
+    }
+}
+
+/// SQLite on a full disk: a write is refused with 507 `insufficient_storage` (the commit of the
+/// group transaction fails with SQLITE_FULL, which used to come back as 503 `unavailable`), the
+/// process stays up, nothing half-written remains, and writes work again once space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_disk_full_answers_507_and_recovers() {
+    if backend() != Backend::Sqlite {
+        eprintln!("sqlite_disk_full_answers_507_and_recovers: runs on the SQLite pass");
+        return;
+    }
+    let Some(fs) = Tmpfs::mount("2m") else { return };
+    let url = format!("sqlite://{}", fs.path().join("full.db").display());
+    let app = TestApp::spawn_with(|vars| {
+        vars.insert("CENTRALDB_DATABASE_URL".into(), url.clone());
+    })
+    .await;
+    let p = tokens_path("full");
+    assert_eq!(app.put(&p).json(garth_body("full")).send().await.status, 201);
+
+    fs.fill("filler");
+    let mut refused = None;
+    for i in 0..50 {
+        let (r, took) = timed(app.put(&tokens_path(&format!("full{i}"))).json(garth_body("full-new")).send()).await;
+        assert!(took < Duration::from_secs(5), "answered after {took:?}");
+        if r.status != 201 {
+            refused = Some(r);
+            break;
+        }
+    }
+    let r = refused.expect("50 writes succeeded on a full disk");
+    r.assert_problem(507, "insufficient_storage");
+    assert!(r.header("retry-after").is_some(), "507 without Retry-After: {:?}", r.headers);
+    let r = app.put(&p).json(garth_body("full-2")).send().await;
+    r.assert_problem(507, "insufficient_storage");
+    assert_eq!(app.get("/healthz").no_auth().send().await.status, 200);
+    let read = app.get(&p).send().await;
+    assert!([200, 503, 507].contains(&read.status.as_u16()), "a read on a full disk: {} {}", read.status, read.text);
+
+    std::fs::remove_file(fs.path().join("filler")).unwrap();
+    let start = Instant::now();
+    let back = loop {
+        let r = app.put(&p).json(garth_body("full-3")).send().await;
+        if r.status == 200 {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "still {} after space returned: {}", r.status, r.text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(back.json["version"], 2, "the refused writes left nothing: {}", back.text);
+    let r = app.get(&p).send().await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["oauth1_token"], oauth1("full-3"));
+    let v = centraldb_mfa::services::audit::verify(app.db(), &app.state.keyring).await.unwrap();
+    assert!(v.ok, "{:?}", v.reason);
+    let mut rc = app.db().read().await.unwrap();
+    let centraldb_mfa::store::ReadConn::Sqlite(c) = &mut rc else { unreachable!() };
+    let integrity: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check").fetch_all(&mut **c).await.unwrap();
+    assert_eq!(integrity, vec!["ok"]);
+    drop(rc);
+    app.db().close().await;
+}

@@ -1,0 +1,942 @@
+#!/usr/bin/env python3
+"""Database outage checks against the real centraldb-mfa binary (python3 stdlib only).
+
+pg:   a private PostgreSQL cluster (initdb in a temp dir, its own port and socket dir; the shared
+      cluster on :5432 is never touched) is stopped under steady token PUT/GET load with
+      `pg_ctl stop -m immediate` / `-m fast`, three times in one process lifetime. Every answer
+      during the outage must be a 503 problem+json `unavailable` with Retry-After within the
+      request timeout, no 500s, the process stays up, /readyz 503, /healthz 200. After the
+      restart, token requests and /readyz must be back within 5 s; acknowledged writes must be
+      readable and the audit chain must verify.
+disk: the SQLite data dir on a small tmpfs that is filled up (a filler file plus token writes).
+      Expect 507 (or 503) problem+json, no 500, the process stays up; deleting the filler must
+      bring writes back without a restart; afterwards PRAGMA integrity_check = ok, every
+      acknowledged write readable with its version, `audit verify` ok.
+
+Exit status 0 when every check passes (or a phase is SKIPPED), 1 otherwise.
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+ADMIN_KEY = "outage-admin-key-" + os.urandom(16).hex()
+RECOVERY_LIMIT_S = 5.0
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ms(seconds):
+    return None if seconds is None else round(seconds * 1000.0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+class Resp:
+    __slots__ = ("status", "headers", "body", "json", "start", "end", "error")
+
+    def __init__(self, start):
+        self.status = None
+        self.headers = {}
+        self.body = b""
+        self.json = None
+        self.start = start
+        self.end = None
+        self.error = None
+
+    @property
+    def took(self):
+        return self.end - self.start
+
+    def problem_code(self):
+        if isinstance(self.json, dict):
+            return self.json.get("code")
+        return None
+
+
+def request(port, method, path, body=None, key=ADMIN_KEY, timeout=30.0):
+    """One request on a fresh connection. Never raises: transport errors land in `error`."""
+    r = Resp(time.monotonic())
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {}
+        data = None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        r.body = resp.read()
+        r.status = resp.status
+        r.headers = {k.lower(): v for k, v in resp.getheaders()}
+        if r.body:
+            try:
+                r.json = json.loads(r.body)
+            except ValueError:
+                pass
+    except Exception as e:  # noqa: BLE001 - any transport failure is a finding
+        r.error = f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+        r.end = time.monotonic()
+    return r
+
+
+def oauth1(tag):
+    return {
+        "oauth_token": f"o1tok-{tag}",
+        "oauth_token_secret": f"o1sec-{tag}",
+        "mfa_token": None,
+        "mfa_expiration_timestamp": None,
+        "domain": "garmin.com",
+    }
+
+
+def garth_body(tag):
+    now = int(time.time())
+    return {
+        "kind": "garth",
+        "oauth1_token": oauth1(tag),
+        "oauth2_token": {
+            "scope": "CONNECT_READ CONNECT_WRITE",
+            "jti": f"jti-{tag}",
+            "token_type": "Bearer",
+            "access_token": f"acc-{tag}",
+            "refresh_token": f"ref-{tag}",
+            "expires_in": 86400,
+            "expires_at": now + 86400,
+            "refresh_token_expires_in": 2592000,
+            "refresh_token_expires_at": now + 2592000,
+        },
+    }
+
+
+def tokens_path(user):
+    return f"/api/v1/users/{user}/tokens"
+
+
+def check_unavailable(r, request_timeout):
+    """Problems with an answer that must be a 503 `unavailable` (empty list when fine)."""
+    bad = []
+    if r.error:
+        return [f"no answer: {r.error} after {ms(r.took)} ms"]
+    if r.status != 503:
+        bad.append(f"status {r.status}")
+    ctype = r.headers.get("content-type", "")
+    if not ctype.startswith("application/problem+json"):
+        bad.append(f"content-type {ctype!r}")
+    j = r.json if isinstance(r.json, dict) else {}
+    if j.get("code") != "unavailable" or not str(j.get("type", "")).endswith(":unavailable"):
+        bad.append(f"code/type {j.get('code')!r}/{j.get('type')!r}")
+    ra = r.headers.get("retry-after")
+    if ra is None or not ra.isdigit() or int(ra) < 1:
+        bad.append(f"Retry-After {ra!r}")
+    if r.took > request_timeout + 1.0:
+        bad.append(f"answered after {ms(r.took)} ms (request timeout {request_timeout} s)")
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# The service
+
+
+class Service:
+    def __init__(self, binary, env, logdir, name):
+        self.port = free_port()
+        self.env = dict(env)
+        self.env.update(
+            {
+                "CENTRALDB_LISTEN": f"127.0.0.1:{self.port}",
+                "CENTRALDB_LOG_FORMAT": "json",
+                "RUST_LOG": os.environ.get("RUST_LOG", "info"),
+                "CENTRALDB_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
+            }
+        )
+        self.binary = binary
+        self.log_path = os.path.join(logdir, f"{name}.log")
+        self.proc = None
+
+    def full_env(self):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CENTRALDB_")}
+        base.update(self.env)
+        return base
+
+    def start(self, wait=30.0):
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [self.binary, "serve"], env=self.full_env(), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf
+        )
+        logf.close()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.proc.returncode}; log: {self.log_path}")
+            r = request(self.port, "GET", "/healthz", key=None, timeout=2)
+            if r.status == 200:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the service did not answer /healthz within {wait} s; log: {self.log_path}")
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout=20.0):
+        """SIGTERM; returns the exit code (None if it had to be killed)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def cli(self, *args, timeout=60):
+        p = subprocess.run(
+            [self.binary, *args], env=self.full_env(), capture_output=True, text=True, timeout=timeout
+        )
+        return p.returncode, p.stdout, p.stderr
+
+    def log_tail(self, n=20):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.readlines()[-n:]
+        except OSError:
+            return []
+
+
+def service_env(data_dir, request_timeout, acquire_ms, database_url=None):
+    env = {
+        "CENTRALDB_DATA_DIR": data_dir,
+        "CENTRALDB_ENCRYPTION_KEYS": "k1:" + base64.b64encode(os.urandom(32)).decode(),
+        "CENTRALDB_REQUEST_TIMEOUT_SECS": str(request_timeout),
+        "CENTRALDB_DB_ACQUIRE_TIMEOUT_MS": str(acquire_ms),
+        "CENTRALDB_SWEEP_INTERVAL_SECS": "1",
+    }
+    if database_url:
+        env["CENTRALDB_DATABASE_URL"] = database_url
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Load: token PUT + GET from several threads, every answer recorded
+
+
+class Load:
+    """Each thread writes fresh users (version 1) and overwrites one hot user of its own
+    (versions 1, 2, ...), and reads back users it saw acknowledged."""
+
+    def __init__(self, port, threads, prefix, timeout):
+        self.port = port
+        self.threads = threads
+        self.prefix = prefix
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.results = []  # (kind, Resp)
+        self.acked = {}  # user -> (version, tag): the latest acknowledged write
+        self.uncertain = {}  # user -> set of tags whose write got no clear answer after the last ack
+        self.wrong_reads = []
+        self.stop_ev = threading.Event()
+        self.pause_ev = threading.Event()
+        self.workers = []
+
+    def _record(self, kind, r):
+        with self.lock:
+            self.results.append((kind, r))
+
+    def _put(self, user, tag):
+        r = request(self.port, "PUT", tokens_path(user), garth_body(tag), timeout=self.timeout)
+        self._record("put", r)
+        with self.lock:
+            if r.status in (200, 201) and isinstance(r.json, dict):
+                self.acked[user] = (r.json.get("version"), tag)
+                self.uncertain.pop(user, None)
+            elif r.status is None or r.status >= 500:
+                # Refused or cut off: it must have left nothing, but a cut-off write may have
+                # committed, so a later read may show it (never something else).
+                self.uncertain.setdefault(user, set()).add(tag)
+        return r
+
+    def _get(self, user):
+        r = request(self.port, "GET", tokens_path(user), timeout=self.timeout)
+        self._record("get", r)
+        if r.status == 200:
+            self.check_read(user, r)
+        return r
+
+    def check_read(self, user, r):
+        with self.lock:
+            acked = self.acked.get(user)
+            uncertain = set(self.uncertain.get(user, ()))
+        j = r.json if isinstance(r.json, dict) else {}
+        got_tag = str((j.get("oauth1_token") or {}).get("oauth_token", ""))[len("o1tok-"):]
+        got_v = j.get("version")
+        if acked is None:
+            ok = got_tag in uncertain
+        else:
+            av, at = acked
+            ok = (got_v == av and got_tag == at) or (isinstance(got_v, int) and got_v > av and got_tag in uncertain)
+        if not ok:
+            with self.lock:
+                self.wrong_reads.append(f"{user}: read v{got_v} {got_tag!r}, acknowledged {acked}")
+        return ok
+
+    def _worker(self, t):
+        n = 0
+        hot = f"{self.prefix}-hot{t}"
+        rnd = random.Random(t)
+        while not self.stop_ev.is_set():
+            if self.pause_ev.is_set():
+                time.sleep(0.02)
+                continue
+            n += 1
+            if n % 3 == 0:
+                self._put(hot, f"{hot}-{n}")
+            else:
+                self._put(f"{self.prefix}-t{t}-n{n}", f"{self.prefix}-t{t}-n{n}")
+            with self.lock:
+                users = [u for u in self.acked if u.startswith(f"{self.prefix}-t{t}-") or u == hot]
+            if users:
+                self._get(rnd.choice(users[-20:] + [hot]) if hot in self.acked else rnd.choice(users[-20:]))
+
+    def start(self):
+        for t in range(self.threads):
+            th = threading.Thread(target=self._worker, args=(t,), daemon=True)
+            th.start()
+            self.workers.append(th)
+
+    def stop(self):
+        self.stop_ev.set()
+        for th in self.workers:
+            th.join(self.timeout + 5)
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.results)
+
+
+class Monitor:
+    """Polls /readyz and /healthz every `interval` seconds."""
+
+    def __init__(self, port, interval=0.1, timeout=10):
+        self.port = port
+        self.interval = interval
+        self.timeout = timeout
+        self.readyz = []
+        self.healthz = []
+        self.stop_ev = threading.Event()
+        self.th = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop_ev.is_set():
+            self.readyz.append(request(self.port, "GET", "/readyz", key=None, timeout=self.timeout))
+            self.healthz.append(request(self.port, "GET", "/healthz", key=None, timeout=self.timeout))
+            time.sleep(self.interval)
+
+    def start(self):
+        self.th.start()
+
+    def stop(self):
+        self.stop_ev.set()
+        self.th.join(self.timeout + 2)
+
+
+def status_counts(resps):
+    out = {}
+    for r in resps:
+        k = str(r.status) if r.status is not None else "no_answer"
+        out[k] = out.get(k, 0) + 1
+    return dict(sorted(out.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+
+
+def find_pg_bin(name):
+    cands = [f"/usr/local/bin/{name}"]
+    base = "/usr/lib/postgresql"
+    if os.path.isdir(base):
+        for v in sorted(os.listdir(base), key=lambda s: int(s) if s.isdigit() else 0, reverse=True):
+            cands.append(os.path.join(base, v, "bin", name))
+    for c in cands:
+        if os.access(c, os.X_OK):
+            return c
+    found = shutil.which(name)
+    if found:
+        return found
+    raise RuntimeError(f"{name} not found (looked in /usr/local/bin and /usr/lib/postgresql/*/bin)")
+
+
+def as_postgres(args, **kw):
+    cmd = args
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+class Cluster:
+    def __init__(self, root):
+        self.root = root
+        self.data = os.path.join(root, "pgdata")
+        self.sock = root
+        self.port = free_port()
+        self.logfile = os.path.join(root, "postgres.log")
+        self.initdb = find_pg_bin("initdb")
+        self.pg_ctl = find_pg_bin("pg_ctl")
+        self.pg_isready = find_pg_bin("pg_isready")
+
+    def url(self):
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def init(self):
+        if os.geteuid() == 0:
+            shutil.chown(self.root, user="postgres")
+        p = as_postgres([self.initdb, "-D", self.data, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
+        if p.returncode != 0:
+            raise RuntimeError(f"initdb failed: {p.stdout}{p.stderr}")
+
+    def start(self):
+        opts = f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+        p = as_postgres([self.pg_ctl, "-D", self.data, "-l", self.logfile, "-w", "-t", "60", "-o", opts, "start"])
+        if p.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {p.stdout}{p.stderr}")
+        # pg_ctl -w returns once the server says it is ready; confirm over TCP.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            q = as_postgres([self.pg_isready, "-h", "127.0.0.1", "-p", str(self.port), "-t", "1"])
+            if q.returncode == 0:
+                return time.monotonic()
+            time.sleep(0.02)
+        raise RuntimeError("the private cluster does not accept connections")
+
+    def stop(self, mode):
+        p = as_postgres([self.pg_ctl, "-D", self.data, "-w", "-t", "60", "-m", mode, "stop"])
+        return p.returncode == 0, (p.stdout + p.stderr).strip()
+
+    def running(self):
+        p = as_postgres([self.pg_ctl, "-D", self.data, "status"])
+        return p.returncode == 0
+
+
+def run_pg(args, report):
+    request_timeout = args.request_timeout
+    out = {"outages": [], "ok": False}
+    report["pg"] = out
+    failures = []
+    root = tempfile.mkdtemp(prefix="cdb-outage-pg-")
+    logdir = tempfile.mkdtemp(prefix="cdb-outage-logs-")
+    cluster = None
+    svc = None
+    load = None
+    mon = None
+    try:
+        cluster = Cluster(root)
+        log(f"pg: initdb in {cluster.data} (port {cluster.port}, socket dir {cluster.sock})")
+        cluster.init()
+        cluster.start()
+        svc = Service(
+            args.bin,
+            service_env(os.path.join(root, "svcdata"), request_timeout, args.acquire_ms, cluster.url()),
+            logdir,
+            "pg-service",
+        )
+        svc.start()
+        pid = svc.proc.pid
+        log(f"pg: service pid {pid} on :{svc.port}, log {svc.log_path}")
+        out["service_log"] = svc.log_path
+        out["request_timeout_s"] = request_timeout
+        load = Load(svc.port, args.threads, "pg", request_timeout + 10)
+        mon = Monitor(svc.port)
+        load.start()
+        mon.start()
+        modes = ["immediate", "fast", "immediate"][: args.outages] if args.outages <= 3 else (
+            ["immediate", "fast"] * args.outages
+        )[: args.outages]
+        for i, mode in enumerate(modes, 1):
+            time.sleep(args.steady)
+            before = load.snapshot()
+            ok_before = sum(1 for k, r in before if r.status in (200, 201))
+            log(f"pg: outage {i}: pg_ctl stop -m {mode} ({ok_before} 2xx answers so far)")
+            t_stop_req = time.monotonic()
+            ok, msg = cluster.stop(mode)
+            t_stopped = time.monotonic()
+            if not ok:
+                failures.append(f"outage {i}: pg_ctl stop -m {mode} failed: {msg}")
+            time.sleep(args.outage_secs)
+            t_restart_req = time.monotonic()
+            t_accepting = cluster.start()
+            log(f"pg: outage {i}: cluster accepts connections again after {ms(t_accepting - t_stop_req)} ms down")
+            # Wait for recovery (first 2xx token answer started after the restart, /readyz 200).
+            first_2xx = first_ready = None
+            deadline = t_accepting + RECOVERY_LIMIT_S + args.request_timeout + 2
+            while time.monotonic() < deadline and (first_2xx is None or first_ready is None):
+                time.sleep(0.05)
+                if first_2xx is None:
+                    ends = [r.end for k, r in load.snapshot() if r.start >= t_accepting and r.status in (200, 201)]
+                    if ends:
+                        first_2xx = min(ends)
+                if first_ready is None:
+                    ends = [r.end for r in list(mon.readyz) if r.start >= t_accepting and r.status == 200]
+                    if ends:
+                        first_ready = min(ends)
+            time.sleep(0.5)
+            res = load.snapshot()
+            during = [(k, r) for k, r in res if r.start >= t_stopped and r.end <= t_restart_req]
+            straddling = [(k, r) for k, r in res if r.end > t_stop_req and r.start < t_stopped]
+            after = [(k, r) for k, r in res if r.start >= t_accepting]
+            bad = []
+            for k, r in during:
+                p = check_unavailable(r, request_timeout)
+                if p:
+                    bad.append(f"{k} during the outage: {'; '.join(p)} body={r.body[:200]!r}")
+            slow = [r for k, r in res if r.end > t_stop_req and r.start < t_restart_req and r.error]
+            for r in slow:
+                bad.append(f"no answer around the outage: {r.error}")
+            first_503 = [r.end for k, r in res if r.end >= t_stop_req and r.status == 503]
+            fivehundreds = [r for k, r in res if r.end >= t_stop_req and r.status == 500]
+            for r in fivehundreds:
+                bad.append(f"500 answered: {r.body[:200]!r}")
+            ready_during = [r for r in list(mon.readyz) if r.start >= t_stopped and r.end <= t_restart_req]
+            ready_bad = [r for r in ready_during if check_unavailable(r, request_timeout)]
+            health_during = [r for r in list(mon.healthz) if r.start >= t_stop_req and r.end <= t_restart_req]
+            health_bad = [r for r in health_during if r.status != 200]
+            if ready_bad:
+                bad.append(
+                    f"/readyz during the outage: {len(ready_bad)} of {len(ready_during)} not a 503 unavailable "
+                    f"({status_counts(ready_bad)}; e.g. {'; '.join(check_unavailable(ready_bad[0], request_timeout))})"
+                )
+            if not ready_during:
+                bad.append("/readyz was not polled during the outage")
+            if health_bad:
+                bad.append(f"/healthz during the outage: {status_counts(health_bad)}")
+            if not during:
+                bad.append("no token request started and ended during the outage")
+            if not svc.alive():
+                bad.append(f"the service exited ({svc.proc.returncode})")
+            elif svc.proc.pid != pid:
+                bad.append("the service was restarted")
+            rec_2xx = None if first_2xx is None else first_2xx - t_accepting
+            rec_ready = None if first_ready is None else first_ready - t_accepting
+            if rec_2xx is None or rec_2xx > RECOVERY_LIMIT_S:
+                bad.append(f"token requests not back within {RECOVERY_LIMIT_S} s: {ms(rec_2xx)} ms")
+            if rec_ready is None or rec_ready > RECOVERY_LIMIT_S:
+                bad.append(f"/readyz not 200 within {RECOVERY_LIMIT_S} s: {ms(rec_ready)} ms")
+            durs = sorted(r.took for k, r in during)
+            o = {
+                "n": i,
+                "mode": mode,
+                "pg_ctl_stop_ms": ms(t_stopped - t_stop_req),
+                "down_ms": ms(t_accepting - t_stop_req),
+                "stop_to_first_503_ms": ms(min(first_503) - t_stop_req) if first_503 else None,
+                "during_outage_token_answers": status_counts(r for k, r in during),
+                "during_outage_codes": sorted({str(r.problem_code()) for k, r in during}),
+                "during_outage_answer_ms_max": ms(durs[-1]) if durs else None,
+                "during_outage_answer_ms_median": ms(durs[len(durs) // 2]) if durs else None,
+                "in_flight_at_stop": status_counts(r for k, r in straddling),
+                "readyz_during_outage": status_counts(ready_during),
+                "healthz_during_outage": status_counts(health_during),
+                "accepting_to_first_token_2xx_ms": ms(rec_2xx),
+                "accepting_to_readyz_200_ms": ms(rec_ready),
+                "after_restart_token_answers": status_counts(r for k, r in after),
+                "500s": len(fivehundreds),
+                "process_alive": svc.alive(),
+                "problems": bad[:20],
+                "problem_count": len(bad),
+            }
+            out["outages"].append(o)
+            log(f"pg: outage {i} ({mode}): " + json.dumps({k: v for k, v in o.items() if k != "problems"}))
+            for b in bad[:10]:
+                log(f"pg:   PROBLEM {b}")
+            failures.extend(f"outage {i}: {b}" for b in bad)
+        time.sleep(args.steady)
+        load.stop()
+        mon.stop()
+        # Everything acknowledged is readable, with its version and content.
+        with load.lock:
+            acked = dict(load.acked)
+        unreadable = []
+        for user in acked:
+            r = request(svc.port, "GET", tokens_path(user), timeout=request_timeout + 5)
+            if r.status != 200:
+                unreadable.append(f"{user}: {r.status} {r.error or r.body[:120]!r}")
+            elif not load.check_read(user, r):
+                unreadable.append(f"{user}: wrong content")
+        out["acknowledged_users"] = len(acked)
+        out["acknowledged_unreadable"] = unreadable[:20]
+        out["wrong_reads_under_load"] = load.wrong_reads[:20]
+        if unreadable:
+            failures.append(f"{len(unreadable)} acknowledged writes not readable: {unreadable[:5]}")
+        if load.wrong_reads:
+            failures.append(f"{len(load.wrong_reads)} reads under load returned the wrong bundle: {load.wrong_reads[:5]}")
+        v = request(svc.port, "GET", "/api/v1/audit/verify", timeout=60)
+        out["audit_verify_http"] = v.json if v.status == 200 else f"{v.status} {v.body[:200]!r}"
+        if v.status != 200 or not isinstance(v.json, dict) or v.json.get("ok") is not True:
+            failures.append(f"/api/v1/audit/verify: {v.status} {v.body[:200]!r}")
+        allres = load.snapshot()
+        out["all_token_answers"] = status_counts(r for k, r in allres)
+        out["all_put_answers"] = status_counts(r for k, r in allres if k == "put")
+        out["all_get_answers"] = status_counts(r for k, r in allres if k == "get")
+        code = svc.stop()
+        out["service_exit_code"] = code
+        if code != 0:
+            failures.append(f"the service exited with {code} on SIGTERM")
+        rc, so, se = svc.cli("audit", "verify")
+        out["audit_verify_cli"] = so.strip() or se.strip().splitlines()[-1:]
+        if rc != 0:
+            failures.append(f"audit verify CLI exit {rc}: {so}{se}")
+    except Exception as e:  # noqa: BLE001
+        failures.append(f"pg phase aborted: {e}")
+        traceback.print_exc()
+    finally:
+        if load:
+            load.stop()
+        if mon:
+            mon.stop()
+        if svc and svc.alive():
+            svc.stop()
+        if cluster and os.path.isdir(cluster.data):
+            try:
+                if cluster.running():
+                    cluster.stop("immediate")
+            except Exception as e:  # noqa: BLE001
+                log(f"pg: cleanup: could not stop the private cluster: {e}")
+        shutil.rmtree(root, ignore_errors=True)
+        if svc and (failures or args.keep_logs):
+            out["service_log_tail"] = svc.log_tail()
+            log(f"pg: service log kept: {svc.log_path}")
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+    out["failures"] = failures
+    out["ok"] = not failures
+    return not failures
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite disk full
+
+
+def fill(path, chunk=1 << 16):
+    """Writes zeros to `path` until the file system is full; returns the bytes written."""
+    written = 0
+    buf = b"\0" * chunk
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                n = f.write(buf)
+            except OSError:
+                if chunk > 512:
+                    chunk //= 8
+                    buf = b"\0" * chunk
+                    continue
+                break
+            if not n:
+                break
+            written += n
+        try:
+            os.fsync(f.fileno())
+        except OSError:
+            pass
+    return written
+
+
+def run_disk(args, report):
+    out = {"ok": False}
+    report["disk"] = out
+    failures = []
+    request_timeout = args.request_timeout
+    mnt = tempfile.mkdtemp(prefix="cdb-outage-tmpfs-")
+    logdir = tempfile.mkdtemp(prefix="cdb-outage-logs-")
+    mounted = False
+    svc = None
+    try:
+        p = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={args.tmpfs_size},mode=0700", "tmpfs", mnt],
+            capture_output=True,
+            text=True,
+        )
+        if p.returncode != 0:
+            reason = (p.stderr or p.stdout).strip() or f"mount exited {p.returncode}"
+            out["skipped"] = reason
+            log(f"disk: SKIPPED: cannot mount a tmpfs: {reason}")
+            if args.require_disk:
+                failures.append(f"cannot mount a tmpfs: {reason}")
+            return not failures
+        mounted = True
+        data = os.path.join(mnt, "data")
+        svc = Service(args.bin, service_env(data, request_timeout, args.acquire_ms), logdir, "disk-service")
+        svc.start()
+        pid = svc.proc.pid
+        out["tmpfs_size"] = args.tmpfs_size
+        log(f"disk: service pid {pid} on :{svc.port}, data on a tmpfs of {args.tmpfs_size} at {mnt}")
+        acked = {}  # user -> (version, tag)
+        uncertain = {}
+        results = {"put_before": [], "put_full": [], "get_full": [], "put_after": []}
+
+        def put(user, tag, bucket):
+            r = request(svc.port, "PUT", tokens_path(user), garth_body(tag), timeout=request_timeout + 10)
+            results[bucket].append(r)
+            if r.status in (200, 201):
+                acked[user] = (r.json.get("version"), tag)
+                uncertain.pop(user, None)
+            elif r.status is None or r.status >= 500:
+                uncertain.setdefault(user, set()).add(tag)
+            return r
+
+        # Some ordinary writes first (new users and overwrites).
+        for n in range(20):
+            put(f"d-u{n}", f"d-u{n}-a", "put_before")
+            put("d-hot", f"d-hot-{n}", "put_before")
+        filler = os.path.join(mnt, "filler")
+        filled = fill(filler)
+        # Give some space back, so the token writes themselves hit the wall (mid-transaction).
+        if args.headroom > 0:
+            filled = max(0, filled - args.headroom)
+            os.truncate(filler, filled)
+        st = os.statvfs(mnt)
+        out["filler_bytes"] = filled
+        out["free_bytes_after_filler"] = st.f_bavail * st.f_frsize
+        log(f"disk: filler file of {filled} bytes; {st.f_bavail * st.f_frsize} bytes free")
+        # Write until the answers are refusals for a while (WAL space may still be reused).
+        t_full = time.monotonic()
+        first_refusal = None
+        consecutive = 0
+        n = 0
+        while time.monotonic() - t_full < args.fill_secs and consecutive < 30:
+            n += 1
+            r = put(f"d-f{n}", f"d-f{n}-a" + "x" * 2000, "put_full")
+            if n % 2 == 0:
+                put("d-hot", f"d-hot-full-{n}", "put_full")
+            if r.status in (200, 201):
+                consecutive = 0
+            else:
+                consecutive += 1
+                if first_refusal is None:
+                    first_refusal = time.monotonic()
+        refused = [r for r in results["put_full"] if r.status not in (200, 201)]
+        bad = []
+        for r in results["put_full"]:
+            if r.error:
+                bad.append(f"PUT with a full disk: no answer: {r.error} after {ms(r.took)} ms")
+            elif r.status == 500:
+                bad.append(f"PUT with a full disk: 500 {r.body[:200]!r}")
+            elif r.status not in (200, 201):
+                j = r.json if isinstance(r.json, dict) else {}
+                ctype = r.headers.get("content-type", "")
+                if r.status not in (503, 507) or not ctype.startswith("application/problem+json"):
+                    bad.append(f"PUT with a full disk: {r.status} {ctype} {r.body[:200]!r}")
+                elif r.status == 507 and j.get("code") != "insufficient_storage":
+                    bad.append(f"507 with code {j.get('code')!r}")
+                elif r.status == 503 and j.get("code") != "unavailable":
+                    bad.append(f"503 with code {j.get('code')!r}")
+                if "retry-after" not in r.headers:
+                    bad.append(f"{r.status} without Retry-After")
+                if r.took > request_timeout + 1.0:
+                    bad.append(f"{r.status} after {ms(r.took)} ms (request timeout {request_timeout} s)")
+        if not refused:
+            bad.append(f"the disk never filled up within {args.fill_secs} s ({len(results['put_full'])} writes)")
+        # Reads while full: the bundle must be right, or a clear 503/507 (a read writes its audit event).
+        for user in list(acked)[:20]:
+            r = request(svc.port, "GET", tokens_path(user), timeout=request_timeout + 10)
+            results["get_full"].append(r)
+            if r.status == 200:
+                j = r.json
+                if (j.get("version"), j["oauth1_token"]["oauth_token"][len("o1tok-"):]) != acked[user]:
+                    bad.append(f"read with a full disk: {user} wrong bundle")
+            elif r.error or r.status not in (503, 507):
+                bad.append(f"GET with a full disk: {r.status} {r.error or r.body[:200]!r}")
+        ready_full = request(svc.port, "GET", "/readyz", key=None, timeout=request_timeout + 5)
+        health_full = request(svc.port, "GET", "/healthz", key=None, timeout=5)
+        if health_full.status != 200:
+            bad.append(f"/healthz with a full disk: {health_full.status} {health_full.error}")
+        if not svc.alive() or svc.proc.pid != pid:
+            bad.append("the service exited with a full disk")
+        codes = {}
+        for r in refused:
+            c = f"{r.status} {r.problem_code()}"
+            codes[c] = codes.get(c, 0) + 1
+        out["full_put_answers"] = status_counts(results["put_full"])
+        out["full_refusal_codes"] = codes
+        out["full_get_answers"] = status_counts(results["get_full"])
+        out["full_get_codes"] = sorted({f"{r.status} {r.problem_code()}" for r in results["get_full"]})
+        out["full_readyz"] = ready_full.status
+        out["full_healthz"] = health_full.status
+        out["full_refusal_ms_max"] = ms(max((r.took for r in refused), default=0))
+        out["writes_accepted_after_filler"] = sum(1 for r in results["put_full"] if r.status in (200, 201))
+        out["filler_to_first_refusal_ms"] = ms(first_refusal - t_full) if first_refusal else None
+        log(
+            "disk: full: "
+            + json.dumps({k: out[k] for k in ("full_put_answers", "full_refusal_codes", "full_get_answers")})
+        )
+        # Space returns: writes must succeed again without a restart.
+        os.unlink(filler)
+        t_free = time.monotonic()
+        rec = None
+        n = 0
+        while time.monotonic() - t_free < 30:
+            n += 1
+            r = put(f"d-r{n}", f"d-r{n}-a", "put_after")
+            if r.status in (200, 201):
+                rec = r.end - t_free
+                break
+            time.sleep(0.05)
+        out["space_back_to_first_2xx_ms"] = ms(rec)
+        if rec is None or rec > RECOVERY_LIMIT_S:
+            bad.append(f"writes not back within {RECOVERY_LIMIT_S} s of freeing space: {ms(rec)} ms")
+        for n in range(20):
+            put(f"d-after{n}", f"d-after{n}-a", "put_after")
+            put("d-hot", f"d-hot-after-{n}", "put_after")
+        out["after_put_answers"] = status_counts(results["put_after"])
+        if any(r.status not in (200, 201) for r in results["put_after"][-40:]):
+            bad.append(f"writes after recovery: {status_counts(results['put_after'][-40:])}")
+        ready = request(svc.port, "GET", "/readyz", key=None, timeout=10)
+        out["after_readyz"] = ready.status
+        if ready.status != 200:
+            bad.append(f"/readyz after recovery: {ready.status}")
+        unreadable = []
+        for user, (ver, tag) in acked.items():
+            r = request(svc.port, "GET", tokens_path(user), timeout=request_timeout + 10)
+            j = r.json if isinstance(r.json, dict) else {}
+            got = (j.get("version"), str((j.get("oauth1_token") or {}).get("oauth_token", ""))[len("o1tok-"):])
+            if r.status != 200 or got != (ver, tag):
+                if r.status == 200 and got[1] in uncertain.get(user, ()):
+                    continue
+                unreadable.append(f"{user}: {r.status} {got} != {(ver, tag)}")
+        out["acknowledged_users"] = len(acked)
+        out["acknowledged_unreadable"] = unreadable[:20]
+        if unreadable:
+            bad.append(f"{len(unreadable)} acknowledged writes not readable: {unreadable[:5]}")
+        v = request(svc.port, "GET", "/api/v1/audit/verify", timeout=60)
+        out["audit_verify_http"] = v.json if v.status == 200 else f"{v.status} {v.body[:200]!r}"
+        if v.status != 200 or not isinstance(v.json, dict) or v.json.get("ok") is not True:
+            bad.append(f"/api/v1/audit/verify: {v.status} {v.body[:200]!r}")
+        if not svc.alive() or svc.proc.pid != pid:
+            bad.append("the service did not stay up")
+        code = svc.stop()
+        out["service_exit_code"] = code
+        if code != 0:
+            bad.append(f"the service exited with {code} on SIGTERM")
+        # The file itself: integrity, and the acknowledged versions as stored.
+        dbfile = os.path.join(data, "centraldb-mfa.db")
+        con = sqlite3.connect(dbfile)
+        try:
+            integrity = [row[0] for row in con.execute("PRAGMA integrity_check")]
+            stored = dict(con.execute("SELECT user_id, version FROM token_bundles"))
+        finally:
+            con.close()
+        out["integrity_check"] = integrity
+        if integrity != ["ok"]:
+            bad.append(f"PRAGMA integrity_check: {integrity[:5]}")
+        wrong_v = [u for u, (ver, _) in acked.items() if stored.get(u) != ver and not uncertain.get(u)]
+        out["stored_version_mismatches"] = wrong_v[:20]
+        if wrong_v:
+            bad.append(f"{len(wrong_v)} stored versions differ from the acknowledged ones: {wrong_v[:5]}")
+        rc, so, se = svc.cli("audit", "verify")
+        out["audit_verify_cli"] = so.strip() or se.strip().splitlines()[-1:]
+        if rc != 0:
+            bad.append(f"audit verify CLI exit {rc}: {so}{se}")
+        failures.extend(bad)
+        for b in bad[:10]:
+            log(f"disk:   PROBLEM {b}")
+    except Exception as e:  # noqa: BLE001
+        failures.append(f"disk phase aborted: {e}")
+        traceback.print_exc()
+    finally:
+        if svc and svc.alive():
+            svc.stop()
+        if mounted:
+            u = subprocess.run(["umount", mnt], capture_output=True, text=True)
+            if u.returncode != 0:
+                subprocess.run(["umount", "-l", mnt], capture_output=True, text=True)
+        try:
+            os.rmdir(mnt)
+        except OSError as e:
+            log(f"disk: cleanup: {mnt}: {e}")
+        if svc and (failures or args.keep_logs):
+            out["service_log_tail"] = svc.log_tail()
+            log(f"disk: service log kept: {svc.log_path}")
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+    out["failures"] = failures
+    out["ok"] = not failures
+    return not failures
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        description="Database outage checks for centraldb-mfa: a private PostgreSQL cluster stopped under load "
+        "(pg), and the SQLite disk filling up on a small tmpfs (disk). Needs root for runuser/mount."
+    )
+    ap.add_argument("--bin", default="target/debug/centraldb-mfa", help="the service binary (default: %(default)s)")
+    ap.add_argument("--json", metavar="OUT", help="write the figures and findings as JSON to OUT")
+    ap.add_argument("--only", choices=["pg", "disk"], help="run one phase only")
+    ap.add_argument("--threads", type=int, default=6, help="load threads on PostgreSQL (default: %(default)s)")
+    ap.add_argument("--outages", type=int, default=3, help="PostgreSQL outages in a row (default: %(default)s)")
+    ap.add_argument("--outage-secs", type=float, default=5.0, help="how long each outage lasts (default: %(default)s)")
+    ap.add_argument("--steady", type=float, default=2.0, help="seconds of load before each outage (default: %(default)s)")
+    ap.add_argument(
+        "--request-timeout", type=int, default=3, help="CENTRALDB_REQUEST_TIMEOUT_SECS for the service (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--acquire-ms", type=int, default=1000, help="CENTRALDB_DB_ACQUIRE_TIMEOUT_MS for the service (default: %(default)s)"
+    )
+    ap.add_argument("--tmpfs-size", default="16m", help="size of the tmpfs for the SQLite disk test (default: %(default)s)")
+    ap.add_argument("--fill-secs", type=float, default=60.0, help="longest time spent filling the disk (default: %(default)s)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the service logs (always kept on failure)")
+    ap.add_argument(
+        "--headroom",
+        default=128 * 1024,
+        type=int,
+        help="bytes the filler file leaves free for token writes to use up (default: %(default)s)",
+    )
+    ap.add_argument("--require-disk", action="store_true", help="fail (instead of SKIPPED) when no tmpfs can be mounted")
+    args = ap.parse_args()
+    args.bin = os.path.abspath(args.bin)
+    if not os.access(args.bin, os.X_OK):
+        ap.error(f"--bin {args.bin} is not an executable (build it with cargo build)")
+    report = {"bin": args.bin, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    ok = True
+    if args.only in (None, "pg"):
+        ok &= run_pg(args, report)
+    if args.only in (None, "disk"):
+        ok &= run_disk(args, report)
+    report["ok"] = ok
+    text = json.dumps(report, indent=2, default=str)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    print("RESULT:", "PASS" if ok else "FAIL", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
