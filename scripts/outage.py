@@ -601,6 +601,9 @@ def run_pg(args, report):
         out["audit_verify_http"] = v.json if v.status == 200 else f"{v.status} {v.body[:200]!r}"
         if v.status != 200 or not isinstance(v.json, dict) or v.json.get("ok") is not True:
             failures.append(f"/api/v1/audit/verify: {v.status} {v.body[:200]!r}")
+        out["service_log"] = log_findings(svc.log_path)
+        if out["service_log"]["panics"]:
+            failures.append(f"the service log shows {out['service_log']['panics']} panics")
         allres = load.snapshot()
         out["all_token_answers"] = status_counts(r for k, r in allres)
         out["all_put_answers"] = status_counts(r for k, r in allres if k == "put")
@@ -668,6 +671,71 @@ def fill(path, chunk=1 << 16):
     return written
 
 
+def check_refusal(r, request_timeout, what):
+    """Problems with an answer given while the disk is full: 2xx, or a 507/503 problem+json."""
+    if r.error:
+        return [f"{what}: no answer: {r.error} after {ms(r.took)} ms"]
+    if r.status in (200, 201):
+        return []
+    bad = []
+    j = r.json if isinstance(r.json, dict) else {}
+    ctype = r.headers.get("content-type", "")
+    if r.status not in (503, 507) or not ctype.startswith("application/problem+json"):
+        bad.append(f"{what}: {r.status} {ctype} {r.body[:200]!r}")
+    elif r.status == 507 and j.get("code") != "insufficient_storage":
+        bad.append(f"{what}: 507 with code {j.get('code')!r}")
+    elif r.status == 503 and j.get("code") != "unavailable":
+        bad.append(f"{what}: 503 with code {j.get('code')!r}")
+    if "retry-after" not in r.headers:
+        bad.append(f"{what}: {r.status} without Retry-After")
+    if r.took > request_timeout + 1.0:
+        bad.append(f"{what}: {r.status} after {ms(r.took)} ms (request timeout {request_timeout} s)")
+    return bad
+
+
+def refusal_codes(resps):
+    codes = {}
+    for r in resps:
+        if r.status not in (200, 201):
+            c = f"{r.status} {r.problem_code()}" if r.status else "no_answer"
+            codes[c] = codes.get(c, 0) + 1
+    return codes
+
+
+def log_findings(path):
+    """Counts of ERROR lines and panics in a service log."""
+    errors = panics = 0
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                if '"level":"ERROR"' in line:
+                    errors += 1
+                if "panicked" in line:
+                    panics += 1
+    except OSError:
+        pass
+    return {"error_lines": errors, "panics": panics}
+
+
+def fill_under_load(svc, load, filler, headroom, fill_secs):
+    """Fills the tmpfs (leaving `headroom` bytes) while `load` runs, until the writes are refused
+    for a while. Returns (filler bytes, seconds from full to the first refusal or None)."""
+    filled = fill(filler)
+    if headroom > 0:
+        filled = max(0, filled - headroom)
+        os.truncate(filler, filled)
+    t_full = time.monotonic()
+    while time.monotonic() - t_full < fill_secs:
+        time.sleep(0.2)
+        puts = [r for k, r in load.snapshot() if k == "put" and r.start >= t_full]
+        recent = [r for r in puts if r.start >= time.monotonic() - 1.0]
+        refused = [r for r in puts if r.status not in (200, 201)]
+        if len(refused) >= 30 and recent and all(r.status not in (200, 201) for r in recent):
+            break
+    first = [r.end for k, r in load.snapshot() if k == "put" and r.start >= t_full and r.status not in (200, 201)]
+    return filled, t_full, (min(first) - t_full) if first else None
+
+
 def run_disk(args, report):
     out = {"ok": False}
     report["disk"] = out
@@ -677,6 +745,7 @@ def run_disk(args, report):
     logdir = tempfile.mkdtemp(prefix="cdb-outage-logs-")
     mounted = False
     svc = None
+    load = None
     try:
         p = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", f"size={args.tmpfs_size},mode=0700", "tmpfs", mnt],
@@ -692,160 +761,90 @@ def run_disk(args, report):
             return not failures
         mounted = True
         data = os.path.join(mnt, "data")
+        dbfile = os.path.join(data, "centraldb-mfa.db")
+        filler = os.path.join(mnt, "filler")
         svc = Service(args.bin, service_env(data, request_timeout, args.acquire_ms), logdir, "disk-service")
         svc.start()
         pid = svc.proc.pid
         out["tmpfs_size"] = args.tmpfs_size
+        out["threads"] = args.threads
         log(f"disk: service pid {pid} on :{svc.port}, data on a tmpfs of {args.tmpfs_size} at {mnt}")
-        acked = {}  # user -> (version, tag)
-        uncertain = {}
-        results = {"put_before": [], "put_full": [], "get_full": [], "put_after": []}
+        bad = []
+        load = Load(svc.port, args.threads, "d", request_timeout + 10)
+        load.start()
+        time.sleep(args.steady)
+        ok_before = sum(1 for k, r in load.snapshot() if r.status in (200, 201))
 
-        def put(user, tag, bucket):
-            r = request(svc.port, "PUT", tokens_path(user), garth_body(tag), timeout=request_timeout + 10)
-            results[bucket].append(r)
-            if r.status in (200, 201):
-                acked[user] = (r.json.get("version"), tag)
-                uncertain.pop(user, None)
-            elif r.status is None or r.status >= 500:
-                uncertain.setdefault(user, set()).add(tag)
-            return r
-
-        # Some ordinary writes first (new users and overwrites).
-        for n in range(20):
-            put(f"d-u{n}", f"d-u{n}-a", "put_before")
-            put("d-hot", f"d-hot-{n}", "put_before")
-        filler = os.path.join(mnt, "filler")
-        filled = fill(filler)
-        # Give some space back, so the token writes themselves hit the wall (mid-transaction).
-        if args.headroom > 0:
-            filled = max(0, filled - args.headroom)
-            os.truncate(filler, filled)
+        # 1. The disk fills up under load.
+        filled, t_full, first_refusal = fill_under_load(svc, load, filler, args.headroom, args.fill_secs)
+        t_full_end = time.monotonic()
         st = os.statvfs(mnt)
         out["filler_bytes"] = filled
-        out["free_bytes_after_filler"] = st.f_bavail * st.f_frsize
-        log(f"disk: filler file of {filled} bytes; {st.f_bavail * st.f_frsize} bytes free")
-        # Write until the answers are refusals for a while (WAL space may still be reused).
-        t_full = time.monotonic()
-        first_refusal = None
-        consecutive = 0
-        n = 0
-        while time.monotonic() - t_full < args.fill_secs and consecutive < 30:
-            n += 1
-            r = put(f"d-f{n}", f"d-f{n}-a" + "x" * 2000, "put_full")
-            if n % 2 == 0:
-                put("d-hot", f"d-hot-full-{n}", "put_full")
-            if r.status in (200, 201):
-                consecutive = 0
-            else:
-                consecutive += 1
-                if first_refusal is None:
-                    first_refusal = time.monotonic()
-        refused = [r for r in results["put_full"] if r.status not in (200, 201)]
-        bad = []
-        for r in results["put_full"]:
-            if r.error:
-                bad.append(f"PUT with a full disk: no answer: {r.error} after {ms(r.took)} ms")
-            elif r.status == 500:
-                bad.append(f"PUT with a full disk: 500 {r.body[:200]!r}")
-            elif r.status not in (200, 201):
-                j = r.json if isinstance(r.json, dict) else {}
-                ctype = r.headers.get("content-type", "")
-                if r.status not in (503, 507) or not ctype.startswith("application/problem+json"):
-                    bad.append(f"PUT with a full disk: {r.status} {ctype} {r.body[:200]!r}")
-                elif r.status == 507 and j.get("code") != "insufficient_storage":
-                    bad.append(f"507 with code {j.get('code')!r}")
-                elif r.status == 503 and j.get("code") != "unavailable":
-                    bad.append(f"503 with code {j.get('code')!r}")
-                if "retry-after" not in r.headers:
-                    bad.append(f"{r.status} without Retry-After")
-                if r.took > request_timeout + 1.0:
-                    bad.append(f"{r.status} after {ms(r.took)} ms (request timeout {request_timeout} s)")
-        if not refused:
-            bad.append(f"the disk never filled up within {args.fill_secs} s ({len(results['put_full'])} writes)")
-        # Reads while full: the bundle must be right, or a clear 503/507 (a read writes its audit event).
-        for user in list(acked)[:20]:
-            r = request(svc.port, "GET", tokens_path(user), timeout=request_timeout + 10)
-            results["get_full"].append(r)
-            if r.status == 200:
-                j = r.json
-                if (j.get("version"), j["oauth1_token"]["oauth_token"][len("o1tok-"):]) != acked[user]:
-                    bad.append(f"read with a full disk: {user} wrong bundle")
-            elif r.error or r.status not in (503, 507):
-                bad.append(f"GET with a full disk: {r.status} {r.error or r.body[:200]!r}")
+        out["free_bytes_at_end_of_fill"] = st.f_bavail * st.f_frsize
+        out["ok_answers_before_fill"] = ok_before
+        out["full_to_first_refusal_ms"] = ms(first_refusal)
+        full = [(k, r) for k, r in load.snapshot() if r.start >= t_full and r.end <= t_full_end]
+        full_puts = [r for k, r in full if k == "put"]
+        full_gets = [r for k, r in full if k == "get"]
+        for k, r in full:
+            bad.extend(check_refusal(r, request_timeout, f"{k.upper()} with a full disk"))
+        if not any(r.status not in (200, 201) for r in full_puts):
+            bad.append(f"the disk never filled up within {args.fill_secs} s ({len(full_puts)} writes)")
         ready_full = request(svc.port, "GET", "/readyz", key=None, timeout=request_timeout + 5)
         health_full = request(svc.port, "GET", "/healthz", key=None, timeout=5)
         if health_full.status != 200:
             bad.append(f"/healthz with a full disk: {health_full.status} {health_full.error}")
         if not svc.alive() or svc.proc.pid != pid:
             bad.append("the service exited with a full disk")
-        codes = {}
-        for r in refused:
-            c = f"{r.status} {r.problem_code()}"
-            codes[c] = codes.get(c, 0) + 1
-        out["full_put_answers"] = status_counts(results["put_full"])
-        out["full_refusal_codes"] = codes
-        out["full_get_answers"] = status_counts(results["get_full"])
-        out["full_get_codes"] = sorted({f"{r.status} {r.problem_code()}" for r in results["get_full"]})
+        out["full_put_answers"] = status_counts(full_puts)
+        out["full_put_refusals"] = refusal_codes(full_puts)
+        out["full_get_answers"] = status_counts(full_gets)
+        out["full_get_refusals"] = refusal_codes(full_gets)
+        out["full_refusal_ms_max"] = ms(max((r.took for k, r in full if r.status not in (200, 201)), default=0))
         out["full_readyz"] = ready_full.status
         out["full_healthz"] = health_full.status
-        out["full_refusal_ms_max"] = ms(max((r.took for r in refused), default=0))
-        out["writes_accepted_after_filler"] = sum(1 for r in results["put_full"] if r.status in (200, 201))
-        out["filler_to_first_refusal_ms"] = ms(first_refusal - t_full) if first_refusal else None
-        log(
-            "disk: full: "
-            + json.dumps({k: out[k] for k in ("full_put_answers", "full_refusal_codes", "full_get_answers")})
-        )
-        # Space returns: writes must succeed again without a restart.
+        log("disk: full: " + json.dumps({k: out[k] for k in ("full_put_answers", "full_put_refusals",
+                                                              "full_get_refusals", "full_to_first_refusal_ms")}))
+
+        # 2. Space returns: writes succeed again without a restart.
         os.unlink(filler)
         t_free = time.monotonic()
         rec = None
-        n = 0
-        while time.monotonic() - t_free < 30:
-            n += 1
-            r = put(f"d-r{n}", f"d-r{n}-a", "put_after")
-            if r.status in (200, 201):
-                rec = r.end - t_free
-                break
-            time.sleep(0.05)
+        while time.monotonic() - t_free < 30 and rec is None:
+            time.sleep(0.02)
+            ends = [r.end for k, r in load.snapshot() if k == "put" and r.start >= t_free and r.status in (200, 201)]
+            if ends:
+                rec = min(ends) - t_free
+        time.sleep(args.steady)
+        after = [(k, r) for k, r in load.snapshot() if r.start >= t_free + (rec or 0) + 0.5]
         out["space_back_to_first_2xx_ms"] = ms(rec)
+        out["after_space_answers"] = status_counts(r for k, r in after)
         if rec is None or rec > RECOVERY_LIMIT_S:
             bad.append(f"writes not back within {RECOVERY_LIMIT_S} s of freeing space: {ms(rec)} ms")
-        for n in range(20):
-            put(f"d-after{n}", f"d-after{n}-a", "put_after")
-            put("d-hot", f"d-hot-after-{n}", "put_after")
-        out["after_put_answers"] = status_counts(results["put_after"])
-        if any(r.status not in (200, 201) for r in results["put_after"][-40:]):
-            bad.append(f"writes after recovery: {status_counts(results['put_after'][-40:])}")
+        if any(r.status not in (200, 201) for k, r in after):
+            bad.append(f"answers after recovery: {status_counts(r for k, r in after)}")
         ready = request(svc.port, "GET", "/readyz", key=None, timeout=10)
         out["after_readyz"] = ready.status
         if ready.status != 200:
             bad.append(f"/readyz after recovery: {ready.status}")
-        unreadable = []
-        for user, (ver, tag) in acked.items():
-            r = request(svc.port, "GET", tokens_path(user), timeout=request_timeout + 10)
-            j = r.json if isinstance(r.json, dict) else {}
-            got = (j.get("version"), str((j.get("oauth1_token") or {}).get("oauth_token", ""))[len("o1tok-"):])
-            if r.status != 200 or got != (ver, tag):
-                if r.status == 200 and got[1] in uncertain.get(user, ()):
-                    continue
-                unreadable.append(f"{user}: {r.status} {got} != {(ver, tag)}")
-        out["acknowledged_users"] = len(acked)
-        out["acknowledged_unreadable"] = unreadable[:20]
-        if unreadable:
-            bad.append(f"{len(unreadable)} acknowledged writes not readable: {unreadable[:5]}")
-        v = request(svc.port, "GET", "/api/v1/audit/verify", timeout=60)
-        out["audit_verify_http"] = v.json if v.status == 200 else f"{v.status} {v.body[:200]!r}"
-        if v.status != 200 or not isinstance(v.json, dict) or v.json.get("ok") is not True:
-            bad.append(f"/api/v1/audit/verify: {v.status} {v.body[:200]!r}")
+
+        # 3. Full again, and the service is stopped while the disk is full.
+        filled2, t_full2, first2 = fill_under_load(svc, load, filler, 0, min(args.fill_secs, 10))
+        load.stop()
+        second = [(k, r) for k, r in load.snapshot() if r.start >= t_full2]
+        for k, r in second:
+            bad.extend(check_refusal(r, request_timeout, f"{k.upper()} with a full disk (2nd)"))
+        out["full2_answers"] = status_counts(r for k, r in second)
+        out["full2_refusals"] = refusal_codes(r for k, r in second)
         if not svc.alive() or svc.proc.pid != pid:
             bad.append("the service did not stay up")
         code = svc.stop()
-        out["service_exit_code"] = code
+        out["exit_code_stopped_while_full"] = code
         if code != 0:
-            bad.append(f"the service exited with {code} on SIGTERM")
-        # The file itself: integrity, and the acknowledged versions as stored.
-        dbfile = os.path.join(data, "centraldb-mfa.db")
+            bad.append(f"the service exited with {code} on SIGTERM while the disk was full")
+        os.unlink(filler)
+
+        # 4. The file: integrity, and the acknowledged versions as stored.
         con = sqlite3.connect(dbfile)
         try:
             integrity = [row[0] for row in con.execute("PRAGMA integrity_check")]
@@ -855,7 +854,11 @@ def run_disk(args, report):
         out["integrity_check"] = integrity
         if integrity != ["ok"]:
             bad.append(f"PRAGMA integrity_check: {integrity[:5]}")
+        with load.lock:
+            acked = dict(load.acked)
+            uncertain = {u: set(t) for u, t in load.uncertain.items()}
         wrong_v = [u for u, (ver, _) in acked.items() if stored.get(u) != ver and not uncertain.get(u)]
+        out["acknowledged_users"] = len(acked)
         out["stored_version_mismatches"] = wrong_v[:20]
         if wrong_v:
             bad.append(f"{len(wrong_v)} stored versions differ from the acknowledged ones: {wrong_v[:5]}")
@@ -863,6 +866,35 @@ def run_disk(args, report):
         out["audit_verify_cli"] = so.strip() or se.strip().splitlines()[-1:]
         if rc != 0:
             bad.append(f"audit verify CLI exit {rc}: {so}{se}")
+
+        # 5. Restarted: every acknowledged write readable with its version, the chain verifies.
+        svc.start()
+        unreadable = []
+        for user in acked:
+            r = request(svc.port, "GET", tokens_path(user), timeout=request_timeout + 10)
+            if r.status != 200:
+                unreadable.append(f"{user}: {r.status} {r.error or r.body[:120]!r}")
+            elif not load.check_read(user, r):
+                unreadable.append(f"{user}: wrong content")
+        out["acknowledged_unreadable"] = unreadable[:20]
+        out["wrong_reads_under_load"] = load.wrong_reads[:20]
+        if unreadable:
+            bad.append(f"{len(unreadable)} acknowledged writes not readable: {unreadable[:5]}")
+        if load.wrong_reads:
+            bad.append(f"{len(load.wrong_reads)} reads returned the wrong bundle: {load.wrong_reads[:5]}")
+        v = request(svc.port, "GET", "/api/v1/audit/verify", timeout=60)
+        out["audit_verify_http"] = v.json if v.status == 200 else f"{v.status} {v.body[:200]!r}"
+        if v.status != 200 or not isinstance(v.json, dict) or v.json.get("ok") is not True:
+            bad.append(f"/api/v1/audit/verify: {v.status} {v.body[:200]!r}")
+        code = svc.stop()
+        if code != 0:
+            bad.append(f"the restarted service exited with {code} on SIGTERM")
+        allres = load.snapshot()
+        out["all_put_answers"] = status_counts(r for k, r in allres if k == "put")
+        out["all_get_answers"] = status_counts(r for k, r in allres if k == "get")
+        out["service_log"] = log_findings(svc.log_path)
+        if out["service_log"]["panics"]:
+            bad.append(f"the service log shows {out['service_log']['panics']} panics")
         failures.extend(bad)
         for b in bad[:10]:
             log(f"disk:   PROBLEM {b}")
@@ -870,6 +902,8 @@ def run_disk(args, report):
         failures.append(f"disk phase aborted: {e}")
         traceback.print_exc()
     finally:
+        if load:
+            load.stop()
         if svc and svc.alive():
             svc.stop()
         if mounted:
@@ -923,11 +957,17 @@ def main():
     if not os.access(args.bin, os.X_OK):
         ap.error(f"--bin {args.bin} is not an executable (build it with cargo build)")
     report = {"bin": args.bin, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    ok = True
-    if args.only in (None, "pg"):
-        ok &= run_pg(args, report)
-    if args.only in (None, "disk"):
-        ok &= run_disk(args, report)
+    # A private copy: other builds may relink the binary while this runs.
+    bindir = tempfile.mkdtemp(prefix="cdb-outage-bin-")
+    try:
+        args.bin = shutil.copy2(args.bin, os.path.join(bindir, os.path.basename(args.bin)))
+        ok = True
+        if args.only in (None, "pg"):
+            ok &= run_pg(args, report)
+        if args.only in (None, "disk"):
+            ok &= run_disk(args, report)
+    finally:
+        shutil.rmtree(bindir, ignore_errors=True)
     report["ok"] = ok
     text = json.dumps(report, indent=2, default=str)
     if args.json:
