@@ -1,0 +1,1065 @@
+//! Property tests of every parser of untrusted bytes: user ids, scopes, MFA codes and
+//! destinations, token bundles (`garth_dump`, garth objects, DI tokens), JWT `exp`, keyring
+//! specs, AES-GCM envelopes, and (through the real router) `X-Request-Id`, `If-Match` /
+//! `If-None-Match`, `X-Lease-Fence`, the `{user_id}` path segment, `Authorization` and the
+//! audit events query (`after` cursor, `limit`, filters).
+//!
+//! Each property runs a modest number of cases by default so the suite stays fast; set
+//! `PROPTEST_CASES=N` to run every property N times, e.g.
+//! `PROPTEST_CASES=100000 cargo test --release --test props`.
+
+use std::sync::OnceLock;
+
+use axum::{
+    Router,
+    body::Body,
+    http::{HeaderMap, HeaderValue, Request, StatusCode},
+};
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD},
+};
+use centraldb_mfa::{
+    api,
+    config::Settings,
+    crypto::{Aad, CryptoError, Keyring},
+    domain::{
+        Scope, Scopes, TokenBundle, UserId,
+        mfa::{ChallengeStatus, Method, SessionState, Verifier, mask_destination, validate_code},
+        tokens::{BundleKind, garth_dump, jwt_exp, secrets_from_plaintext},
+    },
+    startup,
+};
+use http_body_util::BodyExt;
+use proptest::{
+    prelude::*,
+    test_runner::{Config as ProptestConfig, TestRunner},
+};
+use secrecy::SecretString;
+use serde_json::{Map, Value, json};
+use tower::ServiceExt;
+
+/// Latest expiry the service accepts (9999-12-31T23:59:59Z).
+const MAX_UNIX: i64 = 253_402_300_799;
+/// Cases per property when `PROPTEST_CASES` is not set: pure functions, and router round trips.
+const PURE_CASES: u32 = 256;
+const HTTP_CASES: u32 = 64;
+
+/// `PROPTEST_CASES` when set, else `default_cases`. Failures are not persisted to files:
+/// regressions are kept below as plain `#[test]`s.
+fn config(default_cases: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default_cases);
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+}
+
+// ---- strategies --------------------------------------------------------------------------
+
+/// Strings near the user id rules: valid ones of every length around the limit, one bad
+/// character among valid ones, and anything at all.
+fn user_id_like() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[A-Za-z0-9._@:-]{0,140}",
+        "[A-Za-z0-9._@:-]{126,130}",
+        "[A-Za-z0-9._@:-]{0,10}[^A-Za-z0-9._@:-][A-Za-z0-9._@:-]{0,10}",
+        any::<String>(),
+        ".{0,140}",
+    ]
+}
+
+/// The documented rule, written independently of the implementation.
+fn user_id_model(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._@:-".contains(&b))
+}
+
+/// A JSON value of any shape (no floats, so that text round trips compare exactly).
+fn json_value(with_floats: bool) -> impl Strategy<Value = Value> {
+    let float = any::<f64>().prop_map(move |f| {
+        if with_floats { serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number) } else { Value::Null }
+    });
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        float,
+        ".{0,12}".prop_map(Value::from),
+        any::<String>().prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::vec((json_key(), inner), 0..5).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+/// Object keys: mostly the field names the parsers look for, sometimes anything.
+fn json_key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => prop::sample::select(vec![
+            "kind", "garth_dump", "oauth1_token", "oauth2_token", "oauth_token", "oauth_token_secret", "mfa_token",
+            "domain", "access_token", "refresh_token", "token_type", "scope", "jti", "expires_in", "expires_at",
+            "refresh_token_expires_in", "refresh_token_expires_at", "di_token", "di_refresh_token", "di_client_id",
+            "exp",
+        ])
+        .prop_map(str::to_string),
+        1 => ".{0,8}",
+    ]
+}
+
+/// Extra (unknown) members of a garth token object: names that are not known fields.
+fn extras(known: &'static [&'static str]) -> impl Strategy<Value = Vec<(String, Value)>> {
+    prop::collection::vec(("x_[a-z_]{0,10}|[A-Z][a-zA-Z]{0,10}", json_value(false)), 0..4).prop_map(move |v| {
+        let mut seen = Vec::<String>::new();
+        v.into_iter()
+            .filter(|(k, _)| {
+                let fresh = !known.contains(&k.as_str()) && !seen.contains(k);
+                seen.push(k.clone());
+                fresh
+            })
+            .collect()
+    })
+}
+
+const O1_FIELDS: &[&str] = &["oauth_token", "oauth_token_secret", "mfa_token", "domain"];
+const O2_FIELDS: &[&str] = &[
+    "scope",
+    "jti",
+    "token_type",
+    "access_token",
+    "refresh_token",
+    "expires_in",
+    "expires_at",
+    "refresh_token_expires_in",
+    "refresh_token_expires_at",
+];
+
+/// A valid `oauth1_token` object, with unknown members kept in order.
+fn oauth1() -> impl Strategy<Value = Map<String, Value>> {
+    (".{1,40}", ".{1,40}", prop::option::of(".{0,20}"), prop::option::of(".{0,20}"), extras(O1_FIELDS)).prop_map(
+        |(tok, secret, mfa, domain, extra)| {
+            let mut m = Map::new();
+            m.insert("oauth_token".into(), tok.into());
+            m.insert("oauth_token_secret".into(), secret.into());
+            m.insert("mfa_token".into(), mfa.map_or(Value::Null, Value::from));
+            if let Some(d) = domain {
+                m.insert("domain".into(), d.into());
+            }
+            m.extend(extra);
+            m
+        },
+    )
+}
+
+/// A valid `oauth2_token` object (times within the accepted range), with unknown members.
+fn oauth2() -> impl Strategy<Value = Map<String, Value>> {
+    ((".{0,20}", ".{0,20}", ".{0,10}", ".{1,60}", ".{1,60}"), prop::array::uniform4(0..=MAX_UNIX), extras(O2_FIELDS))
+        .prop_map(|((scope, jti, tt, access, refresh), ints, extra)| {
+            let mut m = Map::new();
+            for (k, v) in [("scope", scope), ("jti", jti), ("token_type", tt), ("access_token", access)] {
+                m.insert(k.into(), v.into());
+            }
+            m.insert("refresh_token".into(), refresh.into());
+            for (k, v) in ["expires_in", "expires_at", "refresh_token_expires_in", "refresh_token_expires_at"]
+                .into_iter()
+                .zip(ints)
+            {
+                m.insert(k.into(), v.into());
+            }
+            m.extend(extra);
+            m
+        })
+}
+
+/// Whether member `f` is a non-empty string.
+fn non_empty(o: &Map<String, Value>, f: &str) -> bool {
+    o.get(f).and_then(Value::as_str).is_some_and(|s| !s.is_empty())
+}
+
+/// A garth object with some members replaced, removed or retyped.
+fn mutated(obj: Map<String, Value>, edits: Vec<(prop::sample::Index, Option<Value>)>) -> Map<String, Value> {
+    let mut obj = obj;
+    for (idx, v) in edits {
+        if obj.is_empty() {
+            break;
+        }
+        let key = obj.keys().nth(idx.index(obj.len())).cloned().unwrap_or_default();
+        match v {
+            Some(v) => {
+                obj.insert(key, v);
+            }
+            None => {
+                obj.remove(&key);
+            }
+        }
+    }
+    obj
+}
+
+fn b64_any_padding(bytes: &[u8], url: bool, pad: bool) -> String {
+    match (url, pad) {
+        (false, true) => STANDARD.encode(bytes),
+        (false, false) => STANDARD_NO_PAD.encode(bytes),
+        (true, true) => URL_SAFE.encode(bytes),
+        (true, false) => URL_SAFE_NO_PAD.encode(bytes),
+    }
+}
+
+/// The `exp` claim in many forms: in range, any i64, u64 beyond i64, floats, strings, nothing.
+fn exp_claim() -> impl Strategy<Value = Option<Value>> {
+    prop_oneof![
+        (0..=MAX_UNIX).prop_map(|n| Some(Value::from(n))),
+        any::<i64>().prop_map(|n| Some(Value::from(n))),
+        any::<u64>().prop_map(|n| Some(Value::from(n))),
+        (-10.0f64..=(MAX_UNIX as f64 + 10.0)).prop_map(|f| serde_json::Number::from_f64(f).map(Value::Number)),
+        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map(Value::Number)),
+        Just(Some(json!(MAX_UNIX))),
+        Just(Some(json!(MAX_UNIX + 1))),
+        Just(Some(json!(-1))),
+        json_value(true).prop_map(Some),
+        Just(None),
+    ]
+}
+
+/// What `exp` should give, from the documented rule: whole seconds (floats rounded down) from
+/// 1970 up to 9999-12-31T23:59:59Z; anything else is no expiry.
+fn exp_model(exp: Option<&Value>) -> Option<i64> {
+    let n = match exp? {
+        Value::Number(n) => n,
+        _ => return None,
+    };
+    if let Some(i) = n.as_i64() {
+        return (0..=MAX_UNIX).contains(&i).then_some(i);
+    }
+    if n.is_u64() {
+        return None; // beyond i64, so beyond 9999
+    }
+    let f = n.as_f64()?.floor();
+    (f >= 0.0 && f <= MAX_UNIX as f64).then_some(f as i64)
+}
+
+/// A JWT-like `header.payload.sig` whose payload holds `exp` and other random claims.
+fn jwt_like() -> impl Strategy<Value = (String, Option<i64>)> {
+    (
+        "[A-Za-z0-9_-]{0,24}",
+        exp_claim(),
+        prop::collection::vec((".{0,6}", json_value(true)), 0..3),
+        any::<bool>(),
+        "[A-Za-z0-9_-]{0,24}",
+    )
+        .prop_map(|(header, exp, others, pad, sig)| {
+            let mut claims = Map::new();
+            for (k, v) in others {
+                if k != "exp" {
+                    claims.insert(k, v);
+                }
+            }
+            if let Some(e) = &exp {
+                claims.insert("exp".into(), e.clone());
+            }
+            let expected = exp_model(exp.as_ref());
+            let payload = b64_any_padding(&serde_json::to_vec(&Value::Object(claims)).unwrap(), true, pad);
+            (format!("{header}.{payload}.{sig}"), expected)
+        })
+}
+
+/// A keyring with two known keys (`k1` active, `old`), from fixed key bytes.
+fn ring() -> &'static Keyring {
+    static RING: OnceLock<Keyring> = OnceLock::new();
+    RING.get_or_init(|| {
+        let spec = format!("k1:{},old:{}", STANDARD.encode([7u8; 32]), STANDARD.encode([9u8; 32]));
+        Keyring::parse(&SecretString::from(spec)).unwrap()
+    })
+}
+
+// ---- user ids, scopes, MFA vocabulary --------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config(PURE_CASES))]
+
+    #[test]
+    fn user_id_accepts_exactly_the_documented_alphabet_and_length(s in user_id_like()) {
+        let parsed = UserId::parse(&s);
+        prop_assert_eq!(parsed.is_ok(), user_id_model(&s), "{:?}", s);
+        if let Ok(u) = parsed {
+            prop_assert_eq!(u.as_str(), s.as_str());
+            prop_assert_eq!(u.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn user_id_never_panics_on_arbitrary_bytes(b in prop::collection::vec(any::<u8>(), 0..300)) {
+        let s = String::from_utf8_lossy(&b);
+        prop_assert_eq!(UserId::parse(&s).is_ok(), user_id_model(&s));
+    }
+
+    #[test]
+    fn scopes_parse_only_known_words_and_round_trip(
+        s in prop_oneof![
+            any::<String>(),
+            prop::collection::vec(
+                prop_oneof![
+                    prop::sample::select(Scope::ALL.to_vec()).prop_map(|s| s.as_str().to_string()),
+                    "[a-z:]{0,12}",
+                ],
+                0..8,
+            )
+            .prop_flat_map(|words| {
+                let n = words.len();
+                (Just(words), prop::collection::vec("[ ,]{1,3}", n))
+            })
+            .prop_map(|(words, seps)| words.into_iter().zip(seps).map(|(w, s)| w + &s).collect::<String>()),
+        ]
+    ) {
+        let words: Vec<&str> = s.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+        let all_known = words.iter().all(|w| Scope::ALL.iter().any(|sc| sc.as_str() == *w));
+        match Scopes::parse_list(&s) {
+            Ok(scopes) => {
+                prop_assert!(all_known, "{:?}", s);
+                let stored = scopes.to_stored();
+                prop_assert_eq!(Scopes::parse_list(&stored), Ok(scopes.clone()));
+                for w in &words {
+                    prop_assert!(scopes.allows(Scope::parse(w).unwrap()));
+                }
+            }
+            Err(m) => {
+                prop_assert!(!all_known, "{:?}", s);
+                prop_assert!(m.starts_with("unknown scope"));
+            }
+        }
+    }
+
+    #[test]
+    fn string_enums_parse_only_their_own_spelling(s in prop_oneof![
+        any::<String>(),
+        prop::sample::select(vec![
+            "email", "sms", "totp", "push", "service", "external", "pending", "verified", "consumed", "failed",
+            "expired", "cancelled", "started", "mfa_required", "mfa_verified", "authenticated", "superseded",
+            "garth", "garminconnect", "admin", "tokens:read", "Email", "SMS", " sms", "sms ",
+        ]).prop_map(str::to_string),
+    ]) {
+        if let Some(m) = Method::parse(&s) { prop_assert_eq!(m.as_str(), s.as_str()); }
+        if let Some(v) = Verifier::parse(&s) { prop_assert_eq!(v.as_str(), s.as_str()); }
+        if let Some(c) = ChallengeStatus::parse(&s) { prop_assert_eq!(c.as_str(), s.as_str()); }
+        if let Some(st) = SessionState::parse(&s) { prop_assert_eq!(st.as_str(), s.as_str()); }
+        if let Some(k) = BundleKind::parse(&s) { prop_assert_eq!(k.as_str(), s.as_str()); }
+        if let Some(sc) = Scope::parse(&s) { prop_assert_eq!(sc.as_str(), s.as_str()); }
+    }
+
+    #[test]
+    fn codes_are_four_to_sixteen_ascii_letters_or_digits(
+        s in prop_oneof![any::<String>(), "[A-Za-z0-9]{0,20}", "[A-Za-z0-9]{2,8}.[A-Za-z0-9]{0,8}", "\\PC{3,17}"]
+    ) {
+        let model = (4..=16).contains(&s.chars().count()) && s.chars().all(|c| c.is_ascii_alphanumeric());
+        prop_assert_eq!(validate_code(&s).is_ok(), model, "{:?}", s);
+    }
+
+    #[test]
+    fn destinations_are_masked_without_leaking(
+        method in prop::sample::select(vec![Method::Email, Method::Sms, Method::Totp, Method::Push]),
+        raw in prop_oneof![
+            any::<String>(),
+            "[^@\\s]{0,20}@[^@\\s]{0,20}",
+            " ?\\+?[0-9 ().-]{0,30} ?",
+            "[0-9]{0,25}",
+            ".{0,300}",
+            "[a-zA-Z0-9 ]{1,20}",
+        ]
+    ) {
+        match mask_destination(method, &raw) {
+            Ok(masked) => {
+                let t = raw.trim();
+                prop_assert!(!t.is_empty() && t.chars().count() <= 254 && !t.chars().any(char::is_control));
+                if let Some((local, domain)) = t.split_once('@') {
+                    let first: String = local.chars().take(1).collect();
+                    prop_assert_eq!(masked, format!("{first}***@{domain}"));
+                } else {
+                    prop_assert!(method != Method::Email);
+                    let digits: String = t.chars().filter(char::is_ascii_digit).collect();
+                    if t.chars().all(|c| c.is_ascii_digit() || " +-().".contains(c)) {
+                        // A phone number: stars for all but the last four digits (so a number
+                        // of exactly four digits is shown whole, as documented).
+                        prop_assert!((4..=20).contains(&digits.len()));
+                        let (hidden, last4) = digits.split_at(digits.len() - 4);
+                        prop_assert_eq!(masked, format!("{}{last4}", "*".repeat(hidden.len())));
+                    } else {
+                        prop_assert!(method != Method::Sms);
+                        let first: String = t.chars().take(1).collect();
+                        prop_assert_eq!(masked, format!("{first}***"));
+                    }
+                }
+            }
+            Err(m) => prop_assert!(m.starts_with("destination"), "{}", m),
+        }
+    }
+}
+
+// ---- token bundles and JWT expiry ------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config(PURE_CASES))]
+
+    #[test]
+    fn jwt_exp_never_panics_on_arbitrary_strings(s in prop_oneof![
+        any::<String>(),
+        "[A-Za-z0-9_=.-]{0,80}",
+        "[^.]{0,10}\\.[A-Za-z0-9_+/=-]{0,60}\\.[^.]{0,10}",
+    ]) {
+        let _ = jwt_exp(&s);
+    }
+
+    #[test]
+    fn jwt_exp_reads_exactly_the_documented_exp((jwt, expected) in jwt_like()) {
+        prop_assert_eq!(jwt_exp(&jwt).map(|t| t.timestamp()), expected, "{}", jwt);
+    }
+
+    #[test]
+    fn jwt_exp_is_none_for_non_object_or_non_json_payloads(
+        payload in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..200),
+            json_value(true)
+                .prop_filter_map("not an object", |v| (!v.is_object()).then(|| serde_json::to_vec(&v).unwrap())),
+        ],
+        pad in any::<bool>(),
+        extra_dots in 0usize..3,
+    ) {
+        let body = b64_any_padding(&payload, true, pad);
+        let jwt = format!("h.{body}.s{}", ".x".repeat(extra_dots));
+        let as_object = serde_json::from_slice::<Value>(&payload).ok().filter(Value::is_object);
+        let expected = if extra_dots == 0 { as_object.as_ref().and_then(|o| exp_model(o.get("exp"))) } else { None };
+        prop_assert_eq!(jwt_exp(&jwt).map(|t| t.timestamp()), expected);
+    }
+
+    #[test]
+    fn bundle_parsing_never_panics_on_arbitrary_json(v in json_value(true)) {
+        if let Err(e) = TokenBundle::from_body(v.clone()) {
+            prop_assert!(!e.field.is_empty());
+        }
+        if let Value::Object(mut m) = v {
+            for kind in ["garth", "garminconnect"] {
+                m.insert("kind".into(), kind.into());
+                let _ = TokenBundle::from_body(Value::Object(m.clone()));
+            }
+        }
+    }
+
+    #[test]
+    fn garth_objects_with_wrong_members_are_refused_naming_the_field(
+        o1 in oauth1(),
+        o2 in oauth2(),
+        e1 in prop::collection::vec((any::<prop::sample::Index>(), prop::option::of(json_value(true))), 0..3),
+        e2 in prop::collection::vec((any::<prop::sample::Index>(), prop::option::of(json_value(true))), 0..3),
+    ) {
+        let (o1, o2) = (mutated(o1, e1), mutated(o2, e2));
+        let ok1 = ["oauth_token", "oauth_token_secret"].iter().all(|f| non_empty(&o1, f))
+            && ["mfa_token", "domain"].iter().all(|f| o1.get(*f).is_none_or(|v| v.is_null() || v.is_string()));
+        let ok2 = ["access_token", "refresh_token"].iter().all(|f| non_empty(&o2, f))
+            && ["token_type", "scope", "jti"].iter().all(|f| o2.get(*f).is_some_and(Value::is_string))
+            && ["expires_in", "expires_at", "refresh_token_expires_in", "refresh_token_expires_at"]
+                .iter()
+                .all(|f| o2.get(*f).and_then(Value::as_i64).is_some_and(|n| (0..=MAX_UNIX).contains(&n)));
+        let result = TokenBundle::from_body(json!({"kind": "garth", "oauth1_token": o1, "oauth2_token": o2}));
+        match result {
+            Ok(b) => {
+                prop_assert!(ok1 && ok2);
+                prop_assert_eq!(b.access_expires_at.map(|t| t.timestamp()), o2["expires_at"].as_i64());
+                prop_assert_eq!(b.refresh_expires_at.map(|t| t.timestamp()), o2["refresh_token_expires_at"].as_i64());
+            }
+            Err(e) => {
+                prop_assert!(!(ok1 && ok2), "{:?}", e);
+                let expected_parent = if ok1 { "oauth2_token." } else { "oauth1_token." };
+                prop_assert!(e.field.starts_with(expected_parent), "{:?}", e);
+            }
+        }
+    }
+
+    #[test]
+    fn garth_dump_round_trips(
+        o1 in oauth1(),
+        o2 in oauth2(),
+        pad in any::<bool>(),
+        ws in prop::sample::select(vec!["", " ", "\n", "\t ", "\r\n"]),
+    ) {
+        let objects = json!([o1, o2]);
+        let b1 = TokenBundle::from_body(json!({"kind": "garth", "oauth1_token": o1, "oauth2_token": o2})).unwrap();
+        let secrets = secrets_from_plaintext(&b1.plaintext).unwrap();
+        prop_assert_eq!(&Value::Object(secrets.clone()), &json!({"oauth1_token": o1, "oauth2_token": o2}));
+        // garth's own dump (padded) and hand-made ones (no padding, surrounding whitespace).
+        let dump = garth_dump(&secrets).unwrap();
+        prop_assert_eq!(serde_json::from_slice::<Value>(&STANDARD.decode(&dump).unwrap()).unwrap(), objects);
+        let bytes = STANDARD.decode(&dump).unwrap();
+        let given = format!("{ws}{}{ws}", b64_any_padding(&bytes, false, pad));
+        let b2 = TokenBundle::from_body(json!({"kind": "garth", "garth_dump": given})).unwrap();
+        prop_assert_eq!(b2.kind, BundleKind::Garth);
+        prop_assert_eq!(b2.plaintext.as_slice(), b1.plaintext.as_slice());
+        prop_assert_eq!(b2.access_expires_at, b1.access_expires_at);
+        prop_assert_eq!(b2.refresh_expires_at, b1.refresh_expires_at);
+        prop_assert_eq!(garth_dump(&secrets_from_plaintext(&b2.plaintext).unwrap()), Some(dump));
+    }
+
+    #[test]
+    fn garth_dump_decoding_never_panics(
+        dump in prop_oneof![
+            any::<String>(),
+            "[A-Za-z0-9+/=]{0,200}",
+            prop::collection::vec(any::<u8>(), 0..300).prop_map(|b| STANDARD.encode(b)),
+            json_value(true).prop_map(|v| STANDARD.encode(serde_json::to_vec(&v).unwrap())),
+            prop::collection::vec(json_value(true), 0..4)
+                .prop_map(|v| STANDARD_NO_PAD.encode(serde_json::to_vec(&v).unwrap())),
+            (json_value(true), json_value(true))
+                .prop_map(|(a, b)| STANDARD.encode(serde_json::to_vec(&json!([a, b])).unwrap())),
+        ]
+    ) {
+        match TokenBundle::from_body(json!({"kind": "garth", "garth_dump": dump})) {
+            Ok(b) => prop_assert!(secrets_from_plaintext(&b.plaintext).is_ok()),
+            Err(e) => prop_assert!(
+                e.field == "garth_dump" || e.field.starts_with("oauth1_token") || e.field.starts_with("oauth2_token"),
+                "{:?}",
+                e
+            ),
+        }
+    }
+
+    #[test]
+    fn di_bundles_take_their_expiry_from_the_jwt(
+        (access, _) in jwt_like(),
+        refresh in prop_oneof![jwt_like().prop_map(|j| j.0), ".{1,40}"],
+        client in ".{1,20}",
+    ) {
+        let b = TokenBundle::from_body(json!({"kind": "garminconnect", "di_token": access,
+            "di_refresh_token": refresh, "di_client_id": client})).unwrap();
+        prop_assert_eq!(b.kind, BundleKind::GarminConnect);
+        prop_assert_eq!(b.access_expires_at, jwt_exp(&access));
+        prop_assert_eq!(b.refresh_expires_at, jwt_exp(&refresh));
+        let secrets = secrets_from_plaintext(&b.plaintext).unwrap();
+        let expected = json!({"di_token": access, "di_refresh_token": refresh, "di_client_id": client});
+        prop_assert_eq!(Value::Object(secrets), expected);
+    }
+
+    #[test]
+    fn stored_plaintext_parsing_never_panics(b in prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..300),
+        json_value(true).prop_map(|v| serde_json::to_vec(&v).unwrap()),
+    ]) {
+        if let Ok(m) = secrets_from_plaintext(&b) {
+            let _ = garth_dump(&m);
+        }
+    }
+}
+
+// ---- keyring specs and envelopes -------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config(PURE_CASES))]
+
+    #[test]
+    fn key_specs_never_panic(s in prop_oneof![any::<String>(), "[a-z0-9:,= +/A-Z_-]{0,120}"]) {
+        let _ = Keyring::parse(&SecretString::from(s));
+    }
+
+    #[test]
+    fn key_specs_are_accepted_exactly_when_valid(
+        entries in prop::collection::vec(
+            (
+                prop_oneof![
+                    4 => "[A-Za-z0-9_-]{1,8}",
+                    1 => "[A-Za-z0-9_-]{30,34}",
+                    1 => "[^,:]{0,6}",
+                    1 => " [a-z]{1,4} ",
+                ],
+                prop_oneof![4 => Just(32usize), 1 => 0usize..70],
+                prop::array::uniform32(any::<u8>()),
+                0u8..3,
+            ),
+            0..4,
+        ),
+        sep in prop::sample::select(vec![",", ", ", " ,", ",,"]),
+    ) {
+        let mut spec = Vec::new();
+        for (id, len, seed, style) in &entries {
+            let key: Vec<u8> = seed.iter().cycle().take(*len).copied().collect();
+            let b64 = match style {
+                0 => STANDARD.encode(&key),
+                1 => format!(" {} ", STANDARD.encode(&key)),
+                _ => STANDARD_NO_PAD.encode(&key),
+            };
+            spec.push(format!("{id}:{b64}"));
+        }
+        let spec = spec.join(sep);
+        let ids: Vec<&str> = entries.iter().map(|e| e.0.trim()).collect();
+        let valid_id = |id: &str| {
+            (1..=32).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        let padded_ok = |len: usize, style: u8| style != 2 || len.is_multiple_of(3); // strict padding
+        let model = !entries.is_empty()
+            && entries.iter().all(|(id, len, _, style)| valid_id(id.trim()) && *len == 32 && padded_ok(*len, *style))
+            && (0..ids.len()).all(|i| !ids[..i].contains(&ids[i]));
+        match Keyring::parse(&SecretString::from(spec.clone())) {
+            Ok(k) => {
+                prop_assert!(model, "{}", spec);
+                prop_assert_eq!(k.key_ids(), ids.clone());
+                prop_assert_eq!(k.active_key_id(), ids[0]);
+            }
+            Err(e) => prop_assert!(!model, "{} -> {}", spec, e),
+        }
+    }
+
+    #[test]
+    fn envelopes_round_trip(
+        plaintext in prop::collection::vec(any::<u8>(), 0..2048),
+        parts in prop::collection::vec(".{0,12}", 0..4),
+        use_old in any::<bool>(),
+    ) {
+        let k = ring();
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let env = if use_old {
+            k.encrypt_with_key_id("old", &plaintext, &Aad::new(&refs)).unwrap()
+        } else {
+            k.encrypt(&plaintext, &Aad::new(&refs))
+        };
+        prop_assert_eq!(Keyring::envelope_key_id(&env), Ok(if use_old { "old" } else { "k1" }));
+        prop_assert_eq!(env.len(), 2 + if use_old { 3 } else { 2 } + 12 + plaintext.len() + 16);
+        let decrypted = k.decrypt(&env, &Aad::new(&refs)).unwrap();
+        prop_assert_eq!(decrypted.as_slice(), plaintext.as_slice());
+    }
+
+    #[test]
+    fn any_single_byte_change_truncation_or_extension_fails(
+        plaintext in prop::collection::vec(any::<u8>(), 0..512),
+        user in user_id_like(),
+        at in any::<prop::sample::Index>(),
+        mask in 1u8..=255,
+        cut in any::<prop::sample::Index>(),
+        tail in prop::collection::vec(any::<u8>(), 1..40),
+    ) {
+        let k = ring();
+        let aad = Aad::token_bundle(&user, "garth");
+        let env = k.encrypt(&plaintext, &aad);
+        let mut flipped = env.clone();
+        flipped[at.index(env.len())] ^= mask;
+        prop_assert!(k.decrypt(&flipped, &aad).is_err());
+        prop_assert!(k.decrypt(&env[..cut.index(env.len())], &aad).is_err());
+        let mut longer = env.clone();
+        longer.extend_from_slice(&tail);
+        prop_assert!(k.decrypt(&longer, &aad).is_err());
+        let decrypted = k.decrypt(&env, &aad).unwrap();
+        prop_assert_eq!(decrypted.as_slice(), plaintext.as_slice());
+    }
+
+    #[test]
+    fn another_context_fails_to_decrypt(
+        plaintext in prop::collection::vec(any::<u8>(), 0..256),
+        a in prop::collection::vec("[ab]{0,3}", 0..4),
+        b in prop::collection::vec("[ab]{0,3}", 0..4),
+        users in (user_id_like(), user_id_like()),
+        kinds in prop::sample::subsequence(vec!["garth", "garminconnect"], 1..=2),
+    ) {
+        let k = ring();
+        let ra: Vec<&str> = a.iter().map(String::as_str).collect();
+        let rb: Vec<&str> = b.iter().map(String::as_str).collect();
+        let env = k.encrypt(&plaintext, &Aad::new(&ra));
+        // Parts are length-prefixed: ["ab", "a"] and ["a", "ba"] are different contexts.
+        let result = k.decrypt(&env, &Aad::new(&rb));
+        if a == b {
+            let decrypted = result.unwrap();
+            prop_assert_eq!(decrypted.as_slice(), plaintext.as_slice());
+        } else {
+            prop_assert_eq!(result, Err(CryptoError::Authentication));
+        }
+        let (u1, u2) = users;
+        let (k1, k2) = (kinds[0], kinds[kinds.len() - 1]);
+        let env = k.encrypt(&plaintext, &Aad::token_bundle(&u1, k1));
+        let result = k.decrypt(&env, &Aad::token_bundle(&u2, k2));
+        prop_assert_eq!(result.is_ok(), u1 == u2 && k1 == k2);
+    }
+
+    #[test]
+    fn arbitrary_envelopes_never_decrypt_or_panic(b in prop::collection::vec(any::<u8>(), 0..200), user in ".{0,10}") {
+        let k = ring();
+        let _ = Keyring::envelope_key_id(&b);
+        prop_assert!(k.decrypt(&b, &Aad::token_bundle(&user, "garth")).is_err());
+    }
+
+    #[test]
+    fn envelopes_with_a_valid_prefix_and_random_tail_fail_with_the_right_error(
+        id in prop_oneof![Just("k1".to_string()), Just("old".to_string()), "[a-z0-9]{1,32}", "\\PC{0,5}"],
+        tail in prop_oneof![prop::collection::vec(any::<u8>(), 0..80), prop::collection::vec(any::<u8>(), 26..=29)],
+        len_delta in prop_oneof![8 => Just(0i16), 1 => -3i16..=3, 1 => any::<u8>().prop_map(i16::from)],
+        version in prop_oneof![8 => Just(1u8), 1 => any::<u8>()],
+    ) {
+        let k = ring();
+        let id_bytes = id.as_bytes();
+        let mut env = vec![version, (id_bytes.len() as i16 + len_delta).clamp(0, 255) as u8];
+        env.extend_from_slice(id_bytes);
+        env.extend_from_slice(&tail);
+        let result = k.decrypt(&env, &Aad::token_bundle("u", "garth"));
+        if version == 1 && len_delta == 0 && id_bytes.len() <= 255 {
+            let expected = if tail.len() < 12 + 16 {
+                CryptoError::Malformed
+            } else if k.has_key(&id) {
+                CryptoError::Authentication
+            } else {
+                CryptoError::UnknownKey(id.clone())
+            };
+            prop_assert_eq!(Keyring::envelope_key_id(&env), Ok(id.as_str()));
+            prop_assert_eq!(result, Err(expected));
+        } else {
+            prop_assert!(result.is_err());
+            if version != 1 {
+                prop_assert_eq!(Keyring::envelope_key_id(&env), Err(CryptoError::Malformed));
+            }
+        }
+    }
+}
+
+// ---- header parsers that are public: X-Lease-Fence ---------------------------------------------
+
+/// Header value bytes: visible ASCII, tab, and obs-text (bytes >= 0x80); all valid `HeaderValue`s.
+fn header_bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        prop_oneof![
+            8 => 0x20u8..=0x7e,
+            1 => Just(b'\t'),
+            1 => 0x80u8..=0xff,
+        ],
+        0..max,
+    )
+}
+
+/// Near-miss integers: signs, spaces, quotes, leading zeros, huge values.
+fn int_like() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        (0i64..5).prop_map(|n| n.to_string()),
+        "[ \t]{0,2}[+-]?0{0,3}[0-9]{1,20}[ \t]{0,2}",
+        "\"?W?/?\"?[0-9]{1,4}\"?",
+        Just(i64::MAX.to_string()),
+        Just("9223372036854775808".to_string()),
+        "[0-9a-fx.eE_+-]{0,8}",
+    ]
+}
+
+/// A decimal integer with an optional sign, fitting in 64 bits (what the headers and query
+/// parameters document: "an integer"), written independently of the parser under test.
+fn decimal_model(s: &str) -> Option<i64> {
+    let (negative, digits) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.bytes().try_fold(0i64, |acc, b| {
+        let d = i64::from(b - b'0');
+        if negative { acc.checked_mul(10)?.checked_sub(d) } else { acc.checked_mul(10)?.checked_add(d) }
+    })
+}
+
+fn trim_ows(s: &str) -> &str {
+    s.trim_matches(|c| c == ' ' || c == '\t')
+}
+
+proptest! {
+    #![proptest_config(config(PURE_CASES))]
+
+    #[test]
+    fn lease_fence_is_a_positive_integer_or_refused(
+        v in prop_oneof![header_bytes(40), int_like().prop_map(String::into_bytes)]
+    ) {
+        let mut headers = HeaderMap::new();
+        prop_assert_eq!(api::tokens::lease_fence(&headers).ok(), Some(None));
+        headers.insert("x-lease-fence", HeaderValue::from_bytes(&v).unwrap());
+        let model = std::str::from_utf8(&v)
+            .ok()
+            .filter(|s| s.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)))
+            .and_then(|s| decimal_model(trim_ows(s)))
+            .filter(|n| *n >= 1);
+        match api::tokens::lease_fence(&headers) {
+            Ok(got) => prop_assert_eq!(got, model, "{:?}", v),
+            Err(e) => {
+                prop_assert!(model.is_none(), "{:?}", v);
+                let problem = e.to_problem();
+                prop_assert_eq!(problem.extra.get("field"), Some(&Value::from("x-lease-fence")));
+            }
+        }
+    }
+}
+
+// ---- through the router: X-Request-Id, If-Match, user id path, Authorization, audit query -------
+
+const ADMIN_KEY: &str = "props-bootstrap-admin-key-0123456789abcdef";
+
+/// One in-process app on a fresh SQLite database, driven with `oneshot`.
+struct App {
+    rt: tokio::runtime::Runtime,
+    router: Router,
+    _dir: tempfile::TempDir,
+}
+
+impl App {
+    fn new() -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let vars: Vec<(&str, String)> = vec![
+            ("CENTRALDB_DATA_DIR", dir.path().display().to_string()),
+            ("CENTRALDB_DATABASE_URL", format!("sqlite://{}", dir.path().join("props.db").display())),
+            ("CENTRALDB_ENCRYPTION_KEYS", format!("k1:{}", STANDARD.encode([5u8; 32]))),
+            ("CENTRALDB_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY.to_string()),
+            ("CENTRALDB_ARGON2_MEMORY_KIB", "64".to_string()),
+            ("CENTRALDB_ARGON2_ITERATIONS", "1".to_string()),
+        ];
+        let settings =
+            Settings::from_lookup(|k| vars.iter().find(|(name, _)| *name == k).map(|(_, v)| v.clone())).unwrap();
+        let state = rt.block_on(startup::build_state(settings)).unwrap();
+        Self { router: api::app(state), rt, _dir: dir }
+    }
+
+    /// Sends a request; the status, response headers and the body as JSON (`Null` if not JSON).
+    fn send(&self, req: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+        self.rt.block_on(async {
+            let resp = self.router.clone().oneshot(req).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            let bytes = body.collect().await.unwrap().to_bytes();
+            (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        })
+    }
+}
+
+fn runner(default_cases: u32) -> TestRunner {
+    TestRunner::new(config(default_cases))
+}
+
+/// Percent-encodes every byte that is not a letter or digit.
+fn pct(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| if b.is_ascii_alphanumeric() { (*b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+#[test]
+fn request_id_is_echoed_exactly_when_acceptable() {
+    let app = App::new();
+    let strategy = prop_oneof![header_bytes(140), "[A-Za-z0-9_.:-]{0,130}".prop_map(String::into_bytes)];
+    runner(HTTP_CASES)
+        .run(&strategy, |v| {
+            let req = Request::get("/healthz")
+                .header("x-request-id", HeaderValue::from_bytes(&v).unwrap())
+                .body(Body::empty());
+            let (status, headers, _) = app.send(req.unwrap());
+            prop_assert_eq!(status, StatusCode::OK);
+            let echoed = headers.get("x-request-id").unwrap().to_str().unwrap().to_string();
+            let acceptable =
+                (1..=128).contains(&v.len()) && v.iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b));
+            if acceptable {
+                prop_assert_eq!(echoed.as_bytes(), v.as_slice());
+            } else {
+                let id = uuid::Uuid::parse_str(&echoed).unwrap();
+                prop_assert_eq!(id.get_version_num(), 7);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn if_match_and_if_none_match_are_parsed_or_refused() {
+    let app = App::new();
+    let value = || {
+        prop_oneof![
+            header_bytes(30),
+            int_like().prop_map(String::into_bytes),
+            "[ \t]{0,2}(\\*|W/)?\"?[+-]?[0-9]{0,20}\"?[ \t]{0,2}".prop_map(String::into_bytes),
+            Just(b"*".to_vec()),
+        ]
+    };
+    let strategy = (prop::option::of(value()), prop::option::of(value()));
+    runner(HTTP_CASES)
+        .run(&strategy, |(if_match, if_none_match)| {
+            let mut req = Request::put("/api/v1/users/props-user/tokens")
+                .header("authorization", format!("Bearer {ADMIN_KEY}"))
+                .header("content-type", "application/json");
+            for (name, v) in [("if-match", &if_match), ("if-none-match", &if_none_match)] {
+                if let Some(v) = v {
+                    req = req.header(name, HeaderValue::from_bytes(v).unwrap());
+                }
+            }
+            // An empty body: a header that parses gets as far as the body check (`kind`), so no
+            // case writes anything.
+            let (status, _, problem) = app.send(req.body(Body::from("{}")).unwrap());
+            prop_assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+            let text = |v: &Vec<u8>| {
+                std::str::from_utf8(v)
+                    .ok()
+                    .filter(|s| s.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)))
+                    .map(|s| trim_ows(s).to_string())
+            };
+            let expected_field = match (&if_match, &if_none_match) {
+                (Some(m), _) if text(m).is_none() => Some("if-match"),
+                (_, Some(n)) if text(n).is_none() => Some("if-none-match"),
+                (Some(_), Some(_)) => None,
+                (None, Some(n)) if text(n).as_deref() == Some("*") => Some("kind"),
+                (None, Some(_)) => Some("if-none-match"),
+                (Some(m), None) => {
+                    let m = text(m).unwrap_or_default();
+                    let inner = m.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(&m);
+                    if m == "*" || decimal_model(inner).is_some_and(|n| n >= 1) {
+                        Some("kind")
+                    } else {
+                        Some("if-match")
+                    }
+                }
+                (None, None) => Some("kind"),
+            };
+            prop_assert_eq!(problem.get("field").and_then(Value::as_str), expected_field, "{:?}", problem);
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn user_id_path_segment_is_validated() {
+    let app = App::new();
+    let strategy = prop_oneof![
+        user_id_like().prop_filter_map("non-empty", |s| (!s.is_empty()).then(|| s.into_bytes())),
+        prop::collection::vec(any::<u8>(), 1..40),
+    ];
+    runner(HTTP_CASES)
+        .run(&strategy, |raw| {
+            let uri = format!("/api/v1/users/{}/auth-status", pct(&raw));
+            let req = Request::get(&uri).header("authorization", format!("Bearer {ADMIN_KEY}")).body(Body::empty());
+            let (status, _, problem) = app.send(req.unwrap());
+            let valid = std::str::from_utf8(&raw).is_ok_and(user_id_model);
+            if valid {
+                prop_assert!(status.is_success(), "{:?} {} {:?}", raw, status, problem);
+            } else {
+                prop_assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+                prop_assert_eq!(problem.get("field").and_then(Value::as_str), Some("user_id"));
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn authorization_header_authenticates_only_the_key() {
+    let app = App::new();
+    let strategy = prop_oneof![
+        header_bytes(80),
+        "(Bearer|bearer|Basic|BEARER)? {0,2}[A-Za-z0-9_-]{0,60}".prop_map(String::into_bytes),
+        "(Bearer|bearer|BEARER|Bearer:)[ \t]{0,2}props-bootstrap-admin-key-0123456789abcde[a-z.]?[ \t]{0,2}"
+            .prop_map(String::into_bytes),
+    ];
+    runner(HTTP_CASES)
+        .run(&strategy, |v| {
+            let req = Request::get("/api/v1/audit/events?limit=1")
+                .header("authorization", HeaderValue::from_bytes(&v).unwrap())
+                .body(Body::empty());
+            let (status, _, problem) = app.send(req.unwrap());
+            // `Bearer <key>` (or `bearer`), the key with optional whitespace around it.
+            let presented = std::str::from_utf8(&v)
+                .ok()
+                .filter(|s| s.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)))
+                .and_then(|s| s.strip_prefix("Bearer ").or_else(|| s.strip_prefix("bearer ")))
+                .map(trim_ows);
+            if presented == Some(ADMIN_KEY) {
+                prop_assert_eq!(status, StatusCode::OK, "{:?} {:?}", v, problem);
+            } else {
+                prop_assert_eq!(status, StatusCode::UNAUTHORIZED, "{:?} {:?}", v, problem);
+                prop_assert_eq!(problem.get("code").and_then(Value::as_str), Some("unauthenticated"));
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn audit_cursor_and_limit_are_parsed_or_refused() {
+    let app = App::new();
+    let strategy = (prop::option::of(int_like()), prop::option::of(int_like()));
+    runner(HTTP_CASES)
+        .run(&strategy, |(after, limit)| {
+            let mut query = vec![];
+            if let Some(a) = &after {
+                query.push(format!("after={}", pct(a.as_bytes())));
+            }
+            if let Some(l) = &limit {
+                query.push(format!("limit={}", pct(l.as_bytes())));
+            }
+            let uri = format!("/api/v1/audit/events?{}", query.join("&"));
+            let req = Request::get(&uri).header("authorization", format!("Bearer {ADMIN_KEY}")).body(Body::empty());
+            let (status, _, body) = app.send(req.unwrap());
+            let limit_ok = limit.as_deref().is_none_or(|l| decimal_model(l).is_some_and(|n| (1..=1000).contains(&n)));
+            let after_ok = after.as_deref().is_none_or(|a| decimal_model(a).is_some_and(|n| n >= 0));
+            if limit_ok && after_ok {
+                prop_assert_eq!(status, StatusCode::OK, "{:?} {:?} {:?}", after, limit, body);
+                prop_assert!(body["events"].is_array());
+            } else {
+                prop_assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+                let field = if limit_ok { "after" } else { "limit" };
+                prop_assert_eq!(body.get("field").and_then(Value::as_str), Some(field));
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn audit_query_filters_never_fail_the_server() {
+    let app = App::new();
+    let time = || {
+        prop_oneof![
+            "[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,12})?(Z|z|[+-][0-9]{2}:[0-9]{2})",
+            "(0000|9999|1970)-(01|12|13|00)-(01|31|32)T(00|23|24):(00|59|60):(00|59|60)(Z|[+-](23:59|00:00|24:00))",
+            ".{0,30}",
+        ]
+    };
+    let strategy = (
+        prop::option::of(user_id_like()),
+        prop::option::of(prop_oneof!["[a-z._:-]{0,12}", ".{0,110}"]),
+        prop::option::of(prop_oneof![
+            prop::sample::select(vec!["success", "failure", "denied", "error"]).prop_map(str::to_string),
+            ".{0,10}"
+        ]),
+        prop::option::of(time()),
+        prop::option::of(time()),
+        prop::collection::vec(("[a-z_]{0,8}", ".{0,8}"), 0..3),
+    );
+    runner(HTTP_CASES)
+        .run(&strategy, |(user, type_, outcome, since, until, others)| {
+            let mut query = vec![];
+            for (k, v) in
+                [("user_id", &user), ("type", &type_), ("outcome", &outcome), ("since", &since), ("until", &until)]
+            {
+                if let Some(v) = v {
+                    query.push(format!("{k}={}", pct(v.as_bytes())));
+                }
+            }
+            for (k, v) in &others {
+                query.push(format!("{}={}", pct(k.as_bytes()), pct(v.as_bytes())));
+            }
+            let uri = format!("/api/v1/audit/events?{}", query.join("&"));
+            let req = Request::get(&uri).header("authorization", format!("Bearer {ADMIN_KEY}")).body(Body::empty());
+            let (status, _, body) = app.send(req.unwrap());
+            match status {
+                StatusCode::OK => prop_assert!(body["events"].is_array()),
+                StatusCode::UNPROCESSABLE_ENTITY => {
+                    let field = body.get("field").and_then(Value::as_str);
+                    prop_assert!(
+                        field.is_none_or(
+                            |f| ["user_id", "type", "outcome", "since", "until", "limit", "after"].contains(&f)
+                        ),
+                        "{:?}",
+                        body
+                    );
+                }
+                other => prop_assert!(false, "{} for {} ({:?})", other, uri, body),
+            }
+            if user.as_deref().is_some_and(|u| !user_id_model(u)) {
+                prop_assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
