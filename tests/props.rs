@@ -1063,3 +1063,90 @@ fn audit_query_filters_never_fail_the_server() {
         })
         .unwrap();
 }
+
+/// A value that must not be echoed: segments that each start with the marker `Zq`, joined by
+/// `separators` (quotes, backticks and backslashes are what a redactor can trip on).
+fn secret_value(separators: Vec<&'static str>) -> impl Strategy<Value = String> {
+    prop::collection::vec(("Zq[a-z0-9]{0,6}", prop::sample::select(separators)), 1..4)
+        .prop_map(|parts| parts.into_iter().map(|(seg, sep)| format!("{seg}{sep}")).collect())
+}
+
+/// POSTs a challenge whose `field` is `value` (whole, and truncated at `cut`): a 422 that does not show
+/// the marker `Zq`.
+fn assert_not_echoed(
+    app: &App,
+    field: &str,
+    value: Value,
+    cut: Option<prop::sample::Index>,
+) -> Result<(), TestCaseError> {
+    let mut body = json!({"user_id": "props-user", "method": "email", "verifier": "service",
+                          "destination": "a@example.com"});
+    body[field] = value;
+    let text = serde_json::to_string(&body).unwrap();
+    let truncated = cut.map(|c| text[..c.index(text.len())].to_string());
+    for payload in std::iter::once(text.clone()).chain(truncated) {
+        let req = Request::post("/api/v1/mfa/challenges")
+            .header("authorization", format!("Bearer {ADMIN_KEY}"))
+            .header("content-type", "application/json")
+            .body(Body::from(payload.clone()));
+        let (status, _, problem) = app.send(req.unwrap());
+        prop_assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{} {:?}", payload, problem);
+        let shown = problem.to_string();
+        prop_assert!(!shown.contains("Zq"), "{} echoed in {}", payload, shown);
+    }
+    Ok(())
+}
+
+/// A string where the schema wants an enum, an integer or a UUID; or an array holding it where
+/// a string is wanted.
+fn misplaced_string(field: &str, secret: String, nested: bool) -> Value {
+    if nested || ["user_id", "code", "resume_state"].contains(&field) { json!([secret]) } else { json!(secret) }
+}
+
+const BODY_FIELDS: [&str; 8] =
+    ["method", "verifier", "ttl_seconds", "max_attempts", "session_id", "user_id", "code", "resume_state"];
+
+#[test]
+fn json_body_errors_never_echo_string_values() {
+    let app = App::new();
+    let strategy = (
+        prop::sample::select(BODY_FIELDS.to_vec()),
+        secret_value(vec!["", " ", "'", "-"]),
+        any::<bool>(),
+        any::<prop::sample::Index>(),
+    );
+    runner(HTTP_CASES)
+        .run(&strategy, |(field, secret, nested, cut)| {
+            assert_not_echoed(&app, field, misplaced_string(field, secret, nested), Some(cut))
+        })
+        .unwrap();
+}
+
+/// KNOWN LEAK (not fixed here: `src/api/extract.rs` belongs to another change): `redact_quoted`
+/// ends a quoted value at an escaped `\"` inside it and an `unknown variant` value at its first
+/// backtick, so the rest of such a value is echoed; integers are echoed as they are (an MFA
+/// `code` sent as a JSON number). Run with `--ignored` once that is fixed.
+#[test]
+#[ignore = "known leak in api::extract::redact_quoted (values with \" or ` and JSON numbers are echoed)"]
+fn json_body_errors_never_echo_values_with_quotes_backticks_or_numbers() {
+    let app = App::new();
+    for (field, value) in [
+        ("method", json!("Zq`Zq")),
+        ("ttl_seconds", json!("Zq\"Zq")),
+        ("ttl_seconds", json!("Zq\\\"Zq")),
+        ("code", json!(987_654)),
+    ] {
+        assert_not_echoed(&app, field, value.clone(), None).unwrap_or_else(|e| panic!("{field}={value}: {e}"));
+    }
+    let strategy = (
+        prop::sample::select(BODY_FIELDS.to_vec()),
+        secret_value(vec!["", "\"", "`", "\\", "'", " ", "\\\""]),
+        any::<bool>(),
+        any::<prop::sample::Index>(),
+    );
+    runner(HTTP_CASES)
+        .run(&strategy, |(field, secret, nested, cut)| {
+            assert_not_echoed(&app, field, misplaced_string(field, secret, nested), Some(cut))
+        })
+        .unwrap();
+}
