@@ -2,6 +2,7 @@
 """Scans the logs of a test run for secrets.
 
     scripts/scan-logs.py <log-dir>
+    scripts/scan-logs.py --self-test     (plants leaks and look-alikes in a temp dir)
 
 <log-dir> is the `CENTRALDB_TEST_LOG_DIR` of a test run (`./scripts/test` makes one under
 target/). It holds `*.log` files (the in-process trace subscriber's output and the real binary's
@@ -85,10 +86,50 @@ def forms(secret):
     return out
 
 
+def self_test():
+    """The scanner must find planted leaks and must not flag look-alikes."""
+    import contextlib
+    import io
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "secrets-1.txt"), "w") as f:
+            for s in ["123456", "o1tok-t-SECRET", 'quote"d-SECRET', "abc"]:
+                f.write(json.dumps(s) + "\n")
+        clean = [
+            'INFO request finished latency_ms=1.123456 status=200 elapsed=123456.7µs seq=1234567',
+            '{"timestamp":"2026-01-01T00:00:00.123456Z","level":"INFO","fields":{"message":"ok"}}',
+            'WARN detail="an API key is required: Authorization: Bearer <key>" prefix=cdbm_AbCdEfG abc',
+        ]
+        leaks = [
+            'DEBUG body code=123456',
+            '{"fields":{"token":"o1tok-t-SECRET"}}',
+            '{"fields":{"v":"quote\\"d-SECRET"}}',
+            'TRACE authorization: Bearer sk-something',
+            'TRACE key=cdbm_0123456789abcdefghij',
+            'DEBUG t=eyJhbGciOi.eyJleHAiOj.sig',
+        ]
+        with open(os.path.join(d, "a.log"), "w") as f:
+            f.write("\n".join(clean + leaks) + "\n")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = main(["scan-logs", d])
+        found = {int(line.split(":")[1]) for line in out.getvalue().splitlines() if line.startswith("LEAK ")}
+        expected = set(range(len(clean) + 1, len(clean) + len(leaks) + 1))
+        if rc != 1 or found != expected:
+            print(out.getvalue())
+            print(f"scan-logs self-test FAILED: flagged lines {sorted(found)}, expected {sorted(expected)}")
+            return 1
+    print(f"scan-logs self-test ok: {len(leaks)} planted leaks found, {len(clean)} look-alikes not flagged")
+    return 0
+
+
 def main(argv):
     if len(argv) == 2 and argv[1] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
+    if len(argv) == 2 and argv[1] == "--self-test":
+        return self_test()
     if len(argv) != 2:
         print(__doc__.strip(), file=sys.stderr)
         return 2
