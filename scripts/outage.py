@@ -947,6 +947,175 @@ def run_disk(args, report):
     return not failures
 
 
+def psql(cluster, db, sql):
+    return as_postgres(
+        [find_pg_bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(cluster.port),
+         "-U", "postgres", "-d", db, "-At", "-c", sql]
+    )
+
+
+def run_pgdisk(args, report):
+    """PostgreSQL with its data (not its WAL) on a small tmpfs: a tablespace that fills up.
+    Writes must be refused with 507 (SQLSTATE 53100) or 503, never 500, and come back once
+    space returns."""
+    out = {"ok": False}
+    report["pgdisk"] = out
+    failures = []
+    request_timeout = args.request_timeout
+    root = tempfile.mkdtemp(prefix="cdb-outage-pgdisk-")
+    mnt = tempfile.mkdtemp(prefix="cdb-outage-tmpfs-")
+    logdir = tempfile.mkdtemp(prefix="cdb-outage-logs-")
+    mounted = False
+    cluster = svc = load = None
+    try:
+        p = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={args.tmpfs_size},mode=0700", "tmpfs", mnt],
+            capture_output=True,
+            text=True,
+        )
+        if p.returncode != 0:
+            reason = (p.stderr or p.stdout).strip() or f"mount exited {p.returncode}"
+            out["skipped"] = reason
+            log(f"pgdisk: SKIPPED: cannot mount a tmpfs: {reason}")
+            if args.require_disk:
+                failures.append(f"cannot mount a tmpfs: {reason}")
+            return not failures
+        mounted = True
+        ts = os.path.join(mnt, "ts")
+        os.mkdir(ts, 0o700)
+        shutil.chown(mnt, user="postgres")
+        shutil.chown(ts, user="postgres")
+        cluster = Cluster(root)
+        cluster.init()
+        cluster.start()
+        for sql, db in (
+            (f"CREATE TABLESPACE small LOCATION '{ts}'", "postgres"),
+            ("CREATE DATABASE cdb TABLESPACE small", "postgres"),
+            ("CREATE EXTENSION amcheck", "cdb"),
+        ):
+            q = psql(cluster, db, sql)
+            if q.returncode != 0:
+                raise RuntimeError(f"{sql}: {q.stderr.strip()}")
+        url = f"postgres://postgres@127.0.0.1:{cluster.port}/cdb"
+        svc = Service(
+            args.bin,
+            service_env(os.path.join(root, "svcdata"), request_timeout, args.acquire_ms, url),
+            logdir,
+            "pgdisk-service",
+        )
+        svc.start()
+        pid = svc.proc.pid
+        out["tmpfs_size"] = args.tmpfs_size
+        log(f"pgdisk: service pid {pid} on :{svc.port}; database cdb in a tablespace on a tmpfs of {args.tmpfs_size}")
+        bad = []
+        load = Load(svc.port, args.threads, "pd", request_timeout + 10)
+        load.start()
+        time.sleep(args.steady)
+        filler = os.path.join(mnt, "filler")
+        filled, t_full, first_refusal = fill_under_load(svc, load, filler, args.headroom, args.fill_secs)
+        t_full_end = time.monotonic()
+        full = [(k, r) for k, r in load.snapshot() if r.start >= t_full and r.end <= t_full_end]
+        full_puts = [r for k, r in full if k == "put"]
+        for k, r in full:
+            bad.extend(check_refusal(r, request_timeout, f"{k.upper()} with a full tablespace"))
+        if not any(r.status not in (200, 201) for r in full_puts):
+            bad.append(f"the tablespace never filled up within {args.fill_secs} s ({len(full_puts)} writes)")
+        health = request(svc.port, "GET", "/healthz", key=None, timeout=5)
+        if health.status != 200:
+            bad.append(f"/healthz with a full tablespace: {health.status} {health.error}")
+        out["filler_bytes"] = filled
+        out["full_to_first_refusal_ms"] = ms(first_refusal)
+        out["full_put_answers"] = status_counts(full_puts)
+        out["full_put_refusals"] = refusal_codes(full_puts)
+        out["full_get_answers"] = status_counts(r for k, r in full if k == "get")
+        out["full_get_refusals"] = refusal_codes(r for k, r in full if k == "get")
+        out["full_healthz"] = health.status
+        log("pgdisk: full: " + json.dumps({k: out[k] for k in ("full_put_answers", "full_put_refusals",
+                                                                "full_get_refusals", "full_to_first_refusal_ms")}))
+        os.unlink(filler)
+        t_free = time.monotonic()
+        rec = None
+        while time.monotonic() - t_free < 30 and rec is None:
+            time.sleep(0.02)
+            ends = [r.end for k, r in load.snapshot() if k == "put" and r.start >= t_free and r.status in (200, 201)]
+            if ends:
+                rec = min(ends) - t_free
+        time.sleep(args.steady)
+        load.stop()
+        after = [(k, r) for k, r in load.snapshot() if r.start >= t_free + (rec or 0) + 0.5]
+        out["space_back_to_first_2xx_ms"] = ms(rec)
+        out["after_space_answers"] = status_counts(r for k, r in after)
+        if rec is None or rec > RECOVERY_LIMIT_S:
+            bad.append(f"writes not back within {RECOVERY_LIMIT_S} s of freeing space: {ms(rec)} ms")
+        if any(r.status not in (200, 201) for k, r in after):
+            bad.append(f"answers after recovery: {status_counts(r for k, r in after)}")
+        with load.lock:
+            acked = dict(load.acked)
+        unreadable = []
+        for user in acked:
+            r = request(svc.port, "GET", tokens_path(user), timeout=request_timeout + 10)
+            if r.status != 200:
+                unreadable.append(f"{user}: {r.status} {r.error or r.body[:120]!r}")
+            elif not load.check_read(user, r):
+                unreadable.append(f"{user}: wrong content")
+        out["acknowledged_users"] = len(acked)
+        out["acknowledged_unreadable"] = unreadable[:20]
+        if unreadable:
+            bad.append(f"{len(unreadable)} acknowledged writes not readable: {unreadable[:5]}")
+        if load.wrong_reads:
+            bad.append(f"{len(load.wrong_reads)} reads returned the wrong bundle: {load.wrong_reads[:5]}")
+        v = request(svc.port, "GET", "/api/v1/audit/verify", timeout=60)
+        out["audit_verify_http"] = v.json if v.status == 200 else f"{v.status} {v.body[:200]!r}"
+        if v.status != 200 or not isinstance(v.json, dict) or v.json.get("ok") is not True:
+            bad.append(f"/api/v1/audit/verify: {v.status} {v.body[:200]!r}")
+        if not svc.alive() or svc.proc.pid != pid:
+            bad.append("the service did not stay up")
+        code = svc.stop()
+        if code != 0:
+            bad.append(f"the service exited with {code} on SIGTERM")
+        amcheck = as_postgres(
+            [find_pg_bin("pg_amcheck"), "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres", "-d", "cdb",
+             "--heapallindexed"]
+        )
+        out["pg_amcheck"] = "ok" if amcheck.returncode == 0 else (amcheck.stdout + amcheck.stderr).strip()[:500]
+        if amcheck.returncode != 0:
+            bad.append(f"pg_amcheck: {out['pg_amcheck']}")
+        out["service_log"] = log_findings(svc.log_path)
+        if out["service_log"]["panics"]:
+            bad.append(f"the service log shows {out['service_log']['panics']} panics")
+        failures.extend(bad)
+        for b in bad[:10]:
+            log(f"pgdisk:   PROBLEM {b}")
+    except Exception as e:  # noqa: BLE001
+        failures.append(f"pgdisk phase aborted: {e}")
+        traceback.print_exc()
+    finally:
+        if load:
+            load.stop()
+        if svc and svc.alive():
+            svc.stop()
+        if cluster and os.path.isdir(cluster.data):
+            try:
+                if cluster.running():
+                    cluster.stop("immediate")
+            except Exception as e:  # noqa: BLE001
+                log(f"pgdisk: cleanup: could not stop the private cluster: {e}")
+        if mounted:
+            u = subprocess.run(["umount", mnt], capture_output=True, text=True)
+            if u.returncode != 0:
+                subprocess.run(["umount", "-l", mnt], capture_output=True, text=True)
+        for d in (mnt, root):
+            shutil.rmtree(d, ignore_errors=True)
+        if svc and (failures or args.keep_logs):
+            out["service_log_tail"] = svc.log_tail()
+            log(f"pgdisk: service log kept: {svc.log_path}")
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+    out["failures"] = failures
+    out["ok"] = not failures
+    return not failures
+
+
 def main():
     ap = argparse.ArgumentParser(
         description="Database outage checks for centraldb-mfa: a private PostgreSQL cluster stopped under load "
@@ -954,7 +1123,12 @@ def main():
     )
     ap.add_argument("--bin", default="target/debug/centraldb-mfa", help="the service binary (default: %(default)s)")
     ap.add_argument("--json", metavar="OUT", help="write the figures and findings as JSON to OUT")
-    ap.add_argument("--only", choices=["pg", "disk"], help="run one phase only")
+    ap.add_argument(
+        "--only",
+        choices=["pg", "disk", "pgdisk"],
+        help="run one phase only: pg (cluster stops), disk (SQLite on a full tmpfs), pgdisk (a PostgreSQL "
+        "tablespace on a full tmpfs; an extra)",
+    )
     ap.add_argument("--threads", type=int, default=6, help="load threads on PostgreSQL (default: %(default)s)")
     ap.add_argument("--outages", type=int, default=3, help="PostgreSQL outages in a row (default: %(default)s)")
     ap.add_argument("--outage-secs", type=float, default=5.0, help="how long each outage lasts (default: %(default)s)")
@@ -991,6 +1165,8 @@ def main():
             ok &= run_pg(args, report)
         if args.only in (None, "disk"):
             ok &= run_disk(args, report)
+        if args.only in (None, "pgdisk"):
+            ok &= run_pgdisk(args, report)
     finally:
         shutil.rmtree(bindir, ignore_errors=True)
     report["ok"] = ok
@@ -999,7 +1175,7 @@ def main():
         with open(args.json, "w") as f:
             f.write(text + "\n")
     print(text)
-    skipped = [name for name in ("pg", "disk") if isinstance(report.get(name), dict) and report[name].get("skipped")]
+    skipped = [name for name in ("pg", "disk", "pgdisk") if isinstance(report.get(name), dict) and report[name].get("skipped")]
     print("RESULT:", "PASS" if ok else "FAIL", f"({', '.join(skipped)} SKIPPED)" if skipped else "", flush=True)
     return 0 if ok else 1
 
