@@ -797,6 +797,14 @@ struct App {
     _dir: tempfile::TempDir,
 }
 
+impl Drop for App {
+    /// The app's pooled connections go back to their pool (or close) inside the runtime.
+    fn drop(&mut self) {
+        let _inside = self.rt.enter();
+        self.router = Router::new();
+    }
+}
+
 impl App {
     fn new() -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -1147,6 +1155,153 @@ fn json_body_errors_never_echo_values_with_quotes_backticks_or_numbers() {
     runner(HTTP_CASES)
         .run(&strategy, |(field, secret, nested, cut)| {
             assert_not_echoed(&app, field, misplaced_string(field, secret, nested), Some(cut))
+        })
+        .unwrap();
+}
+
+/// A valid garth pair whose refresh token is still valid (so the vault hands it out).
+fn live_garth_pair() -> impl Strategy<Value = (Map<String, Value>, Map<String, Value>)> {
+    let now = chrono::Utc::now().timestamp();
+    (oauth1(), oauth2(), now + 86_400..=MAX_UNIX).prop_map(|(o1, mut o2, refresh_at)| {
+        o2.insert("refresh_token_expires_at".into(), refresh_at.into());
+        (o1, o2)
+    })
+}
+
+/// A DI refresh token that is still valid: a JWT expiring after tomorrow, or opaque.
+fn live_refresh_token() -> impl Strategy<Value = String> {
+    let now = chrono::Utc::now().timestamp();
+    prop_oneof![
+        (now + 86_400..=MAX_UNIX, "[A-Za-z0-9_-]{0,10}")
+            .prop_map(|(exp, sig)| format!("h.{}.{sig}", URL_SAFE_NO_PAD.encode(json!({"exp": exp}).to_string()))),
+        "[^.]{1,40}",
+    ]
+}
+
+#[test]
+fn tokens_round_trip_through_the_vault() {
+    let app = App::new();
+    let strategy = (
+        "[A-Za-z0-9._@:-]{1,128}",
+        prop_oneof![
+            live_garth_pair().prop_map(|(o1, o2)| {
+                let dump = STANDARD.encode(serde_json::to_vec(&json!([o1, o2])).unwrap());
+                (json!({"kind": "garth", "garth_dump": dump}), json!({"oauth1_token": o1, "oauth2_token": o2}))
+            }),
+            live_garth_pair().prop_map(|(o1, o2)| {
+                let secrets = json!({"oauth1_token": o1, "oauth2_token": o2});
+                (json!({"kind": "garth", "oauth1_token": o1, "oauth2_token": o2}), secrets)
+            }),
+            (jwt_like(), live_refresh_token(), ".{1,20}").prop_map(|((access, _), refresh, client)| {
+                let secrets = json!({"di_token": access, "di_refresh_token": refresh, "di_client_id": client});
+                let mut body = secrets.clone();
+                body["kind"] = "garminconnect".into();
+                (body, secrets)
+            }),
+        ],
+    );
+    runner(HTTP_CASES)
+        .run(&strategy, |(user, (body, secrets))| {
+            let auth = format!("Bearer {ADMIN_KEY}");
+            let uri = format!("/api/v1/users/{}/tokens", pct(user.as_bytes()));
+            let req = Request::put(&uri)
+                .header("authorization", &auth)
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()));
+            let (status, headers, meta) = app.send(req.unwrap());
+            prop_assert!(status == StatusCode::CREATED || status == StatusCode::OK, "{} {:?}", status, meta);
+            prop_assert_eq!(&meta["user_id"], &json!(user));
+            let etag = headers.get("etag").unwrap().to_str().unwrap().to_string();
+            prop_assert_eq!(etag, format!("\"{}\"", meta["version"]));
+            let kind = body["kind"].as_str().unwrap();
+            let rep = if kind == "garth" { "?representation=garth_dump" } else { "" };
+            let req = Request::get(format!("{uri}{rep}")).header("authorization", &auth).body(Body::empty());
+            let (status, _, got) = app.send(req.unwrap());
+            prop_assert_eq!(status, StatusCode::OK, "{:?}", got);
+            if kind == "garth" {
+                let dump = got["garth_dump"].as_str().unwrap();
+                let decoded: Value = serde_json::from_slice(&STANDARD.decode(dump).unwrap()).unwrap();
+                prop_assert_eq!(decoded, json!([secrets["oauth1_token"], secrets["oauth2_token"]]));
+                let expected_dump = garth_dump(secrets.as_object().unwrap()).unwrap();
+                prop_assert_eq!(dump, expected_dump.as_str());
+                let req = Request::get(&uri).header("authorization", &auth).body(Body::empty());
+                let (_, _, objects) = app.send(req.unwrap());
+                prop_assert_eq!(&objects["oauth1_token"], &secrets["oauth1_token"]);
+                prop_assert_eq!(&objects["oauth2_token"], &secrets["oauth2_token"]);
+            } else {
+                for f in ["di_token", "di_refresh_token", "di_client_id"] {
+                    prop_assert_eq!(&got[f], &secrets[f]);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn token_writes_refuse_arbitrary_bodies_cleanly() {
+    let app = App::new();
+    let strategy = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..300),
+        json_value(true).prop_map(|v| serde_json::to_vec(&v).unwrap()),
+        prop::collection::vec((json_key(), json_value(true)), 0..6).prop_map(|kv| {
+            let mut m: Map<String, Value> = kv.into_iter().collect();
+            m.insert("kind".into(), if m.len().is_multiple_of(2) { "garth" } else { "garminconnect" }.into());
+            serde_json::to_vec(&m).unwrap()
+        }),
+    ];
+    runner(HTTP_CASES)
+        .run(&strategy, |body| {
+            let req = Request::put("/api/v1/users/props-arbitrary/tokens")
+                .header("authorization", format!("Bearer {ADMIN_KEY}"))
+                .header("content-type", "application/json")
+                .body(Body::from(body.clone()));
+            let (status, _, problem) = app.send(req.unwrap());
+            let allowed = [StatusCode::OK, StatusCode::CREATED, StatusCode::UNPROCESSABLE_ENTITY];
+            prop_assert!(
+                allowed.contains(&status),
+                "{} {:?} for {:?}",
+                status,
+                problem,
+                String::from_utf8_lossy(&body)
+            );
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn path_ids_and_attempt_numbers_are_parsed_or_refused() {
+    let app = App::new();
+    let id = prop_oneof![
+        any::<u128>().prop_map(|n| uuid::Uuid::from_u128(n).hyphenated().to_string()),
+        any::<u128>().prop_map(|n| uuid::Uuid::from_u128(n).simple().to_string()),
+        any::<u128>().prop_map(|n| uuid::Uuid::from_u128(n).braced().to_string().to_uppercase()),
+        any::<u128>().prop_map(|n| uuid::Uuid::from_u128(n).urn().to_string()),
+        "[0-9a-fA-F-]{30,40}",
+        ".{1,40}",
+    ];
+    runner(HTTP_CASES)
+        .run(&(id, int_like()), |(id, n)| {
+            let uri = format!("/api/v1/mfa/challenges/{}/attempts/{}/result", pct(id.as_bytes()), pct(n.as_bytes()));
+            let req = Request::post(&uri)
+                .header("authorization", format!("Bearer {ADMIN_KEY}"))
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"success": true}"#));
+            let (status, _, problem) = app.send(req.unwrap());
+            let id_ok = uuid::Uuid::parse_str(&id).is_ok();
+            let n_ok = decimal_model(&n).is_some_and(|n| n >= 1);
+            let field = problem.get("field").and_then(Value::as_str);
+            if !id_ok {
+                prop_assert_eq!((status, field), (StatusCode::UNPROCESSABLE_ENTITY, Some("id")), "{:?}", problem);
+                prop_assert!(api::extract::parse_uuid("id", &id).is_err());
+            } else if !n_ok {
+                prop_assert_eq!((status, field), (StatusCode::UNPROCESSABLE_ENTITY, Some("n")), "{:?}", problem);
+            } else {
+                prop_assert_eq!(status, StatusCode::NOT_FOUND, "{:?}", problem);
+                prop_assert_eq!(api::extract::parse_uuid("id", &id).ok(), uuid::Uuid::parse_str(&id).ok());
+            }
+            Ok(())
         })
         .unwrap();
 }
