@@ -181,16 +181,13 @@ impl Server {
 /// Registers the keys a deployment generated into its data folder (log scan).
 fn register_data_dir_secrets(env: &[(String, String)]) {
     let Some((_, data)) = env.iter().find(|(k, _)| k == "CENTRALDB_DATA_DIR") else { return };
-    for f in ["encryption.key", "admin-api-key"] {
-        for part in std::fs::read_to_string(Path::new(data).join(f)).unwrap_or_default().trim().split(',') {
-            secret(part.split_once(':').map_or(part, |(_, k)| k));
-        }
+    secret(std::fs::read_to_string(Path::new(data).join("admin-api-key")).unwrap_or_default().trim());
+    let file_keys = std::fs::read_to_string(Path::new(data).join("encryption.key")).unwrap_or_default();
+    let env_keys = env.iter().filter(|(k, _)| k == "CENTRALDB_ENCRYPTION_KEYS").map(|(_, v)| v.as_str());
+    for part in env_keys.chain([file_keys.trim()]).flat_map(|v| v.split(',')) {
+        secret_key(part.split_once(':').map_or(part, |(_, k)| k));
     }
-    for (k, v) in env.iter().filter(|(k, _)| k == "CENTRALDB_ENCRYPTION_KEYS" || k == "CENTRALDB_BOOTSTRAP_ADMIN_KEY") {
-        for part in v.split(',') {
-            secret(if k == "CENTRALDB_ENCRYPTION_KEYS" { part.split_once(':').map_or(part, |(_, k)| k) } else { part });
-        }
-    }
+    env.iter().filter(|(k, _)| k == "CENTRALDB_BOOTSTRAP_ADMIN_KEY").for_each(|(_, v)| _ = secret(v));
 }
 
 /// Runs a non-serving command to completion: (success, stdout, stderr). Its stderr (the log) is

@@ -76,6 +76,15 @@ pub fn secret(s: &str) -> &str {
     s
 }
 
+/// Registers an encryption key (base64, as configured) and its hex form.
+pub fn secret_key(b64: &str) {
+    use base64::Engine;
+    secret(b64);
+    if let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
+        secret(&hex::encode(raw));
+    }
+}
+
 /// Registers every secret-bearing string field of a JSON document (request or response).
 pub fn secrets_in(v: &Value) {
     const FIELDS: [&str; 11] = [
@@ -230,10 +239,12 @@ impl TestApp {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         tweak(&mut vars);
-        for k in ["CENTRALDB_ENCRYPTION_KEYS", "CENTRALDB_BOOTSTRAP_ADMIN_KEY"] {
-            for part in vars.get(k).map(|v| v.split(',').collect::<Vec<_>>()).unwrap_or_default() {
-                secret(part.split_once(':').map_or(part, |(_, key)| key));
-            }
+        for part in vars.get("CENTRALDB_ENCRYPTION_KEYS").map(|v| v.split(',').collect::<Vec<_>>()).unwrap_or_default()
+        {
+            secret_key(part.split_once(':').map_or(part, |(_, key)| key));
+        }
+        if let Some(k) = vars.get("CENTRALDB_BOOTSTRAP_ADMIN_KEY") {
+            secret(k);
         }
         let settings = Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
         let state = startup::build_state(settings).await.unwrap();
