@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Property-based API testing of the real binary with schemathesis (PyPI), against openapi.json.
+#
+# Every operation in openapi.json, all phases (examples, coverage, fuzzing, stateful), positive
+# and negative (malformed) data, all checks: no 5xx, status codes / content types / headers /
+# bodies as documented, negative data rejected, missing auth refused, ... Exits non-zero on any
+# failure and prints the totals.
+#
+# Usage: scripts/schemathesis.sh [--bin PATH] [--max-examples N] [--seed N] [--workers N]
+#                                [--max-time SECONDS] [-- extra `st run` arguments]
+# Env:   ST_MAX_EXAMPLES (default 100), ST_SEED (default 20261124), ST_WORKERS (default 2),
+#        ST_BIN, ST_REPORT_DIR (default target/schemathesis/report), ST_KEEP=1 (keep the data dir)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+ST_VERSION=4.32.5
+BIN=${ST_BIN:-$ROOT/target/debug/centraldb-mfa}
+MAX_EXAMPLES=${ST_MAX_EXAMPLES:-100}
+SEED=${ST_SEED:-20261124}
+WORKERS=${ST_WORKERS:-2}
+MAX_TIME=${ST_MAX_TIME:-}
+REPORT_DIR=${ST_REPORT_DIR:-$ROOT/target/schemathesis/report}
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --bin) BIN=$(realpath "$2"); shift 2 ;;
+        --max-examples|-n) MAX_EXAMPLES=$2; shift 2 ;;
+        --seed) SEED=$2; shift 2 ;;
+        --workers|-w) WORKERS=$2; shift 2 ;;
+        --max-time) MAX_TIME=$2; shift 2 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+if [[ ! -x $BIN ]]; then
+    echo "no binary at $BIN: run 'cargo build' first (or pass --bin)" >&2
+    exit 2
+fi
+
+# ---- schemathesis in a venv under target/ (reused when the pinned version is there) ----------
+VENV=$ROOT/target/schemathesis-venv
+if ! "$VENV/bin/st" --version 2>/dev/null | grep -q "version $ST_VERSION\$"; then
+    echo "installing schemathesis $ST_VERSION into $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$ST_VERSION"
+fi
+
+# ---- the service: SQLite in a fresh data dir, a bootstrap admin key, a free loopback port ----
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/centraldb-st.XXXXXX")
+PID=
+cleanup() {
+    if [[ -n $PID ]] && kill -0 "$PID" 2>/dev/null; then
+        kill -KILL "$PID" 2>/dev/null || true
+        wait "$PID" 2>/dev/null || true
+    fi
+    if [[ ${ST_KEEP:-0} != 1 ]]; then rm -rf "$WORK"; else echo "kept $WORK"; fi
+}
+trap cleanup EXIT
+
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+ADMIN_KEY=cdbm_st_$(python3 -c 'import secrets; print(secrets.token_hex(24))')
+BASE=http://127.0.0.1:$PORT
+
+env -i PATH="$PATH" \
+    CENTRALDB_DATA_DIR="$WORK/data" \
+    CENTRALDB_LISTEN="127.0.0.1:$PORT" \
+    CENTRALDB_BOOTSTRAP_ADMIN_KEY="$ADMIN_KEY" \
+    CENTRALDB_LOG_FORMAT=json \
+    RUST_LOG=info \
+    "$BIN" serve >"$WORK/service.log" 2>&1 &
+PID=$!
+for _ in $(seq 1 100); do
+    if curl -fsS "$BASE/readyz" >/dev/null 2>&1; then break; fi
+    if ! kill -0 "$PID" 2>/dev/null; then
+        echo "the service exited during start-up:" >&2
+        cat "$WORK/service.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+curl -fsS "$BASE/readyz" >/dev/null
+
+# ---- schemathesis configuration -----------------------------------------------------------
+# Everything is on; the few settings below are narrow and explained.
+CONFIG=$WORK/schemathesis.toml
+cat >"$CONFIG" <<'EOF'
+# The fixed hostile inputs and generated cases go to the real service; keep NUL bytes in.
+[generation]
+allow-x00 = true
+EOF
+
+mkdir -p "$REPORT_DIR"
+ARGS=(
+    --config-file "$CONFIG"
+    run "$ROOT/openapi.json"
+    --url "$BASE"
+    -H "Authorization: Bearer $ADMIN_KEY"
+    --checks all
+    --mode all
+    --phases examples,coverage,fuzzing,stateful
+    --max-examples "$MAX_EXAMPLES"
+    --seed "$SEED"
+    --workers "$WORKERS"
+    --generation-database none
+    --request-timeout 40
+    --suppress-health-check all
+    --report junit,ndjson
+    --report-dir "$REPORT_DIR"
+    --no-color
+)
+[[ -n $MAX_TIME ]] && ARGS+=(--max-time "$MAX_TIME")
+ARGS+=("${EXTRA[@]}")
+
+echo "schemathesis $ST_VERSION against $BASE ($BIN): max-examples=$MAX_EXAMPLES seed=$SEED workers=$WORKERS"
+START=$(date +%s)
+set +e
+# Run from the scratch dir: schemathesis writes a .schemathesis/ folder into its working dir.
+(cd "$WORK" && "$VENV/bin/st" "${ARGS[@]}") 2>&1 | tee "$WORK/st.out"
+RC=${PIPESTATUS[0]}
+set -e
+ELAPSED=$(( $(date +%s) - START ))
+
+# The service must have survived the run.
+if ! kill -0 "$PID" 2>/dev/null; then
+    echo "FAIL: the service died during the run" >&2
+    tail -50 "$WORK/service.log" >&2
+    RC=1
+fi
+# ... and must still stop cleanly on SIGTERM (in-flight requests finish, then the pool closes).
+if kill -0 "$PID" 2>/dev/null; then
+    kill -TERM "$PID"
+    for _ in $(seq 1 100); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$PID" 2>/dev/null; then
+        echo "FAIL: the service did not stop within 10 s of SIGTERM" >&2
+        RC=1
+    else
+        wait "$PID" 2>/dev/null || true
+    fi
+fi
+PANICS=$(grep -c -i 'panic' "$WORK/service.log" || true)
+if [[ $PANICS -gt 0 ]]; then
+    echo "FAIL: $PANICS panic lines in the service log" >&2
+    grep -i 'panic' "$WORK/service.log" | head -5 >&2
+    RC=1
+fi
+
+# ---- totals (from the NDJSON event stream) ---------------------------------------------------
+"$VENV/bin/python" - "$REPORT_DIR" "$ELAPSED" "$RC" <<'EOF'
+import json, pathlib, sys
+report_dir, elapsed, rc = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+files = sorted(report_dir.glob("*.ndjson"), key=lambda p: p.stat().st_mtime)
+ops, cases, failures, statuses = set(), 0, 0, {}
+if files:
+    for line in files[-1].read_text().splitlines():
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        (kind, body), = ev.items() if len(ev) == 1 else (("", {}),)
+        if kind == "ScenarioFinished":
+            rec = body.get("recorder") or {}
+            label = rec.get("label")
+            if label and not label.startswith("Stateful"):
+                ops.add(label)
+            for interactions in [rec.get("interactions") or {}]:
+                for it in interactions.values():
+                    cases += 1
+                    resp = it.get("response") or {}
+                    s = resp.get("status_code")
+                    if s is not None:
+                        statuses[s] = statuses.get(s, 0) + 1
+            for checks in (rec.get("checks") or {}).values():
+                failures += sum(1 for c in checks if c.get("status") == "FAILURE")
+five = sum(n for s, n in statuses.items() if s >= 500)
+print(f"TOTALS: operations={len(ops)} requests={cases} failed_checks={failures} "
+      f"5xx={five} elapsed={elapsed}s exit={rc}")
+print("status codes: " + ", ".join(f"{s}={n}" for s, n in sorted(statuses.items())))
+EOF
+exit "$RC"
