@@ -4,6 +4,12 @@
 //! in constant time. Verified keys are cached for `CENTRALDB_API_KEY_CACHE_SECS` so auth costs
 //! no query per request. Unknown keys are never cached (no memory growth from guessing). A key revoked with `api-key revoke` (another process) stops working here within
 //! that TTL.
+//!
+//! No timing oracle: an unknown key and a revoked one get the same 401, and take the same time.
+//! The check query returns exactly one row of the same shape for both (a `LEFT JOIN` from a
+//! one-row table), both are compared and swept from the cache alike; only a valid key then
+//! reads its full row. (Looking keys up by their full hash also means a right prefix with a
+//! wrong secret is just an unknown key.) `scripts/timing-oracle.py` measures this over HTTP.
 
 use std::{
     collections::HashMap,
@@ -112,15 +118,28 @@ impl ApiKeys {
             return Ok(c.principal.clone());
         }
         let mut conn = self.db.read().await?;
+        let (id, stored, revoked) = check_key(&mut conn.conn(), &hash).await?;
+        // The same work whether or not a key matched: a constant-time compare (against zeros
+        // when nothing matched) and a sweep of the cache (for nothing when nothing matched).
+        let matched = api_keys::hashes_equal(&hash, stored.as_deref().unwrap_or(&[0u8; 32]));
+        let failure = match id {
+            Some(_) if matched && !revoked => None,
+            Some(_) if matched => Some(AuthFailure::Revoked),
+            _ => Some(AuthFailure::Unknown),
+        };
+        if let Some(f) = failure {
+            drop(conn);
+            self.forget(if f == AuthFailure::Revoked { id.unwrap_or_else(Uuid::nil) } else { Uuid::nil() });
+            return Err(AuthError::Failure(f));
+        }
+        // A valid key: its full row (a revoke in between counts).
         let row = store::api_keys::find_by_hash(&mut conn.conn(), &hash).await?;
         drop(conn);
-        let Some(row) = row.filter(|r| api_keys::hashes_equal(&hash, &r.key_hash)) else {
-            return Err(AuthError::Failure(AuthFailure::Unknown));
+        let row = match row {
+            Some(r) if Some(r.id) == id && r.revoked_at.is_none() => r,
+            Some(r) if r.revoked_at.is_some() => return Err(AuthError::Failure(AuthFailure::Revoked)),
+            _ => return Err(AuthError::Failure(AuthFailure::Unknown)),
         };
-        if row.revoked_at.is_some() {
-            self.forget(row.id);
-            return Err(AuthError::Failure(AuthFailure::Revoked));
-        }
         let scopes = Scopes::parse_list(&row.scopes).map_err(StoreError::Other)?;
         let principal = Principal { key_id: row.id, name: row.name, scopes };
         if let Ok(mut cache) = self.cache.lock() {
@@ -145,6 +164,21 @@ impl ApiKeys {
             cache.retain(|_, c| c.principal.key_id != id);
         }
     }
+}
+
+/// One row whatever the key: the id and stored hash of the key with this hash (NULL when there is
+/// none) and whether it is revoked. Unknown and known keys cost the same query and decoding.
+const CHECK_SQL: &str = "SELECT k.id, k.key_hash, k.revoked_at IS NOT NULL AS revoked \
+                         FROM (SELECT 1 AS one) AS o LEFT JOIN api_keys k ON k.key_hash = $1";
+
+type KeyCheck = (Option<Uuid>, Option<Vec<u8>>, bool);
+
+async fn check_key(conn: &mut store::Conn<'_>, hash: &[u8]) -> Result<KeyCheck, StoreError> {
+    Ok(match conn {
+        store::Conn::Sqlite(c) => sqlx::query_as(CHECK_SQL).bind(hash).fetch_one(&mut **c).await?,
+        store::Conn::Postgres(c) => sqlx::query_as(CHECK_SQL).bind(hash).fetch_one(&mut **c).await?,
+        store::Conn::Closed => return Err(sqlx::Error::PoolClosed.into()),
+    })
 }
 
 /// Creates a key and returns it (shown once) with its id.
