@@ -18,8 +18,20 @@ use crate::{
     store::Db,
 };
 
+/// Cloned for every request, so it is one `Arc` (one atomic increment, not one per service).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What every handler shares (reached through [`AppState`]).
+pub struct Shared {
     pub db: Db,
     pub keyring: Arc<Keyring>,
     pub settings: Arc<Settings>,
@@ -39,7 +51,7 @@ impl AppState {
         let api_keys = Arc::new(ApiKeys::new(db.clone(), settings.api_key_cache_ttl));
         let hasher = CodeHasher::new(settings.argon2, settings.argon2_workers, settings.argon2_queue)?;
         let notifier = VersionNotifier::new(settings.max_waiters);
-        Ok(Self {
+        Ok(Self(Arc::new(Shared {
             vault: Vault::new(db.clone(), keyring.clone(), notifier.clone()),
             leases: Leases::new(db.clone(), keyring.clone()),
             notifier,
@@ -50,6 +62,6 @@ impl AppState {
             settings: Arc::new(settings),
             api_keys,
             metrics: crate::telemetry::metrics_handle(),
-        })
+        })))
     }
 }

@@ -13,10 +13,10 @@ use crate::{
     domain::{BundleKind, TokenBundle, UserId, tokens::secrets_from_plaintext},
     error::ApiError,
     services::audit::{AuditContext, Auditor, Outcome},
-    services::group_commit::{ReadAudit, ReadRecord},
+    services::group_commit::{Decision, ReadAudit},
     store::{
-        self, Db,
-        tokens::{BundleRow, NewBundle, WriteCondition},
+        self, Db, StoreError,
+        tokens::{BundleRow, BundleWithSecret, NewBundle, WriteCondition},
     },
 };
 
@@ -64,6 +64,53 @@ impl TokenMetadata {
             updated_at: row.updated_at,
             last_used_at: row.last_used_at,
             reauth_reason,
+        }
+    }
+}
+
+/// The decision of a decrypting read on the row it found: the answer and its audit record.
+fn open_bundle(
+    keyring: &Keyring,
+    found: Option<BundleWithSecret>,
+    require_kind: Option<BundleKind>,
+    now: DateTime<Utc>,
+) -> (Decision, Result<OpenedBundle, ApiError>) {
+    let record = |outcome: Outcome, details: Value, touch: Option<DateTime<Utc>>| Decision {
+        type_: "token.read",
+        outcome,
+        details,
+        touch,
+    };
+    let fail = |reason: &str| record(Outcome::Failure, json!({"reason": reason}), None);
+    let Some(b) = found else {
+        return (fail("not_found"), Err(ApiError::tokens_not_found()));
+    };
+    let (status, reason) = status_of(&b.row, now);
+    let (TokenStatus::Valid | TokenStatus::AccessExpired, Some(ciphertext)) = (status, b.ciphertext.as_deref()) else {
+        let reason = reason.unwrap_or_else(|| "destroyed".into());
+        return (fail(&reason), Err(ApiError::ReauthRequired { reason }));
+    };
+    if let Some(kind) = require_kind.filter(|k| k.as_str() != b.row.kind) {
+        let refusal = ApiError::field(
+            "representation",
+            format!("this representation is only available for {} bundles", kind.as_str()),
+        );
+        return (fail("representation_unavailable"), Err(refusal));
+    }
+    let opened = keyring
+        .decrypt(ciphertext, &Aad::token_bundle(b.row.user_id.as_str(), &b.row.kind))
+        .map_err(|e| e.to_string())
+        .and_then(|plain| secrets_from_plaintext(&plain));
+    match opened {
+        Ok(secrets) => {
+            let decision = record(Outcome::Success, json!({"kind": b.row.kind, "version": b.row.version}), Some(now));
+            let mut metadata = TokenMetadata::from_row(&b.row, now);
+            metadata.last_used_at = Some(now);
+            (decision, Ok(OpenedBundle { metadata, secrets }))
+        }
+        Err(error) => {
+            let details = json!({"reason": "decrypt_failed", "key_id": b.row.key_id, "error": error});
+            (record(Outcome::Error, details, None), Err(ApiError::DecryptFailed))
         }
     }
 }
@@ -202,8 +249,9 @@ impl Vault {
     }
 
     /// Decrypts and returns a bundle; refuses one that needs a new login, or (with
-    /// `require_kind`) one of another kind, before decrypting anything. Reads on a pooled
-    /// connection; the audit row (and `last_used_at`) is group-committed before the answer.
+    /// `require_kind`) one of another kind, before decrypting anything. The row is read, and the
+    /// audit row (and `last_used_at`) written, in a batch of reads (`group_commit`); the answer
+    /// leaves only after that batch commits.
     pub async fn get(
         &self,
         ctx: &AuditContext,
@@ -211,56 +259,16 @@ impl Vault {
         require_kind: Option<BundleKind>,
     ) -> Result<OpenedBundle, ApiError> {
         let now = store::now();
-        let found = {
-            let mut rc = self.db.read().await?;
-            store::tokens::get_with_secret(&mut rc.conn(), user.as_str()).await?
-        };
-        let audit = |outcome: Outcome, details: serde_json::Value, touch: Option<chrono::DateTime<chrono::Utc>>| {
-            self.reads.record(ReadRecord {
-                ctx: ctx.clone(),
-                type_: "token.read",
-                outcome,
-                user_id: user.as_str().to_string(),
-                details,
-                touch,
+        let keyring = self.keyring.clone();
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.reads
+            .read(ctx.clone(), user.as_str().to_string(), move |found| {
+                let (decision, result) = open_bundle(&keyring, found, require_kind, now);
+                let _ = answer.send(result);
+                decision
             })
-        };
-        let fail = |reason: &str| json!({"reason": reason});
-        let Some(b) = found else {
-            audit(Outcome::Failure, fail("not_found"), None).await?;
-            return Err(ApiError::tokens_not_found());
-        };
-        let (status, reason) = status_of(&b.row, now);
-        let (TokenStatus::Valid | TokenStatus::AccessExpired, Some(ciphertext)) = (status, b.ciphertext.as_deref())
-        else {
-            let reason = reason.unwrap_or_else(|| "destroyed".into());
-            audit(Outcome::Failure, fail(&reason), None).await?;
-            return Err(ApiError::ReauthRequired { reason });
-        };
-        if let Some(kind) = require_kind.filter(|k| k.as_str() != b.row.kind) {
-            audit(Outcome::Failure, fail("representation_unavailable"), None).await?;
-            return Err(ApiError::field(
-                "representation",
-                format!("this representation is only available for {} bundles", kind.as_str()),
-            ));
-        }
-        let opened = self
-            .keyring
-            .decrypt(ciphertext, &Aad::token_bundle(user.as_str(), &b.row.kind))
-            .map_err(|e| e.to_string())
-            .and_then(|plain| secrets_from_plaintext(&plain));
-        let secrets = match opened {
-            Ok(s) => s,
-            Err(error) => {
-                let details = json!({"reason": "decrypt_failed", "key_id": b.row.key_id, "error": error});
-                audit(Outcome::Error, details, None).await?;
-                return Err(ApiError::DecryptFailed);
-            }
-        };
-        audit(Outcome::Success, json!({"kind": b.row.kind, "version": b.row.version}), Some(now)).await?;
-        let mut metadata = TokenMetadata::from_row(&b.row, now);
-        metadata.last_used_at = Some(now);
-        Ok(OpenedBundle { metadata, secrets })
+            .await?;
+        answered.await.map_err(|_| ApiError::from(StoreError::Other("a read was not answered".into())))?
     }
 
     /// Metadata only, no decryption. `event` names the audit type (`token.metadata_read`,
@@ -272,22 +280,16 @@ impl Vault {
         event: &'static str,
     ) -> Result<Option<TokenMetadata>, ApiError> {
         let now = store::now();
-        let row = {
-            let mut rc = self.db.read().await?;
-            store::tokens::get(&mut rc.conn(), user.as_str()).await?
-        };
-        let meta = row.as_ref().map(|r| TokenMetadata::from_row(r, now));
+        let (answer, answered) = tokio::sync::oneshot::channel();
         self.reads
-            .record(ReadRecord {
-                ctx: ctx.clone(),
-                type_: event,
-                outcome: Outcome::Success,
-                user_id: user.as_str().to_string(),
-                details: json!({"found": meta.is_some(), "status": meta.as_ref().map(|m| m.status)}),
-                touch: None,
+            .read(ctx.clone(), user.as_str().to_string(), move |found| {
+                let meta = found.map(|b| TokenMetadata::from_row(&b.row, now));
+                let details = json!({"found": meta.is_some(), "status": meta.as_ref().map(|m| m.status)});
+                let _ = answer.send(meta);
+                Decision { type_: event, outcome: Outcome::Success, details, touch: None }
             })
             .await?;
-        Ok(meta)
+        answered.await.map_err(|_| ApiError::from(StoreError::Other("a read was not answered".into())))
     }
 
     /// Destroys the ciphertext; the row remembers `reauth_required` and the reason.

@@ -268,7 +268,10 @@ impl Db {
                 .synchronous(sync)
                 .foreign_keys(true)
                 .busy_timeout(settings.sqlite_busy_timeout)
-                .pragma("secure_delete", "ON");
+                .pragma("secure_delete", "ON")
+                // Savepoint journals (every grouped write is a savepoint) in memory, not a temp
+                // file opened and unlinked per transaction.
+                .pragma("temp_store", "MEMORY");
             create_private_file(opts.get_filename());
             let pool = SqlitePoolOptions::new()
                 .max_connections(settings.db_max_connections.unwrap_or(8))

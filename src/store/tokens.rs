@@ -20,7 +20,7 @@ pub struct BundleRow {
     pub last_used_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct BundleWithSecret {
     #[sqlx(flatten)]
     pub row: BundleRow,
@@ -65,6 +65,27 @@ pub async fn get(c: &mut Conn<'_>, user_id: &str) -> Result<Option<BundleRow>> {
 pub async fn get_with_secret(c: &mut Conn<'_>, user_id: &str) -> Result<Option<BundleWithSecret>> {
     const SQL: &str = concat!("SELECT ", meta_cols!(), ", ciphertext FROM token_bundles WHERE user_id = $1");
     Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(user_id).fetch_optional(c).await)?)
+}
+
+/// The bundles (with ciphertext) of many users in one statement; absent users are left out.
+pub async fn get_many_with_secret(c: &mut Conn<'_>, user_ids: &[&str]) -> Result<Vec<BundleWithSecret>> {
+    const SQLITE: &str = concat!(
+        "SELECT ",
+        meta_cols!(),
+        ", ciphertext FROM token_bundles WHERE user_id IN (SELECT value FROM json_each($1))"
+    );
+    const POSTGRES: &str = concat!("SELECT ", meta_cols!(), ", ciphertext FROM token_bundles WHERE user_id = ANY($1)");
+    if user_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(match c {
+        Conn::Sqlite(c) => {
+            let json = serde_json::to_string(user_ids).map_err(|e| StoreError::Other(e.to_string()))?;
+            sqlx::query_as(SQLITE).bind(json).fetch_all(&mut **c).await?
+        }
+        Conn::Postgres(c) => sqlx::query_as(POSTGRES).bind(user_ids).fetch_all(&mut **c).await?,
+        Conn::Closed => return Err(sqlx::Error::PoolClosed.into()),
+    })
 }
 
 /// Writes a bundle if `cond` holds, atomically; `None` when it did not hold.
