@@ -22,12 +22,14 @@ use base64::{
 use centraldb_mfa::{
     api,
     config::Settings,
+    crypto::api_keys::{PREFIX, display_prefix},
     crypto::{Aad, CryptoError, Keyring},
     domain::{
         Scope, Scopes, TokenBundle, UserId,
         mfa::{ChallengeStatus, Method, SessionState, Verifier, mask_destination, validate_code},
         tokens::{BundleKind, garth_dump, jwt_exp, secrets_from_plaintext},
     },
+    services::audit::Outcome,
     startup,
 };
 use http_body_util::BodyExt;
@@ -336,7 +338,8 @@ proptest! {
         prop::sample::select(vec![
             "email", "sms", "totp", "push", "service", "external", "pending", "verified", "consumed", "failed",
             "expired", "cancelled", "started", "mfa_required", "mfa_verified", "authenticated", "superseded",
-            "garth", "garminconnect", "admin", "tokens:read", "Email", "SMS", " sms", "sms ",
+            "garth", "garminconnect", "admin", "tokens:read", "success", "failure", "denied", "error", "Email", "SMS",
+            " sms", "sms ",
         ]).prop_map(str::to_string),
     ]) {
         if let Some(m) = Method::parse(&s) { prop_assert_eq!(m.as_str(), s.as_str()); }
@@ -345,6 +348,18 @@ proptest! {
         if let Some(st) = SessionState::parse(&s) { prop_assert_eq!(st.as_str(), s.as_str()); }
         if let Some(k) = BundleKind::parse(&s) { prop_assert_eq!(k.as_str(), s.as_str()); }
         if let Some(sc) = Scope::parse(&s) { prop_assert_eq!(sc.as_str(), s.as_str()); }
+        if let Some(o) = Outcome::parse(&s) { prop_assert_eq!(o.as_str(), s.as_str()); }
+    }
+
+    #[test]
+    fn api_key_listings_show_at_most_a_prefix(
+        key in prop_oneof![any::<String>(), "cdbm_[A-Za-z0-9_-]{38,48}", "cdbm_.{40,46}"]
+    ) {
+        let shown = display_prefix(&key);
+        if shown != "(custom)" {
+            prop_assert!(key.starts_with(PREFIX) && key.len() >= PREFIX.len() + 43);
+            prop_assert_eq!(shown, key.chars().take(PREFIX.len() + 7).collect::<String>());
+        }
     }
 
     #[test]
@@ -412,6 +427,14 @@ proptest! {
     #[test]
     fn jwt_exp_reads_exactly_the_documented_exp((jwt, expected) in jwt_like()) {
         prop_assert_eq!(jwt_exp(&jwt).map(|t| t.timestamp()), expected, "{}", jwt);
+    }
+
+    #[test]
+    fn jwt_exp_ignores_payloads_over_16_kib(exp in 0..=MAX_UNIX, filler in 11_500usize..13_000, pad in any::<bool>()) {
+        let claims = json!({"exp": exp, "filler": "x".repeat(filler)});
+        let payload = b64_any_padding(claims.to_string().as_bytes(), true, pad);
+        let expected = (payload.len() <= 16 * 1024).then_some(exp);
+        prop_assert_eq!(jwt_exp(&format!("h.{payload}.s")).map(|t| t.timestamp()), expected);
     }
 
     #[test]
