@@ -31,11 +31,14 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Only this user's events.
+    #[param(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")]
     pub user_id: Option<String>,
     /// Only events of this type, e.g. `token.read`, `auth.denied`.
     #[serde(rename = "type")]
+    #[param(min_length = 1, max_length = 100, pattern = r"^[A-Za-z0-9._:-]+$")]
     pub type_: Option<String>,
     /// Only events with this outcome: `success`, `failure`, `denied` or `error`.
+    #[param(value_type = Option<AuditOutcome>, inline)]
     pub outcome: Option<String>,
     /// Only events at or after this time (RFC 3339).
     #[param(value_type = Option<String>, format = DateTime)]
@@ -49,6 +52,17 @@ pub struct EventsQuery {
     /// Cursor: only events with a `seq` greater than this (pass the previous page's `next_after`).
     #[param(value_type = Option<i64>, minimum = 0)]
     pub after: Option<String>,
+}
+
+/// Documentation only: the outcomes an event can have.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "lowercase")]
+pub enum AuditOutcome {
+    Success,
+    Failure,
+    Denied,
+    Error,
 }
 
 /// One audit event. Never holds a token, code, hash, key or resume state.

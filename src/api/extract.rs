@@ -3,11 +3,13 @@
 use std::{marker::PhantomData, net::SocketAddr};
 
 use axum::{
-    extract::{ConnectInfo, FromRequest, FromRequestParts, OriginalUri, Path, Query, rejection::JsonRejection},
+    extract::{
+        ConnectInfo, FromRequest, FromRequestParts, OriginalUri, Path, Query, Request, rejection::JsonRejection,
+    },
     http::{StatusCode, header::AUTHORIZATION, request::Parts},
 };
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::{
     domain::{Scope, UserId},
@@ -21,10 +23,55 @@ use crate::{
 
 use super::middleware::RequestId;
 
-/// JSON body; malformed JSON or a wrong shape is a 422 problem, an oversized body a 413.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// JSON body; malformed JSON or a wrong shape is a 422 problem, an oversized body a 413, a
+/// missing or other content type a 415. Every body of this API is a JSON object: an array (which
+/// serde would otherwise take for a struct, field by field) or a scalar is a 422.
 pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(value) = axum::Json::<Value>::from_request(req, state).await?;
+        if !value.is_object() {
+            return Err(ApiError::validation("request body must be a JSON object"));
+        }
+        serde_json::from_value(value).map(Self).map_err(|e| {
+            ApiError::validation(format!("request body has the wrong shape: {}", redact_quoted(&e.to_string())))
+        })
+    }
+}
+
+/// `deserialize_with` for a nested object field: an array is refused (serde would take it for
+/// a struct, field by field).
+pub fn object_only<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::{Deserialize, de::Error};
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::Object(_)) => serde_json::from_value(v).map(Some).map_err(D::Error::custom),
+        Some(_) => Err(D::Error::custom("expected a JSON object")),
+    }
+}
+
+/// `deserialize_with` for an optional integer field: JSON Schema counts `30.0` as the integer
+/// 30, so a number without a fractional part is accepted in either spelling.
+pub fn integer<'de, D>(d: D) -> Result<Option<i64>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::{Deserialize, de::Error};
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64))
+            .map(Some)
+            .ok_or_else(|| D::Error::custom("expected an integer")),
+    }
+}
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {

@@ -26,23 +26,37 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
-    /// Who asks (a worker name), 1-128 characters.
+    /// Who asks (a worker name), 1-128 characters (surrounding whitespace is trimmed), no control
+    /// characters.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub holder: String,
     /// 1-300, default 30.
+    #[schema(minimum = 1, maximum = 300)]
+    #[serde(default, deserialize_with = "super::extract::integer")]
     pub ttl_seconds: Option<i64>,
 }
 
 /// Acquire the refresh lease (or get your own live lease back, extended).
 #[utoipa::path(
     post, path = "/users/{user_id}/tokens/lease", tag = "tokens",
-    params(("user_id" = String, Path)),
+    params(("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")),
     request_body = LeaseRequest,
     responses(
         (status = 201, description = "Granted", body = LeaseView),
         (status = 200, description = "The same holder's live lease, extended", body = LeaseView),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`tokens_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`lease_held` with `holder`, `expires_at` and Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["tokens:write"]))
 )]
@@ -67,11 +81,18 @@ async fn acquire_lease(
 /// Release the lease early.
 #[utoipa::path(
     delete, path = "/users/{user_id}/tokens/lease", tag = "tokens",
-    params(("user_id" = String, Path), ("X-Lease-Fence" = i64, Header, description = "The lease's fence")),
+    params(
+        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$"),
+        ("X-Lease-Fence" = i64, Header, minimum = 1, description = "The lease's fence")
+    ),
     responses(
         (status = 204, description = "Released"),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`lease_lost`: that fence is not the live lease", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["tokens:write"]))
 )]

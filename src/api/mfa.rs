@@ -35,30 +35,39 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChallengeRequest {
+    /// 1-128 characters of `[A-Za-z0-9._@:-]`.
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")]
     pub user_id: String,
     /// Links the challenge to a login session (which moves `started` → `mfa_required`).
     pub session_id: Option<Uuid>,
     pub method: Method,
-    /// Stored and returned masked only.
+    /// Stored and returned masked only: an e-mail address (any method), a phone number of 4-20
+    /// digits (not `email`), or a device name (`totp`, `push`); 1-254 characters.
+    #[schema(min_length = 1, max_length = 254)]
     pub destination: Option<String>,
     pub verifier: Verifier,
     /// `service` only: the code to expect (4-16 letters or digits); absent → 6 random digits,
     /// returned once in the response.
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, pattern = r"^[A-Za-z0-9]{4,16}$")]
     pub code: Option<String>,
     /// Default 300, at most 600.
+    #[schema(minimum = 1, maximum = 600)]
+    #[serde(default, deserialize_with = "super::extract::integer")]
     pub ttl_seconds: Option<i64>,
     /// Default 5, at most 10.
+    #[schema(minimum = 1, maximum = 10)]
+    #[serde(default, deserialize_with = "super::extract::integer")]
     pub max_attempts: Option<i64>,
-    /// Opaque login state to hand back on verification (up to 16 KiB), encrypted at rest.
+    /// Opaque login state to hand back on verification (up to 16 KiB of UTF-8), encrypted at rest.
+    #[schema(max_length = 16384)]
     pub resume_state: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CodeRequest {
-    /// The code the user typed.
-    #[schema(value_type = String)]
+    /// The code the user typed: 4-16 letters or digits.
+    #[schema(value_type = String, pattern = r"^[A-Za-z0-9]{4,16}$")]
     pub code: String,
 }
 
@@ -85,9 +94,12 @@ fn code_of(raw: String) -> Result<Zeroizing<String>, ApiError> {
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`session_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`invalid_transition` (the session cannot take a challenge)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "`too_many_challenges` or `too_many_failures`, with Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["mfa"]))
 )]
@@ -148,8 +160,11 @@ async fn create_challenge(
     params(("id" = Uuid, Path)),
     responses(
         (status = 200, body = ChallengeView),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`challenge_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["mfa"]))
 )]
@@ -167,8 +182,13 @@ async fn get_challenge(
     params(("id" = Uuid, Path)),
     responses(
         (status = 204, description = "Cancelled (or already cancelled)"),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`challenge_not_pending`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (with `field` when one is at fault)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["mfa"]))
 )]
@@ -189,12 +209,17 @@ async fn cancel_challenge(
     responses(
         (status = 200, body = Verified),
         (status = 400, description = "`invalid_code` with `attempts_remaining`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`challenge_not_pending` with `challenge_status`", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`challenge_expired`", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 423, description = "`challenge_locked`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "too many code checks queued", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["mfa"]))
 )]
@@ -215,11 +240,17 @@ async fn verify_challenge(
     request_body = CodeRequest,
     responses(
         (status = 201, body = AttemptReserved),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`duplicate_code` (no attempt used) or `challenge_not_pending`", body = Problem, content_type = "application/problem+json"),
         (status = 410, body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 423, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["mfa"]))
 )]
@@ -236,13 +267,19 @@ async fn reserve_attempt(
 /// Record Garmin's answer to attempt `n`.
 #[utoipa::path(
     post, path = "/mfa/challenges/{id}/attempts/{n}/result", tag = "mfa",
-    params(("id" = Uuid, Path), ("n" = i64, Path)),
+    params(("id" = Uuid, Path), ("n" = i64, Path, minimum = 1, description = "The attempt number (from 1)")),
     request_body = AttemptResultRequest,
     responses(
         (status = 200, body = ChallengeView),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`challenge_not_found` or `attempt_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`attempt_resolved` or `challenge_not_pending`", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["mfa"]))
 )]
@@ -264,9 +301,14 @@ async fn attempt_result(
     params(("id" = Uuid, Path)),
     responses(
         (status = 200, body = ChallengeView),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`challenge_not_pending`", body = Problem, content_type = "application/problem+json"),
         (status = 410, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (with `field` when one is at fault)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["mfa"]))
 )]

@@ -64,6 +64,41 @@ impl Modify for BearerAuth {
     }
 }
 
+/// The string enums of `domain::mfa` are declared by a macro whose per-variant
+/// `#[serde(rename = ...)]` utoipa does not see, so it documents the Rust names (`MfaRequired`)
+/// instead of the wire names (`mfa_required`). This puts the wire names in, each one checked
+/// against the type's own parser (`tests/api/ops.rs` checks every value round-trips).
+struct WireEnumNames;
+
+impl Modify for WireEnumNames {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use crate::domain::mfa::{ChallengeStatus, Method, SessionState, Verifier};
+        wire_enum(openapi, "SessionState", |s| SessionState::parse(s).map(SessionState::as_str));
+        wire_enum(openapi, "ChallengeStatus", |s| ChallengeStatus::parse(s).map(ChallengeStatus::as_str));
+        wire_enum(openapi, "Method", |s| Method::parse(s).map(Method::as_str));
+        wire_enum(openapi, "Verifier", |s| Verifier::parse(s).map(Verifier::as_str));
+    }
+}
+
+fn wire_enum(openapi: &mut utoipa::openapi::OpenApi, name: &str, wire: impl Fn(&str) -> Option<&'static str>) {
+    use utoipa::openapi::{RefOr, Schema};
+    let Some(components) = openapi.components.as_mut() else { return };
+    let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(name) else { return };
+    for value in object.enum_values.iter_mut().flatten() {
+        let Some(rust_name) = value.as_str() else { continue };
+        let mut snake = String::with_capacity(rust_name.len() + 4);
+        for (i, c) in rust_name.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                snake.push('_');
+            }
+            snake.push(c.to_ascii_lowercase());
+        }
+        if let Some(w) = wire(&snake) {
+            *value = serde_json::Value::from(w);
+        }
+    }
+}
+
 fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", tokens::router())
@@ -74,14 +109,22 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(ops::router())
 }
 
+/// The routes and their OpenAPI document, completed.
+fn parts() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut openapi) = routes().split_for_parts();
+    // After the nested routers' schemas are merged in: a modifier on `ApiDoc` runs before.
+    WireEnumNames.modify(&mut openapi);
+    (router, openapi)
+}
+
 /// The OpenAPI document of the running code (what `openapi.json` must equal).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    parts().1
 }
 
 /// The whole application router, ready to serve (tests drive it with `oneshot`).
 pub fn app(state: AppState) -> Router {
-    let (router, openapi) = routes().split_for_parts();
+    let (router, openapi) = parts();
     let body_limit = state.settings.body_limit_bytes;
     router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))

@@ -25,17 +25,34 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSessionRequest {
+    /// 1-128 characters of `[A-Za-z0-9._@:-]`.
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")]
     pub user_id: String,
     /// Default 900, at most 86400.
+    #[schema(minimum = 1, maximum = 86400)]
+    #[serde(default, deserialize_with = "super::extract::integer")]
     pub ttl_seconds: Option<i64>,
-    pub client: Option<ClientInfo>,
+    #[serde(default, deserialize_with = "super::extract::object_only")]
+    pub client: Option<ClientInfoRequest>,
+}
+
+/// What the client tells about itself (stored as given, shown back; other members are ignored).
+#[derive(Deserialize, ToSchema)]
+pub struct ClientInfoRequest {
+    /// Up to 64 characters, no control characters.
+    #[schema(max_length = 64, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
+    pub ip: Option<String>,
+    /// Up to 512 characters, no control characters.
+    #[schema(max_length = 512, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
+    pub user_agent: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransitionRequest {
     pub to: SessionState,
-    /// Up to 200 characters.
+    /// Up to 200 characters, no control characters.
+    #[schema(max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
     pub reason: Option<String>,
 }
 
@@ -63,8 +80,11 @@ fn short_text(field: &str, v: Option<String>, max: usize) -> Result<Option<Strin
         (status = 201, body = SessionView),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["sessions"]))
 )]
@@ -95,8 +115,11 @@ async fn create_session(
     params(("id" = uuid::Uuid, Path)),
     responses(
         (status = 200, body = SessionView),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`session_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["sessions"]))
 )]
@@ -114,8 +137,13 @@ async fn get_session(
     params(("id" = uuid::Uuid, Path)),
     responses(
         (status = 204, description = "Cancelled (or already cancelled)"),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`invalid_transition`: the session already ended otherwise", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`validation_failed` (with `field` when one is at fault)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["sessions"]))
 )]
@@ -135,9 +163,15 @@ async fn cancel_session(
     request_body = TransitionRequest,
     responses(
         (status = 200, body = SessionView),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`invalid_transition` (with `from`, `to`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["sessions"]))
 )]
@@ -154,10 +188,13 @@ async fn transition_session(
 /// A user's active sessions, newest first.
 #[utoipa::path(
     get, path = "/users/{user_id}/sessions", tag = "sessions",
-    params(("user_id" = String, Path)),
+    params(("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")),
     responses(
         (status = 200, body = SessionList),
+        (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["sessions"]))
 )]

@@ -2,7 +2,7 @@
 
 use axum::{
     body::Bytes,
-    extract::State,
+    extract::{State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -135,17 +135,31 @@ pub struct TokenBundleResponse {
 #[derive(Deserialize, ToSchema, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct GetTokensQuery {
-    /// `garth_dump` returns the string `garth.Client.loads()` accepts instead of the two objects.
+    /// `garth_dump` returns the string `garth.Client.loads()` accepts instead of the two objects
+    /// (`objects`, the default).
+    #[param(value_type = Option<Representation>, inline)]
     pub representation: Option<String>,
     /// Answer only once the stored version is greater than this (else 304 when the wait ends).
     pub newer_than: Option<i64>,
-    /// How long to wait for a newer version, 0-30 seconds (default 0).
+    /// How long to wait for a newer version, 0-30 seconds (default 0); only with `newer_than`.
+    #[param(minimum = 0, maximum = 30)]
     pub wait_seconds: Option<u64>,
+}
+
+/// Documentation only: the values of `representation`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "snake_case")]
+pub enum Representation {
+    Objects,
+    GarthDump,
 }
 
 #[derive(Deserialize, Serialize, ToSchema, Default)]
 pub struct InvalidateRequest {
-    /// Why the login is no longer usable (1-200 characters); default `invalidated`.
+    /// Why the login is no longer usable (1-200 characters, no control characters); default
+    /// `invalidated`.
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
     pub reason: Option<String>,
 }
 
@@ -229,10 +243,10 @@ pub fn lease_fence(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
 #[utoipa::path(
     put, path = "/users/{user_id}/tokens", tag = "tokens",
     params(
-        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]"),
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: write only if the stored version is this; `*`: only if a bundle exists"),
-        ("If-None-Match" = Option<String>, Header, description = "`*`: write only if no bundle is stored"),
-        ("X-Lease-Fence" = Option<i64>, Header, description = "The fence of the caller's refresh lease: the write is accepted only while it is the live lease, and releases it"),
+        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^(\*|"[1-9][0-9]{0,17}")$"#, description = "`\"<version>\"`: write only if the stored version is this; `*`: only if a bundle exists. Not together with If-None-Match"),
+        ("If-None-Match" = Option<String>, Header, pattern = r"^\*$", description = "`*`: write only if no bundle is stored. Not together with If-Match"),
+        ("X-Lease-Fence" = Option<i64>, Header, minimum = 1, description = "The fence of the caller's refresh lease: the write is accepted only while it is the live lease, and releases it"),
     ),
     request_body = PutTokensRequest,
     responses(
@@ -246,6 +260,7 @@ pub fn lease_fence(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         (status = 415, body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` naming the `field`", body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["tokens:write"]))
 )]
@@ -268,7 +283,10 @@ async fn put_tokens(
 /// Read a user's bundle, decrypted.
 #[utoipa::path(
     get, path = "/users/{user_id}/tokens", tag = "tokens",
-    params(("user_id" = String, Path), GetTokensQuery),
+    params(
+        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$"),
+        GetTokensQuery
+    ),
     responses(
         (status = 200, body = TokenBundleResponse, headers(("ETag" = String))),
         (status = 304, description = "`newer_than` given and no newer version appeared within `wait_seconds`", headers(("ETag" = String))),
@@ -279,6 +297,7 @@ async fn put_tokens(
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "stored data failed to decrypt (audited)", body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["tokens:read"]))
 )]
@@ -340,7 +359,9 @@ async fn get_tokens(
 /// A bundle's metadata only (no decryption).
 #[utoipa::path(
     get, path = "/users/{user_id}/tokens/metadata", tag = "tokens",
-    params(("user_id" = String, Path)),
+    params(
+        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")
+    ),
     responses(
         (status = 200, body = TokenMetadata, headers(("ETag" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -348,6 +369,7 @@ async fn get_tokens(
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["tokens:read"]))
 )]
@@ -364,15 +386,19 @@ async fn get_metadata(
 /// Destroy the ciphertext; the user must log in again (`reauth_required` with the reason).
 #[utoipa::path(
     post, path = "/users/{user_id}/tokens/invalidate", tag = "tokens",
-    params(("user_id" = String, Path)),
+    params(
+        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")
+    ),
     request_body(content = Option<InvalidateRequest>, description = "Optional; an empty body means reason `invalidated`"),
     responses(
         (status = 204, description = "Invalidated"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["tokens:write"]))
 )]
@@ -380,12 +406,20 @@ async fn invalidate_tokens(
     auth: Auth<TokensWrite>,
     UserPath(user): UserPath,
     State(state): State<AppState>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::validation("request body could not be read")
+        }
+    })?;
+    // An empty body, or JSON `null`, means no reason given.
     let body: InvalidateRequest = if body.iter().all(u8::is_ascii_whitespace) {
         InvalidateRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|_| {
+        serde_json::from_slice::<Option<InvalidateRequest>>(&body).map(Option::unwrap_or_default).map_err(|_| {
             ApiError::validation("request body must be empty or a JSON object like {\"reason\": \"...\"}")
         })?
     };
@@ -400,13 +434,16 @@ async fn invalidate_tokens(
 /// Logout: remove the bundle (SQLite overwrites freed pages). 204 also when nothing was stored.
 #[utoipa::path(
     delete, path = "/users/{user_id}/tokens", tag = "tokens",
-    params(("user_id" = String, Path)),
+    params(
+        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")
+    ),
     responses(
         (status = 204, description = "Removed (or nothing was stored)"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["tokens:write"]))
 )]
@@ -422,13 +459,16 @@ async fn delete_tokens(
 /// Whether the user has a usable login.
 #[utoipa::path(
     get, path = "/users/{user_id}/auth-status", tag = "tokens",
-    params(("user_id" = String, Path)),
+    params(
+        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")
+    ),
     responses(
         (status = 200, body = AuthStatus),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["tokens:read"]))
 )]
