@@ -1,0 +1,997 @@
+#!/usr/bin/env python3
+"""Key rotation + `rewrap` under load: nothing is lost (real binary, SQLite and PostgreSQL).
+
+Per backend, one deployment (data dir, bootstrap admin key, keys k1 and k2, a fresh PostgreSQL
+database) goes through the rotation README.md documents, while load threads keep writing:
+
+  1. `serve` with CENTRALDB_ENCRYPTION_KEYS=k1; seed --users bundles (PUT If-None-Match: *) and
+     --challenges external-verifier MFA challenges with a resume state; on half of them one
+     attempt is reserved (code A) and answered "failed" by "Garmin", so a tried code exists;
+  2. load threads start: PUT (If-Match: "<version>") + GET of random users, each write carrying a
+     unique marker; every 2xx is an acknowledged write, every GET is checked against what was
+     acknowledged before it was sent;
+  3. rotation: SIGTERM, restart with CENTRALDB_ENCRYPTION_KEYS=k2,k1 on the same port; connection
+     errors while the server is down are counted as "restart gap" (not acknowledged writes);
+  4. `centraldb-mfa rewrap` runs as a separate process with the same env, concurrently with the
+     load, to completion (output and duration recorded);
+  5. load continues --tail seconds, then stops. Checks: every acknowledged write readable with its
+     version and marker; no 5xx at any time; no token_bundles.key_id / challenges.resume_key_id /
+     audit_events.chain_key_id left at k1 (direct SQL); `audit verify` (CLI) and
+     GET /api/v1/audit/verify ok; the pending challenges' tried code A is still refused (409
+     duplicate_code) after the rotation;
+  6. restart with CENTRALDB_ENCRYPTION_KEYS=k2 only: it must start; every bundle readable at the
+     version checked in 5; every challenge GETs as pending; each challenge replays code A (409
+     duplicate_code expected), reserves a new attempt (201, its original resume state comes
+     back), is resolved successfully and consumed; audit verify (CLI + HTTP) again.
+
+Exit 1 on any failure. python3 stdlib only; the binary is not built here (cargo build first).
+
+  cargo build && scripts/rotation.py                        # both backends
+  scripts/rotation.py --backend sqlite --users 100 --json out.json
+"""
+
+import argparse
+import atexit
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+BOOT_KEY_LEN = 48
+FAR_EXPIRY = 4102444800  # 2100-01-01: the sweeper never expires these bundles.
+CH = "/api/v1/mfa/challenges"
+CODE_A = "111111"  # tried before the rotation on half of the challenges
+
+_children = []  # live server processes, killed on exit
+_cleanups = []  # callables run once on exit (drop PG database, remove temp dirs)
+_cleaned = False
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cleanup():
+    global _cleaned
+    if _cleaned:
+        return
+    _cleaned = True
+    for p in list(_children):
+        if p.poll() is None:
+            try:
+                p.kill()
+                p.wait(timeout=10)
+            except Exception:
+                pass
+    for fn in reversed(_cleanups):
+        try:
+            fn()
+        except Exception as e:  # keep cleaning up the rest
+            print(f"cleanup error: {e}", file=sys.stderr)
+
+
+def _on_signal(signum, _frame):
+    cleanup()
+    sys.exit(128 + signum)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Deployment and server process
+# --------------------------------------------------------------------------------------------
+
+
+class Deployment:
+    def __init__(self, args, backend, workdir):
+        self.bin = args.bin
+        self.backend = backend
+        self.dir = os.path.join(workdir, backend)
+        self.data = os.path.join(self.dir, "data")
+        os.makedirs(self.dir, mode=0o700)
+        self.admin_key = "rotation-" + "".join(
+            random.SystemRandom().choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(BOOT_KEY_LEN)
+        )
+        self.k1 = self._keygen("k1")
+        self.k2 = self._keygen("k2")
+        self.port = free_port()
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/root"),
+            "RUST_LOG": "info",
+            "CENTRALDB_LOG_FORMAT": "json",
+            "CENTRALDB_LISTEN": f"127.0.0.1:{self.port}",  # same port across restarts: clients keep going
+            "CENTRALDB_DATA_DIR": self.data,
+            "CENTRALDB_ENCRYPTION_KEYS": self.k1,
+            "CENTRALDB_BOOTSTRAP_ADMIN_KEY": self.admin_key,
+            "CENTRALDB_MFA_MAX_PENDING_PER_USER": "10",
+        }
+        self.db_name = None
+        if backend == "postgres":
+            self._create_pg_database(args.postgres_url)
+
+    def _keygen(self, kid):
+        r = subprocess.run([self.bin, "keygen", "--id", kid], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0 or not r.stdout.strip().startswith(f"{kid}:"):
+            raise RuntimeError(f"keygen --id {kid} failed: {r.stderr}")
+        return r.stdout.strip()
+
+    def _create_pg_database(self, base_url):
+        if shutil.which("psql") is None:
+            raise RuntimeError("psql not found (needed to create the PostgreSQL database)")
+        name = f"rotation_{os.getpid()}_{random.SystemRandom().randrange(1 << 30)}"
+        r = subprocess.run(
+            ["psql", base_url, "-v", "ON_ERROR_STOP=1", "-qc", f'CREATE DATABASE "{name}"'],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"cannot create PostgreSQL database: {r.stderr.strip()}")
+        self.db_name = name
+
+        def drop():
+            subprocess.run(
+                ["psql", base_url, "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
+                capture_output=True,
+                timeout=60,
+            )
+
+        _cleanups.append(drop)
+        u = urllib.parse.urlsplit(base_url)
+        self.env["CENTRALDB_DATABASE_URL"] = urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + name, u.query, ""))
+
+    def query_scalar(self, sql):
+        """One integer from a read-only query, straight from the database."""
+        if self.backend == "sqlite":
+            import sqlite3
+
+            db = sqlite3.connect(f"file:{os.path.join(self.data, 'centraldb-mfa.db')}?mode=ro", uri=True, timeout=30)
+            try:
+                return int(db.execute(sql).fetchone()[0])
+            finally:
+                db.close()
+        r = subprocess.run(
+            ["psql", self.env["CENTRALDB_DATABASE_URL"], "-v", "ON_ERROR_STOP=1", "-tAqc", sql],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"psql: {r.stderr.strip()}")
+        return int(r.stdout.strip())
+
+    def cli(self, *cli_args, env=None):
+        return subprocess.Popen(
+            [self.bin, *cli_args],
+            env={**self.env, "RUST_LOG": "warn", **(env or {})},
+            cwd=self.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def run_cli(self, *cli_args, timeout=120, env=None):
+        p = self.cli(*cli_args, env=env)
+        _children.append(p)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            _children.remove(p)
+        return p.returncode, out, err
+
+
+class Server:
+    """One `serve` process; its combined output goes to a log file."""
+
+    def __init__(self, dep, name):
+        self.log_path = os.path.join(dep.dir, f"serve-{name}.log")
+        self.proc = subprocess.Popen(
+            [dep.bin, "serve"],
+            env=dict(dep.env),
+            cwd=dep.dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        _children.append(self.proc)
+        self.host, self.port = "127.0.0.1", dep.port
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        with open(self.log_path, "wb") as out:
+            for line in self.proc.stdout:
+                out.write(line)
+                out.flush()
+
+    def log_tail(self, n=5):
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return " | ".join(lines[-n:])
+
+    def wait_ready(self, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._reader.join(timeout=5)
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                st, _ = request(self.host, self.port, "GET", "/readyz", None, {}, timeout=3)
+                if st == 200:
+                    return
+            except (OSError, http.client.HTTPException):
+                pass
+            time.sleep(0.02)
+        raise RuntimeError(f"/readyz not ready within {timeout}s; see {self.log_path}")
+
+    def stop(self):
+        """SIGTERM (graceful: in-flight requests finish); returns the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._reader.join(timeout=10)
+        _children.remove(self.proc)
+        return rc
+
+
+def request(host, port, method, path, body, headers, timeout=15, conn=None):
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        h = dict(headers)
+        if data is not None:
+            h["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=h)
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = None
+        return resp.status, parsed
+    finally:
+        if own:
+            conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Bundles, markers, bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+def token_body(marker):
+    return {
+        "kind": "garth",
+        "oauth1_token": {
+            "oauth_token": f"o1-{marker}",
+            "oauth_token_secret": f"o1s-{marker}",
+            "mfa_token": None,
+            "mfa_expiration_timestamp": None,
+            "domain": "garmin.com",
+        },
+        "oauth2_token": {
+            "scope": "CONNECT_READ CONNECT_WRITE",
+            "jti": marker,
+            "token_type": "Bearer",
+            "access_token": f"acc-{marker}",
+            "refresh_token": f"ref-{marker}",
+            "expires_in": 86400,
+            "expires_at": FAR_EXPIRY,
+            "refresh_token_expires_in": 2592000,
+            "refresh_token_expires_at": FAR_EXPIRY,
+        },
+    }
+
+
+def stored_marker(body):
+    try:
+        m = body["oauth2_token"]["jti"]
+        parts = {
+            body["oauth1_token"]["oauth_token"][3:],
+            body["oauth1_token"]["oauth_token_secret"][4:],
+            body["oauth2_token"]["access_token"][4:],
+            body["oauth2_token"]["refresh_token"][4:],
+        }
+        return m if parts == {m} else f"MIXED:{sorted(parts | {m})}"
+    except (KeyError, TypeError):
+        return None
+
+
+class Ledger:
+    """What the clients learnt: acknowledged (version, marker) per user, and writes of unknown outcome."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.known = {}  # user -> version the writers use for If-Match
+        self.acks = {}  # user -> {version: marker}
+        self.unknown = {}  # user -> markers whose outcome is unknown (restart gap, 5xx)
+        self.refused = {}  # user -> markers answered 412
+        self.duplicate_acks = []
+
+    def ack(self, user, version, marker):
+        with self.lock:
+            per = self.acks.setdefault(user, {})
+            if version in per:
+                self.duplicate_acks.append((user, version, per[version], marker))
+            per[version] = marker
+            if version > self.known.get(user, 0):
+                self.known[user] = version
+
+    def max_ack(self, user):
+        with self.lock:
+            per = self.acks.get(user)
+            if not per:
+                return None, None
+            v = max(per)
+            return v, per[v]
+
+
+class Stats:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.c = {
+            "put_acked": 0,
+            "put_412": 0,
+            "get_ok": 0,
+            "restart_gap_errors": 0,  # connection errors while the server was being restarted
+            "unknown_outcome": 0,  # PUTs sent but unanswered in the restart gap
+            "conn_errors_outside_gap": 0,
+        }
+        self.status_5xx = {}
+        self.other_status = {}
+        self.problems = []
+
+    def bump(self, k, n=1):
+        with self.lock:
+            self.c[k] += n
+
+    def problem(self, p):
+        with self.lock:
+            self.problems.append(p)
+
+    def status(self, what, st, body):
+        with self.lock:
+            key = f"{what} {st}"
+            if st >= 500:
+                self.status_5xx[key] = self.status_5xx.get(key, 0) + 1
+                if len(self.problems) < 200:
+                    self.problems.append(f"{what} answered {st}: {json.dumps(body)[:300]}")
+            else:
+                self.other_status[key] = self.other_status.get(key, 0) + 1
+
+
+class Gap:
+    """Set while the server is deliberately down (between SIGTERM and the next /readyz)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.down = False
+        self.epoch = 0  # bumped at each restart start and end
+
+    def set(self, down):
+        with self.lock:
+            self.down = down
+            self.epoch += 1
+
+    def snapshot(self):
+        with self.lock:
+            return self.down, self.epoch
+
+
+def load_thread(*a):
+    stats = a[5]
+    try:
+        _load(*a)
+    except Exception as e:  # a dead thread would silently thin the load
+        stats.problem(f"load thread {a[0]}: {type(e).__name__}: {e}")
+
+
+def _load(tid, dep, ledger, users, stop, stats, gap, rng):
+    auth = {"Authorization": f"Bearer {dep.admin_key}"}
+    conn = None
+    n = 0
+
+    def conn_failed(gap_before):
+        down, epoch = gap.snapshot()
+        if gap_before[0] or down or gap_before[1] != epoch:
+            stats.bump("restart_gap_errors")
+            return True
+        stats.bump("conn_errors_outside_gap")
+        return False
+
+    while not stop.is_set():
+        user = rng.choice(users)
+        with ledger.lock:
+            known = ledger.known.get(user, 0)
+        n += 1
+        marker = f"{dep.backend[:2]}t{tid}n{n}"
+        g = gap.snapshot()
+        if conn is None:
+            conn = http.client.HTTPConnection(dep.env["CENTRALDB_LISTEN"].split(":")[0], dep.port, timeout=30)
+        try:
+            st, body = request(
+                None,
+                None,
+                "PUT",
+                f"/api/v1/users/{user}/tokens",
+                token_body(marker),
+                {**auth, "If-Match": f'"{known}"'},
+                conn=conn,
+            )
+        except (OSError, http.client.HTTPException) as e:
+            with ledger.lock:
+                ledger.unknown.setdefault(user, set()).add(marker)
+            stats.bump("unknown_outcome")
+            if not conn_failed(g):
+                stats.problem(f"PUT {user}: connection error outside the restart gap: {e}")
+            conn.close()
+            conn = None
+            time.sleep(0.02)
+            continue
+        if 200 <= st < 300:
+            if not isinstance(body, dict) or not isinstance(body.get("version"), int):
+                stats.problem(f"PUT {user}: 2xx without a version: {body!r}")
+            else:
+                ledger.ack(user, body["version"], marker)
+                stats.bump("put_acked")
+        elif st == 412:
+            cur = (body or {}).get("current_version")
+            with ledger.lock:
+                ledger.refused.setdefault(user, set()).add(marker)
+                if cur is not None and int(cur) > ledger.known.get(user, 0):
+                    ledger.known[user] = int(cur)
+            stats.bump("put_412")
+        else:
+            with ledger.lock:
+                ledger.unknown.setdefault(user, set()).add(marker)
+            stats.status("PUT", st, body)
+
+        # GET a random user; what it shows must not be older than what was acknowledged before.
+        user = rng.choice(users)
+        want_v, want_m = ledger.max_ack(user)
+        g = gap.snapshot()
+        try:
+            st, body = request(None, None, "GET", f"/api/v1/users/{user}/tokens", None, auth, conn=conn)
+        except (OSError, http.client.HTTPException) as e:
+            if not conn_failed(g):
+                stats.problem(f"GET {user}: connection error outside the restart gap: {e}")
+            conn.close()
+            conn = None
+            continue
+        if st == 200:
+            stats.bump("get_ok")
+            v, m = int(body["version"]), stored_marker(body)
+            if want_v is not None and v < want_v:
+                stats.problem(f"GET {user}: version {v} older than acknowledged {want_v}")
+            elif want_v is not None and v == want_v and m != want_m:
+                stats.problem(f"GET {user}: version {v} holds {m!r}, acknowledged {want_m!r}")
+        else:
+            stats.status("GET", st, body)
+    if conn is not None:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Seeding and checks
+# --------------------------------------------------------------------------------------------
+
+
+def parallel(fn, items, threads=8):
+    """Runs fn(item, conn) over items on a few threads; returns the list of problems."""
+    problems = []
+    lock = threading.Lock()
+    it = iter(list(items))
+
+    def run():
+        conn = None
+        while True:
+            with lock:
+                item = next(it, None)
+            if item is None:
+                break
+            if conn is None:
+                conn = http.client.HTTPConnection(*fn.addr, timeout=60)
+            try:
+                p = fn(item, conn)
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                conn = None
+                p = f"{item}: {type(e).__name__}: {e}"
+            if p:
+                with lock:
+                    problems.append(p)
+        if conn is not None:
+            conn.close()
+
+    ts = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return problems
+
+
+def seed_users(dep, ledger, users):
+    auth = {"Authorization": f"Bearer {dep.admin_key}"}
+
+    def put(user, conn):
+        marker = f"{dep.backend[:2]}seed-{user}"
+        hdr = {**auth, "If-None-Match": "*"}
+        st, body = request(None, None, "PUT", f"/api/v1/users/{user}/tokens", token_body(marker), hdr, conn=conn)
+        if st not in (200, 201):
+            return f"seed PUT {user}: {st} {body}"
+        ledger.ack(user, int(body["version"]), marker)
+        return None
+
+    put.addr = ("127.0.0.1", dep.port)
+    return parallel(put, users)
+
+
+def create_challenges(dep, n):
+    """External-verifier challenges with a resume state; on even ones code A is tried and failed."""
+    auth = {"Authorization": f"Bearer {dep.admin_key}"}
+    out, problems = [], []
+    conn = http.client.HTTPConnection("127.0.0.1", dep.port, timeout=30)
+    try:
+        for i in range(n):
+            resume = f"gAJ9-resume-{dep.backend}-{i}-" + os.urandom(8).hex()
+            body = {
+                "user_id": f"rot-{dep.backend}-ch{i:02d}",
+                "method": "sms",
+                "destination": "+1 555 123 1234",
+                "verifier": "external",
+                "ttl_seconds": 600,
+                "max_attempts": 5,
+                "resume_state": resume,
+            }
+            st, r = request(None, None, "POST", CH, body, auth, conn=conn)
+            if st != 201:
+                problems.append(f"create challenge {i}: {st} {r}")
+                continue
+            ch = {"id": r["id"], "resume": resume, "tried_a": i % 2 == 0}
+            if ch["tried_a"]:
+                st, a = request(None, None, "POST", f"{CH}/{ch['id']}/attempts", {"code": CODE_A}, auth, conn=conn)
+                if st != 201 or a.get("resume_state") != resume:
+                    problems.append(f"challenge {i}: attempt with code A: {st} {a}")
+                st, a = request(
+                    None, None, "POST", f"{CH}/{ch['id']}/attempts/1/result", {"success": False}, auth, conn=conn
+                )
+                if st != 200 or a.get("status") != "pending":
+                    problems.append(f"challenge {i}: failed result: {st} {a}")
+            out.append(ch)
+    finally:
+        conn.close()
+    return out, problems
+
+
+def check_users(dep, ledger, users):
+    """GET every user: stored version >= highest acknowledged, marker matches when equal, a newer
+    version carries a write of unknown outcome. Returns (lost, problems, stored {user: version})."""
+    auth = {"Authorization": f"Bearer {dep.admin_key}"}
+    lost, stored, lock = [], {}, threading.Lock()
+
+    def get(user, conn):
+        st, body = request(None, None, "GET", f"/api/v1/users/{user}/tokens", None, auth, conn=conn)
+        with ledger.lock:
+            acks = dict(ledger.acks.get(user, {}))
+            unknown = set(ledger.unknown.get(user, set()))
+            refused = set(ledger.refused.get(user, set()))
+        if st != 200:
+            with lock:
+                lost.append(user)
+            return f"{user}: GET answered {st}: {body}"
+        v, m = int(body["version"]), stored_marker(body)
+        with lock:
+            stored[user] = (v, m)
+        max_ack = max(acks) if acks else None
+        if max_ack is not None and v < max_ack:
+            with lock:
+                lost.append(user)
+            return f"{user}: LOST: stored version {v}, acknowledged up to {max_ack}"
+        if v == max_ack:
+            if m != acks[max_ack]:
+                with lock:
+                    lost.append(user)
+                return f"{user}: version {v} holds {m!r}, the acknowledged write was {acks[max_ack]!r}"
+            return None
+        if m in refused:
+            return f"{user}: version {v} holds {m!r}, a write refused with 412"
+        if m not in unknown:
+            return f"{user}: version {v} holds {m!r}, not a write of unknown outcome"
+        return None
+
+    get.addr = ("127.0.0.1", dep.port)
+    problems = parallel(get, users)
+    return lost, problems, stored
+
+
+def audit_checks(dep):
+    rc, out, err = dep.run_cli("audit", "verify")
+    text = (out + err).strip()
+    cli_ok = rc == 0 and "audit chain ok" in text
+    lines = [ln for ln in text.splitlines() if "audit chain" in ln] or text.splitlines()
+    try:
+        st, body = request(
+            "127.0.0.1",
+            dep.port,
+            "GET",
+            "/api/v1/audit/verify",
+            None,
+            {"Authorization": f"Bearer {dep.admin_key}"},
+            timeout=120,
+        )
+        http_ok = st == 200 and bool(body) and body.get("ok") is True
+        http_desc = json.dumps(body) if body is not None else f"HTTP {st}"
+    except (OSError, http.client.HTTPException) as e:
+        http_ok, http_desc = False, f"error: {e}"
+    return cli_ok and http_ok, f"cli: {lines[-1] if lines else f'exit {rc}'}; http: {http_desc}"
+
+
+def k1_rows(dep):
+    return {
+        "token_bundles": dep.query_scalar("SELECT COUNT(*) FROM token_bundles WHERE key_id = 'k1'"),
+        "challenges": dep.query_scalar("SELECT COUNT(*) FROM challenges WHERE resume_key_id = 'k1'"),
+        "audit_events": dep.query_scalar("SELECT COUNT(*) FROM audit_events WHERE chain_key_id = 'k1'"),
+    }
+
+
+def replay_code_a(dep, challenges):
+    """Code A, tried before the rotation, must still be refused as a duplicate (409 duplicate_code)."""
+    auth = {"Authorization": f"Bearer {dep.admin_key}"}
+    problems = []
+    for ch in challenges:
+        if not ch["tried_a"]:
+            continue
+        st, r = request("127.0.0.1", dep.port, "POST", f"{CH}/{ch['id']}/attempts", {"code": CODE_A}, auth)
+        if st != 409 or (r or {}).get("code") != "duplicate_code":
+            problems.append(
+                f"challenge {ch['id']}: code tried before the rotation replayed: {st} {json.dumps(r)[:200]} "
+                f"(expected 409 duplicate_code: a replayed code must never reach Garmin)"
+            )
+            if st == 201:
+                # The replay took an attempt; resolve it so the challenge stays usable.
+                request(
+                    "127.0.0.1",
+                    dep.port,
+                    "POST",
+                    f"{CH}/{ch['id']}/attempts/{r['attempt']}/result",
+                    {"success": False},
+                    auth,
+                )
+    return problems
+
+
+def finish_challenges(dep, challenges):
+    """After k1 is gone: GET pending, a new code reserves an attempt returning the original resume
+    state, Garmin says yes, consume."""
+    auth = {"Authorization": f"Bearer {dep.admin_key}"}
+    problems, done = [], 0
+    for ch in challenges:
+        base = f"{CH}/{ch['id']}"
+        st, r = request("127.0.0.1", dep.port, "GET", base, None, auth)
+        if st != 200 or r.get("status") != "pending":
+            problems.append(f"challenge {ch['id']}: GET {st} {r}")
+            continue
+        st, a = request("127.0.0.1", dep.port, "POST", f"{base}/attempts", {"code": "246802"}, auth)
+        if st != 201 or a.get("resume_state") != ch["resume"]:
+            problems.append(f"challenge {ch['id']}: attempt after rotation: {st} {json.dumps(a)[:200]}")
+            continue
+        st, r = request("127.0.0.1", dep.port, "POST", f"{base}/attempts/{a['attempt']}/result", {"success": True}, auth)
+        if st != 200 or r.get("status") != "verified":
+            problems.append(f"challenge {ch['id']}: result: {st} {r}")
+            continue
+        st, r = request("127.0.0.1", dep.port, "POST", f"{base}/consume", None, auth)
+        if st != 200:
+            problems.append(f"challenge {ch['id']}: consume: {st} {r}")
+            continue
+        done += 1
+    return problems, done
+
+
+REWRAP_RE = re.compile(
+    r"rewrapped (\d+) ciphertext\(s\) under key '([^']*)'; (\d+) changed concurrently.*?; (\d+) failed to decrypt; "
+    r"(?:re-sealed (\d+) audit event\(s\)|(audit chain NOT re-sealed.*))"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# One backend
+# --------------------------------------------------------------------------------------------
+
+
+def run_backend(args, backend, workdir):
+    t0 = time.monotonic()
+    dep = Deployment(args, backend, workdir)
+    ledger = Ledger()
+    stats = Stats()
+    gap = Gap()
+    users = [f"rot-{backend}-u{i:04d}" for i in range(args.users)]
+    s = {
+        "backend": backend,
+        "users": len(users),
+        "challenges": args.challenges,
+        "problems": [],
+    }
+    P = s["problems"]
+    log(f"{backend}: data {dep.dir}, port {dep.port}" + (f", database {dep.db_name}" if dep.db_name else ""))
+
+    # 1. keyring {k1}: seed.
+    server = Server(dep, "1-k1")
+    server.wait_ready()
+    t = time.monotonic()
+    P.extend(seed_users(dep, ledger, users))
+    challenges, cp = create_challenges(dep, args.challenges)
+    P.extend(cp)
+    s["seed_seconds"] = round(time.monotonic() - t, 2)
+    s["k1_rows_before"] = k1_rows(dep)
+    log(f"{backend}: seeded {len(users)} users, {len(challenges)} challenges in {s['seed_seconds']} s; "
+        f"rows under k1: {s['k1_rows_before']}")
+
+    # 2. load + rotation restart.
+    stop = threading.Event()
+    rng = random.Random(args.seed)
+    threads = [
+        threading.Thread(
+            target=load_thread,
+            args=(i, dep, ledger, users, stop, stats, gap, random.Random(rng.random())),
+            daemon=True,
+        )
+        for i in range(args.threads)
+    ]
+    load_t0 = time.monotonic()
+    for th in threads:
+        th.start()
+    try:
+        time.sleep(args.warmup)
+        gap.set(True)
+        t = time.monotonic()
+        rc = server.stop()
+        if rc != 0:
+            P.append(f"server (k1) exited with {rc} on SIGTERM")
+        dep.env["CENTRALDB_ENCRYPTION_KEYS"] = f"{dep.k2},{dep.k1}"  # README step 2: new key first, old kept
+        server = Server(dep, "2-k2k1")
+        server.wait_ready()
+        gap.set(False)
+        s["restart_gap_seconds"] = round(time.monotonic() - t, 2)
+        log(f"{backend}: restarted with k2,k1 in {s['restart_gap_seconds']} s")
+
+        # Negative control: before rewrap, a keyring without k1 must be refused (rows still need it).
+        rc, out, err = dep.run_cli("audit", "verify", env={"CENTRALDB_ENCRYPTION_KEYS": dep.k2})
+        s["k2_only_before_rewrap"] = (out + err).strip().splitlines()[-1:] or [f"exit {rc}"]
+        if rc == 0 or "'k1'" not in out + err:
+            P.append(f"a keyring without k1 was not refused before rewrap: exit {rc}: {(out + err).strip()}")
+
+        # 3. rewrap, concurrently with the load.
+        time.sleep(args.pre_rewrap)
+        t = time.monotonic()
+        rc, out, err = dep.run_cli("rewrap", timeout=args.rewrap_timeout)
+        s["rewrap_seconds"] = round(time.monotonic() - t, 2)
+        s["rewrap_exit"] = rc
+        s["rewrap_output"] = (out + err).strip()
+        log(f"{backend}: rewrap exit {rc} in {s['rewrap_seconds']} s: {s['rewrap_output']}")
+        m = REWRAP_RE.search(out)
+        if rc != 0 or not m:
+            P.append(f"rewrap failed (exit {rc}): {s['rewrap_output']}")
+        if m:
+            s["rewrapped"] = int(m.group(1))
+            s["rewrap_active_key"] = m.group(2)
+            s["rewrap_changed_concurrently"] = int(m.group(3))
+            s["rewrap_failed"] = int(m.group(4))
+            s["audit_resealed"] = int(m.group(5)) if m.group(5) else None
+            if m.group(2) != "k2" or m.group(6):
+                P.append(f"rewrap: unexpected output {m.group(0)!r}")
+
+        # 4. a few more seconds of load.
+        time.sleep(args.tail)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(timeout=60)
+    s["load_seconds"] = round(time.monotonic() - load_t0, 2)
+    s.update(stats.c)
+    s["status_5xx"] = stats.status_5xx
+    s["other_statuses"] = stats.other_status
+    P.extend(stats.problems)
+    if ledger.duplicate_acks:
+        for u, v, m1, m2 in ledger.duplicate_acks[:20]:
+            P.append(f"{u}: version {v} acknowledged twice ({m1}, {m2})")
+    s["writes_acknowledged"] = sum(len(v) for v in ledger.acks.values())
+
+    lost, cp, stored = check_users(dep, ledger, users)
+    P.extend(cp)
+    s["unknown_outcome_found_stored"] = sum(
+        1 for u, (v, mk) in stored.items() if mk in ledger.unknown.get(u, set())
+    )
+    s["k1_rows_after_rewrap"] = k1_rows(dep)
+    if any(s["k1_rows_after_rewrap"].values()):
+        P.append(f"rows still under k1 after rewrap: {s['k1_rows_after_rewrap']}")
+    ok, desc = audit_checks(dep)
+    s["audit_after_rewrap"] = desc
+    if not ok:
+        P.append(f"audit verify after rewrap failed: {desc}")
+    rp = replay_code_a(dep, challenges[: len(challenges) // 2])  # half checked with k1 still present
+    P.extend(rp)
+    log(f"{backend}: after rewrap: acked {s['writes_acknowledged']}, lost {len(lost)}, "
+        f"k1 rows {s['k1_rows_after_rewrap']}, audit {'ok' if ok else 'FAILED'}")
+
+    # 5. keyring {k2}: must start, everything readable, challenges usable.
+    rc = server.stop()
+    if rc != 0:
+        P.append(f"server (k2,k1) exited with {rc} on SIGTERM")
+    dep.env["CENTRALDB_ENCRYPTION_KEYS"] = dep.k2  # README step 4
+    server = Server(dep, "3-k2")
+    try:
+        server.wait_ready()
+        s["k2_only_start"] = "ok"
+    except RuntimeError as e:
+        s["k2_only_start"] = f"REFUSED: {e}"
+        P.append(f"start with keyring {{k2}} refused: {e}")
+    if s["k2_only_start"] == "ok":
+        lost2, cp, stored2 = check_users(dep, ledger, users)
+        P.extend(f"k2 only: {p}" for p in cp)
+        changed = [u for u in users if u in stored and stored2.get(u) != stored[u]]
+        if changed:
+            P.append(f"k2 only: {len(changed)} bundle(s) differ from the check before, e.g. {changed[:3]}")
+        lost = sorted(set(lost) | set(lost2))
+        s["bundles_readable_k2_only"] = len(stored2)
+        P.extend(f"k2 only: {p}" for p in replay_code_a(dep, challenges[len(challenges) // 2 :]))
+        cp, done = finish_challenges(dep, challenges)
+        P.extend(f"k2 only: {p}" for p in cp)
+        s["challenges_completed_k2_only"] = done
+        ok2, desc2 = audit_checks(dep)
+        s["audit_k2_only"] = desc2
+        if not ok2:
+            P.append(f"audit verify with k2 only failed: {desc2}")
+        ok = ok and ok2
+        rc = server.stop()
+        if rc != 0:
+            P.append(f"server (k2) exited with {rc} on SIGTERM")
+    else:
+        ok = False
+    s["replays_accepted_after_rotation"] = sum(1 for p in P if "code tried before the rotation" in p)
+    s["writes_lost"] = len(lost)
+    s["rows_left_under_k1"] = sum(s["k1_rows_after_rewrap"].values())
+    s["count_5xx"] = sum(stats.status_5xx.values())
+    s["audit_ok"] = ok
+    s["seconds"] = round(time.monotonic() - t0, 1)
+    s["ok"] = not P
+    return s
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        description="Rotate the encryption keyring (k1 -> k2,k1 -> rewrap -> k2) of the real centraldb-mfa binary "
+        "under concurrent PUT/GET load and check nothing is lost: acknowledged writes readable, no 5xx, no row "
+        "left under k1, audit chain verifies, pending MFA challenges still work. Exit 1 on any failure.",
+    )
+    ap.add_argument("--bin", default="target/debug/centraldb-mfa", help="binary to test (not built by this script)")
+    ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    ap.add_argument("--users", type=int, default=300, help="users with a bundle (default 300)")
+    ap.add_argument("--challenges", type=int, default=20, help="external MFA challenges with resume state (default 20)")
+    ap.add_argument("--threads", type=int, default=8, help="load threads doing PUT + GET (default 8)")
+    ap.add_argument("--warmup", type=float, default=3.0, help="load seconds before the rotation restart (default 3)")
+    ap.add_argument("--pre-rewrap", type=float, default=1.0, help="load seconds between restart and rewrap (default 1)")
+    ap.add_argument("--tail", type=float, default=5.0, help="load seconds after rewrap finished (default 5)")
+    ap.add_argument("--rewrap-timeout", type=float, default=120.0, help="rewrap must finish within this (s)")
+    ap.add_argument(
+        "--postgres-url",
+        default="postgres://postgres@127.0.0.1:5432/test",
+        help="server to create a fresh database on (dropped afterwards)",
+    )
+    ap.add_argument("--seed", type=int, default=None, help="random seed for the load")
+    ap.add_argument("--keep", action="store_true", help="keep the data dirs and server logs (path is printed)")
+    ap.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
+    args = ap.parse_args()
+
+    if not (os.path.isfile(args.bin) and os.access(args.bin, os.X_OK)):
+        print(f"error: binary {args.bin!r} not found; build it first (cargo build)", file=sys.stderr)
+        return 2
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(1 << 31)
+
+    atexit.register(cleanup)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+    workdir = tempfile.mkdtemp(prefix="rotation-")
+    if args.keep:
+        log(f"keeping {workdir}")
+    else:
+        _cleanups.insert(0, lambda: shutil.rmtree(workdir, ignore_errors=True))
+    # Run a private copy: other builds may relink target/debug while this runs.
+    snapshot = os.path.join(workdir, "centraldb-mfa")
+    shutil.copy2(os.path.abspath(args.bin), snapshot)
+    args.bin = snapshot
+
+    backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    log(f"seed {args.seed}; backends {', '.join(backends)}; {args.users} users, {args.challenges} challenges, "
+        f"{args.threads} load threads")
+    t0 = time.monotonic()
+    results = []
+    for b in backends:
+        try:
+            results.append(run_backend(args, b, workdir))
+        except Exception as e:  # a start-up failure etc. is a failed run, not a crash of the script
+            results.append({"backend": b, "ok": False, "error": f"{type(e).__name__}: {e}"})
+            log(f"{b}: ERROR {type(e).__name__}: {e}")
+        for p in list(_children):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            _children.remove(p)
+
+    failed = False
+    print()
+    print("rotation summary")
+    for r in results:
+        if "error" in r:
+            print(f"  {r['backend']:8s} ERROR: {r['error']}")
+            failed = True
+            continue
+        print(
+            f"  {r['backend']:8s} users {r['users']}, writes acknowledged {r['writes_acknowledged']}, "
+            f"writes lost {r['writes_lost']}, rewrapped {r.get('rewrapped')} "
+            f"({r.get('rewrap_changed_concurrently')} changed concurrently, {r.get('rewrap_failed')} failed; "
+            f"audit re-sealed {r.get('audit_resealed')}) in {r.get('rewrap_seconds')} s, rows left under k1 "
+            f"{r['rows_left_under_k1']}, 5xx {r['count_5xx']}, restart gap {r.get('restart_gap_seconds')} s "
+            f"({r['restart_gap_errors']} conn errors, {r['unknown_outcome']} PUTs of unknown outcome), "
+            f"412 {r['put_412']}, GETs checked {r['get_ok']}, start with k2 only: {r.get('k2_only_start')}, "
+            f"challenges completed {r.get('challenges_completed_k2_only')}/{r['challenges']}, "
+            f"audit verify {'ok' if r['audit_ok'] else 'FAILED'}, {r['seconds']} s"
+        )
+        print(f"           k2 only before rewrap (must be refused): {r.get('k2_only_before_rewrap')}")
+        print(
+            f"           code tried before the rotation, replayed after it: "
+            f"{r.get('replays_accepted_after_rotation')}/{r['challenges'] // 2} accepted (must be 0: 409 duplicate_code)"
+        )
+        print(f"           rewrap: {r.get('rewrap_output')}")
+        print(f"           audit after rewrap: {r.get('audit_after_rewrap')}")
+        print(f"           audit with k2 only: {r.get('audit_k2_only')}")
+        if r["status_5xx"]:
+            print(f"           5xx: {r['status_5xx']}")
+        for p in r["problems"][:40]:
+            print(f"           PROBLEM {p}")
+        if len(r["problems"]) > 40:
+            print(f"           ... {len(r['problems']) - 40} more problem(s)")
+        failed |= not r["ok"]
+    total = round(time.monotonic() - t0, 1)
+    print(f"  total {total} s, seed {args.seed}: {'FAIL' if failed else 'PASS'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seed": args.seed, "seconds": total, "ok": not failed, "backends": results}, f, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        code = main()
+    finally:
+        cleanup()
+    sys.exit(code)
