@@ -10,7 +10,8 @@ revokes one, and serves on a free loopback port. With --url it measures a runnin
 a valid key with --known and a revoked one with --revoked).
 
 One keep-alive HTTP/1.1 connection sends GET /api/v1/users/oracle/auth-status with these
-`Authorization` kinds, interleaved in a random order, N of each after a warm-up:
+`Authorization` kinds, N of each after a warm-up, in N blocks that hold each kind once in a
+random order (so load drift hits every kind alike):
 
   unknown      Bearer cdbm_<43 random base64url chars>      (a well-formed key never issued)
   known-prefix Bearer <a valid key's first 12 chars><36 random chars>  (right prefix, wrong secret)
@@ -20,7 +21,7 @@ One keep-alive HTTP/1.1 connection sends GET /api/v1/users/oracle/auth-status wi
 
 The time of each request is measured from sending to the end of the response on the client.
 Per kind: median, p10 and p90 (microseconds); against `unknown`: the difference of medians with
-a 95% bootstrap confidence interval (percentile method, --boot resamples). A difference whose
+a 95% bootstrap confidence interval (percentile method, blocks resampled, --boot resamples). A difference whose
 interval excludes 0 AND exceeds --threshold-us is reported as MEASURABLE (exit 1); the key kinds
 an attacker could tell apart are `known-prefix` and `revoked` (the answer is the same 401).
 `garbage`/`malformed` are syntactic and shown for reference only.
@@ -111,13 +112,13 @@ def pct(sorted_xs, p):
 
 
 def bootstrap_diff(a, b, boot, rng):
-    """95% percentile-bootstrap interval of median(b) - median(a)."""
+    """95% percentile-bootstrap interval of median(b) - median(a). `a[i]` and `b[i]` were measured
+    in the same block, so blocks are resampled (keeps the pairing; load drift cancels out)."""
     diffs = []
-    na, nb = len(a), len(b)
+    n = len(a)
     for _ in range(boot):
-        ma = statistics.median(rng.choices(a, k=na))
-        mb = statistics.median(rng.choices(b, k=nb))
-        diffs.append(mb - ma)
+        idx = rng.choices(range(n), k=n)
+        diffs.append(statistics.median([b[i] for i in idx]) - statistics.median([a[i] for i in idx]))
     diffs.sort()
     return pct(diffs, 2.5), pct(diffs, 97.5)
 
@@ -128,7 +129,7 @@ def main():
     ap.add_argument("-n", type=int, default=20000, help="requests per kind (default 20000)")
     ap.add_argument("--warmup", type=int, default=500, help="unrecorded requests per kind first")
     ap.add_argument("--boot", type=int, default=400, help="bootstrap resamples")
-    ap.add_argument("--threshold-us", type=float, default=5.0, help="smallest difference worth reporting")
+    ap.add_argument("--threshold-us", type=float, default=3.0, help="smallest difference worth reporting (default 3)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--url", default=None, help="host:port of a running server (skips start-up)")
     ap.add_argument("--known", default=None)
@@ -190,17 +191,19 @@ def main():
         rng.shuffle(order)
         for k in order:
             one(k)
-        order = [k for k in kinds for _ in range(a.n)]
-        rng.shuffle(order)
+        # n blocks, each with every kind once in a random order
         samples = {k: [] for k in kinds}
         started = time.time()
-        for i, k in enumerate(order):
-            s, us = one(k)
-            if s != 401:
-                sys.exit(f"{k} answered {s}")
-            samples[k].append(us)
-            if (i + 1) % 20000 == 0:
-                print(f"  {i + 1}/{len(order)} requests, {time.time() - started:.0f}s", file=sys.stderr)
+        for i in range(a.n):
+            block = list(kinds)
+            rng.shuffle(block)
+            for k in block:
+                s, us = one(k)
+                if s != 401:
+                    sys.exit(f"{k} answered {s}")
+                samples[k].append(us)
+            if (i + 1) % 5000 == 0:
+                print(f"  {i + 1}/{a.n} blocks, {time.time() - started:.0f}s", file=sys.stderr)
         elapsed = time.time() - started
     finally:
         conn.close()
@@ -214,7 +217,7 @@ def main():
             shutil.rmtree(tmp, ignore_errors=True)
 
     results = {"binary": binary, "requests_per_kind": a.n, "seconds": round(elapsed, 1), "kinds": {}}
-    print(f"binary: {binary}; {a.n} requests per kind, interleaved at random; {elapsed:.0f}s")
+    print(f"binary: {binary}; {a.n} requests per kind, in random order within blocks; {elapsed:.0f}s")
     print(f"{'kind':<14}{'median µs':>11}{'p10 µs':>10}{'p90 µs':>10}   median - median(unknown) [95% bootstrap CI]")
     ref = samples.get("unknown")
     measurable = []
