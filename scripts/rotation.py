@@ -7,9 +7,10 @@ database) goes through the rotation README.md documents, while load threads keep
   1. `serve` with CENTRALDB_ENCRYPTION_KEYS=k1; seed --users bundles (PUT If-None-Match: *) and
      --challenges external-verifier MFA challenges with a resume state; on half of them one
      attempt is reserved (code A) and answered "failed" by "Garmin", so a tried code exists;
-  2. load threads start: PUT (If-Match: "<version>") + GET of random users, each write carrying a
-     unique marker; every 2xx is an acknowledged write, every GET is checked against what was
-     acknowledged before it was sent;
+  2. load threads start: PUT (If-Match: "<version>") to random users of the first half (the other
+     half stays under k1 until rewrap, so rewrap always has work) + GET of random users of all,
+     each write carrying a unique marker; every 2xx is an acknowledged write, every GET is
+     checked against what was acknowledged before it was sent;
   3. rotation: SIGTERM, restart with CENTRALDB_ENCRYPTION_KEYS=k2,k1 on the same port; connection
      errors while the server is down are counted as "restart gap" (not acknowledged writes);
   4. `centraldb-mfa rewrap` runs as a separate process with the same env, concurrently with the
@@ -155,6 +156,27 @@ class Deployment:
         u = urllib.parse.urlsplit(base_url)
         self.env["CENTRALDB_DATABASE_URL"] = urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + name, u.query, ""))
 
+    def exec_sql(self, sql):
+        """Runs SQL directly against the database (only for --inject-fault)."""
+        if self.backend == "sqlite":
+            import sqlite3
+
+            db = sqlite3.connect(os.path.join(self.data, "centraldb-mfa.db"), timeout=30)
+            try:
+                db.execute(sql)
+                db.commit()
+            finally:
+                db.close()
+            return
+        r = subprocess.run(
+            ["psql", self.env["CENTRALDB_DATABASE_URL"], "-v", "ON_ERROR_STOP=1", "-qc", sql],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"psql: {r.stderr.strip()}")
+
     def query_scalar(self, sql):
         """One integer from a read-only query, straight from the database."""
         if self.backend == "sqlite":
@@ -236,7 +258,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._reader.join(timeout=5)
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail(1)}")
             try:
                 st, _ = request(self.host, self.port, "GET", "/readyz", None, {}, timeout=3)
                 if st == 200:
@@ -426,8 +448,9 @@ def _load(tid, dep, ledger, users, stop, stats, gap, rng):
         stats.bump("conn_errors_outside_gap")
         return False
 
+    hot = users[: max(1, len(users) // 2)]  # written to; the other half stays under k1 until rewrap moves it
     while not stop.is_set():
-        user = rng.choice(users)
+        user = rng.choice(hot)
         with ledger.lock:
             known = ledger.known.get(user, 0)
         n += 1
@@ -794,11 +817,12 @@ def run_backend(args, backend, workdir):
         rc, out, err = dep.run_cli("rewrap", timeout=args.rewrap_timeout)
         s["rewrap_seconds"] = round(time.monotonic() - t, 2)
         s["rewrap_exit"] = rc
-        s["rewrap_output"] = (out + err).strip()
+        s["rewrap_output"] = out.strip()
+        s["rewrap_stderr"] = err.strip()[-2000:]
         log(f"{backend}: rewrap exit {rc} in {s['rewrap_seconds']} s: {s['rewrap_output']}")
         m = REWRAP_RE.search(out)
         if rc != 0 or not m:
-            P.append(f"rewrap failed (exit {rc}): {s['rewrap_output']}")
+            P.append(f"rewrap failed (exit {rc}): {s['rewrap_output']} {s['rewrap_stderr']}")
         if m:
             s["rewrapped"] = int(m.group(1))
             s["rewrap_active_key"] = m.group(2)
@@ -807,6 +831,9 @@ def run_backend(args, backend, workdir):
             s["audit_resealed"] = int(m.group(5)) if m.group(5) else None
             if m.group(2) != "k2" or m.group(6):
                 P.append(f"rewrap: unexpected output {m.group(0)!r}")
+            if s["rewrapped"] < len(users) // 2:
+                P.append(f"rewrap moved only {s['rewrapped']} ciphertext(s): the cold half of the users "
+                         f"({len(users) - len(users) // 2} bundles under k1) should all have been rewrapped")
 
         # 4. a few more seconds of load.
         time.sleep(args.tail)
@@ -823,6 +850,16 @@ def run_backend(args, backend, workdir):
         for u, v, m1, m2 in ledger.duplicate_acks[:20]:
             P.append(f"{u}: version {v} acknowledged twice ({m1}, {m2})")
     s["writes_acknowledged"] = sum(len(v) for v in ledger.acks.values())
+
+    if args.inject_fault:
+        # Self-test of the checks: lose one acknowledged write and mark one resume state as under k1.
+        victim = users[-1]
+        dep.exec_sql(f"DELETE FROM token_bundles WHERE user_id = '{victim}'")
+        dep.exec_sql(f"UPDATE challenges SET resume_key_id = 'k1' WHERE id = '{challenges[0]['id']}'"
+                     if backend == "postgres" else
+                     f"UPDATE challenges SET resume_key_id = 'k1' WHERE resume_state IS NOT NULL "
+                     f"AND id = (SELECT MIN(id) FROM challenges WHERE resume_state IS NOT NULL)")
+        log(f"{backend}: --inject-fault: deleted {victim}'s bundle, set one challenge's resume_key_id to k1")
 
     lost, cp, stored = check_users(dep, ledger, users)
     P.extend(cp)
@@ -906,6 +943,12 @@ def main():
         help="server to create a fresh database on (dropped afterwards)",
     )
     ap.add_argument("--seed", type=int, default=None, help="random seed for the load")
+    ap.add_argument(
+        "--inject-fault",
+        action="store_true",
+        help="self-test: after rewrap, delete one acknowledged bundle and label one resume state as k1 directly "
+        "in the database; the run must then report a lost write, a row under k1 and a refused k2-only start (exit 1)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the data dirs and server logs (path is printed)")
     ap.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
     args = ap.parse_args()
