@@ -162,30 +162,113 @@ impl Application {
             let _ = listener_stop.wait_for(|stopped| *stopped).await;
         }));
         let notifier = state.notifier.clone();
-        let state_max_connections = state.settings.max_connections;
+        let limits = HttpLimits { header_read_timeout: state.settings.request_timeout, ..HttpLimits::default() };
+        let max_connections = state.settings.max_connections;
         let app = api::app(state);
-        let max_connections = state_max_connections;
-        let listener = axum::serve::ListenerExt::tap_io(
-            crate::listener::LimitedListener::new(listener, max_connections),
-            |io: &mut crate::listener::LimitedStream| {
-                let _ = io.stream.set_nodelay(true);
-            },
-        );
-        let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                let _ = stop_tx.send(true);
-                // Long-polling readers answer 304 now instead of holding up the shutdown.
-                notifier.close();
-            })
-            .await;
+        let listener = crate::listener::LimitedListener::new(listener, max_connections);
+        let result = serve(listener, app, limits, async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+            // Long-polling readers answer 304 now instead of holding up the shutdown.
+            notifier.close();
+        })
+        .await;
         let _ = sweeper.await;
         let _ = version_listener.await;
         upkeep.abort();
-        db.close().await;
+        // Every request has finished; a connection still checked out now would never come back.
+        if tokio::time::timeout(Duration::from_secs(5), db.close()).await.is_err() {
+            tracing::error!("the database pool did not close within 5 s: a connection was still in use");
+        }
         tracing::info!("stopped");
         result
     }
+}
+
+/// Limits of the HTTP/1.1 connection layer.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// A client must send a request's whole header block within this time after it starts
+    /// reading one (slow clients, slowloris); else the connection is closed.
+    pub header_read_timeout: Duration,
+    /// The largest request line plus header block: larger gets 431.
+    pub max_header_bytes: usize,
+    /// More header fields than this gets 431.
+    pub max_headers: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self { header_read_timeout: Duration::from_secs(10), max_header_bytes: 32 * 1024, max_headers: 64 }
+    }
+}
+
+/// Serves HTTP/1.1 on the listener until `shutdown` resolves, then lets every connection finish
+/// its request in flight (idle ones close at once) and returns. Like `axum::serve`, plus the
+/// connection limits of [`HttpLimits`], which `axum::serve` cannot set (without a timer hyper
+/// has no header read timeout at all, and it buffers headers up to ~400 KiB).
+pub async fn serve(
+    mut listener: crate::listener::LimitedListener,
+    app: axum::Router,
+    limits: HttpLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    use axum::{body::Body, extract::ConnectInfo, serve::Listener};
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        // The read buffer (hyper's minimum is 8 KiB): bounds the memory a connection can pin.
+        .max_buf_size((2 * limits.max_header_bytes).max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    // Connections hold a receiver each; shutdown is announced by dropping the sender, and the
+    // serve loop waits until every receiver is gone.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let (done_tx, done_rx) = tokio::sync::watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let _ = io.stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req.map(Body::new))
+        });
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        let mut stop_rx = stop_rx.clone();
+        let done_rx = done_rx.clone();
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+                _ = stop_rx.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                }
+            }
+            drop(done_rx);
+        });
+    }
+    drop(listener);
+    drop(stop_rx);
+    drop(stop_tx);
+    drop(done_rx);
+    done_tx.closed().await;
+    Ok(())
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

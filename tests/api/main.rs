@@ -6,6 +6,7 @@ mod auth;
 mod binary;
 mod helpers;
 mod leases;
+mod limits;
 mod mfa;
 mod ops;
 mod outage;

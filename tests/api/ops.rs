@@ -51,3 +51,34 @@ fn openapi_json_is_up_to_date() {
             .unwrap();
     assert!(generated == committed, "openapi.json is stale: run `cargo run -- openapi > openapi.json`");
 }
+
+/// Every string enum in the OpenAPI document lists the values the service really reads and
+/// writes (they were once documented by their Rust names, `MfaRequired` for `mfa_required`).
+#[test]
+fn openapi_enums_use_the_wire_names() {
+    use centraldb_mfa::domain::mfa::{ChallengeStatus, Method, SessionState, Verifier};
+    let doc: serde_json::Value =
+        serde_json::from_str(&centraldb_mfa::api::openapi().to_pretty_json().unwrap()).unwrap();
+    let values = |name: &str| -> Vec<String> {
+        doc["components"]["schemas"][name]["enum"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} has no enum"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(name: &str, documented: &[String]) {
+        for v in documented {
+            let parsed: T = serde_json::from_value(serde_json::json!(v))
+                .unwrap_or_else(|e| panic!("{name}: documented value {v:?} is not accepted: {e}"));
+            assert_eq!(serde_json::to_value(&parsed).unwrap(), serde_json::json!(v), "{name}");
+        }
+    }
+    let states = values("SessionState");
+    assert!(states.contains(&"mfa_required".to_string()), "{states:?}");
+    assert_eq!(states.len(), 8);
+    round_trip::<SessionState>("SessionState", &states);
+    round_trip::<ChallengeStatus>("ChallengeStatus", &values("ChallengeStatus"));
+    round_trip::<Method>("Method", &values("Method"));
+    round_trip::<Verifier>("Verifier", &values("Verifier"));
+}
