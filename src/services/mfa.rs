@@ -228,17 +228,26 @@ impl Mfa {
         .await
     }
 
-    /// A keyed hash of a tried code, bound to the challenge (never the code itself).
-    fn code_mac(&self, id: Uuid, code: &str) -> Result<Vec<u8>, ApiError> {
-        let key = self
-            .keyring
-            .derive(self.keyring.active_key_id(), "attempt-code/v1")
-            .ok_or_else(|| ApiError::Internal("active key missing".into()))?;
-        let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(key.as_slice())
-            .map_err(|_| ApiError::Internal("hmac key".into()))?;
-        mac.update(id.as_bytes());
-        mac.update(code.as_bytes());
-        Ok(mac.finalize().into_bytes().to_vec())
+    /// Keyed hashes of a tried code, bound to the challenge (never the code itself): the first
+    /// under the active key (the one stored), then one under every other key of the keyring,
+    /// so a code tried before a key rotation is still recognised while the old key is held.
+    fn code_macs(&self, id: Uuid, code: &str) -> Result<Vec<Vec<u8>>, ApiError> {
+        let active = self.keyring.active_key_id();
+        let others = self.keyring.key_ids().into_iter().filter(|k| *k != active);
+        std::iter::once(active)
+            .chain(others)
+            .map(|key_id| {
+                let key = self
+                    .keyring
+                    .derive(key_id, "attempt-code/v1")
+                    .ok_or_else(|| ApiError::Internal("keyring key missing".into()))?;
+                let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(key.as_slice())
+                    .map_err(|_| ApiError::Internal("hmac key".into()))?;
+                mac.update(id.as_bytes());
+                mac.update(code.as_bytes());
+                Ok(mac.finalize().into_bytes().to_vec())
+            })
+            .collect()
     }
 
     fn open_resume(&self, row: &ChallengeRow) -> Result<Option<String>, ApiError> {
@@ -549,7 +558,7 @@ impl Mfa {
         code: Zeroizing<String>,
     ) -> Result<AttemptReserved, ApiError> {
         let now = store::now();
-        let mac = self.code_mac(id, &code)?;
+        let macs = self.code_macs(id, &code)?;
         let mut tx = self.db.begin_write().await?;
         let mut c = tx.conn();
         store::lock(&mut c, &id.to_string()).await?;
@@ -566,7 +575,11 @@ impl Mfa {
             drop(tx);
             return Err(self.refuse_with(ctx, "challenge.attempt", &row, e).await);
         }
-        if store::challenges::code_tried(&mut c, id, &mac).await? {
+        let mut tried = false;
+        for mac in &macs {
+            tried = tried || store::challenges::code_tried(&mut c, id, mac).await?;
+        }
+        if tried {
             self.audit(
                 &mut c,
                 ctx,
@@ -587,7 +600,8 @@ impl Mfa {
             drop(tx);
             return Err(self.refuse(ctx, "challenge.attempt", &row, now).await);
         };
-        store::challenges::insert_attempt(&mut c, id, row.attempts, &mac, now).await?;
+        let mac = macs.first().ok_or_else(|| ApiError::Internal("no code MAC".into()))?;
+        store::challenges::insert_attempt(&mut c, id, row.attempts, mac, now).await?;
         self.audit_attempt(&mut c, ctx, &row).await?;
         let resume_state = self.open_resume(&row)?;
         tx.commit().await?;

@@ -398,6 +398,34 @@ async fn concurrent_wrong_codes_take_exactly_max_attempts() {
     assert_eq!((status.as_str(), attempts), ("failed", 4));
 }
 
+/// A code tried before a key rotation is still a duplicate after it (while the old key is held):
+/// its MAC was made under the old key, so every key of the keyring is checked.
+#[tokio::test]
+async fn a_code_tried_before_a_key_rotation_is_still_a_duplicate() {
+    let app = TestApp::spawn().await;
+    let id = create(&app, external("rota")).await.json["id"].as_str().unwrap().to_string();
+    let a = app.post(&format!("{CH}/{id}/attempts")).json(json!({"code": "111111"})).send().await;
+    assert_eq!(a.status, 201, "{}", a.text);
+    let res = app.post(&format!("{CH}/{id}/attempts/1/result")).json(json!({"success": false})).send().await;
+    assert_eq!(res.status, 200, "{}", res.text);
+    // Every instance restarts with k2 first and k1 kept.
+    let k1 = app.vars["CENTRALDB_ENCRYPTION_KEYS"].clone();
+    let rotated = TestApp::spawn_with(|v| {
+        v.insert("CENTRALDB_DATABASE_URL".into(), app.db_url.clone());
+        v.insert("CENTRALDB_ENCRYPTION_KEYS".into(), format!("{},{k1}", key_spec("k2")));
+    })
+    .await;
+    let d = rotated.post(&format!("{CH}/{id}/attempts")).json(json!({"code": "111111"})).send().await;
+    d.assert_problem(409, "duplicate_code");
+    // A new code is tried under k2, and is a duplicate from then on too.
+    let b = rotated.post(&format!("{CH}/{id}/attempts")).json(json!({"code": "222222"})).send().await;
+    assert_eq!(b.status, 201, "{}", b.text);
+    assert_eq!(b.json["attempt"], 2);
+    let d2 = rotated.post(&format!("{CH}/{id}/attempts")).json(json!({"code": "222222"})).send().await;
+    d2.assert_problem(409, "duplicate_code");
+    assert_eq!(rotated.get(&format!("{CH}/{id}")).send().await.json["attempts"], 2, "no attempt used by replays");
+}
+
 /// Concurrent external attempts with the same code: one reservation, the rest `duplicate_code`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_duplicate_codes_reserve_one_attempt() {
