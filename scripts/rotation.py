@@ -52,6 +52,7 @@ BOOT_KEY_LEN = 48
 FAR_EXPIRY = 4102444800  # 2100-01-01: the sweeper never expires these bundles.
 CH = "/api/v1/mfa/challenges"
 CODE_A = "111111"  # tried before the rotation on half of the challenges
+CODE_B = "222222"  # tried after the rotation (under k2) on the other half
 
 _children = []  # live server processes, killed on exit
 _cleanups = []  # callables run once on exit (drop PG database, remove temp dirs)
@@ -695,17 +696,36 @@ def k1_rows(dep):
     }
 
 
-def replay_code_a(dep, challenges):
-    """Code A, tried before the rotation, must still be refused as a duplicate (409 duplicate_code)."""
+def try_code_b(dep, challenges):
+    """Code B is tried (and failed by Garmin) under the new key k2, with k1 still held."""
     auth = {"Authorization": f"Bearer {dep.admin_key}"}
     problems = []
     for ch in challenges:
-        if not ch["tried_a"]:
+        st, r = request("127.0.0.1", dep.port, "POST", f"{CH}/{ch['id']}/attempts", {"code": CODE_B}, auth)
+        if st != 201:
+            problems.append(f"challenge {ch['id']}: trying code B under k2: {st} {json.dumps(r)[:200]}")
             continue
-        st, r = request("127.0.0.1", dep.port, "POST", f"{CH}/{ch['id']}/attempts", {"code": CODE_A}, auth)
+        st, r = request(
+            "127.0.0.1", dep.port, "POST", f"{CH}/{ch['id']}/attempts/{r['attempt']}/result", {"success": False}, auth
+        )
+        if st != 200:
+            problems.append(f"challenge {ch['id']}: result of code B: {st} {json.dumps(r)[:200]}")
+        ch["tried_b"] = True
+    return problems
+
+
+def replay_code_a(dep, challenges, code=None, flag="tried_a", when="before the rotation"):
+    """A code tried earlier must still be refused as a duplicate (409 duplicate_code)."""
+    code = code or CODE_A
+    auth = {"Authorization": f"Bearer {dep.admin_key}"}
+    problems = []
+    for ch in challenges:
+        if not ch.get(flag):
+            continue
+        st, r = request("127.0.0.1", dep.port, "POST", f"{CH}/{ch['id']}/attempts", {"code": code}, auth)
         if st != 409 or (r or {}).get("code") != "duplicate_code":
             problems.append(
-                f"challenge {ch['id']}: code tried before the rotation replayed: {st} {json.dumps(r)[:200]} "
+                f"challenge {ch['id']}: code tried {when} replayed: {st} {json.dumps(r)[:200]} "
                 f"(expected 409 duplicate_code: a replayed code must never reach Garmin)"
             )
             if st == 201:
@@ -885,6 +905,7 @@ def run_backend(args, backend, workdir):
         P.append(f"audit verify after rewrap failed: {desc}")
     rp = replay_code_a(dep, challenges[: len(challenges) // 2])  # half checked with k1 still present
     P.extend(rp)
+    P.extend(try_code_b(dep, challenges[len(challenges) // 2 :]))
     log(f"{backend}: after rewrap: acked {s['writes_acknowledged']}, lost {len(lost)}, "
         f"k1 rows {s['k1_rows_after_rewrap']}, audit {'ok' if ok else 'FAILED'}")
 
@@ -908,7 +929,12 @@ def run_backend(args, backend, workdir):
             P.append(f"k2 only: {len(changed)} bundle(s) differ from the check before, e.g. {changed[:3]}")
         lost = sorted(set(lost) | set(lost2))
         s["bundles_readable_k2_only"] = len(stored2)
-        P.extend(f"k2 only: {p}" for p in replay_code_a(dep, challenges[len(challenges) // 2 :]))
+        # Codes tried under k2 stay duplicates. Codes tried under k1 are recognised only while k1
+        # is held (README, rotation step 4: wait out the longest challenge lifetime before
+        # removing it); those replays are counted, not failed.
+        second = challenges[len(challenges) // 2 :]
+        P.extend(f"k2 only: {p}" for p in replay_code_a(dep, second, CODE_B, "tried_b", "under k2"))
+        s["k1_codes_replayed_after_k1_removed"] = len(replay_code_a(dep, second))
         cp, done = finish_challenges(dep, challenges)
         P.extend(f"k2 only: {p}" for p in cp)
         s["challenges_completed_k2_only"] = done
