@@ -109,7 +109,18 @@ impl ApiKeys {
         Self { db, ttl, cache: Mutex::new(HashMap::new()) }
     }
 
+    /// Checks a presented key. The outcome is logged at trace level (never the key itself).
     pub async fn authenticate(&self, presented: &str) -> Result<Principal, AuthError> {
+        let result = self.check(presented).await;
+        match &result {
+            Ok(p) => tracing::trace!(key_id = %p.key_id, "API key accepted"),
+            Err(AuthError::Failure(f)) => tracing::trace!(reason = f.as_str(), "API key refused"),
+            Err(AuthError::Store(_)) => {}
+        }
+        result
+    }
+
+    async fn check(&self, presented: &str) -> Result<Principal, AuthError> {
         let hash = api_keys::hash(presented);
         if let Ok(cache) = self.cache.lock()
             && let Some(c) = cache.get(&hash)
