@@ -86,10 +86,50 @@ for _ in $(seq 1 100); do
 done
 curl -fsS "$BASE/readyz" >/dev/null
 
+# ---- seed data, so operations that need an existing resource get past 404 -----------------
+# (stored bundles for metadata/invalidate/lease, a service challenge for /verify, an external
+# one with attempt 1 reserved for /attempts/{n}/result; schemathesis' own links cover the rest)
+api() { # METHOD PATH [JSON]
+    curl -fsS -X "$1" -H "Authorization: Bearer $ADMIN_KEY" -H 'Content-Type: application/json' \
+        ${3:+--data "$3"} "$BASE$2"
+}
+NOW=$(date +%s)
+GARTH='{"kind":"garth","oauth1_token":{"oauth_token":"st-o1","oauth_token_secret":"st-o1s","mfa_token":null,"mfa_expiration_timestamp":null,"domain":"garmin.com"},"oauth2_token":{"scope":"CONNECT_READ","jti":"st","token_type":"Bearer","access_token":"st-acc","refresh_token":"st-ref","expires_in":86400,"expires_at":'$((NOW + 86400))',"refresh_token_expires_in":2592000,"refresh_token_expires_at":'$((NOW + 2592000))'}}'
+for user in st-meta st-lease st-invalidate; do api PUT "/api/v1/users/$user/tokens" "$GARTH" >/dev/null; done
+json_id() { python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'; }
+SERVICE_CHALLENGE=$(api POST /api/v1/mfa/challenges \
+    '{"user_id":"st-verify","method":"totp","verifier":"service","ttl_seconds":600,"max_attempts":10}' | json_id)
+EXTERNAL_CHALLENGE=$(api POST /api/v1/mfa/challenges \
+    '{"user_id":"st-external","method":"sms","verifier":"external","ttl_seconds":600,"max_attempts":10}' | json_id)
+api POST "/api/v1/mfa/challenges/$EXTERNAL_CHALLENGE/attempts" '{"code":"123456"}' >/dev/null
+
 # ---- schemathesis configuration -----------------------------------------------------------
 # Everything is on; the few settings below are narrow and explained.
 CONFIG=$WORK/schemathesis.toml
-cat >"$CONFIG" <<'EOF'
+cat >"$CONFIG" <<EOF
+# Seeded resources (see above). The path parameter is fixed for these operations only; the same
+# path parsing is fuzzed through every other operation.
+[[operations]]
+include-name = "GET /api/v1/users/{user_id}/tokens/metadata"
+parameters = { "path.user_id" = "st-meta" }
+
+[[operations]]
+include-name = "POST /api/v1/users/{user_id}/tokens/lease"
+parameters = { "path.user_id" = "st-lease" }
+
+[[operations]]
+include-name = "POST /api/v1/users/{user_id}/tokens/invalidate"
+parameters = { "path.user_id" = "st-invalidate" }
+
+[[operations]]
+include-name = "POST /api/v1/mfa/challenges/{id}/verify"
+parameters = { "path.id" = "$SERVICE_CHALLENGE" }
+
+[[operations]]
+include-name = "POST /api/v1/mfa/challenges/{id}/attempts/{n}/result"
+parameters = { "path.id" = "$EXTERNAL_CHALLENGE", "path.n" = 1 }
+EOF
+cat >>"$CONFIG" <<'EOF'
 # Keep NUL bytes in generated strings (hostile input).
 [generation]
 allow-x00 = true
