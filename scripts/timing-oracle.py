@@ -2,7 +2,8 @@
 """API-key timing oracle: do rejected keys of different kinds take measurably different times?
 
     scripts/timing-oracle.py [--bin target/release/centraldb-mfa] [-n 20000] [--data-dir DIR]
-                             [--url URL --known KEY --revoked KEY] [--json out.json]
+                             [--database-url postgres://...] [--json out.json]
+    scripts/timing-oracle.py --url HOST:PORT --known KEY --revoked KEY
 
 Without --url it starts the binary itself (SQLite in a fresh data folder, on /dev/shm when there
 is one, so that fsync noise does not drown the signal), creates two API keys with the CLI,
@@ -58,7 +59,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(binary, data_dir):
+def start_server(binary, data_dir, database_url=None):
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "CENTRALDB_DATA_DIR": data_dir,
@@ -71,6 +72,10 @@ def start_server(binary, data_dir):
         if out.returncode != 0:
             sys.exit(f"{' '.join(args)} failed: {out.stderr}")
         return out.stdout
+
+    if database_url:
+        env["CENTRALDB_DATABASE_URL"] = database_url
+        env["CENTRALDB_ENCRYPTION_KEYS"] = cli("keygen", "--id", "k1").strip()
 
     known = cli("api-key", "create", "--name", "oracle-known", "--scope", "tokens:read").strip()
     revoked = cli("api-key", "create", "--name", "oracle-revoked", "--scope", "tokens:read").strip()
@@ -131,6 +136,7 @@ def main():
     ap.add_argument("--boot", type=int, default=400, help="bootstrap resamples")
     ap.add_argument("--threshold-us", type=float, default=3.0, help="smallest difference worth reporting (default 3)")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--database-url", default=None, help="an empty PostgreSQL database/schema (default: SQLite)")
     ap.add_argument("--url", default=None, help="host:port of a running server (skips start-up)")
     ap.add_argument("--known", default=None)
     ap.add_argument("--revoked", default=None)
@@ -159,7 +165,7 @@ def main():
             sys.exit("no binary: cargo build --release (or pass --bin)")
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         tmp = tempfile.mkdtemp(prefix="timing-oracle-", dir=a.data_dir or base)
-        proc, addr, known, revoked = start_server(binary, os.path.join(tmp, "data"))
+        proc, addr, known, revoked = start_server(binary, os.path.join(tmp, "data"), a.database_url)
 
     host, port = addr.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
