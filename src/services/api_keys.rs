@@ -274,3 +274,51 @@ pub async fn ensure_first_admin(db: &Db, data_dir: &Path) -> Result<Option<std::
     insert_key(db, FIRST_RUN_NAME, &Scopes::new(vec![Scope::Admin]), &key).await.map_err(|e| e.to_string())?;
     Ok(Some(path))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn state(dir: &Path) -> crate::AppState {
+        let vars: HashMap<&str, String> = [
+            ("CENTRALDB_DATA_DIR", dir.display().to_string()),
+            ("CENTRALDB_DATABASE_URL", format!("sqlite://{}", dir.join("t.db").display())),
+            (
+                "CENTRALDB_ENCRYPTION_KEYS",
+                format!("k1:{}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32])),
+            ),
+            ("CENTRALDB_BOOTSTRAP_ADMIN_KEY", "unit-test-bootstrap-key-0123456789abcdef".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let settings = crate::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        crate::startup::build_state(settings).await.unwrap()
+    }
+
+    /// Unknown, right-prefix-wrong-secret and revoked keys each get their own reason (audited),
+    /// through the one-row check; a valid key gets its principal.
+    #[tokio::test]
+    async fn the_check_tells_unknown_revoked_and_valid_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(dir.path()).await;
+        let scopes = Scopes::parse_list("tokens:read").unwrap();
+        let (id, valid) = create(&st.db, "valid", &scopes).await.unwrap();
+        let (rid, revoked) = create(&st.db, "revoked", &scopes).await.unwrap();
+        assert!(revoke(&st.db, rid).await.unwrap());
+        let failure = |r: Result<Principal, AuthError>| match r {
+            Err(AuthError::Failure(f)) => f,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let unknown = api_keys::generate();
+        assert_eq!(failure(st.api_keys.authenticate(&unknown).await), AuthFailure::Unknown);
+        let wrong_secret = format!("{}{}", &valid[..12], &unknown[12..]);
+        assert_eq!(failure(st.api_keys.authenticate(&wrong_secret).await), AuthFailure::Unknown);
+        assert_eq!(failure(st.api_keys.authenticate(&revoked).await), AuthFailure::Revoked);
+        let p = st.api_keys.authenticate(&valid).await.unwrap();
+        assert_eq!((p.key_id, p.name.as_str()), (id, "valid"));
+        // Revoked while cached: refused once forgotten.
+        assert!(revoke(&st.db, id).await.unwrap());
+        st.api_keys.forget(id);
+        assert_eq!(failure(st.api_keys.authenticate(&valid).await), AuthFailure::Revoked);
+    }
+}
