@@ -246,7 +246,7 @@ if [[ $PANICS -gt 0 ]]; then
 fi
 
 # ---- totals (from the NDJSON event stream) ---------------------------------------------------
-"$VENV/bin/python" - "$REPORT_DIR" "$ELAPSED" "$RC" "$WORK/st.out" <<'EOF'
+"$VENV/bin/python" - "$REPORT_DIR" "$ELAPSED" "$RC" "$WORK/st.out" <<'EOF' || RC=1
 import json, pathlib, re, sys
 report_dir, elapsed, rc = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 st_out = pathlib.Path(sys.argv[4]).read_text(errors="replace")
@@ -255,6 +255,10 @@ generated = re.search(r"Test cases:\s*\n\s*(.+)", st_out)
 failures = re.search(r"=+ (\d+) failures?", st_out)
 files = sorted(report_dir.glob("*.ndjson"), key=lambda p: p.stat().st_mtime)
 ops, cases, statuses = set(), 0, {}
+# Security headers on every response the service gave (OpenAPI cannot mark a response header
+# required in utoipa's model, so schemathesis would not check their presence).
+REQUIRED = {"cache-control": "no-store", "x-content-type-options": "nosniff"}
+missing_headers = []
 if files:
     for line in files[-1].read_text().splitlines():
         try:
@@ -274,11 +278,21 @@ if files:
                     s = resp.get("status_code")
                     if s is not None:
                         statuses[s] = statuses.get(s, 0) + 1
+                        headers = {k.lower(): v for k, v in (resp.get("headers") or {}).items()}
+                        for name, value in REQUIRED.items():
+                            if value not in (headers.get(name) or []):
+                                req = it.get("request") or {}
+                                missing_headers.append(f"{req.get('method')} {req.get('uri')} -> {s}: no {name}: {value}")
 five = sum(n for s, n in statuses.items() if s >= 500)
 print(f"TOTALS: operations tested={tested.group(1) if tested else '?'}; "
       f"test cases: {generated.group(1).strip() if generated else '?'}; "
       f"schemathesis failures={failures.group(1) if failures else 0}; "
-      f"requests recorded={cases} (5xx: {five}); elapsed={elapsed}s; exit={rc}")
+      f"requests recorded={cases} (5xx: {five}); elapsed={elapsed}s; exit so far={rc}")
 print("status codes: " + ", ".join(f"{s}={n}" for s, n in sorted(statuses.items())))
+print(f"security headers (Cache-Control: no-store, X-Content-Type-Options: nosniff): "
+      f"{cases - len(missing_headers)}/{cases} responses complete")
+for m in missing_headers[:10]:
+    print("  MISSING " + m[:300])
+sys.exit(1 if missing_headers else 0)
 EOF
 exit "$RC"
