@@ -197,6 +197,16 @@ async fn committer(group: Arc<Mutex<Group>>, kick: Arc<Notify>) {
             continue;
         }
         if g.waiters.is_empty() {
+            // Every savepoint was rolled back (failed or cancelled writers): end the open
+            // transaction too, so the SQLite write lock and the connection are given back now,
+            // not at the next successful write (other processes could not write meanwhile, and
+            // shutdown waited for the connection). We hold the group lock, so no writer is
+            // inside a savepoint.
+            if let Some(mut conn) = g.conn.take()
+                && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err()
+            {
+                let _ = conn.detach();
+            }
             continue;
         }
         let Some(mut conn) = g.conn.take() else {

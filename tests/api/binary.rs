@@ -3,6 +3,7 @@
 use std::{
     path::Path,
     process::Stdio,
+    str::FromStr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -706,4 +707,33 @@ async fn three_processes_one_success_one_write_one_expiry_record() {
     for s in servers {
         s.stop().await;
     }
+}
+
+/// A failed SQLite write alone (its savepoint rolled back, nothing else to commit) must not keep
+/// the shared write transaction open: another process can write at once, and SIGTERM stops the
+/// service without waiting for the connection. (Found by schemathesis.)
+#[tokio::test]
+async fn a_failed_write_alone_releases_the_sqlite_write_lock() {
+    if backend() != Backend::Sqlite {
+        return;
+    }
+    let d = Deployment::new().await;
+    let http = reqwest::Client::new();
+    let s = Server::start(&d.env, d.dir.path()).await;
+    let key = d.admin_key();
+    for _ in 0..2 {
+        let r = http.delete(s.url("/api/v1/sessions/01890a5d-ac96-774b-bcce-b302099a8057")).bearer_auth(&key);
+        assert_eq!(r.send().await.unwrap().status(), 404);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let opts = sqlx::sqlite::SqliteConnectOptions::from_str(&d.database_url()).unwrap().busy_timeout(Duration::ZERO);
+    let mut other = sqlx::ConnectOptions::connect(&opts).await.unwrap();
+    let begun = sqlx::query("BEGIN IMMEDIATE").execute(&mut other).await;
+    assert!(begun.is_ok(), "another process cannot write: {begun:?}");
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    let started = std::time::Instant::now();
+    let (clean, log) = s.stop().await;
+    assert!(clean);
+    assert!(started.elapsed() < Duration::from_secs(3), "shutdown took {:?}", started.elapsed());
+    assert!(!log.contains("did not close"), "{log}");
 }
