@@ -89,17 +89,25 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// serde messages quote the offending value (`invalid type: string "..."`); a value may be a
-/// secret, so it is not echoed.
+/// serde messages quote the offending value (`invalid type: string "..."`, ``invalid value:
+/// integer `123456` ``, ``unknown variant `x` ``); a value may be a secret, so it is never
+/// echoed. The value runs from the marker to the last `, expected` (what follows is built from
+/// our own types, never from the input), so quotes, backticks or that very phrase inside the
+/// value cannot end it early. Only the kind of value (`string`, `integer`, ...) is kept.
 fn redact_quoted(msg: &str) -> String {
-    // `unknown variant `x`, expected ...` quotes the value in backticks.
-    let msg = match msg.split_once("unknown variant `") {
-        Some((head, rest)) => match rest.split_once('`') {
-            Some((_, tail)) => format!("{head}unknown variant `…`{tail}"),
-            None => msg.to_string(),
-        },
-        None => msg.to_string(),
-    };
+    const KINDS: [&str; 10] =
+        ["string", "integer", "floating", "boolean", "map", "sequence", "null", "unit", "character", "byte"];
+    for marker in ["invalid type: ", "invalid value: ", "unknown variant "] {
+        let Some(at) = msg.find(marker) else { continue };
+        let (head, rest) = msg.split_at(at + marker.len());
+        let tail = rest.rfind(", expected").map_or("", |i| &rest[i..]);
+        let kind = rest.split(' ').next().filter(|k| KINDS.contains(k) && marker != "unknown variant ");
+        return match kind {
+            Some(kind) => format!("{head}{kind} …{tail}"),
+            None => format!("{head}…{tail}"),
+        };
+    }
+    // Anything else: drop whatever is quoted.
     let mut out = String::with_capacity(msg.len());
     let mut in_quote = false;
     for c in msg.chars() {
