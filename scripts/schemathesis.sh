@@ -23,7 +23,7 @@ SEED=${ST_SEED:-20261124}
 # constructor recursion depth mismatch") now and then; one worker is fast enough.
 WORKERS=${ST_WORKERS:-1}
 MAX_TIME=${ST_MAX_TIME:-}
-REPORT_DIR=${ST_REPORT_DIR:-$ROOT/target/schemathesis/report}
+REPORT_DIR=$(realpath -m "${ST_REPORT_DIR:-$ROOT/target/schemathesis/report}")
 EXTRA=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -293,6 +293,9 @@ print(f"security headers (Cache-Control: no-store, X-Content-Type-Options: nosni
       f"{cases - len(missing_headers)}/{cases} responses complete")
 for m in missing_headers[:10]:
     print("  MISSING " + m[:300])
-sys.exit(1 if missing_headers else 0)
+if cases == 0:
+    print(f"no recorded responses in {report_dir}: the header and 5xx checks could not run")
+    sys.exit(1)
+sys.exit(1 if missing_headers or five else 0)
 EOF
 exit "$RC"
