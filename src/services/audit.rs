@@ -123,45 +123,8 @@ pub async fn record(
     user_id: Option<&str>,
     details: Value,
 ) -> store::Result<i64> {
-    let chain_key_id = keyring.active_key_id();
-    let key = keyring
-        .derive(chain_key_id, CHAIN_KEY_LABEL)
-        .ok_or_else(|| StoreError::Other("the active key cannot derive the audit chain key".into()))?;
-    let details = details.to_string();
-    let head = store::audit::advance_head(c).await?;
-    let event = EventView {
-        seq: head.last_seq,
-        id: Uuid::now_v7(),
-        at: store::now(),
-        type_,
-        outcome: outcome.as_str(),
-        user_id,
-        actor: ctx.actor.as_deref(),
-        request_id: ctx.request_id.as_deref(),
-        source_ip: ctx.source_ip.as_deref(),
-        details: &details,
-    };
-    let hmac = seal(&key, &head.last_hmac, &event, chain_key_id);
-    store::audit::insert(
-        c,
-        &NewAuditEvent {
-            seq: event.seq,
-            id: event.id,
-            at: event.at,
-            type_,
-            outcome: event.outcome,
-            user_id,
-            actor: event.actor,
-            request_id: event.request_id,
-            source_ip: event.source_ip,
-            details: &details,
-            chain_key_id,
-            hmac: &hmac,
-        },
-    )
-    .await?;
-    store::audit::set_head_hmac(c, &hmac).await?;
-    Ok(event.seq)
+    let event = PendingEvent { ctx, type_, outcome, user_id, details: details.to_string() };
+    record_many(c, keyring, std::slice::from_ref(&event)).await
 }
 
 /// One event of a batch written by [`record_many`].
@@ -175,9 +138,10 @@ pub struct PendingEvent<'a> {
 
 /// Writes many events through `c` (a write transaction) with O(1) statements: the head is
 /// advanced once by the batch size, the HMACs are chained here, the rows go in multi-row
-/// INSERTs and the head's HMAC is set once. The events get consecutive seqs in slice order.
-pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingEvent<'_>]) -> store::Result<()> {
-    let Some(n) = i64::try_from(events.len()).ok().filter(|n| *n > 0) else { return Ok(()) };
+/// INSERTs and the head's HMAC is set once. The events get consecutive seqs in slice order;
+/// returns the last one (0 for no events).
+pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingEvent<'_>]) -> store::Result<i64> {
+    let Some(n) = i64::try_from(events.len()).ok().filter(|n| *n > 0) else { return Ok(0) };
     let chain_key_id = keyring.active_key_id();
     let key = keyring
         .derive(chain_key_id, CHAIN_KEY_LABEL)
@@ -222,7 +186,8 @@ pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingE
         })
         .collect();
     store::audit::insert_many(c, &rows).await?;
-    store::audit::set_head_hmac(c, &prev).await
+    store::audit::set_head_hmac(c, &prev).await?;
+    Ok(head.last_seq)
 }
 
 /// The fields an event's HMAC covers (besides the previous HMAC and the chain key id).

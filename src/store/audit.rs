@@ -61,7 +61,6 @@ pub struct ChainHead {
     pub last_hmac: Vec<u8>,
 }
 
-const ADVANCE_HEAD: &str = "UPDATE audit_chain SET last_seq = last_seq + 1 WHERE id = 1 RETURNING last_seq, last_hmac";
 const ADVANCE_HEAD_BY: &str =
     "UPDATE audit_chain SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq, last_hmac";
 const LOCK_HEAD: &str = "UPDATE audit_chain SET last_seq = last_seq WHERE id = 1 RETURNING last_seq, last_hmac";
@@ -100,13 +99,6 @@ fn head_missing() -> StoreError {
     StoreError::Other("the audit chain head (audit_chain row 1) is missing".into())
 }
 
-/// Hands out the next `seq` and returns it with the previous event's HMAC. On PostgreSQL the row
-/// lock this takes is held until the transaction ends, so chain writers queue here.
-pub async fn advance_head(c: &mut Conn<'_>) -> Result<ChainHead> {
-    let head: Option<ChainHead> = dispatch!(c, |c| sqlx::query_as(ADVANCE_HEAD).fetch_optional(c).await)?;
-    head.ok_or_else(head_missing)
-}
-
 /// Hands out the next `n` seqs at once: returns the last of them and the HMAC of the event
 /// before the first (the head as it was).
 pub async fn advance_head_by(c: &mut Conn<'_>, n: i64) -> Result<ChainHead> {
@@ -126,26 +118,6 @@ pub async fn read_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
 pub async fn set_head_hmac(c: &mut Conn<'_>, hmac: &[u8]) -> Result<()> {
     let n = dispatch!(c, |c| sqlx::query(SET_HEAD_HMAC).bind(hmac).execute(c).await.map(|r| r.rows_affected()))?;
     if n == 1 { Ok(()) } else { Err(head_missing()) }
-}
-
-pub async fn insert(c: &mut Conn<'_>, e: &NewAuditEvent<'_>) -> Result<()> {
-    dispatch!(c, |c| sqlx::query(INSERT)
-        .bind(e.seq)
-        .bind(e.id)
-        .bind(e.at)
-        .bind(e.type_)
-        .bind(e.outcome)
-        .bind(e.user_id)
-        .bind(e.actor)
-        .bind(e.request_id)
-        .bind(e.source_ip)
-        .bind(e.details)
-        .bind(e.chain_key_id)
-        .bind(e.hmac)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
-    Ok(())
 }
 
 /// Rows per multi-row INSERT: a batch is cut into chunks of these sizes, so only three
