@@ -186,7 +186,7 @@ type KeyCheck = (Option<Uuid>, Option<Vec<u8>>, bool);
 
 async fn check_key(conn: &mut store::Conn<'_>, hash: &[u8]) -> Result<KeyCheck, StoreError> {
     Ok(match conn {
-        store::Conn::Sqlite(c) => sqlx::query_as(CHECK_SQL).bind(hash).fetch_one(&mut **c).await?,
+        store::Conn::Sqlite(c, _) => sqlx::query_as(CHECK_SQL).bind(hash).fetch_one(&mut **c).await?,
         store::Conn::Postgres(c) => sqlx::query_as(CHECK_SQL).bind(hash).fetch_one(&mut **c).await?,
         store::Conn::Closed => return Err(sqlx::Error::PoolClosed.into()),
     })

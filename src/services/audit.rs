@@ -146,9 +146,18 @@ pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingE
     let key = keyring
         .derive(chain_key_id, CHAIN_KEY_LABEL)
         .ok_or_else(|| StoreError::Other("the active key cannot derive the audit chain key".into()))?;
-    let head = store::audit::advance_head_by(c, n).await?;
-    let first_seq = head.last_seq - n + 1;
-    let mut prev = head.last_hmac;
+    // In a SQLite group the head is cached in memory (the group holds the write lock); else
+    // the head row is advanced here, and its HMAC set below.
+    let cached = store::audit::cached_head(c).await?;
+    let is_cached = cached.is_some();
+    let (first_seq, mut prev) = match cached {
+        Some(head) => (head.last_seq + 1, head.last_hmac),
+        None => {
+            let head = store::audit::advance_head_by(c, n).await?;
+            (head.last_seq - n + 1, head.last_hmac)
+        }
+    };
+    let last_seq = first_seq + n - 1;
     let mut sealed = Vec::with_capacity(events.len());
     for (seq, e) in (first_seq..).zip(events) {
         let view = EventView {
@@ -186,8 +195,12 @@ pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingE
         })
         .collect();
     store::audit::insert_many(c, &rows).await?;
-    store::audit::set_head_hmac(c, &prev).await?;
-    Ok(head.last_seq)
+    if is_cached {
+        store::audit::set_cached_head(c, ChainHead { last_seq, last_hmac: prev });
+    } else {
+        store::audit::set_head_hmac(c, &prev).await?;
+    }
+    Ok(last_seq)
 }
 
 /// The fields an event's HMAC covers (besides the previous HMAC and the chain key id).

@@ -65,6 +65,8 @@ const ADVANCE_HEAD_BY: &str =
     "UPDATE audit_chain SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq, last_hmac";
 const LOCK_HEAD: &str = "UPDATE audit_chain SET last_seq = last_seq WHERE id = 1 RETURNING last_seq, last_hmac";
 const READ_HEAD: &str = "SELECT last_seq, last_hmac FROM audit_chain WHERE id = 1";
+/// Writes the whole head (the SQLite group commit's cached head, before `COMMIT`).
+pub(super) const WRITE_HEAD: &str = "UPDATE audit_chain SET last_seq = $1, last_hmac = $2 WHERE id = 1";
 const SET_HEAD_HMAC: &str = "UPDATE audit_chain SET last_hmac = $1 WHERE id = 1";
 const INSERT: &str = concat!(
     "INSERT INTO audit_events (",
@@ -102,20 +104,53 @@ fn head_missing() -> StoreError {
 /// Hands out the next `n` seqs at once: returns the last of them and the HMAC of the event
 /// before the first (the head as it was).
 pub async fn advance_head_by(c: &mut Conn<'_>, n: i64) -> Result<ChainHead> {
+    flush_cached_head(c).await?;
     let head: Option<ChainHead> = dispatch!(c, |c| sqlx::query_as(ADVANCE_HEAD_BY).bind(n).fetch_optional(c).await)?;
     head.ok_or_else(head_missing)
 }
 
+/// Inside a SQLite group transaction: the group's cached head, reading the head row into the
+/// cache first if nothing cached it yet. `None` outside one (the caller uses the row).
+pub async fn cached_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
+    let Conn::Sqlite(conn, Some(cache)) = c else { return Ok(None) };
+    if cache.is_none() {
+        let head: Option<ChainHead> = sqlx::query_as(READ_HEAD).fetch_optional(&mut **conn).await?;
+        **cache = Some(head.ok_or_else(head_missing)?);
+    }
+    Ok(cache.clone())
+}
+
+/// Records the head after events were appended from [`cached_head`] (no row is written).
+pub fn set_cached_head(c: &mut Conn<'_>, head: ChainHead) {
+    if let Conn::Sqlite(_, Some(cache)) = c {
+        **cache = Some(head);
+    }
+}
+
+/// Writes a SQLite group's cached head to the head row and forgets it, so that code reading or
+/// writing the row directly sees the true head.
+async fn flush_cached_head(c: &mut Conn<'_>) -> Result<()> {
+    if let Conn::Sqlite(conn, Some(cache)) = c
+        && let Some(h) = cache.take()
+    {
+        sqlx::query(WRITE_HEAD).bind(h.last_seq).bind(&h.last_hmac).execute(&mut **conn).await?;
+    }
+    Ok(())
+}
+
 /// The head, locked for the rest of the transaction (no event can be appended meanwhile).
 pub async fn lock_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
+    flush_cached_head(c).await?;
     Ok(dispatch!(c, |c| sqlx::query_as(LOCK_HEAD).fetch_optional(c).await)?)
 }
 
 pub async fn read_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
+    flush_cached_head(c).await?;
     Ok(dispatch!(c, |c| sqlx::query_as(READ_HEAD).fetch_optional(c).await)?)
 }
 
 pub async fn set_head_hmac(c: &mut Conn<'_>, hmac: &[u8]) -> Result<()> {
+    flush_cached_head(c).await?;
     let n = dispatch!(c, |c| sqlx::query(SET_HEAD_HMAC).bind(hmac).execute(c).await.map(|r| r.rows_affected()))?;
     if n == 1 { Ok(()) } else { Err(head_missing()) }
 }
@@ -261,7 +296,7 @@ impl Snapshot {
 
     pub fn conn(&mut self) -> Conn<'_> {
         match &mut self.0 {
-            SnapshotTx::Sqlite(t) => Conn::Sqlite(&mut *t),
+            SnapshotTx::Sqlite(t) => Conn::Sqlite(&mut *t, None),
             SnapshotTx::Postgres(t) => Conn::Postgres(&mut *t),
         }
     }

@@ -10,6 +10,13 @@
 //!
 //! If SQLite rolls the whole transaction back by itself (disk full, I/O error), the group is
 //! poisoned: everyone waiting on it is told it failed, and the connection is discarded.
+//!
+//! **The audit chain head is cached per group.** While the group transaction is open this
+//! process holds SQLite's write lock, so nobody else can append to the audit chain. The first
+//! event of a group reads the head row; later events chain from `Group::head` in memory and
+//! write no head row; the committer writes the head once, just before `COMMIT`. A writer whose
+//! savepoint is rolled back restores the cached head it started with. Code that reads or writes
+//! the head row directly first flushes the cache (`store::audit`).
 
 use std::{
     sync::{
@@ -22,7 +29,7 @@ use std::{
 use sqlx::{Sqlite, SqlitePool, pool::PoolConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, oneshot};
 
-use super::{Result, StoreError};
+use super::{Result, StoreError, audit::ChainHead};
 
 #[derive(Default)]
 pub struct Group {
@@ -32,6 +39,9 @@ pub struct Group {
     waiters: Vec<oneshot::Sender<Result<()>>>,
     /// Set when the open transaction can no longer be trusted (SQLite rolled it back).
     poisoned: bool,
+    /// The audit chain head as this group's writers have advanced it, when it differs from (or
+    /// has been read from) the head row; written to the row before `COMMIT`.
+    head: Option<ChainHead>,
 }
 
 pub struct SqliteWriter {
@@ -45,6 +55,8 @@ pub struct SqliteWriter {
 pub struct GroupTx {
     guard: Option<OwnedMutexGuard<Group>>,
     savepoint: String,
+    /// The cached chain head when this savepoint began (restored if it is rolled back).
+    head_at_start: Option<ChainHead>,
     kick: Arc<Notify>,
 }
 
@@ -104,7 +116,8 @@ impl SqliteWriter {
         })
         .await
         .map_err(|e| StoreError::Other(format!("write start task failed: {e}")))??;
-        Ok(GroupTx { guard: Some(guard), savepoint, kick: self.kick.clone() })
+        let head_at_start = guard.head.clone();
+        Ok(GroupTx { guard: Some(guard), savepoint, head_at_start, kick: self.kick.clone() })
     }
 }
 
@@ -117,11 +130,15 @@ fn discard(group: &mut Group, why: &str) {
         let _ = conn.detach();
     }
     group.poisoned = false;
+    group.head = None;
 }
 
 impl GroupTx {
-    pub fn conn(&mut self) -> Option<&mut sqlx::SqliteConnection> {
-        self.guard.as_mut().and_then(|g| g.conn.as_deref_mut())
+    /// The group connection and the group's cached audit chain head.
+    pub fn parts(&mut self) -> Option<(&mut sqlx::SqliteConnection, &mut Option<ChainHead>)> {
+        let g = &mut **self.guard.as_mut()?;
+        let conn = g.conn.as_deref_mut()?;
+        Some((conn, &mut g.head))
     }
 
     /// Releases the savepoint and waits until the group commit has made it durable.
@@ -165,6 +182,8 @@ impl Drop for GroupTx {
         let Some(mut guard) = self.guard.take() else { return };
         let sp = std::mem::take(&mut self.savepoint);
         let kick = self.kick.clone();
+        // The savepoint's events are gone, so is what they did to the cached head.
+        guard.head = self.head_at_start.take();
         let undo = async move {
             if let Some(conn) = guard.conn.as_mut() {
                 let sql = format!("ROLLBACK TO {sp}; RELEASE {sp}");
@@ -202,6 +221,7 @@ async fn committer(group: Arc<Mutex<Group>>, kick: Arc<Notify>) {
             // not at the next successful write (other processes could not write meanwhile, and
             // shutdown waited for the connection). We hold the group lock, so no writer is
             // inside a savepoint.
+            g.head = None;
             if let Some(mut conn) = g.conn.take()
                 && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err()
             {
@@ -213,7 +233,21 @@ async fn committer(group: Arc<Mutex<Group>>, kick: Arc<Notify>) {
             discard(&mut g, "no write transaction was open");
             continue;
         };
-        let result = sqlx::query("COMMIT").execute(&mut *conn).await;
+        // The chain head as the group's writers left it, in the same transaction.
+        let head = g.head.take();
+        let result = match &head {
+            Some(h) => sqlx::query(super::audit::WRITE_HEAD)
+                .bind(h.last_seq)
+                .bind(&h.last_hmac)
+                .execute(&mut *conn)
+                .await
+                .map(|_| ()),
+            None => Ok(()),
+        };
+        let result = match result {
+            Ok(()) => sqlx::query("COMMIT").execute(&mut *conn).await,
+            Err(e) => Err(e),
+        };
         let outcome = match result {
             Ok(_) => {
                 drop(conn);

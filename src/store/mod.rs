@@ -25,7 +25,9 @@ use crate::config::{DatabaseUrl, Settings, SqliteSync};
 
 /// A connection of either backend; every store function takes one.
 pub enum Conn<'c> {
-    Sqlite(&'c mut SqliteConnection),
+    /// A SQLite connection; inside a grouped write transaction, with the group's cached audit
+    /// chain head (see `group`): `None` outside one.
+    Sqlite(&'c mut SqliteConnection, Option<&'c mut Option<audit::ChainHead>>),
     Postgres(&'c mut PgConnection),
     /// A write transaction that no longer has a connection (never handed out in practice).
     Closed,
@@ -36,7 +38,7 @@ pub enum Conn<'c> {
 macro_rules! dispatch {
     ($conn:expr, |$c:ident| $body:expr) => {
         match $conn {
-            $crate::store::Conn::Sqlite(inner) => {
+            $crate::store::Conn::Sqlite(inner, _) => {
                 let $c = &mut **inner;
                 $body
             }
@@ -202,8 +204,8 @@ pub struct WriteTx {
 impl WriteTx {
     pub fn conn(&mut self) -> Conn<'_> {
         match &mut self.tx {
-            TxKind::Sqlite(g) => match g.conn() {
-                Some(c) => Conn::Sqlite(c),
+            TxKind::Sqlite(g) => match g.parts() {
+                Some((c, head)) => Conn::Sqlite(c, Some(head)),
                 // Unreachable: a GroupTx holds its connection until commit or drop.
                 None => Conn::Closed,
             },
@@ -230,7 +232,7 @@ pub enum ReadConn {
 impl ReadConn {
     pub fn conn(&mut self) -> Conn<'_> {
         match self {
-            Self::Sqlite(c) => Conn::Sqlite(&mut *c),
+            Self::Sqlite(c) => Conn::Sqlite(&mut *c, None),
             Self::Postgres(c) => Conn::Postgres(&mut *c),
         }
     }

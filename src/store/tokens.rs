@@ -79,7 +79,7 @@ pub async fn get_many_with_secret(c: &mut Conn<'_>, user_ids: &[&str]) -> Result
         return Ok(Vec::new());
     }
     Ok(match c {
-        Conn::Sqlite(c) => {
+        Conn::Sqlite(c, _) => {
             let json = serde_json::to_string(user_ids).map_err(|e| StoreError::Other(e.to_string()))?;
             sqlx::query_as(SQLITE).bind(json).fetch_all(&mut **c).await?
         }
@@ -169,7 +169,7 @@ pub async fn touch_many(c: &mut Conn<'_>, touches: &[(&str, DateTime<Utc>)]) -> 
         return Ok(());
     }
     match c {
-        Conn::Sqlite(c) => {
+        Conn::Sqlite(c, _) => {
             // The instant in the text form sqlx's SQLite encoder writes for a `DateTime<Utc>`.
             let rows: Vec<(&str, String)> =
                 touches.iter().map(|(u, at)| (*u, at.to_rfc3339_opts(SecondsFormat::AutoSi, false))).collect();
