@@ -158,9 +158,9 @@ pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingE
         }
     };
     let last_seq = first_seq + n - 1;
-    let mut sealed = Vec::with_capacity(events.len());
-    for (seq, e) in (first_seq..).zip(events) {
-        let view = EventView {
+    let views: Vec<EventView<'_>> = (first_seq..)
+        .zip(events)
+        .map(|(seq, e)| EventView {
             seq,
             id: Uuid::now_v7(),
             at: store::now(),
@@ -171,29 +171,16 @@ pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingE
             request_id: e.ctx.request_id.as_deref(),
             source_ip: e.ctx.source_ip.as_deref(),
             details: &e.details,
-        };
-        let hmac = seal(&key, &prev, &view, chain_key_id);
-        prev.clone_from(&hmac);
-        sealed.push((seq, view.id, view.at, hmac));
-    }
-    let rows: Vec<NewAuditEvent<'_>> = sealed
-        .iter()
-        .zip(events)
-        .map(|((seq, id, at, hmac), e)| NewAuditEvent {
-            seq: *seq,
-            id: *id,
-            at: *at,
-            type_: e.type_,
-            outcome: e.outcome.as_str(),
-            user_id: e.user_id,
-            actor: e.ctx.actor.as_deref(),
-            request_id: e.ctx.request_id.as_deref(),
-            source_ip: e.ctx.source_ip.as_deref(),
-            details: &e.details,
-            chain_key_id,
-            hmac,
         })
         .collect();
+    let mut hmacs = Vec::with_capacity(views.len());
+    for view in &views {
+        let hmac = seal(&key, &prev, view, chain_key_id);
+        prev.clone_from(&hmac);
+        hmacs.push(hmac);
+    }
+    let rows: Vec<NewAuditEvent<'_>> =
+        views.iter().zip(&hmacs).map(|(view, hmac)| view.sealed(chain_key_id, hmac)).collect();
     store::audit::insert_many(c, &rows).await?;
     if is_cached {
         store::audit::set_cached_head(c, ChainHead { last_seq, last_hmac: prev });
@@ -215,6 +202,26 @@ struct EventView<'a> {
     request_id: Option<&'a str>,
     source_ip: Option<&'a str>,
     details: &'a str,
+}
+
+impl<'a> EventView<'a> {
+    /// The row to store: this event with its seal.
+    fn sealed(&self, chain_key_id: &'a str, hmac: &'a [u8]) -> NewAuditEvent<'a> {
+        NewAuditEvent {
+            seq: self.seq,
+            id: self.id,
+            at: self.at,
+            type_: self.type_,
+            outcome: self.outcome,
+            user_id: self.user_id,
+            actor: self.actor,
+            request_id: self.request_id,
+            source_ip: self.source_ip,
+            details: self.details,
+            chain_key_id,
+            hmac,
+        }
+    }
 }
 
 impl<'a> From<&'a AuditRow> for EventView<'a> {
