@@ -62,11 +62,6 @@ pub async fn get(c: &mut Conn<'_>, user_id: &str) -> Result<Option<BundleRow>> {
     Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(user_id).fetch_optional(c).await)?)
 }
 
-pub async fn get_with_secret(c: &mut Conn<'_>, user_id: &str) -> Result<Option<BundleWithSecret>> {
-    const SQL: &str = concat!("SELECT ", meta_cols!(), ", ciphertext FROM token_bundles WHERE user_id = $1");
-    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(user_id).fetch_optional(c).await)?)
-}
-
 /// The bundles (with ciphertext) of many users in one statement; absent users are left out.
 pub async fn get_many_with_secret(c: &mut Conn<'_>, user_ids: &[&str]) -> Result<Vec<BundleWithSecret>> {
     const SQLITE: &str = concat!(
@@ -150,16 +145,6 @@ pub async fn write(c: &mut Conn<'_>, b: &NewBundle<'_>, cond: WriteCondition) ->
         let created = r.created_at == b.now;
         (r, created)
     }))
-}
-
-pub async fn touch_last_used(c: &mut Conn<'_>, user_id: &str, now: DateTime<Utc>) -> Result<()> {
-    dispatch!(c, |c| sqlx::query("UPDATE token_bundles SET last_used_at = $2 WHERE user_id = $1")
-        .bind(user_id)
-        .bind(now)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
-    Ok(())
 }
 
 /// Sets `last_used_at` of many bundles in one statement (`touches`: user id and instant, one
