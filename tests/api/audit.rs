@@ -599,3 +599,32 @@ async fn rewrap_refuses_to_reseal_a_broken_chain() {
     let last = app.audit().await.pop().unwrap();
     assert_eq!((last.type_.as_str(), last.outcome.as_str()), ("key.rewrap", "failure"));
 }
+
+/// Every event names the peer address the request came from (the `ConnectInfo` the server
+/// attaches), IPv4 and IPv6, for writes, reads and refusals alike, and the events API returns it.
+#[tokio::test]
+async fn events_record_the_peer_address_of_the_request() {
+    let app = TestApp::spawn().await;
+    let v4: std::net::SocketAddr = "192.0.2.17:51000".parse().unwrap();
+    let v6: std::net::SocketAddr = "[2001:db8::42]:443".parse().unwrap();
+    let p = tokens_path("peer");
+    assert_eq!(app.put(&p).json(garth_body("peer")).send().await.status, 201);
+    assert_eq!(app.get(&p).peer(v4).send().await.status, 200);
+    app.get(&p).no_auth().peer(v6).send().await.assert_problem(401, "unauthenticated");
+    let rows: Vec<(String, Option<String>)> = app.audit().await.into_iter().map(|e| (e.type_, e.source_ip)).collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("token.write".to_string(), Some(app.peer().ip().to_string())),
+            ("token.read".to_string(), Some("192.0.2.17".to_string())),
+            ("auth.denied".to_string(), Some("2001:db8::42".to_string())),
+        ]
+    );
+    let r = app.get(EVENTS).send().await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let ips: Vec<&Value> = r.json["events"].as_array().unwrap().iter().map(|e| &e["source_ip"]).collect();
+    assert_eq!(ips, [&json!(app.peer().ip().to_string()), &json!("192.0.2.17"), &json!("2001:db8::42")]);
+    // Apps get different addresses, so a test can tell its callers apart.
+    let other = TestApp::spawn().await;
+    assert_ne!(other.peer().ip(), app.peer().ip());
+}

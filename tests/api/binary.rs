@@ -737,3 +737,29 @@ async fn a_failed_write_alone_releases_the_sqlite_write_lock() {
     assert!(started.elapsed() < Duration::from_secs(3), "shutdown took {:?}", started.elapsed());
     assert!(!log.contains("did not close"), "{log}");
 }
+
+/// The real server records the TCP peer of each request as the event's `source_ip`: a write,
+/// a read and a refusal over loopback all say `127.0.0.1`, and so does the events API.
+#[tokio::test]
+async fn the_binary_records_the_peer_address_in_audit_events() {
+    let d = Deployment::new().await;
+    let http = reqwest::Client::new();
+    let s = Server::start(&d.env, d.dir.path()).await;
+    let key = d.admin_key();
+    let p = tokens_path("peer");
+    let r = http.put(s.url(&p)).bearer_auth(&key).json(&garth_body("peer")).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(http.get(s.url(&p)).bearer_auth(&key).send().await.unwrap().status(), 200);
+    assert_eq!(http.get(s.url(&p)).send().await.unwrap().status(), 401);
+    let r = http.get(s.url("/api/v1/audit/events")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    let got: Vec<(&str, &str)> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap(), e["source_ip"].as_str().unwrap_or("<null>")))
+        .collect();
+    assert_eq!(got, [("token.write", "127.0.0.1"), ("token.read", "127.0.0.1"), ("auth.denied", "127.0.0.1")]);
+    s.stop().await;
+}

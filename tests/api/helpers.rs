@@ -268,7 +268,14 @@ impl TestApp {
             uri: uri.to_string(),
             headers: vec![("authorization".into(), format!("Bearer {ADMIN_KEY}"))],
             body: None,
+            peer: self.peer(),
         }
+    }
+
+    /// The peer address this app's requests come from (as the real server's `ConnectInfo`
+    /// gives it): one per app, so audit events name a `source_ip` a test can predict.
+    pub fn peer(&self) -> std::net::SocketAddr {
+        peer_of(self.dir.path())
     }
     pub fn get(&self, uri: &str) -> RequestBuilder<'_> {
         self.request(Method::GET, uri)
@@ -374,6 +381,17 @@ pub struct RequestBuilder<'a> {
     uri: String,
     headers: Vec<(String, String)>,
     body: Option<Vec<u8>>,
+    peer: std::net::SocketAddr,
+}
+
+/// A peer address in 10.0.0.0/8 (and a port) derived from a per-app path: distinct per app.
+fn peer_of(dir: &Path) -> std::net::SocketAddr {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    let [a, b, c, d, e, ..] = h.finish().to_be_bytes();
+    let ip = std::net::Ipv4Addr::new(10, a, b, c.max(1));
+    std::net::SocketAddr::from((ip, 1024 + u16::from_be_bytes([d, e]) % 60_000))
 }
 
 impl RequestBuilder<'_> {
@@ -402,12 +420,18 @@ impl RequestBuilder<'_> {
         self.body = Some(body.into());
         self
     }
+    /// Sends the request from this peer address instead of the app's own.
+    pub fn peer(mut self, peer: std::net::SocketAddr) -> Self {
+        self.peer = peer;
+        self
+    }
     pub async fn send(self) -> TestResponse {
         let mut req = Request::builder().method(self.method).uri(&self.uri);
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
-        let req = req.body(self.body.map(Body::from).unwrap_or_else(Body::empty)).unwrap();
+        let mut req = req.body(self.body.map(Body::from).unwrap_or_else(Body::empty)).unwrap();
+        req.extensions_mut().insert(axum::extract::ConnectInfo(self.peer));
         let resp = self.app.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();

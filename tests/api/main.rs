@@ -10,6 +10,7 @@ mod limits;
 mod mfa;
 mod ops;
 mod outage;
+mod scopes;
 mod sessions;
 mod sweeper;
 mod tokens;
