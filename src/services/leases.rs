@@ -86,6 +86,12 @@ impl VersionNotifier {
         Self { tx, waiters: Arc::new(Semaphore::new(max_waiters)), closing }
     }
 
+    /// Readers subscribed to new versions right now: each long-poll between the moment it starts
+    /// waiting and its answer (a diagnostic; tests use it to know a waiter waits before a write).
+    pub fn waiting(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
     pub fn publish(&self, user: &str, version: i64) {
         let _ = self.tx.send((Arc::from(user), version));
     }

@@ -180,7 +180,7 @@ async fn waiters_receive_the_winners_version() {
             (r.status.as_u16(), r.json["version"].as_i64(), r.json["oauth2_token"]["access_token"].clone(), t.elapsed())
         });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_waiters(&app, 5).await;
     let w = app.put(&tokens_path("w")).header("x-lease-fence", &fence).json(garth_body("won")).send().await;
     assert_eq!(w.status, 200);
     for (status, version, access, waited) in set.join_all().await {
@@ -229,7 +229,7 @@ async fn waiters_are_bounded() {
             app.get(&format!("{}?newer_than={v}&wait_seconds=2", tokens_path("cap"))).send().await.status.as_u16()
         });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_waiters(&app, 2).await;
     let r = app.get(&format!("{}?newer_than={v}&wait_seconds=2", tokens_path("cap"))).send().await;
     r.assert_problem(503, "unavailable");
     assert!(r.header("retry-after").is_some());
@@ -249,4 +249,56 @@ async fn the_sweeper_expires_leases_and_keeps_the_fence() {
     assert_eq!(app.audit().await.iter().filter(|e| e.type_ == "lease.expired").count(), 1);
     let b = app.post(&lease_path("sw")).json(json!({"holder": "b"})).send().await;
     assert_eq!(b.json["fence"], 2);
+}
+
+/// Waits (up to 10 s) until exactly `n` readers are registered as waiting for a new version.
+async fn wait_for_waiters(app: &TestApp, n: usize) {
+    let start = std::time::Instant::now();
+    while app.state.notifier.waiting() != n {
+        assert!(start.elapsed() < Duration::from_secs(10), "{} waiters, not {n}", app.state.notifier.waiting());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A reader shown to be waiting before the write (registered with the notifier) is answered by
+/// that write with the new version, while a control reader of another user, waiting as long,
+/// gets 304 at the end of its wait. The wait (3 s) ends before PostgreSQL's fallback re-read
+/// (5 s), so there only the write's notification can wake the reader. SQLite re-reads every
+/// 0.5 s, so the second half proves the wake-up on both: a notification with no new version
+/// behind it wakes the waiting reader of that user (no re-read could), and only that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_waiting_before_the_write_is_woken_by_it() {
+    let app = Arc::new(TestApp::spawn().await);
+    let v = stored(&app, "lw").await;
+    let vc = stored(&app, "lc").await;
+    let waiter = |user: &'static str, newer_than: i64| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.get(&format!("{}?newer_than={newer_than}&wait_seconds=3", tokens_path(user))).send().await
+        })
+    };
+    let (w, c) = (waiter("lw", v), waiter("lc", vc));
+    wait_for_waiters(&app, 2).await;
+    let put = app.put(&tokens_path("lw")).json(garth_body("woken")).send().await;
+    assert_eq!(put.status, 200, "{}", put.text);
+    let r = w.await.unwrap();
+    assert_eq!(r.status, 200, "the waiter was not woken by the write: {}", r.text);
+    assert_eq!(r.json["version"], v + 1);
+    assert_eq!(r.json["oauth2_token"]["access_token"], "acc-woken-SECRET");
+    assert_eq!(app.state.notifier.waiting(), 1, "the control reader still waits");
+    let rc = c.await.unwrap();
+    assert_eq!(rc.status, 304, "{}", rc.text);
+    assert_eq!(rc.header("etag"), Some(format!("\"{vc}\"").as_str()));
+    assert_eq!(app.state.notifier.waiting(), 0);
+
+    // The notification alone: nothing new is stored, so only it can end the wait early.
+    let (w, c) = (waiter("lw", v + 1), waiter("lc", vc));
+    wait_for_waiters(&app, 2).await;
+    app.state.notifier.publish("lw", v + 2);
+    let r = w.await.unwrap();
+    assert_eq!(r.status, 200, "a notified waiter was not woken: {}", r.text);
+    assert_eq!(r.json["version"], v + 1, "it answers with what is stored");
+    assert_eq!(app.state.notifier.waiting(), 1, "the control reader still waits");
+    let rc = c.await.unwrap();
+    assert_eq!(rc.status, 304, "{}", rc.text);
 }
