@@ -628,3 +628,22 @@ async fn events_record_the_peer_address_of_the_request() {
     let other = TestApp::spawn().await;
     assert_ne!(other.peer().ip(), app.peer().ip());
 }
+
+/// The event id is sealed too: giving a row another id (a valid UUID, everything else intact)
+/// breaks the chain at that row.
+#[tokio::test]
+async fn an_edited_id_is_found() {
+    let app = app_with_events(4).await;
+    let before = app.audit().await;
+    let new_id = match backend() {
+        Backend::Sqlite => "randomblob(16)",
+        Backend::Postgres => "gen_random_uuid()",
+    };
+    app.exec(&format!("UPDATE audit_events SET id = {new_id} WHERE seq = 3")).await;
+    let after = app.audit().await;
+    assert_ne!(after[2].id, before[2].id, "the id changed");
+    assert_eq!(after[2].details, before[2].details, "and nothing else did");
+    let r = verify(&app).await;
+    assert_broken_at(&r, 3);
+    assert_eq!(r["events_checked"], 2);
+}
