@@ -823,9 +823,9 @@ impl Mfa {
         let now = store::now();
         let mut tx = self.db.begin_write().await?;
         let mut c = tx.conn();
-        // A verified challenge whose login session has ended is not handed over.
+        // A live challenge whose login session has ended is not handed over (and ends).
         if let Some(row) = store::challenges::get(&mut c, id).await?
-            && effective_status(&row, now) == ChallengeStatus::Verified
+            && matches!(effective_status(&row, now), ChallengeStatus::Pending | ChallengeStatus::Verified)
             && let Some(state) = self.ended_session(&mut c, &row, now).await?
         {
             let err = self.end_with_session(&mut c, ctx, "challenge.consume", &row, state, now).await?;

@@ -658,3 +658,29 @@ async fn concurrent_right_codes_over_three_instances_never_report_a_verified_cha
     assert_eq!(status, "verified");
     assert!(attempts <= 10, "{attempts}");
 }
+
+/// `/attempts` reads the challenge under its lock, so a challenge Garmin verified is answered as
+/// verified (409 `challenge_not_pending`), never as locked, even with every attempt used; while
+/// the last results are still awaited, no attempt is left (423).
+#[tokio::test]
+async fn attempts_on_a_verified_external_challenge_are_not_reported_locked() {
+    let app = TestApp::spawn().await;
+    let mut body = external("ext-lock");
+    body["max_attempts"] = json!(2);
+    let id = create(&app, body).await.json["id"].as_str().unwrap().to_string();
+    for code in ["111111", "222222"] {
+        assert_eq!(app.post(&format!("{CH}/{id}/attempts")).json(json!({"code": code})).send().await.status, 201);
+    }
+    app.post(&format!("{CH}/{id}/attempts"))
+        .json(json!({"code": "333333"}))
+        .send()
+        .await
+        .assert_problem(423, "challenge_locked");
+    let r = app.post(&format!("{CH}/{id}/attempts/1/result")).json(json!({"success": false})).send().await;
+    assert_eq!(r.json["status"], "pending", "attempt 2 is still open: {}", r.text);
+    let r = app.post(&format!("{CH}/{id}/attempts/2/result")).json(json!({"success": true})).send().await;
+    assert_eq!(r.json["status"], "verified", "{}", r.text);
+    let a = app.post(&format!("{CH}/{id}/attempts")).json(json!({"code": "444444"})).send().await;
+    a.assert_problem(409, "challenge_not_pending");
+    assert_eq!(a.json["challenge_status"], "verified");
+}

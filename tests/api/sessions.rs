@@ -799,8 +799,8 @@ async fn a_challenge_of_an_ended_login_is_not_consumed_nor_checked() {
             && details(e)["session_state"] == "expired")
     );
 
-    // `/verify` and `/attempts` once the session's TTL ran out.
-    for verifier in ["service", "external"] {
+    // `/verify`, `/attempts` and `/consume` of a pending challenge once the session's TTL ran out.
+    for (verifier, route) in [("service", "verify"), ("external", "attempts"), ("service", "consume")] {
         let s = app.new_session("olga", Some(1)).await;
         let c = app
             .post("/api/v1/mfa/challenges")
@@ -809,10 +809,13 @@ async fn a_challenge_of_an_ended_login_is_not_consumed_nor_checked() {
             .await;
         assert_eq!(c.status, 201, "{}", c.text);
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let route = if verifier == "service" { "verify" } else { "attempts" };
-        let r = app.post(&format!("{}/{route}", challenge_path(&c.json))).json(json!({"code": "999999"})).send().await;
+        let mut req = app.post(&format!("{}/{route}", challenge_path(&c.json)));
+        if route != "consume" {
+            req = req.json(json!({"code": "999999"}));
+        }
+        let r = req.send().await;
         r.assert_problem(410, "challenge_expired");
-        assert_eq!(r.json["session_state"], "expired", "{}", r.text);
+        assert_eq!(r.json["session_state"], "expired", "{route}: {}", r.text);
         let g = app.get(&challenge_path(&c.json)).send().await;
         assert_eq!(
             (g.json["status"].as_str(), g.json["attempts"].as_i64()),
