@@ -204,6 +204,10 @@ async fn cancel_challenge(
 }
 
 /// Check a code (service verifier).
+///
+/// Once an attempt is reserved, the check and its outcome (failure counted, audit, session moved)
+/// complete even if the client goes away. A request that finds every attempt taken by checks
+/// still running waits for them and answers for the outcome (409 when one of them verified it).
 #[utoipa::path(
     post, path = "/mfa/challenges/{id}/verify", tag = "mfa",
     params(("id" = Uuid, Path)),
@@ -215,11 +219,11 @@ async fn cancel_challenge(
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`challenge_not_pending` with `challenge_status`", body = Problem, content_type = "application/problem+json"),
-        (status = 410, description = "`challenge_expired`", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`challenge_expired`: the challenge has expired; or the challenge's login session has ended (with `session_state`; the challenge is then cancelled)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
-        (status = 423, description = "`challenge_locked`", body = Problem, content_type = "application/problem+json"),
+        (status = 423, description = "`challenge_locked`: the challenge failed (no attempts left, and no check still running)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "too many code checks queued", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
@@ -246,7 +250,7 @@ async fn verify_challenge(
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`duplicate_code` (no attempt used) or `challenge_not_pending`", body = Problem, content_type = "application/problem+json"),
-        (status = 410, body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`challenge_expired`: the challenge has expired; or the challenge's login session has ended (with `session_state`; the challenge is then cancelled)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
@@ -267,6 +271,10 @@ async fn reserve_attempt(
 }
 
 /// Record Garmin's answer to attempt `n`.
+///
+/// A `success` for a challenge whose login session has ended (past its TTL, failed, cancelled,
+/// superseded, authenticated) verifies nothing: 410 `challenge_expired` with `session_state`, and
+/// the challenge is cancelled.
 #[utoipa::path(
     post, path = "/mfa/challenges/{id}/attempts/{n}/result", tag = "mfa",
     params(("id" = Uuid, Path), ("n" = i64, Path, minimum = 1, description = "The attempt number (from 1)")),
@@ -277,7 +285,7 @@ async fn reserve_attempt(
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`challenge_not_found` or `attempt_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`attempt_resolved` or `challenge_not_pending`", body = Problem, content_type = "application/problem+json"),
-        (status = 410, description = "`challenge_expired`", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`challenge_expired`: the challenge has expired; or, for a `success` result, the challenge's login session has ended (with `session_state`; the result is recorded, the challenge is cancelled, not verified)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
@@ -309,7 +317,7 @@ async fn attempt_result(
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`challenge_not_pending`", body = Problem, content_type = "application/problem+json"),
-        (status = 410, body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`challenge_expired`: the challenge has expired; or the challenge's login session has ended (with `session_state`; the challenge is then cancelled)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` (with `field` when one is at fault)", body = Problem, content_type = "application/problem+json"),
         (status = 423, description = "`challenge_locked`: no attempts are left", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),

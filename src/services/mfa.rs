@@ -198,9 +198,83 @@ fn locked() -> ApiError {
     ApiError::coded(StatusCode::LOCKED, "challenge_locked", "no attempts are left; start a new login")
 }
 
+/// The answer for a challenge whose login session has ended (`state`).
+fn session_ended(state: SessionState) -> ApiError {
+    ApiError::coded(
+        StatusCode::GONE,
+        "challenge_expired",
+        format!("the login session of this challenge has ended ({})", state.as_str()),
+    )
+    .with("session_state", state.as_str())
+}
+
+/// How long after its last reserved attempt a service challenge with no attempt left may still
+/// be waiting for the outcome of a check in progress (on any instance).
+const SETTLE_WAIT: StdDuration = StdDuration::from_secs(5);
+
+/// Runs an MFA operation to completion in a task of its own, whatever happens to the request
+/// that asked for it: hyper drops a handler's future when the client goes away (and the request
+/// timeout drops it too), which would leave a reserved attempt without its check, its outcome or
+/// its audit event. The caller still gets the answer when it waits for it.
+async fn detached<T: Send + 'static>(
+    op: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    use tracing::Instrument;
+    match tokio::spawn(op.in_current_span()).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => Err(ApiError::Internal("an MFA operation panicked".into())),
+        Err(_) => Err(ApiError::Internal("an MFA operation was cancelled".into())),
+    }
+}
+
 impl Mfa {
     pub fn new(db: Db, keyring: Arc<Keyring>, hasher: CodeHasher, limits: MfaLimits) -> Self {
         Self { db, keyring, hasher, limits: Arc::new(limits) }
+    }
+
+    // Every write runs detached (see [`detached`]): once begun, it finishes and is recorded.
+
+    pub async fn create(&self, ctx: &AuditContext, new: NewChallenge) -> Result<ChallengeView, ApiError> {
+        let (this, ctx) = (self.clone(), ctx.clone());
+        detached(async move { this.create_now(&ctx, new).await }).await
+    }
+
+    /// Checks a code against a service-verified challenge: the attempt, the argon2 check and its
+    /// outcome (failure counted, audit, session moved) complete even if the client goes away.
+    pub async fn verify(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
+        let (this, ctx) = (self.clone(), ctx.clone());
+        detached(async move { this.verify_now(&ctx, id, code).await }).await
+    }
+
+    pub async fn attempt(
+        &self,
+        ctx: &AuditContext,
+        id: Uuid,
+        code: Zeroizing<String>,
+    ) -> Result<AttemptReserved, ApiError> {
+        let (this, ctx) = (self.clone(), ctx.clone());
+        detached(async move { this.attempt_now(&ctx, id, code).await }).await
+    }
+
+    pub async fn attempt_result(
+        &self,
+        ctx: &AuditContext,
+        id: Uuid,
+        n: i64,
+        success: bool,
+    ) -> Result<ChallengeView, ApiError> {
+        let (this, ctx) = (self.clone(), ctx.clone());
+        detached(async move { this.attempt_result_now(&ctx, id, n, success).await }).await
+    }
+
+    pub async fn consume(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ApiError> {
+        let (this, ctx) = (self.clone(), ctx.clone());
+        detached(async move { this.consume_now(&ctx, id).await }).await
+    }
+
+    pub async fn cancel(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
+        let (this, ctx) = (self.clone(), ctx.clone());
+        detached(async move { this.cancel_now(&ctx, id).await }).await
     }
 
     async fn audit(
@@ -256,7 +330,7 @@ impl Mfa {
         String::from_utf8(plain.to_vec()).map(Some).map_err(|_| ApiError::DecryptFailed)
     }
 
-    pub async fn create(&self, ctx: &AuditContext, new: NewChallenge) -> Result<ChallengeView, ApiError> {
+    async fn create_now(&self, ctx: &AuditContext, new: NewChallenge) -> Result<ChallengeView, ApiError> {
         let id = Uuid::now_v7();
         let user = new.user.as_str().to_string();
         // CPU and crypto work before the transaction, to keep it short.
@@ -408,43 +482,99 @@ impl Mfa {
         }
     }
 
-    /// A code for a challenge whose login session has ended (past its TTL, or terminal) is
-    /// refused before any attempt is used: a late code must not revive a dead flow.
-    async fn ensure_session_alive(
+    /// The state of the challenge's login session if that session has ended (past its TTL, or
+    /// terminal): such a challenge takes no code, no result and is not consumed, so a late code
+    /// or a late Garmin answer never revives a dead login.
+    async fn ended_session(
         &self,
         c: &mut Conn<'_>,
         row: &ChallengeRow,
         now: DateTime<Utc>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<SessionState>, ApiError> {
         if let Some(sid) = row.session_id
             && let Some(s) = store::sessions::get(c, sid).await?
         {
             let state = effective_state(&s, now);
             if state.is_terminal() {
-                return Err(ApiError::coded(
-                    StatusCode::GONE,
-                    "challenge_expired",
-                    format!("the login session of this challenge has ended ({})", state.as_str()),
-                )
-                .with("session_state", state.as_str()));
+                return Ok(Some(state));
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Ends a live challenge whose session has ended (`cancelled`, reason `session_<state>`, its
+    /// resume state destroyed, as the sweeper would), records the refused use (`type_`,
+    /// `denied`) and returns the answer, 410 `challenge_expired` with `session_state`. The caller
+    /// commits.
+    async fn end_with_session(
+        &self,
+        c: &mut Conn<'_>,
+        ctx: &AuditContext,
+        type_: &str,
+        row: &ChallengeRow,
+        state: SessionState,
+        now: DateTime<Utc>,
+    ) -> Result<ApiError, ApiError> {
+        let err = session_ended(state);
+        cancel_challenge(c, &self.keyring, ctx, row, &format!("session_{}", state.as_str()), now).await?;
+        self.audit(
+            c,
+            ctx,
+            type_,
+            Outcome::Denied,
+            &row.user_id,
+            json!({"challenge_id": row.id, "reason": err.code(), "session_state": state.as_str()}),
+        )
+        .await?;
+        Ok(err)
+    }
+
+    /// A service challenge refused an attempt because none is left while still `pending`: the
+    /// checks that used them are still running (here or on another instance). Waits (a bounded
+    /// time) for their outcome, so a challenge one of them verifies is answered as verified
+    /// (409), not as locked (423).
+    async fn settled(&self, row: ChallengeRow) -> Result<ChallengeRow, ApiError> {
+        let pending = |r: &ChallengeRow| effective_status(r, store::now()) == ChallengeStatus::Pending;
+        if !(row.verifier == Verifier::Service.as_str() && pending(&row) && row.attempts >= row.max_attempts) {
+            return Ok(row);
+        }
+        let give_up = row.updated_at + Duration::from_std(SETTLE_WAIT).unwrap_or(Duration::seconds(5));
+        let mut pause = StdDuration::from_millis(5);
+        while store::now() < give_up {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(StdDuration::from_millis(50));
+            let mut rc = self.db.read().await?;
+            let fresh = store::challenges::get(&mut rc.conn(), row.id).await?.ok_or_else(challenge_not_found)?;
+            // Only an end counts: a read may not see yet the reservations the write transaction
+            // saw (SQLite's group commit makes them visible to readers a little later).
+            if !pending(&fresh) {
+                return Ok(fresh);
+            }
+        }
+        Ok(row)
     }
 
     /// Checks a code against a service-verified challenge.
-    pub async fn verify(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
+    async fn verify_now(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
         let now = store::now();
-        // 0. A challenge of an ended login session takes no code.
         let mut tx = self.db.begin_write().await?;
         let mut c = tx.conn();
         let current = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
-        // (A challenge that is itself locked, expired or done answers for that below.)
+        if current.verifier != Verifier::Service.as_str() {
+            return Err(ApiError::validation("this challenge is checked by Garmin: use /attempts"));
+        }
+        // 0. A challenge that is locked, expired or done answers for that (once the checks in
+        //    progress have settled); a challenge of an ended login session takes no code.
         let usable =
             effective_status(&current, now) == ChallengeStatus::Pending && current.attempts < current.max_attempts;
-        if let Err(e) = if usable { self.ensure_session_alive(&mut c, &current, now).await } else { Ok(()) } {
+        if !usable {
             drop(tx);
-            return Err(self.refuse_with(ctx, "challenge.verify", &current, e).await);
+            return Err(self.refuse_settled(ctx, current).await);
+        }
+        if let Some(state) = self.ended_session(&mut c, &current, now).await? {
+            let err = self.end_with_session(&mut c, ctx, "challenge.verify", &current, state, now).await?;
+            tx.commit().await?;
+            return Err(err);
         }
         // 1. Reserve an attempt (atomically) before looking at the code, once a place in the
         //    argon2 queue is ours: a busy service answers 503 without using up an attempt.
@@ -458,10 +588,8 @@ impl Mfa {
         let Some(row) = store::challenges::reserve_attempt(&mut c, id, Verifier::Service.as_str(), now).await? else {
             let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
             drop(tx);
-            if row.verifier != Verifier::Service.as_str() {
-                return Err(ApiError::validation("this challenge is checked by Garmin: use /attempts"));
-            }
-            return Err(self.refuse(ctx, "challenge.verify", &row, now).await);
+            drop(admitted);
+            return Err(self.refuse_settled(ctx, row).await);
         };
         self.audit_attempt(&mut c, ctx, &row).await?;
         tx.commit().await?;
@@ -475,6 +603,12 @@ impl Mfa {
         let mut tx = self.db.begin_write().await?;
         let mut c = tx.conn();
         if right {
+            // The session may have ended while the code was checked.
+            if let Some(state) = self.ended_session(&mut c, &row, now).await? {
+                let err = self.end_with_session(&mut c, ctx, "challenge.verify", &row, state, now).await?;
+                tx.commit().await?;
+                return Err(err);
+            }
             let consume_by = now + Duration::from_std(self.limits.consume_window).unwrap_or(Duration::minutes(5));
             let Some(done) = store::challenges::mark_verified(&mut c, id, now, consume_by).await? else {
                 let current = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
@@ -504,6 +638,15 @@ impl Mfa {
         tx.commit().await?;
         Err(ApiError::coded(StatusCode::BAD_REQUEST, "invalid_code", "the code is not right")
             .with("attempts_remaining", remaining))
+    }
+
+    /// A refused `/verify` (no attempt could be taken), answered for the challenge's state once
+    /// the checks in progress have settled.
+    async fn refuse_settled(&self, ctx: &AuditContext, row: ChallengeRow) -> ApiError {
+        match self.settled(row).await {
+            Ok(row) => self.refuse(ctx, "challenge.verify", &row, store::now()).await,
+            Err(e) => e,
+        }
     }
 
     async fn after_verified(
@@ -551,7 +694,7 @@ impl Mfa {
 
     /// Reserves an attempt at a Garmin-checked challenge; a code already tried is refused
     /// without using an attempt.
-    pub async fn attempt(
+    async fn attempt_now(
         &self,
         ctx: &AuditContext,
         id: Uuid,
@@ -571,9 +714,10 @@ impl Mfa {
             drop(tx);
             return Err(self.refuse(ctx, "challenge.attempt", &row, now).await);
         }
-        if let Err(e) = self.ensure_session_alive(&mut c, &row, now).await {
-            drop(tx);
-            return Err(self.refuse_with(ctx, "challenge.attempt", &row, e).await);
+        if let Some(state) = self.ended_session(&mut c, &row, now).await? {
+            let err = self.end_with_session(&mut c, ctx, "challenge.attempt", &row, state, now).await?;
+            tx.commit().await?;
+            return Err(err);
         }
         let mut tried = false;
         for mac in &macs {
@@ -609,7 +753,7 @@ impl Mfa {
     }
 
     /// Records Garmin's answer to attempt `n`.
-    pub async fn attempt_result(
+    async fn attempt_result_now(
         &self,
         ctx: &AuditContext,
         id: Uuid,
@@ -635,11 +779,20 @@ impl Mfa {
         store::challenges::resolve_attempt(&mut c, id, n, if success { "success" } else { "failure" }, now).await?;
         let final_row = if success {
             // Garmin accepted the code: the attempt was reserved before expiry, so the answer
-            // counts even if it arrives after it.
+            // counts even if it arrives after it. But not once the login it belongs to has ended
+            // (past its TTL, failed, cancelled, superseded): the challenge ends with it, and the
+            // answer is the one `/attempts` gives then (410). The result itself stays recorded.
+            if row.status == ChallengeStatus::Pending.as_str()
+                && let Some(state) = self.ended_session(&mut c, &row, now).await?
+            {
+                let err = self.end_with_session(&mut c, ctx, "challenge.verify", &row, state, now).await?;
+                tx.commit().await?;
+                return Err(err);
+            }
             let consume_by = now + Duration::from_std(self.limits.consume_window).unwrap_or(Duration::minutes(5));
             let Some(done) = store::challenges::mark_verified(&mut c, id, now, consume_by).await? else {
                 drop(tx);
-                return Err(self.refuse(ctx, "challenge.attempt_result", &row, now).await);
+                return Err(self.refuse(ctx, "challenge.verify", &row, now).await);
             };
             self.after_verified(&mut c, ctx, &done, now).await?;
             done
@@ -666,10 +819,19 @@ impl Mfa {
     }
 
     /// `verified` → `consumed`, exactly once.
-    pub async fn consume(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ApiError> {
+    async fn consume_now(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ApiError> {
         let now = store::now();
         let mut tx = self.db.begin_write().await?;
         let mut c = tx.conn();
+        // A live challenge whose login session has ended is not handed over (and ends).
+        if let Some(row) = store::challenges::get(&mut c, id).await?
+            && matches!(effective_status(&row, now), ChallengeStatus::Pending | ChallengeStatus::Verified)
+            && let Some(state) = self.ended_session(&mut c, &row, now).await?
+        {
+            let err = self.end_with_session(&mut c, ctx, "challenge.consume", &row, state, now).await?;
+            tx.commit().await?;
+            return Err(err);
+        }
         let Some(done) = store::challenges::consume(&mut c, id, now).await? else {
             let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
             drop(tx);
@@ -689,7 +851,7 @@ impl Mfa {
     }
 
     /// `DELETE`: cancel a pending or verified challenge (idempotent once cancelled).
-    pub async fn cancel(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
+    async fn cancel_now(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
         let now = store::now();
         let mut tx = self.db.begin_write().await?;
         let mut c = tx.conn();

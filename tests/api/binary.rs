@@ -763,3 +763,110 @@ async fn the_binary_records_the_peer_address_in_audit_events() {
     assert_eq!(got, [("token.write", "127.0.0.1"), ("token.read", "127.0.0.1"), ("auth.denied", "127.0.0.1")]);
     s.stop().await;
 }
+
+/// Sends `POST path` with a JSON body on a raw connection, then resets it (RST, SO_LINGER 0)
+/// once `reserved` says the attempt is taken: the client went away while its code was checked.
+async fn send_then_reset(addr: &str, key: &str, path: &str, body: &Value, reserved: impl AsyncFn() -> bool) {
+    use std::os::fd::AsRawFd;
+    use tokio::io::AsyncWriteExt;
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.to_string();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !reserved().await {
+        assert!(std::time::Instant::now() < deadline, "the attempt was never reserved");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut probe = [0u8; 1];
+    assert!(
+        matches!(c.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the server answered before the client went away: make argon2 slower"
+    );
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid open socket and a correctly sized `linger` value.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(c);
+}
+
+/// A client that resets its connection while its code is checked (issue 15, finding 6), against
+/// the real binary: the wrong code is still counted and audited, the right one still verifies
+/// the challenge and moves the session.
+#[tokio::test]
+async fn a_verification_whose_client_resets_the_connection_is_still_recorded() {
+    let d = Deployment::new().await;
+    // A slow check (~0.2 s), so the reset surely comes while it runs.
+    let mut env = d.with("CENTRALDB_ARGON2_MEMORY_KIB", "8192");
+    env.push(("CENTRALDB_ARGON2_ITERATIONS".into(), "30".into()));
+    let s = Server::start(&env, d.dir.path()).await;
+    let key = d.admin_key();
+    let http = reqwest::Client::new();
+    let session: Value = http
+        .post(s.url("/api/v1/sessions"))
+        .bearer_auth(&key)
+        .json(&json!({"user_id": "rst"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ch: Value = http
+        .post(s.url("/api/v1/mfa/challenges"))
+        .bearer_auth(&key)
+        .json(&json!({"user_id": "rst", "session_id": session["id"], "method": "email", "verifier": "service",
+                      "code": "123456"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = ch["id"].as_str().unwrap().to_string();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let get = |path: String| {
+        let (http, key) = (http.clone(), key.clone());
+        async move { http.get(path).bearer_auth(key).send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let challenge = || get(s.url(&format!("/api/v1/mfa/challenges/{id}")));
+    let events = |t: &str| get(s.url(&format!("/api/v1/audit/events?type={t}&limit=100")));
+
+    let path = format!("/api/v1/mfa/challenges/{id}/verify");
+    send_then_reset(&addr, &key, &path, &json!({"code": "000000"}), async || challenge().await["attempts"] == 1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while events("challenge.verify_failed").await["events"].as_array().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the abandoned wrong code was never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failed = events("challenge.verify_failed").await;
+    assert_eq!(failed["events"][0]["details"]["challenge_id"], id.as_str());
+    assert_eq!(failed["events"][0]["details"]["attempts_remaining"], 4);
+    assert_eq!(challenge().await["status"], "pending");
+
+    send_then_reset(&addr, &key, &path, &json!({"code": "123456"}), async || challenge().await["attempts"] == 2).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while challenge().await["status"] != "verified" {
+        assert!(std::time::Instant::now() < deadline, "the abandoned right code never verified the challenge");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sid = session["id"].as_str().unwrap();
+    let state = get(s.url(&format!("/api/v1/sessions/{sid}"))).await;
+    assert_eq!(state["state"], "mfa_verified", "{state}");
+    assert_eq!(events("challenge.verified").await["events"].as_array().unwrap().len(), 1);
+    let (clean, log) = s.stop().await;
+    assert!(clean, "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -522,3 +522,165 @@ async fn deleting_an_ended_challenge_is_204_and_changes_nothing() {
     assert_eq!(app.delete(&format!("{CH}/{id}")).send().await.status, 204);
     assert_eq!(app.get(&format!("{CH}/{id}")).send().await.json["status"], "consumed");
 }
+
+/// Polls `cond` every 10 ms for up to 10 s.
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut cond: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends `/verify` and goes away (the request future is dropped, as hyper drops a handler when
+/// its client resets the connection) once the attempt is reserved, while the code is checked.
+async fn verify_and_go_away(app: &Arc<TestApp>, id: &str, code: &str) {
+    let before = raw_challenge(app, id).await.1;
+    let request = tokio::spawn({
+        let (app, uri, code) = (app.clone(), format!("{CH}/{id}/verify"), code.to_string());
+        async move { app.post(&uri).json(json!({"code": code})).send().await }
+    });
+    while raw_challenge(app, id).await.1 == before {
+        assert!(!request.is_finished(), "the check ended before the client went away: make argon2 slower");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert!(!request.is_finished(), "the check ended before the client went away: make argon2 slower");
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+}
+
+/// A client that goes away while its code is checked (issue 15, finding 6): the attempt it
+/// reserved is still checked and its outcome recorded: a wrong code counts as a failure (budget,
+/// audit), a right one verifies the challenge and moves the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_verification_is_still_checked_and_recorded() {
+    // A slow check (~0.2 s), so the client is surely gone before it ends.
+    let app = Arc::new(
+        TestApp::spawn_with(|v| {
+            v.insert("CENTRALDB_ARGON2_MEMORY_KIB".into(), "8192".into());
+            v.insert("CENTRALDB_ARGON2_ITERATIONS".into(), "30".into());
+        })
+        .await,
+    );
+    let s = app.new_session("gone", None).await;
+    let mut body = service("gone");
+    body["session_id"] = s["id"].clone();
+    body["code"] = json!("123456");
+    let id = create(&app, body).await.json["id"].as_str().unwrap().to_string();
+    let events = |app: Arc<TestApp>, t: &'static str| async move {
+        app.audit().await.into_iter().filter(|e| e.type_ == t).map(|e| details(&e)).collect::<Vec<_>>()
+    };
+
+    verify_and_go_away(&app, &id, "000000").await;
+    eventually("the abandoned wrong code is recorded", || async {
+        !events(app.clone(), "challenge.verify_failed").await.is_empty()
+    })
+    .await;
+    let failed = events(app.clone(), "challenge.verify_failed").await;
+    assert_eq!(failed[0]["challenge_id"], id.as_str());
+    assert_eq!(failed[0]["attempt"], 1);
+    assert_eq!(failed[0]["attempts_remaining"], 4);
+    assert_eq!(raw_challenge(&app, &id).await.0, "pending");
+    assert_eq!(raw_challenge(&app, &id).await.1, 1);
+    let failures: i64 = match app.db() {
+        centraldb_mfa::store::Db::Sqlite { pool, .. } => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM mfa_failures WHERE user_id = 'gone'").fetch_one(pool).await
+        }
+        centraldb_mfa::store::Db::Postgres { pool } => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM mfa_failures WHERE user_id = 'gone'").fetch_one(pool).await
+        }
+    }
+    .unwrap();
+    assert_eq!(failures, 1, "the failure counts against the user's budget");
+    let g = app.get(&format!("{CH}/{id}")).send().await;
+    assert_eq!(g.json["attempts"], 1);
+
+    verify_and_go_away(&app, &id, "123456").await;
+    eventually("the abandoned right code verifies the challenge", || async {
+        raw_challenge(&app, &id).await.0 == "verified"
+    })
+    .await;
+    let verified = events(app.clone(), "challenge.verified").await;
+    assert_eq!(verified.len(), 1);
+    assert_eq!(verified[0]["attempt"], 2);
+    eventually("the session is moved", || async {
+        app.session_state_in_db(uuid_of(&s["id"])).await.as_deref() == Some("mfa_verified")
+    })
+    .await;
+    assert_eq!(app.post(&format!("{CH}/{id}/consume")).send().await.status, 200);
+}
+
+/// 60 right codes for one challenge (max_attempts 10) at once, over three instances on one
+/// database (issue 15, finding 15): exactly one 200; every other answer is 409
+/// `challenge_not_pending` with `challenge_status: verified`, never 423 `challenge_locked` (the
+/// challenge is verified, not failed), even for requests that found every attempt taken by
+/// checks still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_right_codes_over_three_instances_never_report_a_verified_challenge_locked() {
+    // The real argon2 cost, so checks overlap; a queue long enough for everyone (no 503).
+    let tweak = |v: &mut std::collections::HashMap<String, String>| {
+        v.remove("CENTRALDB_ARGON2_MEMORY_KIB");
+        v.remove("CENTRALDB_ARGON2_ITERATIONS");
+        v.insert("CENTRALDB_ARGON2_QUEUE".into(), "100".into());
+    };
+    let first = TestApp::spawn_with(tweak).await;
+    let same_db = |v: &mut std::collections::HashMap<String, String>| {
+        tweak(v);
+        v.insert("CENTRALDB_DATABASE_URL".into(), first.db_url.clone());
+        v.insert("CENTRALDB_ENCRYPTION_KEYS".into(), first.vars["CENTRALDB_ENCRYPTION_KEYS"].clone());
+    };
+    let second = TestApp::spawn_with(same_db).await;
+    let third = TestApp::spawn_with(same_db).await;
+    let apps = Arc::new([first, second, third]);
+    let mut body = service("tri");
+    body["code"] = json!("123456");
+    body["max_attempts"] = json!(10);
+    let id = create(&apps[0], body).await.json["id"].as_str().unwrap().to_string();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let (apps, id) = (apps.clone(), id.clone());
+        set.spawn(async move {
+            let r = apps[i % 3].post(&format!("{CH}/{id}/verify")).json(json!({"code": "123456"})).send().await;
+            (r.status.as_u16(), r.json.clone())
+        });
+    }
+    let answers = set.join_all().await;
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(ok, 1, "exactly one success: {answers:?}");
+    for (status, json) in answers.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!(
+            (*status, json["code"].as_str(), json["challenge_status"].as_str()),
+            (409, Some("challenge_not_pending"), Some("verified")),
+            "{answers:?}"
+        );
+    }
+    let (status, attempts, _, _) = raw_challenge(&apps[0], &id).await;
+    assert_eq!(status, "verified");
+    assert!(attempts <= 10, "{attempts}");
+}
+
+/// `/attempts` reads the challenge under its lock, so a challenge Garmin verified is answered as
+/// verified (409 `challenge_not_pending`), never as locked, even with every attempt used; while
+/// the last results are still awaited, no attempt is left (423).
+#[tokio::test]
+async fn attempts_on_a_verified_external_challenge_are_not_reported_locked() {
+    let app = TestApp::spawn().await;
+    let mut body = external("ext-lock");
+    body["max_attempts"] = json!(2);
+    let id = create(&app, body).await.json["id"].as_str().unwrap().to_string();
+    for code in ["111111", "222222"] {
+        assert_eq!(app.post(&format!("{CH}/{id}/attempts")).json(json!({"code": code})).send().await.status, 201);
+    }
+    app.post(&format!("{CH}/{id}/attempts"))
+        .json(json!({"code": "333333"}))
+        .send()
+        .await
+        .assert_problem(423, "challenge_locked");
+    let r = app.post(&format!("{CH}/{id}/attempts/1/result")).json(json!({"success": false})).send().await;
+    assert_eq!(r.json["status"], "pending", "attempt 2 is still open: {}", r.text);
+    let r = app.post(&format!("{CH}/{id}/attempts/2/result")).json(json!({"success": true})).send().await;
+    assert_eq!(r.json["status"], "verified", "{}", r.text);
+    let a = app.post(&format!("{CH}/{id}/attempts")).json(json!({"code": "444444"})).send().await;
+    a.assert_problem(409, "challenge_not_pending");
+    assert_eq!(a.json["challenge_status"], "verified");
+}

@@ -708,3 +708,122 @@ async fn concurrent_transitions_move_a_session_once() {
     let moves = app.audit().await.iter().filter(|e| e.type_ == "session.transition").count();
     assert_eq!(moves, 1);
 }
+
+/// An external challenge of `user` linked to `s`, with attempt 1 reserved (code `246810`).
+async fn external_with_an_attempt(app: &TestApp, user: &str, s: &Value) -> Value {
+    let c = app
+        .post("/api/v1/mfa/challenges")
+        .json(json!({"user_id": user, "session_id": s["id"], "method": "email", "destination": "x@example.com",
+                     "verifier": "external", "resume_state": "garth-RESUME-SECRET", "ttl_seconds": 300}))
+        .send()
+        .await;
+    assert_eq!(c.status, 201, "{}", c.text);
+    let a = app.post(&format!("{}/attempts", challenge_path(&c.json))).json(json!({"code": "246810"})).send().await;
+    assert_eq!(a.status, 201, "{}", a.text);
+    c.json
+}
+
+/// A late Garmin success does not revive a dead login (issue 15, finding 10). The session's TTL
+/// ran out while Garmin checked the code: the `success` result is refused as `/attempts` would
+/// be then (410 `challenge_expired` with `session_state`), the challenge ends (`cancelled`,
+/// reason `session_expired`, resume state destroyed) and cannot be consumed, the session stays
+/// `expired`. A session ended otherwise (cancelled) gives the same: nothing is verified.
+#[tokio::test]
+async fn a_late_garmin_success_does_not_revive_an_ended_login() {
+    let app = TestApp::spawn().await;
+    let s = app.new_session("lena", Some(1)).await;
+    let c = external_with_an_attempt(&app, "lena", &s).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(app.get(&session_path(&s)).send().await.json["state"], "expired");
+    let before = app.audit().await.len();
+    let r = app.post(&format!("{}/attempts/1/result", challenge_path(&c))).json(json!({"success": true})).send().await;
+    r.assert_problem(410, "challenge_expired");
+    assert_eq!(r.json["session_state"], "expired", "{}", r.text);
+    let (status, resume) = app.challenge_in_db(uuid_of(&c["id"])).await.unwrap();
+    assert_eq!((status.as_str(), resume), ("cancelled", None));
+    assert_ne!(app.session_state_in_db(uuid_of(&s["id"])).await.as_deref(), Some("mfa_verified"));
+    assert_eq!(app.get(&session_path(&s)).send().await.json["state"], "expired");
+    let events: Vec<(String, String, Value)> =
+        app.audit().await[before..].iter().map(|e| (e.type_.clone(), e.outcome.clone(), details(e))).collect();
+    assert!(events.iter().all(|(t, _, _)| t != "challenge.verified"), "{events:?}");
+    assert!(
+        events.iter().any(|(t, o, d)| t == "challenge.cancelled" && o == "success" && d["reason"] == "session_expired"),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|(t, o, d)| t == "challenge.verify"
+            && o == "denied"
+            && d["reason"] == "challenge_expired"
+            && d["session_state"] == "expired"),
+        "{events:?}"
+    );
+    let consume = app.post(&format!("{}/consume", challenge_path(&c))).send().await;
+    consume.assert_problem(409, "challenge_not_pending");
+    assert_eq!(consume.json["challenge_status"], "cancelled");
+
+    // Cancelled by the caller while Garmin checked the code.
+    let s = app.new_session("mila", None).await;
+    let c = external_with_an_attempt(&app, "mila", &s).await;
+    assert_eq!(app.delete(&session_path(&s)).send().await.status, 204);
+    let r = app.post(&format!("{}/attempts/1/result", challenge_path(&c))).json(json!({"success": true})).send().await;
+    r.assert_problem(409, "challenge_not_pending");
+    assert_eq!(r.json["challenge_status"], "cancelled");
+    assert_eq!(app.get(&challenge_path(&c)).send().await.json["status"], "cancelled");
+    assert_eq!(app.get(&session_path(&s)).send().await.json["state"], "cancelled");
+}
+
+/// A challenge verified in time is not consumed once its login session has ended (here: its TTL
+/// ran out before the caller consumed it): 410 `challenge_expired` with `session_state`, and the
+/// challenge ends (`cancelled`). `/verify` and `/attempts` of a challenge of an ended login are
+/// refused the same way and end it too.
+#[tokio::test]
+async fn a_challenge_of_an_ended_login_is_not_consumed_nor_checked() {
+    let app = TestApp::spawn().await;
+    let s = app.new_session("nora", Some(1)).await;
+    let c = app
+        .post("/api/v1/mfa/challenges")
+        .json(json!({"user_id": "nora", "session_id": s["id"], "method": "email", "destination": "n@example.com",
+                     "verifier": "service", "code": "135790"}))
+        .send()
+        .await;
+    assert_eq!(c.status, 201, "{}", c.text);
+    let v = app.post(&format!("{}/verify", challenge_path(&c.json))).json(json!({"code": "135790"})).send().await;
+    assert_eq!(v.status, 200, "{}", v.text);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = app.post(&format!("{}/consume", challenge_path(&c.json))).send().await;
+    r.assert_problem(410, "challenge_expired");
+    assert_eq!(r.json["session_state"], "expired", "{}", r.text);
+    assert_eq!(app.challenge_in_db(uuid_of(&c.json["id"])).await.unwrap().0, "cancelled");
+    assert!(app.audit().await.iter().all(|e| e.type_ != "challenge.consumed"));
+    assert!(
+        app.audit().await.iter().any(|e| e.type_ == "challenge.consume"
+            && e.outcome == "denied"
+            && details(e)["session_state"] == "expired")
+    );
+
+    // `/verify`, `/attempts` and `/consume` of a pending challenge once the session's TTL ran out.
+    for (verifier, route) in [("service", "verify"), ("external", "attempts"), ("service", "consume")] {
+        let s = app.new_session("olga", Some(1)).await;
+        let c = app
+            .post("/api/v1/mfa/challenges")
+            .json(json!({"user_id": "olga", "session_id": s["id"], "method": "email", "verifier": verifier}))
+            .send()
+            .await;
+        assert_eq!(c.status, 201, "{}", c.text);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let mut req = app.post(&format!("{}/{route}", challenge_path(&c.json)));
+        if route != "consume" {
+            req = req.json(json!({"code": "999999"}));
+        }
+        let r = req.send().await;
+        r.assert_problem(410, "challenge_expired");
+        assert_eq!(r.json["session_state"], "expired", "{route}: {}", r.text);
+        let g = app.get(&challenge_path(&c.json)).send().await;
+        assert_eq!(
+            (g.json["status"].as_str(), g.json["attempts"].as_i64()),
+            (Some("cancelled"), Some(0)),
+            "{}",
+            g.text
+        );
+    }
+}
