@@ -203,6 +203,9 @@ fn decode_garth_dump(dump: &str) -> Result<(Value, Value), FieldError> {
     let bytes = Zeroizing::new(B64_LENIENT.decode(dump.trim().as_bytes()).map_err(|_| err("is not valid base64"))?);
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|_| err("does not decode to JSON (expected the output of garth.Client.dumps())"))?;
+    if let Some(key) = super::json::duplicate_key(&bytes) {
+        return Err(FieldError::new("garth_dump", format!("decodes to JSON with the key {key} twice")));
+    }
     match value {
         Value::Array(mut items) if items.len() == 2 => {
             let o2 = items.pop().unwrap_or(Value::Null);
