@@ -345,6 +345,23 @@ mod tests {
         assert_eq!(e.field, "surprise");
     }
 
+    /// Plaintexts stored before numbers kept their text (f64 renderings such as
+    /// `1.2345678901234568e20`) read back with the same values and digits; only the exponent
+    /// gains its sign (`e+20`), as every exponent is written now.
+    #[test]
+    fn plaintexts_stored_before_exact_numbers_read_back_unchanged() {
+        let stored = br#"{"oauth1_token":{"oauth_token":"t","oauth_token_secret":"s","n":1.2345678901234568e20,"d":1.5},"oauth2_token":{"expires_at":1790000000,"f":0.1}}"#;
+        let secrets = secrets_from_plaintext(stored).unwrap();
+        let again = String::from_utf8(serde_json::to_vec(&secrets).unwrap()).unwrap();
+        assert_eq!(again, String::from_utf8_lossy(stored).replace("e20", "e+20"));
+        assert_eq!(secrets["oauth2_token"]["expires_at"].as_i64(), Some(1_790_000_000));
+        let dump = general_purpose::STANDARD.decode(garth_dump(&secrets).unwrap()).unwrap();
+        assert_eq!(
+            String::from_utf8(dump).unwrap(),
+            r#"[{"oauth_token":"t","oauth_token_secret":"s","n":1.2345678901234568e+20,"d":1.5},{"expires_at":1790000000,"f":0.1}]"#
+        );
+    }
+
     #[test]
     fn jwt_exp_is_extracted_or_none() {
         let payload = B64URL_LENIENT.encode(br#"{"exp":1790000000,"sub":"x"}"#);
