@@ -51,27 +51,127 @@ impl DatabaseUrl {
     pub fn is_sqlite(&self) -> bool {
         self.expose().starts_with("sqlite:")
     }
-    /// The URL with any password replaced by `***`.
+    /// The URL as it may be printed or logged: the userinfo password, every query parameter
+    /// not known to be harmless (`password`, `sslpassword`, an inline `sslkey`, anything
+    /// unknown) and any fragment are replaced by `***`. A URL whose userinfo cannot be told
+    /// apart from its query (an `@` only after the `?`) prints as `scheme://***`.
     pub fn redacted(&self) -> String {
-        let u = self.expose();
-        let Some((scheme, rest)) = u.split_once("://") else {
-            return u.to_string();
+        redact_url(self.expose())
+    }
+}
+
+/// Query parameters of sqlx/libpq connection URLs whose values carry no secret (both
+/// spellings, lower case). Everything else is redacted: an allowlist, so a parameter added to
+/// sqlx or libpq later (or misspelt) is hidden until someone decides it is harmless.
+const HARMLESS_URL_PARAMS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "application_name",
+    "connect_timeout",
+    "target_session_attrs",
+    "mode",
+    "cache",
+    "immutable",
+    "vfs",
+];
+
+/// Percent-decodes a query key (and `+` as space), as sqlx's URL parser does, so
+/// `pass%77ord` is recognised as `password`.
+fn decode_query_key(raw: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes.get(i..i + 3) {
+            Some([b'%', h, l]) => hex(*h).zip(hex(*l)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
         };
-        let (authority, tail) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        match authority.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split(':').next().unwrap_or("");
-                if userinfo.contains(':') {
-                    format!("{scheme}://{user}:***@{host}{tail}")
-                } else {
-                    format!("{scheme}://{user}@{host}{tail}")
-                }
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+                continue;
             }
-            None => u.to_string(),
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
         }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
+}
+
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| {
+            let (key, value) = match pair.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (pair, None),
+            };
+            let decoded = decode_query_key(key);
+            let plain_key = !key.is_empty()
+                && key.len() <= 64
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-[]".contains(&b));
+            let harmless = HARMLESS_URL_PARAMS.contains(&decoded.as_str());
+            match value {
+                Some(v) if harmless => format!("{key}={v}"),
+                None if harmless => key.to_string(),
+                Some(_) if plain_key => format!("{key}=***"),
+                // A bare key or one that is not a plain name may itself be a secret (`?hunter2`).
+                _ => "***".to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// See [`DatabaseUrl::redacted`].
+fn redact_url(u: &str) -> String {
+    let Some((scheme, rest)) = u.split_once("://") else {
+        // `sqlite:file.db?...`: no authority, but a query may still follow.
+        return match u.split_once('?') {
+            Some((head, query)) => format!("{head}?{}", redact_query(query.split('#').next().unwrap_or(""))),
+            None => u.split('#').next().unwrap_or("").to_string(),
+        };
+    };
+    let (before_fragment, fragment) = match rest.split_once('#') {
+        Some((b, _)) => (b, "#***"),
+        None => (rest, ""),
+    };
+    let (before_query, query) = match before_fragment.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (before_fragment, None),
+    };
+    if before_query.find('@').is_none() && query.is_some_and(|q| q.contains('@')) {
+        // `postgres://user:pa?ss@host/db`: the password may run into what looks like the query.
+        return format!("{scheme}://***");
+    }
+    // The userinfo ends at the last `@` before the query: a password may hold `/` or `@`.
+    let shown = match before_query.rfind('@') {
+        Some(at) => {
+            let (userinfo, host_and_path) = (&before_query[..at], &before_query[at + 1..]);
+            match userinfo.split_once(':') {
+                Some((user, _password)) => format!("{user}:***@{host_and_path}"),
+                None => format!("{userinfo}@{host_and_path}"),
+            }
+        }
+        None => before_query.to_string(),
+    };
+    match query {
+        Some(q) => format!("{scheme}://{shown}?{}{fragment}", redact_query(q)),
+        None => format!("{scheme}://{shown}{fragment}"),
     }
 }
 
@@ -85,6 +185,19 @@ impl fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
     }
+}
+
+/// Why a text key (the bootstrap admin key: 32-256 printable ASCII characters) is obviously
+/// not random, or `None`: a pattern repeated, at most 2 distinct characters, or consecutive
+/// differences taking at most 2 values (`abcdef...`, `0123456789012...`).
+///
+/// Even a key of only decimal digits, the smallest alphabet anyone would draw from, trips this
+/// rarely enough to never happen: for 32 random digits, a period of at most 16 has probability
+/// about 10^-16, at most 2 distinct digits about 2 x 10^-21, at most 2 distinct differences
+/// (each pair of 31 differences among 19 values) below 10^-18; hex or base64 keys far less.
+/// `keygen` output (44 base64 characters) always passes.
+pub fn weak_text_key(key: &str) -> Option<String> {
+    crate::crypto::keyring::not_random(key.as_bytes(), 3, 3)
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +284,10 @@ impl Settings {
             "a socket address like 127.0.0.1:8080",
         )?;
         let encryption_keys = secret("CENTRALDB_ENCRYPTION_KEYS")?.map(SecretString::from);
+        // Refused here, before the database is opened, so a refused start-up changes nothing.
+        if let Some(why) = encryption_keys.as_ref().and_then(crate::crypto::keyring::weak_key_in_spec) {
+            return Err(ConfigError::new("CENTRALDB_ENCRYPTION_KEYS", why));
+        }
         let bootstrap_admin_key = match secret("CENTRALDB_BOOTSTRAP_ADMIN_KEY")? {
             Some(k) if k.len() < 32 => {
                 return Err(ConfigError::new(
@@ -182,6 +299,13 @@ impl Settings {
                 return Err(ConfigError::new(
                     "CENTRALDB_BOOTSTRAP_ADMIN_KEY",
                     "must be at most 256 printable ASCII characters without spaces",
+                ));
+            }
+            Some(k) if weak_text_key(&k).is_some() => {
+                let why = weak_text_key(&k).unwrap_or_default();
+                return Err(ConfigError::new(
+                    "CENTRALDB_BOOTSTRAP_ADMIN_KEY",
+                    format!("is not random ({why}); generate one with `centraldb-mfa keygen`"),
                 ));
             }
             other => other.map(SecretString::from),
@@ -363,6 +487,50 @@ mod tests {
         assert_eq!(e.var, "CENTRALDB_ENCRYPTION_KEYS");
         let e = settings(&[("CENTRALDB_ENCRYPTION_KEYS_FILE", "/nonexistent/x")]).unwrap_err();
         assert_eq!(e.var, "CENTRALDB_ENCRYPTION_KEYS_FILE");
+    }
+
+    #[test]
+    fn database_url_hides_every_credential() {
+        let cases = [
+            (
+                "postgres://u:SECRET@h:5432/db?password=SECRET&sslpassword=SECRET&sslmode=require",
+                "postgres://u:***@h:5432/db?password=***&sslpassword=***&sslmode=require",
+            ),
+            ("postgres://u@h/db?Pass%77ord=SECRET&SECRET&a%zz=SECRET", "postgres://u@h/db?***&***&***"),
+            ("postgres://u:pa/SECRET@SECRET@h/db?application_name=x", "postgres://u:***@h/db?application_name=x"),
+            ("postgres://u:pa?SECRET@h/db", "postgres://***"),
+            ("postgres://h/db?sslkey=-----BEGIN%20SECRET#SECRET", "postgres://h/db?sslkey=***#***"),
+            ("sqlite://./data/x.db?mode=rwc&password=SECRET", "sqlite://./data/x.db?mode=rwc&password=***"),
+            ("sqlite:x.db?password=SECRET", "sqlite:x.db?password=***"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+        ];
+        for (url, shown) in cases {
+            let u = DatabaseUrl::new(url);
+            assert_eq!(u.redacted(), shown);
+            assert!(!format!("{u} {u:?}").contains("SECRET"), "{url}");
+        }
+    }
+
+    #[test]
+    fn weak_bootstrap_keys_are_refused_and_random_ones_accepted() {
+        for weak in
+            ["a".repeat(32), "ab".repeat(16), "0123456789".repeat(4), "abcdefghijklmnopqrstuvwxyzABCDEFGHIJ".into()]
+        {
+            let e = settings(&[("CENTRALDB_BOOTSTRAP_ADMIN_KEY", &weak)]).unwrap_err();
+            assert_eq!(e.var, "CENTRALDB_BOOTSTRAP_ADMIN_KEY");
+            assert!(e.message.contains("not random") && !e.message.contains(&weak), "{e}");
+        }
+        for _ in 0..2000 {
+            let raw: [u8; 16] = rand::random();
+            let decimal: String = rand::random::<[u8; 32]>().iter().map(|b| char::from(b'0' + b % 10)).collect();
+            for key in [hex::encode(raw), decimal, crate::crypto::keyring::generate_key_b64().to_string()] {
+                assert!(weak_text_key(&key).is_none(), "{key}");
+            }
+        }
+        let e =
+            settings(&[("CENTRALDB_ENCRYPTION_KEYS", "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")]).unwrap_err();
+        assert_eq!(e.var, "CENTRALDB_ENCRYPTION_KEYS");
+        assert!(e.message.contains("'k1' is not random"), "{e}");
     }
 
     #[test]

@@ -3,20 +3,27 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use tracing_subscriber::{EnvFilter, filter::filter_fn, fmt, prelude::*};
 
 use crate::config::LogFormat;
 
 /// Installs the global subscriber. `default_filter` applies when `RUST_LOG` is unset.
 pub fn init(format: LogFormat, default_filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry().with(filter).with(filter_fn(|meta| !leaks_secrets(meta)));
     let _ = match format {
         LogFormat::Json => registry
             .with(fmt::layer().json().with_current_span(true).with_span_list(false).with_writer(std::io::stderr))
             .try_init(),
         LogFormat::Pretty => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
     };
+}
+
+/// Events that would print a secret whatever the log level (`RUST_LOG` cannot turn them on):
+/// sqlx's PostgreSQL URL parser warns about every query parameter it does not know *with its
+/// value*, and `sslpassword` (libpq's, unknown to sqlx) is one.
+fn leaks_secrets(meta: &tracing::Metadata<'_>) -> bool {
+    meta.target() == "sqlx_postgres::options::parse"
 }
 
 pub const HTTP_DURATION: &str = "http_request_duration_seconds";

@@ -281,7 +281,10 @@ fn jwt_like() -> impl Strategy<Value = (String, Option<i64>)> {
 fn ring() -> &'static Keyring {
     static RING: OnceLock<Keyring> = OnceLock::new();
     RING.get_or_init(|| {
-        let spec = format!("k1:{},old:{}", STANDARD.encode([7u8; 32]), STANDARD.encode([9u8; 32]));
+        // Fixed keys that look random (all-equal keys are refused as weak).
+        let k1 = hex::decode("96bea704b8400b9102b85f76e4982d0e200925e7d8c2d43abcd1effd8204da28").unwrap();
+        let old = hex::decode("ef4b77b84c85b74ced724118ea826e0f9ea800b8fd4aa04a0e9b2defe2b30561").unwrap();
+        let spec = format!("k1:{},old:{}", STANDARD.encode(k1), STANDARD.encode(old));
         Keyring::parse(&SecretString::from(spec)).unwrap()
     })
 }
@@ -633,7 +636,12 @@ proptest! {
         };
         let padded_ok = |len: usize, style: u8| style != 2 || len.is_multiple_of(3); // strict padding
         let model = !entries.is_empty()
-            && entries.iter().all(|(id, len, _, style)| valid_id(id.trim()) && *len == 32 && padded_ok(*len, *style))
+            && entries.iter().all(|(id, len, seed, style)| {
+                valid_id(id.trim())
+                    && *len == 32
+                    && padded_ok(*len, *style)
+                    && centraldb_mfa::crypto::keyring::weak_aes_key(seed).is_none()
+            })
             && (0..ids.len()).all(|i| !ids[..i].contains(&ids[i]));
         match Keyring::parse(&SecretString::from(spec.clone())) {
             Ok(k) => {
@@ -853,7 +861,8 @@ impl App {
         let vars: Vec<(&str, String)> = vec![
             ("CENTRALDB_DATA_DIR", dir.path().display().to_string()),
             ("CENTRALDB_DATABASE_URL", format!("sqlite://{}", dir.path().join("props.db").display())),
-            ("CENTRALDB_ENCRYPTION_KEYS", format!("k1:{}", STANDARD.encode([5u8; 32]))),
+            // A fixed key that looks random (an all-equal one is refused as weak).
+            ("CENTRALDB_ENCRYPTION_KEYS", "k1:fRxjAxNNWKIMO+kUYm/U8AnMXM6XsV8RbJhtVFEYQFI=".to_string()),
             ("CENTRALDB_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY.to_string()),
             ("CENTRALDB_ARGON2_MEMORY_KIB", "64".to_string()),
             ("CENTRALDB_ARGON2_ITERATIONS", "1".to_string()),

@@ -31,7 +31,19 @@ pub struct ApiJson<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let axum::Json(value) = axum::Json::<Value>::from_request(req, state).await?;
+        // As `axum::Json`, but keeping the text to refuse a key given twice (serde_json would
+        // silently keep the last one): the body is read only after the content type is checked.
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|r| match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+            other => ApiError::validation(format!("request body could not be read: {other}")),
+        })?;
+        let axum::Json(value) = axum::Json::<Value>::from_bytes(&bytes)?;
+        if let Some(key) = crate::domain::json::duplicate_key(&bytes) {
+            return Err(ApiError::field(key.clone(), format!("{key} appears twice")));
+        }
         if !value.is_object() {
             return Err(ApiError::validation("request body must be a JSON object"));
         }
@@ -39,6 +51,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             ApiError::validation(format!("request body has the wrong shape: {}", redact_quoted(&e.to_string())))
         })
     }
+}
+
+/// `application/json` or any `application/*+json`, with any parameters (what `axum::Json` accepts).
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(mime) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<mime::Mime>().ok())
+    else {
+        return false;
+    };
+    mime.type_() == "application" && (mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json"))
 }
 
 /// `deserialize_with` for a nested object field: an array is refused (serde would take it for

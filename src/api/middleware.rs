@@ -1,17 +1,17 @@
 //! Request id, metrics, request timeout and the problem+json fallbacks.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::{
     extract::{MatchedPath, Request, State},
-    http::{HeaderName, HeaderValue},
+    http::{HeaderName, HeaderValue, Method},
     middleware::Next,
     response::{IntoResponse, Response},
 };
 
 use tracing::Instrument;
 
-use crate::{error::ApiError, state::AppState, telemetry};
+use crate::{error::ApiError, services::leases::MAX_WAIT_SECS, state::AppState, telemetry};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -51,26 +51,70 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// Request counts and latency histograms per route template and status.
+/// The `method` label: one of the standard methods or `other`. HTTP lets a client invent any
+/// method token (hyper passes them through), so the raw method would let anyone create
+/// unbounded label values, each a new time series kept forever.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+/// Request counts and latency histograms per method, route template and status. Every label
+/// comes from a closed set, whatever the client sends: the methods of [`method_label`], the
+/// route templates of this router plus `unmatched` (never the raw path), and the status code.
 pub async fn track_metrics(req: Request, next: Next) -> Response {
-    let path =
-        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_string();
+    let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
+    let path = path.unwrap_or_else(|| "unmatched".into());
+    let method = method_label(req.method());
     let start = Instant::now();
     let resp = next.run(req).await;
-    let labels = [("method", method), ("path", path), ("status", resp.status().as_u16().to_string())];
+    let labels = [("method", method.to_string()), ("path", path), ("status", resp.status().as_u16().to_string())];
     metrics::counter!(telemetry::HTTP_REQUESTS, &labels).increment(1);
     metrics::histogram!(telemetry::HTTP_DURATION, &labels[..2]).record(start.elapsed().as_secs_f64());
     resp
 }
 
-/// Bounds every request by `CENTRALDB_REQUEST_TIMEOUT_SECS`; past it, 503 `unavailable`. A
-/// long-poll (`wait_seconds`) gets its wait on top.
-pub async fn timeout(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let mut limit = state.settings.request_timeout;
-    if req.uri().query().is_some_and(|q| q.contains("wait_seconds=")) {
-        limit += std::time::Duration::from_secs(crate::services::leases::MAX_WAIT_SECS);
+/// The route of the only long-poll: `GET` of a user's tokens with `newer_than` and `wait_seconds`.
+const LONG_POLL_ROUTE: &str = "/api/v1/users/{user_id}/tokens";
+
+#[derive(serde::Deserialize)]
+struct LongPollQuery {
+    newer_than: Option<i64>,
+    wait_seconds: Option<u64>,
+}
+
+/// The wait a request may add to the request timeout: only the long-poll `GET` of a user's
+/// tokens that asks for one (`newer_than` and `wait_seconds`), and at most the wait it asked
+/// for, bounded by [`MAX_WAIT_SECS`]. Any other request, with or without `wait_seconds` in its
+/// query, gets none. A query the handler will refuse (unparseable, duplicated) gets none either.
+fn long_poll_wait(req: &Request) -> Duration {
+    let is_long_poll_route = req.method() == Method::GET
+        && req.extensions().get::<MatchedPath>().is_some_and(|p| p.as_str() == LONG_POLL_ROUTE);
+    if !is_long_poll_route {
+        return Duration::ZERO;
     }
+    match axum::extract::Query::<LongPollQuery>::try_from_uri(req.uri()) {
+        Ok(axum::extract::Query(LongPollQuery { newer_than: Some(_), wait_seconds: Some(wait) })) => {
+            Duration::from_secs(wait.min(MAX_WAIT_SECS))
+        }
+        _ => Duration::ZERO,
+    }
+}
+
+/// Bounds every request by `CENTRALDB_REQUEST_TIMEOUT_SECS`; past it, 503 `unavailable`. The
+/// long-poll gets the wait it asked for on top (see [`long_poll_wait`]), nothing else does.
+pub async fn timeout(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = state.settings.request_timeout + long_poll_wait(&req);
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(resp) => resp,
         Err(_) => {

@@ -75,10 +75,81 @@ pub fn valid_key_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 32 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-/// A fresh random 256-bit key, base64-encoded.
+/// A fresh random 256-bit key, base64-encoded. It always passes [`weak_aes_key`] and, as text,
+/// `config::weak_text_key` (it may serve as the bootstrap admin key): a draw that would not
+/// (below one in 10^24) is replaced, so `keygen` never prints a key the service refuses.
 pub fn generate_key_b64() -> Zeroizing<String> {
-    let key = Zeroizing::new(rand::random::<[u8; 32]>());
-    Zeroizing::new(STANDARD.encode(key.as_slice()))
+    loop {
+        let key = Zeroizing::new(rand::random::<[u8; 32]>());
+        let b64 = Zeroizing::new(STANDARD.encode(key.as_slice()));
+        if weak_aes_key(key.as_slice()).is_none() && crate::config::weak_text_key(&b64).is_none() {
+            return b64;
+        }
+    }
+}
+
+/// Why key material is obviously not random, or `None`. `symbols` are a key's bytes (or a
+/// text key's characters); it is refused when
+/// - it is a short pattern repeated: the whole key has a period of at most half its length
+///   (all bytes equal is period 1);
+/// - it uses fewer than `min_distinct` distinct symbols;
+/// - its consecutive differences (wrapping) take fewer than `min_distinct_steps` values
+///   (`0,1,2,3,...`, `abcdef...`, `0123456789012...`).
+///
+/// The thresholds are chosen so that real random keys never trip them; see [`weak_aes_key`]
+/// and `config::weak_text_key` for the arithmetic.
+pub fn not_random(symbols: &[u8], min_distinct: usize, min_distinct_steps: usize) -> Option<String> {
+    let n = symbols.len();
+    if n == 0 {
+        return Some("it is empty".into());
+    }
+    if let Some(p) = (1..=n / 2).find(|&p| (p..n).all(|i| symbols[i] == symbols[i - p])) {
+        return Some(if p == 1 {
+            "all its bytes are the same".into()
+        } else {
+            format!("it is a pattern of {p} bytes repeated")
+        });
+    }
+    let mut seen = [false; 256];
+    symbols.iter().for_each(|&b| seen[b as usize] = true);
+    let distinct = seen.iter().filter(|&&s| s).count();
+    if distinct < min_distinct {
+        return Some(format!("it has only {distinct} distinct byte values"));
+    }
+    let mut steps = [false; 256];
+    symbols.windows(2).for_each(|w| steps[w[1].wrapping_sub(w[0]) as usize] = true);
+    let distinct_steps = steps.iter().filter(|&&s| s).count();
+    if n > 1 && distinct_steps < min_distinct_steps {
+        return Some("its bytes follow a simple sequence".into());
+    }
+    None
+}
+
+/// Why a 32-byte AES key is obviously not random, or `None`.
+///
+/// For 32 uniformly random bytes: a period of at most 16 has probability below 2^-127; at most
+/// 11 distinct byte values, below 10^-24 (the exact count: sum over k <= 11 of
+/// C(256,k) * k! * S(32,k) / 256^32, S the Stirling numbers of the second kind); the 31
+/// differences, which are uniform and independent too, taking at most 11 values, below
+/// 10^-23. So no key from `keygen` or any real random source is refused, while all-zero,
+/// all-equal, repeated-pattern, counting and low-variety keys are.
+pub fn weak_aes_key(raw: &[u8]) -> Option<String> {
+    not_random(raw, 12, 12)
+}
+
+/// Checks the keys of an `id:base64key,...` specification that decode to 32 bytes (format
+/// errors are left to [`Keyring::parse`]): the first weak one is named with the reason.
+pub fn weak_key_in_spec(spec: &SecretString) -> Option<String> {
+    spec.expose_secret().split(',').filter_map(|entry| entry.trim().split_once(':')).find_map(|(id, b64)| {
+        let raw = Zeroizing::new(STANDARD.decode(b64.trim()).ok()?);
+        let why = weak_aes_key(&raw)?;
+        Some(weak_key_message(id.trim(), &why))
+    })
+}
+
+fn weak_key_message(id: &str, why: &str) -> String {
+    let id: String = id.chars().take(32).collect::<String>().escape_default().to_string();
+    format!("key '{id}' is not random ({why}); generate one with `centraldb-mfa keygen`")
 }
 
 impl Keyring {
@@ -109,6 +180,9 @@ impl Keyring {
                     "key '{id}' must decode to 32 bytes (AES-256), got {}",
                     raw.len()
                 )));
+            }
+            if let Some(why) = weak_aes_key(&raw) {
+                return Err(KeyringError::Invalid(weak_key_message(id, &why)));
             }
             if keys.iter().any(|k| k.id == id) {
                 return Err(KeyringError::Invalid(format!("key id '{id}' appears twice")));
@@ -315,6 +389,35 @@ mod tests {
             let mine = k.encrypt(&plaintext, &aad);
             assert_eq!(mine.len(), env.len(), "{name}");
             assert_eq!(mine[..2 + key_id.len()], env[..2 + key_id.len()], "{name}: the header");
+        }
+    }
+
+    #[test]
+    fn obviously_non_random_keys_are_refused() {
+        let half: [u8; 16] = rand::random();
+        let noise = b"2a6824aba9f6621747b9ffbe6663662e";
+        let few: Vec<u8> = noise.iter().map(|b| [3, 141, 59, 26, 5][*b as usize % 5]).collect();
+        let weak: [(Vec<u8>, &str); 6] = [
+            (vec![0u8; 32], "all its bytes are the same"),
+            (vec![0xa5; 32], "all its bytes are the same"),
+            ([half, half].concat(), "pattern of 16 bytes"),
+            (b"ab".repeat(16), "pattern of 2 bytes"),
+            ((0u8..32).collect(), "simple sequence"),
+            (few, "only 5 distinct"),
+        ];
+        for (key, why) in weak {
+            let reason = weak_aes_key(&key).unwrap_or_else(|| panic!("{key:?} accepted"));
+            assert!(reason.contains(why), "{key:?}: {reason}");
+            let e = Keyring::parse(&SecretString::from(format!("k1:{}", STANDARD.encode(&key)))).unwrap_err();
+            assert!(e.to_string().contains("'k1' is not random"), "{e}");
+        }
+        // Real random keys (and keygen's) never trip the rule.
+        for _ in 0..20_000 {
+            assert_eq!(weak_aes_key(&rand::random::<[u8; 32]>()), None);
+        }
+        for _ in 0..1000 {
+            let key = STANDARD.decode(generate_key_b64().as_bytes()).unwrap();
+            assert_eq!(weak_aes_key(&key), None);
         }
     }
 

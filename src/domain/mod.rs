@@ -1,5 +1,6 @@
 //! Domain types, parsed once at the edge so the inside never re-validates.
 
+pub mod json;
 pub mod mfa;
 pub mod scopes;
 pub mod tokens;

@@ -203,6 +203,9 @@ fn decode_garth_dump(dump: &str) -> Result<(Value, Value), FieldError> {
     let bytes = Zeroizing::new(B64_LENIENT.decode(dump.trim().as_bytes()).map_err(|_| err("is not valid base64"))?);
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|_| err("does not decode to JSON (expected the output of garth.Client.dumps())"))?;
+    if let Some(key) = super::json::duplicate_key(&bytes) {
+        return Err(FieldError::new("garth_dump", format!("decodes to JSON with the key {key} twice")));
+    }
     match value {
         Value::Array(mut items) if items.len() == 2 => {
             let o2 = items.pop().unwrap_or(Value::Null);
@@ -340,6 +343,23 @@ mod tests {
             "di_refresh_token": "b", "di_client_id": "c", "surprise": 1}))
         .unwrap_err();
         assert_eq!(e.field, "surprise");
+    }
+
+    /// Plaintexts stored before numbers kept their text (f64 renderings such as
+    /// `1.2345678901234568e20`) read back with the same values and digits; only the exponent
+    /// gains its sign (`e+20`), as every exponent is written now.
+    #[test]
+    fn plaintexts_stored_before_exact_numbers_read_back_unchanged() {
+        let stored = br#"{"oauth1_token":{"oauth_token":"t","oauth_token_secret":"s","n":1.2345678901234568e20,"d":1.5},"oauth2_token":{"expires_at":1790000000,"f":0.1}}"#;
+        let secrets = secrets_from_plaintext(stored).unwrap();
+        let again = String::from_utf8(serde_json::to_vec(&secrets).unwrap()).unwrap();
+        assert_eq!(again, String::from_utf8_lossy(stored).replace("e20", "e+20"));
+        assert_eq!(secrets["oauth2_token"]["expires_at"].as_i64(), Some(1_790_000_000));
+        let dump = general_purpose::STANDARD.decode(garth_dump(&secrets).unwrap()).unwrap();
+        assert_eq!(
+            String::from_utf8(dump).unwrap(),
+            r#"[{"oauth_token":"t","oauth_token_secret":"s","n":1.2345678901234568e+20,"d":1.5},{"expires_at":1790000000,"f":0.1}]"#
+        );
     }
 
     #[test]

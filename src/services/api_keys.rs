@@ -285,7 +285,14 @@ mod tests {
             ("CENTRALDB_DATABASE_URL", format!("sqlite://{}", dir.join("t.db").display())),
             (
                 "CENTRALDB_ENCRYPTION_KEYS",
-                format!("k1:{}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32])),
+                // A fixed key that looks random (an all-equal one is refused as weak).
+                format!(
+                    "k1:{}",
+                    base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        hex::decode("2a6824aba9f6621747b9ffbe6663662e3fbe2c11a732954e43adec3c5b38d82b").unwrap()
+                    )
+                ),
             ),
             ("CENTRALDB_BOOTSTRAP_ADMIN_KEY", "unit-test-bootstrap-key-0123456789abcdef".to_string()),
         ]

@@ -280,3 +280,57 @@ async fn the_binary_cuts_off_slow_clients_and_refuses_huge_headers() {
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// A request body that sends its first bytes and then never finishes (nor fails).
+struct NeverEnding(bool);
+
+impl axum::body::HttpBody for NeverEnding {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.0 {
+            return std::task::Poll::Pending;
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"{\"kind\": ")))))
+    }
+}
+
+/// Issue 15 finding 9: `wait_seconds` anywhere in a query string extended the request timeout by
+/// 30 s, so a slow-body PUT with `?wait_seconds=1` held its request for 40 s instead of 10. Only
+/// the long-poll GET of a user's tokens (with `newer_than`) may wait longer, by its own wait.
+#[tokio::test]
+async fn wait_seconds_extends_only_the_long_poll() {
+    use tower::ServiceExt;
+    let app = TestApp::spawn_with(|v| {
+        v.insert("CENTRALDB_REQUEST_TIMEOUT_SECS".into(), "1".into());
+    })
+    .await;
+    let p = tokens_path("slow");
+    for query in ["?wait_seconds=30", "?newer_than=0&wait_seconds=30"] {
+        let req = axum::http::Request::builder()
+            .method("PUT")
+            .uri(format!("{p}{query}"))
+            .header("authorization", format!("Bearer {ADMIN_KEY}"))
+            .header("content-type", "application/json")
+            .body(axum::body::Body::new(NeverEnding(false)))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), app.router.clone().oneshot(req))
+            .await
+            .unwrap_or_else(|_| panic!("PUT {query}: not cut at the 1 s request timeout"))
+            .unwrap();
+        assert_eq!(resp.status(), 503, "PUT {query}");
+    }
+    app.get(&p).send().await.assert_problem(404, "tokens_not_found");
+    // The long-poll still gets the wait it asked for on top of the timeout: 304 after 2 s, not 503.
+    assert_eq!(app.put(&p).json(garth_body("slow")).send().await.status, 201);
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), app.get(&format!("{p}?newer_than=1&wait_seconds=2")).send())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 304, "{}", r.text);
+    assert!(started.elapsed() >= Duration::from_secs(2));
+}

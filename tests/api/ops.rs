@@ -82,3 +82,32 @@ fn openapi_enums_use_the_wire_names() {
     round_trip::<Method>("Method", &values("Method"));
     round_trip::<Verifier>("Verifier", &values("Verifier"));
 }
+
+/// Issue 15 finding 1: HTTP lets a client invent any method token, and the raw method was a
+/// metrics label, so each invented method added series to `/metrics` that were never evicted.
+/// Every label is now from a closed set: invented methods count as `other`.
+#[tokio::test]
+async fn invented_methods_are_counted_as_other_in_metrics() {
+    const METHODS: [&str; 10] =
+        ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "other"];
+    let app = TestApp::spawn().await;
+    for i in 0..200 {
+        let method = axum::http::Method::from_bytes(format!("Y{i:07}AAAA").as_bytes()).unwrap();
+        let uri = if i % 2 == 0 { "/nope".to_string() } else { tokens_path("m") };
+        let r = app.request(method, &uri).no_auth().send().await;
+        assert!([404, 405].contains(&r.status.as_u16()), "{}: {}", r.status, r.text);
+    }
+    let m = app.get("/metrics").no_auth().send().await;
+    assert_eq!(m.status, 200);
+    assert!(!m.text.contains("Y0000"), "an invented method became a label");
+    assert!(m.text.contains("method=\"other\""), "{}", m.text);
+    for label in m.text.split("method=\"").skip(1) {
+        let value = label.split('"').next().unwrap();
+        assert!(METHODS.contains(&value), "method label {value:?} is not from the closed set");
+    }
+    for label in m.text.split("path=\"").skip(1) {
+        let value = label.split('"').next().unwrap();
+        assert!(value == "unmatched" || value.starts_with('/'), "path label {value:?}");
+        assert_ne!(value, "/nope", "a raw path became a label");
+    }
+}

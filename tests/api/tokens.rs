@@ -444,3 +444,86 @@ async fn concurrent_and_cancelled_writes_stay_independent() {
     let report = centraldb_mfa::services::audit::verify(app.db(), &app.state.keyring).await.unwrap();
     assert!(report.ok, "{report:?}");
 }
+
+/// `garth_body(tag)` as JSON text with extra number fields spliced into both token objects,
+/// written exactly as given (no serializer in between).
+fn garth_text_with_numbers(tag: &str, numbers: &str) -> String {
+    let with = |v: Value| {
+        let t = serde_json::to_string(&v).unwrap();
+        format!("{},{numbers}}}", &t[..t.len() - 1])
+    };
+    format!(r#"{{"kind":"garth","oauth1_token":{},"oauth2_token":{}}}"#, with(oauth1(tag)), with(oauth2(tag)))
+}
+
+/// Issue 15 finding 13: unknown fields are kept and returned as given, numbers included
+/// (`123456789012345678901` came back as `1.2345678901234568e+20`, `1.50` as `1.5`). Every
+/// digit is kept, beyond f64's range and precision too; only an exponent is spelt the one way
+/// serde_json writes it (`1E2` and `1e2` both come back as `1e+2`, the same number).
+#[tokio::test]
+async fn unknown_number_fields_come_back_with_their_exact_text() {
+    const NUMBERS: &str = r#""n_big":123456789012345678901,"n_dec":1.50,"n_neg":-0.0,"n_long":0.10000000000000000000000001,"n_tiny":1e-400,"n_huge":1e+400,"n_exp":-2.50e-7"#;
+    let app = TestApp::spawn().await;
+    let text = garth_text_with_numbers("num", NUMBERS);
+    let r = app.put(&tokens_path("num")).raw_body("application/json", text.clone()).send().await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let expires_at = oauth2("num")["expires_at"].as_i64().unwrap();
+    assert_eq!(
+        r.json["access_expires_at"].as_str().map(|s| chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp()),
+        Some(expires_at)
+    );
+    let g = app.get(&tokens_path("num")).send().await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    assert_eq!(g.text.matches(NUMBERS).count(), 2, "both objects keep the number texts: {}", g.text);
+    // The garth_dump representation carries the same text.
+    let d = app.get(&format!("{}?representation=garth_dump", tokens_path("num"))).send().await;
+    assert_eq!(d.status, 200, "{}", d.text);
+    let dump = base64::engine::general_purpose::STANDARD.decode(d.json["garth_dump"].as_str().unwrap()).unwrap();
+    assert_eq!(String::from_utf8(dump).unwrap().matches(NUMBERS).count(), 2);
+    // A garth_dump given on input keeps them too.
+    let inner = text.replacen(r#"{"kind":"garth","oauth1_token":"#, "[", 1).replacen(r#","oauth2_token":"#, ",", 1);
+    let inner = format!("{}]", &inner[..inner.len() - 1]);
+    let body = json!({"kind": "garth", "garth_dump": base64::engine::general_purpose::STANDARD.encode(&inner)});
+    assert_eq!(app.put(&tokens_path("num2")).json(body).send().await.status, 201);
+    let g = app.get(&tokens_path("num2")).send().await;
+    assert_eq!(g.text.matches(NUMBERS).count(), 2, "{}", g.text);
+}
+
+/// Issue 15 finding 13: a key given twice (in the body or inside a token object) is refused
+/// with 422 naming it, and nothing is stored (serde_json kept the last one silently).
+#[tokio::test]
+async fn duplicate_keys_are_refused_and_nothing_changes() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("dup");
+    assert_eq!(app.put(&p).json(garth_body("dup")).send().await.status, 201);
+    let o1 = serde_json::to_string(&oauth1("dup2")).unwrap();
+    let o2 = serde_json::to_string(&oauth2("dup2")).unwrap();
+    let dup_o1 = format!(r#"{},"oauth_token":"other"}}"#, &o1[..o1.len() - 1]);
+    let dup_o2 = format!(r#"{},"access\u005ftoken":"other"}}"#, &o2[..o2.len() - 1]);
+    let dump = base64::engine::general_purpose::STANDARD.encode(format!("[{dup_o1},{o2}]"));
+    let cases = [
+        (format!(r#"{{"kind":"garth","oauth1_token":{o1},"oauth2_token":{o2},"kind":"garth"}}"#), "kind"),
+        (format!(r#"{{"kind":"garth","oauth1_token":{dup_o1},"oauth2_token":{o2}}}"#), "oauth1_token.oauth_token"),
+        (format!(r#"{{"kind":"garth","oauth1_token":{o1},"oauth2_token":{dup_o2}}}"#), "oauth2_token.access_token"),
+        (format!(r#"{{"kind":"garth","garth_dump":"{dump}"}}"#), "garth_dump"),
+        (
+            r#"{"kind":"garminconnect","di_token":"a","di_refresh_token":"b","di_client_id":"c","di_token":"d"}"#
+                .to_string(),
+            "di_token",
+        ),
+    ];
+    let stored = app.ciphertext("dup").await;
+    for (body, field) in cases {
+        for user in ["dup", "dup-new"] {
+            let r = app.put(&tokens_path(user)).raw_body("application/json", body.clone()).send().await;
+            r.assert_problem(422, "validation_failed");
+            assert_eq!(r.json["field"], field, "{body}: {}", r.text);
+        }
+    }
+    app.get(&tokens_path("dup-new")).send().await.assert_problem(404, "tokens_not_found");
+    assert_eq!(app.ciphertext("dup").await, stored, "the stored bundle is unchanged");
+    let g = app.get(&p).send().await;
+    assert_eq!(
+        (g.json["version"].as_i64(), g.json["oauth1_token"]["oauth_token"].clone()),
+        (Some(1), oauth1("dup")["oauth_token"].clone())
+    );
+}
