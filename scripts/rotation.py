@@ -954,7 +954,7 @@ def run_backend(args, backend, workdir):
     s["acks_per_phase"] = dict(phase_acks)
     for name, n in phase_acks:
         if n < args.min_acks:
-            P.append(f"TOO FEW WRITES: {n} acknowledged under load {name} (minimum {args.min_acks})")
+            P.insert(0, f"TOO FEW WRITES: {n} acknowledged under load {name} (minimum {args.min_acks})")
     s["load_seconds"] = round(time.monotonic() - load_t0, 2)
     s.update(stats.c)
     s["status_5xx"] = stats.status_5xx
