@@ -18,8 +18,15 @@ key, database) is used for all cycles. Each cycle:
 After the last cycle, the `token.write` success events (GET /api/v1/audit/events) must be exactly
 versions 1..stored for every user: one event per surviving write, none for a write rolled back.
 
-Any lost write, foreign content or audit failure makes the exit code 1. `--inject-fault` is a
-self-test of the checks (deletes one acknowledged bundle and edits one audit event; must fail).
+Any lost write, foreign content or audit failure makes the exit code 1, and so does any answer
+under load other than 2xx or 412 (a 500, a 422, a 401, ...: the run counts them as unknown
+outcomes for the loss check, and fails), and a cycle that acknowledged fewer than --min-acks
+writes (a server refusing every write must not pass as "0 lost"). `--inject-fault` is a
+self-test of the checks (deletes one acknowledged bundle and edits one audit event; must fail);
+`scripts/reliability` runs it and checks that it fails for the planted reasons.
+`--log-dir DIR` runs every server at RUST_LOG=trace with its output in DIR, and registers every
+secret the run used (admin key, encryption key, every token value sent) in DIR/secrets-*.txt
+for scripts/scan-logs.py.
 python3 stdlib only; the binary is not built here (cargo build first).
 
   cargo build && scripts/crash-safety.py                       # both backends, 20 cycles each
@@ -28,6 +35,7 @@ python3 stdlib only; the binary is not built here (cargo build first).
 
 import argparse
 import atexit
+import base64
 import http.client
 import json
 import os
@@ -107,6 +115,15 @@ class Deployment:
             "CENTRALDB_BOOTSTRAP_ADMIN_KEY": self.admin_key,
         }
         self.db_name = None
+        self.log_dir = None
+        self.secrets = None
+        if args.log_dir:
+            self.log_dir = os.path.join(args.log_dir, f"crash-safety-{backend}")
+            os.makedirs(self.log_dir, exist_ok=True)
+            self.env["RUST_LOG"] = "trace"
+            self.secrets = SecretLog(os.path.join(self.log_dir, f"secrets-crash-safety-{backend}.txt"))
+            self.secrets.add(self.admin_key)
+            self.secrets.add_keyring(self.env["CENTRALDB_ENCRYPTION_KEYS"])
         if backend == "postgres":
             self._create_pg_database(args.postgres_url)
 
@@ -158,7 +175,7 @@ class Deployment:
                 raise RuntimeError(f"psql: {r.stderr.strip()}")
 
     def run_cli(self, *cli_args, timeout=120):
-        return subprocess.run(
+        r = subprocess.run(
             [self.bin, *cli_args],
             env={**self.env, "RUST_LOG": "warn"},
             cwd=self.dir,
@@ -166,13 +183,42 @@ class Deployment:
             text=True,
             timeout=timeout,
         )
+        if self.log_dir:
+            with open(os.path.join(self.log_dir, "cli.log"), "a") as f:
+                f.write(r.stdout + r.stderr)
+        return r
+
+
+class SecretLog:
+    """The secrets a run used, one JSON string a line (the format scripts/scan-logs.py reads)."""
+
+    def __init__(self, path):
+        self.lock = threading.Lock()
+        self.f = open(path, "a", encoding="utf-8")
+        _cleanups.append(self.f.close)
+
+    def add(self, *secrets):
+        with self.lock:
+            for s in secrets:
+                self.f.write(json.dumps(s) + "\n")
+
+    def add_keyring(self, spec):
+        """`id:base64,...`: the spec, each key in base64 and in hex."""
+        self.add(spec)
+        for part in spec.split(","):
+            b64 = part.split(":", 1)[-1]
+            self.add(b64, base64.b64decode(b64 + "=" * (-len(b64) % 4)).hex())
+
+    def add_bundle(self, body):
+        o1, o2 = body["oauth1_token"], body["oauth2_token"]
+        self.add(o1["oauth_token"], o1["oauth_token_secret"], o2["access_token"], o2["refresh_token"])
 
 
 class Server:
     """One `serve` process; its combined output goes to a log file, the listen address is parsed."""
 
     def __init__(self, dep, cycle):
-        self.log_path = os.path.join(dep.dir, f"serve-{cycle:02d}.log")
+        self.log_path = os.path.join(dep.log_dir or dep.dir, f"serve-{cycle:02d}.log")
         self.proc = subprocess.Popen(
             [dep.bin, "serve"],
             env=dep.env,
@@ -374,8 +420,11 @@ def _writer(wid, cycle, server, dep, ledger, users, stop, stats, rng):
                     break
                 time.sleep(0.01)
                 continue
+        tb = token_body(marker)
+        if dep.secrets:
+            dep.secrets.add_bundle(tb)
         try:
-            st, body = request(None, None, "PUT", f"/api/v1/users/{user}/tokens", token_body(marker), headers, conn=conn)
+            st, body = request(None, None, "PUT", f"/api/v1/users/{user}/tokens", tb, headers, conn=conn)
         except (OSError, http.client.HTTPException):
             # Sent (at least partly) when the server died: outcome unknown.
             with ledger.lock:
@@ -401,10 +450,12 @@ def _writer(wid, cycle, server, dep, ledger, users, stop, stats, rng):
                     ledger.known[user] = int(cur)
             stats.bump("conflicts")
         else:
-            # 5xx (timeout, unavailable) may or may not have been applied.
+            # Anything else (500, 503, 422, 401, ...) is a failure of the run; a 5xx may or may not
+            # have been applied, so the loss check treats the write as of unknown outcome.
             with ledger.lock:
                 ledger.unknown.setdefault(user, set()).add(marker)
-            stats.other_status(st)
+            code = (body or {}).get("code") if isinstance(body, dict) else None
+            stats.other_status(f"{st} {code}" if code else st)
     if conn is not None:
         conn.close()
 
@@ -582,11 +633,27 @@ def run_backend(args, backend, workdir, rng):
             t.start()
         delay = rng.uniform(args.kill_min, args.kill_max)
         time.sleep(delay)
+        # A cycle must acknowledge --min-acks writes: on a slow machine the kill waits for them
+        # (up to --min-acks-wait s more), a server refusing every write fails the cycle.
+        waited_until = time.monotonic() + args.min_acks_wait
+        while stats.acked < args.min_acks and time.monotonic() < waited_until and not stats.errors:
+            time.sleep(0.05)
         stop.set()
         rc = server.sigkill()
         for t in threads:
             t.join(timeout=30)
         problems = list(stats.errors)
+        too_few = False
+        if stats.other:
+            problems.append(
+                f"UNEXPECTED STATUS under load (only 2xx and 412 are expected): {dict(sorted(stats.other.items()))}"
+            )
+        if stats.acked < args.min_acks:
+            problems.append(
+                f"TOO FEW WRITES: {stats.acked} acknowledged in {delay:.2f} s + up to {args.min_acks_wait:g} s "
+                f"of load (minimum {args.min_acks}); 412 {stats.conflicts}, other {stats.other}"
+            )
+            too_few = True
         if rc != -signal.SIGKILL:
             summary["problems"].append(f"cycle {cycle}: server exited with {rc} before the kill")
 
@@ -655,6 +722,9 @@ def run_backend(args, backend, workdir, rng):
         )
         for p in problems[:20]:
             log(f"  PROBLEM: {p}")
+        if too_few:
+            log(f"{backend}: stopping after cycle {cycle}: the server does not acknowledge writes")
+            break
     if ledger.duplicate_acks:
         for u, v, m1, m2 in ledger.duplicate_acks[:20]:
             summary["problems"].append(f"{u}: version {v} acknowledged twice ({m1}, {m2})")
@@ -690,6 +760,24 @@ def main():
         help="self-test: after the first kill, delete one acknowledged bundle and edit one audit event "
         "directly in the database; the run must then report a lost write and a broken chain (exit 1)",
     )
+    ap.add_argument(
+        "--min-acks",
+        type=int,
+        default=10,
+        help="fewest acknowledged writes a cycle must see (default 10; 16 writers over 0.3-3 s do hundreds)",
+    )
+    ap.add_argument(
+        "--min-acks-wait",
+        type=float,
+        default=20.0,
+        help="longest extra wait for --min-acks before the kill (default 20 s)",
+    )
+    ap.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="run the servers at RUST_LOG=trace, keep their output in DIR and register the run's secrets there "
+        "(secrets-*.txt) for scripts/scan-logs.py",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the data dirs and server logs (path is printed)")
     ap.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
     args = ap.parse_args()
@@ -698,6 +786,9 @@ def main():
         print(f"error: binary {args.bin!r} not found; build it first (cargo build)", file=sys.stderr)
         return 2
     args.bin = os.path.abspath(args.bin)
+    if args.log_dir:
+        args.log_dir = os.path.abspath(args.log_dir)
+        os.makedirs(args.log_dir, exist_ok=True)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     rng = random.Random(seed)
 

@@ -13,7 +13,12 @@ disk: the SQLite data dir on a small tmpfs that is filled up (a filler file plus
       bring writes back without a restart; afterwards PRAGMA integrity_check = ok, every
       acknowledged write readable with its version, `audit verify` ok.
 
-Exit status 0 when every check passes (or a phase is SKIPPED), 1 otherwise.
+A phase that cannot run (no tmpfs can be mounted: not root, no mount permission) is SKIPPED
+outside CI; with --require-disk or CI=true it is a failure. `--log-dir DIR` runs the services at
+RUST_LOG=trace with their output in DIR and registers the run's secrets (admin key, encryption
+keys, every token value sent) in DIR/secrets-outage.txt for scripts/scan-logs.py.
+
+Exit status 0 when every check passes (or a phase is SKIPPED outside CI), 1 otherwise.
 """
 
 import argparse
@@ -34,6 +39,17 @@ import time
 import traceback
 
 ADMIN_KEY = "outage-admin-key-" + os.urandom(16).hex()
+LOG_DIR = None  # --log-dir: services at trace, their logs kept here
+SECRETS = None  # --log-dir: the run's secrets, one JSON string a line (scripts/scan-logs.py)
+_secrets_lock = threading.Lock()
+
+
+def secret(*values):
+    if SECRETS is not None:
+        with _secrets_lock:
+            for v in values:
+                SECRETS.write(json.dumps(v) + "\n")
+            SECRETS.flush()
 RECOVERY_LIMIT_S = 5.0
 
 
@@ -119,6 +135,7 @@ def oauth1(tag):
 
 def garth_body(tag):
     now = int(time.time())
+    secret(f"o1tok-{tag}", f"o1sec-{tag}", f"acc-{tag}", f"ref-{tag}")
     return {
         "kind": "garth",
         "oauth1_token": oauth1(tag),
@@ -173,12 +190,12 @@ class Service:
             {
                 "CENTRALDB_LISTEN": f"127.0.0.1:{self.port}",
                 "CENTRALDB_LOG_FORMAT": "json",
-                "RUST_LOG": os.environ.get("RUST_LOG", "info"),
+                "RUST_LOG": "trace" if LOG_DIR else os.environ.get("RUST_LOG", "info"),
                 "CENTRALDB_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
             }
         )
         self.binary = binary
-        self.log_path = os.path.join(logdir, f"{name}.log")
+        self.log_path = os.path.join(LOG_DIR or logdir, f"{name}.log")
         self.proc = None
 
     def full_env(self):
@@ -234,9 +251,11 @@ class Service:
 
 
 def service_env(data_dir, request_timeout, acquire_ms, database_url=None):
+    key = os.urandom(32)
+    secret("k1:" + base64.b64encode(key).decode(), base64.b64encode(key).decode(), key.hex())
     env = {
         "CENTRALDB_DATA_DIR": data_dir,
-        "CENTRALDB_ENCRYPTION_KEYS": "k1:" + base64.b64encode(os.urandom(32)).decode(),
+        "CENTRALDB_ENCRYPTION_KEYS": "k1:" + base64.b64encode(key).decode(),
         "CENTRALDB_REQUEST_TIMEOUT_SECS": str(request_timeout),
         "CENTRALDB_DB_ACQUIRE_TIMEOUT_MS": str(acquire_ms),
         "CENTRALDB_SWEEP_INTERVAL_SECS": "1",
@@ -778,7 +797,10 @@ def run_disk(args, report):
         if p.returncode != 0:
             reason = (p.stderr or p.stdout).strip() or f"mount exited {p.returncode}"
             out["skipped"] = reason
-            log(f"disk: SKIPPED: cannot mount a tmpfs: {reason}")
+            if args.require_disk:
+                log(f"disk: FAILED: cannot mount a tmpfs, and the disk phase is required: {reason}")
+            else:
+                log(f"disk: SKIPPED: cannot mount a tmpfs: {reason}")
             if args.require_disk:
                 failures.append(f"cannot mount a tmpfs: {reason}")
             return not failures
@@ -976,7 +998,10 @@ def run_pgdisk(args, report):
         if p.returncode != 0:
             reason = (p.stderr or p.stdout).strip() or f"mount exited {p.returncode}"
             out["skipped"] = reason
-            log(f"pgdisk: SKIPPED: cannot mount a tmpfs: {reason}")
+            if args.require_disk:
+                log(f"pgdisk: FAILED: cannot mount a tmpfs, and the pgdisk phase is required: {reason}")
+            else:
+                log(f"pgdisk: SKIPPED: cannot mount a tmpfs: {reason}")
             if args.require_disk:
                 failures.append(f"cannot mount a tmpfs: {reason}")
             return not failures
@@ -1148,8 +1173,26 @@ def main():
         type=int,
         help="bytes the filler file leaves free for token writes to use up (default: %(default)s)",
     )
-    ap.add_argument("--require-disk", action="store_true", help="fail (instead of SKIPPED) when no tmpfs can be mounted")
+    ap.add_argument(
+        "--require-disk",
+        action="store_true",
+        help="fail (instead of SKIPPED) when no tmpfs can be mounted (always so with CI=true)",
+    )
+    ap.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="run the services at RUST_LOG=trace, keep their logs in DIR and register the run's secrets there "
+        "(secrets-outage.txt) for scripts/scan-logs.py",
+    )
     args = ap.parse_args()
+    if os.environ.get("CI") == "true":
+        args.require_disk = True  # in CI a phase that cannot run fails
+    global LOG_DIR, SECRETS
+    if args.log_dir:
+        LOG_DIR = os.path.abspath(os.path.join(args.log_dir, "outage"))
+        os.makedirs(LOG_DIR, exist_ok=True)
+        SECRETS = open(os.path.join(LOG_DIR, "secrets-outage.txt"), "a", encoding="utf-8")
+        secret(ADMIN_KEY)
     args.bin = os.path.abspath(args.bin)
     if not os.access(args.bin, os.X_OK):
         ap.error(f"--bin {args.bin} is not an executable (build it with cargo build)")
@@ -1177,6 +1220,8 @@ def main():
     print(text)
     skipped = [name for name in ("pg", "disk", "pgdisk") if isinstance(report.get(name), dict) and report[name].get("skipped")]
     print("RESULT:", "PASS" if ok else "FAIL", f"({', '.join(skipped)} SKIPPED)" if skipped else "", flush=True)
+    if skipped and args.require_disk:
+        print(f"RESULT: FAIL: {', '.join(skipped)} could not run (required with --require-disk / CI=true)", flush=True)
     return 0 if ok else 1
 
 

@@ -25,6 +25,14 @@ database) goes through the rotation README.md documents, while load threads keep
      duplicate_code expected), reserves a new attempt (201, its original resume state comes
      back), is resolved successfully and consumed; audit verify (CLI + HTTP) again.
 
+Under load, any answer other than 2xx (and 412 for a PUT) is a failure (a 500, a 422, a 401,
+...), and each load phase (before the restart, restart to end of rewrap, tail) must acknowledge at
+least --min-acks writes, so a server refusing every write cannot pass. `--inject-fault` is the
+self-test of the checks (`scripts/reliability` runs it and checks it fails for the planted
+reasons). `--log-dir DIR` runs every server at RUST_LOG=trace with its output in DIR and
+registers the run's secrets (admin key, both keys, every token value sent, resume states, codes)
+in DIR/secrets-*.txt for scripts/scan-logs.py.
+
 Exit 1 on any failure. python3 stdlib only; the binary is not built here (cargo build first).
 
   cargo build && scripts/rotation.py                        # both backends
@@ -33,6 +41,7 @@ Exit 1 on any failure. python3 stdlib only; the binary is not built here (cargo 
 
 import argparse
 import atexit
+import base64
 import http.client
 import json
 import os
@@ -53,6 +62,7 @@ FAR_EXPIRY = 4102444800  # 2100-01-01: the sweeper never expires these bundles.
 CH = "/api/v1/mfa/challenges"
 CODE_A = "111111"  # tried before the rotation on half of the challenges
 CODE_B = "222222"  # tried after the rotation (under k2) on the other half
+CODE_FINAL = "246802"  # the code that completes every challenge at the end
 
 _children = []  # live server processes, killed on exit
 _cleanups = []  # callables run once on exit (drop PG database, remove temp dirs)
@@ -123,8 +133,30 @@ class Deployment:
             "CENTRALDB_MFA_MAX_PENDING_PER_USER": "10",
         }
         self.db_name = None
+        self.log_dir = None
+        self.secrets = None
+        if args.log_dir:
+            self.log_dir = os.path.join(args.log_dir, f"rotation-{backend}")
+            os.makedirs(self.log_dir, exist_ok=True)
+            self.env["RUST_LOG"] = "trace"
+            self.secrets = SecretLog(os.path.join(self.log_dir, f"secrets-rotation-{backend}.txt"))
+            self.secrets.add(self.admin_key, CODE_A, CODE_B, CODE_FINAL)
+            self.secrets.add_keyring(self.k1)
+            self.secrets.add_keyring(self.k2)
         if backend == "postgres":
             self._create_pg_database(args.postgres_url)
+
+    def secret(self, *values):
+        if self.secrets:
+            self.secrets.add(*values)
+
+    def bundle(self, marker):
+        """The token body of a write; its secrets registered for the log scan."""
+        b = token_body(marker)
+        if self.secrets:
+            o1, o2 = b["oauth1_token"], b["oauth2_token"]
+            self.secrets.add(o1["oauth_token"], o1["oauth_token_secret"], o2["access_token"], o2["refresh_token"])
+        return b
 
     def _keygen(self, kid):
         r = subprocess.run([self.bin, "keygen", "--id", kid], capture_output=True, text=True, timeout=30)
@@ -219,14 +251,38 @@ class Deployment:
                 p.kill()
                 p.wait()
             _children.remove(p)
+        if self.log_dir:
+            with open(os.path.join(self.log_dir, "cli.log"), "a") as f:
+                f.write((out or "") + (err or ""))
         return p.returncode, out, err
+
+
+class SecretLog:
+    """The secrets a run used, one JSON string a line (the format scripts/scan-logs.py reads)."""
+
+    def __init__(self, path):
+        self.lock = threading.Lock()
+        self.f = open(path, "a", encoding="utf-8")
+        _cleanups.append(self.f.close)
+
+    def add(self, *secrets):
+        with self.lock:
+            for s in secrets:
+                self.f.write(json.dumps(s) + "\n")
+
+    def add_keyring(self, spec):
+        """`id:base64,...`: the spec, each key in base64 and in hex."""
+        self.add(spec)
+        for part in spec.split(","):
+            b64 = part.split(":", 1)[-1]
+            self.add(b64, base64.b64decode(b64 + "=" * (-len(b64) % 4)).hex())
 
 
 class Server:
     """One `serve` process; its combined output goes to a log file."""
 
     def __init__(self, dep, name):
-        self.log_path = os.path.join(dep.dir, f"serve-{name}.log")
+        self.log_path = os.path.join(dep.log_dir or dep.dir, f"serve-{name}.log")
         self.proc = subprocess.Popen(
             [dep.bin, "serve"],
             env=dict(dep.env),
@@ -407,7 +463,11 @@ class Stats:
                 if len(self.problems) < 200:
                     self.problems.append(f"{what} answered {st}: {json.dumps(body)[:300]}")
             else:
+                # 2xx, and 412 for a PUT, are counted elsewhere: anything else (422, 401, 404, ...)
+                # is as much a failure as a 5xx.
                 self.other_status[key] = self.other_status.get(key, 0) + 1
+                if len(self.problems) < 200:
+                    self.problems.append(f"UNEXPECTED STATUS: {what} answered {st}: {json.dumps(body)[:300]}")
 
 
 class Gap:
@@ -475,7 +535,7 @@ def _load(tid, dep, ledger, users, stop, stats, gap, rng):
                 None,
                 "PUT",
                 f"/api/v1/users/{user}/tokens",
-                token_body(marker),
+                dep.bundle(marker),
                 {**auth, "If-Match": f'"{known}"'},
                 conn=conn,
             )
@@ -578,7 +638,7 @@ def seed_users(dep, ledger, users):
     def put(user, conn):
         marker = f"{dep.backend[:2]}seed-{user}"
         hdr = {**auth, "If-None-Match": "*"}
-        st, body = request(None, None, "PUT", f"/api/v1/users/{user}/tokens", token_body(marker), hdr, conn=conn)
+        st, body = request(None, None, "PUT", f"/api/v1/users/{user}/tokens", dep.bundle(marker), hdr, conn=conn)
         if st not in (200, 201):
             return f"seed PUT {user}: {st} {body}"
         ledger.ack(user, int(body["version"]), marker)
@@ -596,6 +656,7 @@ def create_challenges(dep, n):
     try:
         for i in range(n):
             resume = f"gAJ9-resume-{dep.backend}-{i}-" + os.urandom(8).hex()
+            dep.secret(resume)
             body = {
                 "user_id": f"rot-{dep.backend}-ch{i:02d}",
                 "method": "sms",
@@ -752,7 +813,7 @@ def finish_challenges(dep, challenges):
         if st != 200 or r.get("status") != "pending":
             problems.append(f"challenge {ch['id']}: GET {st} {r}")
             continue
-        st, a = request("127.0.0.1", dep.port, "POST", f"{base}/attempts", {"code": "246802"}, auth)
+        st, a = request("127.0.0.1", dep.port, "POST", f"{base}/attempts", {"code": CODE_FINAL}, auth)
         if st != 201 or a.get("resume_state") != ch["resume"]:
             problems.append(f"challenge {ch['id']}: attempt after rotation: {st} {json.dumps(a)[:200]}")
             continue
@@ -821,8 +882,25 @@ def run_backend(args, backend, workdir):
     load_t0 = time.monotonic()
     for th in threads:
         th.start()
+    phase_acks = []  # acknowledged writes per load phase
+    acked_before = [0]
+
+    def end_phase(name):
+        # A phase must acknowledge --min-acks writes: on a slow machine it waits for them (up to
+        # --min-acks-wait s more); a server refusing every write fails.
+        deadline = time.monotonic() + args.min_acks_wait
+        while True:
+            with stats.lock:
+                n = stats.c["put_acked"]
+            if n - acked_before[0] >= args.min_acks or time.monotonic() >= deadline or stop.is_set():
+                break
+            time.sleep(0.05)
+        phase_acks.append((name, n - acked_before[0]))
+        acked_before[0] = n
+
     try:
         time.sleep(args.warmup)
+        end_phase("before the restart")
         gap.set(True)
         t = time.monotonic()
         rc = server.stop()
@@ -865,12 +943,18 @@ def run_backend(args, backend, workdir):
                 P.append(f"rewrap moved only {s['rewrapped']} ciphertext(s): the cold half of the users "
                          f"({len(users) - len(users) // 2} bundles under k1) should all have been rewrapped")
 
+        end_phase("restart to end of rewrap")
         # 4. a few more seconds of load.
         time.sleep(args.tail)
+        end_phase("after rewrap")
     finally:
         stop.set()
         for th in threads:
             th.join(timeout=60)
+    s["acks_per_phase"] = dict(phase_acks)
+    for name, n in phase_acks:
+        if n < args.min_acks:
+            P.insert(0, f"TOO FEW WRITES: {n} acknowledged under load {name} (minimum {args.min_acks})")
     s["load_seconds"] = round(time.monotonic() - load_t0, 2)
     s.update(stats.c)
     s["status_5xx"] = stats.status_5xx
@@ -985,6 +1069,24 @@ def main():
         help="self-test: after rewrap, delete one acknowledged bundle and label one resume state as k1 directly "
         "in the database; the run must then report a lost write, a row under k1 and a refused k2-only start (exit 1)",
     )
+    ap.add_argument(
+        "--min-acks",
+        type=int,
+        default=10,
+        help="fewest writes each load phase must acknowledge (default 10; a phase sees hundreds)",
+    )
+    ap.add_argument(
+        "--min-acks-wait",
+        type=float,
+        default=20.0,
+        help="longest extra wait for --min-acks at the end of a load phase (default 20 s)",
+    )
+    ap.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="run the servers at RUST_LOG=trace, keep their output in DIR and register the run's secrets there "
+        "(secrets-*.txt) for scripts/scan-logs.py",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the data dirs and server logs (path is printed)")
     ap.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
     args = ap.parse_args()
@@ -994,6 +1096,9 @@ def main():
         return 2
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 31)
+    if args.log_dir:
+        args.log_dir = os.path.abspath(args.log_dir)
+        os.makedirs(args.log_dir, exist_ok=True)
 
     atexit.register(cleanup)
     signal.signal(signal.SIGINT, _on_signal)
@@ -1046,6 +1151,9 @@ def main():
             f"challenges completed {r.get('challenges_completed_k2_only')}/{r['challenges']}, "
             f"audit verify {'ok' if r['audit_ok'] else 'FAILED'}, {r['seconds']} s"
         )
+        print(f"           writes acknowledged per load phase: {r.get('acks_per_phase')}")
+        if r["other_statuses"]:
+            print(f"           other statuses: {r['other_statuses']}")
         print(f"           k2 only before rewrap (must be refused): {r.get('k2_only_before_rewrap')}")
         print(
             f"           code tried before the rotation, replayed after it: "
