@@ -271,8 +271,11 @@ fn optional_string(obj: &Map<String, Value>, parent: &str, f: &str) -> Result<()
 fn required_int(obj: &Map<String, Value>, parent: &str, f: &str) -> Result<i64, FieldError> {
     match obj.get(f) {
         None | Some(Value::Null) => Err(FieldError::new(path(parent, f), "is required")),
+        // JSON Schema counts `3.0` as the integer 3 (and garth-ng writes float expiries): a
+        // number without a fractional part is accepted in either spelling.
         Some(v) => v
             .as_i64()
+            .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && f.abs() <= MAX_UNIX as f64).map(|f| f as i64))
             .filter(|n| (0..=MAX_UNIX).contains(n))
             .ok_or_else(|| FieldError::new(path(parent, f), "must be a non-negative integer")),
     }
@@ -305,6 +308,27 @@ mod tests {
         assert_eq!(secrets["oauth1_token"], oauth1());
         let keys: Vec<_> = secrets["oauth1_token"].as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys.last().unwrap(), "extra_field");
+    }
+
+    #[test]
+    fn integral_float_expiries_are_integers_and_kept_as_written() {
+        let o2: Value = serde_json::from_str(
+            r#"{"scope": "S", "jti": "j", "token_type": "Bearer", "access_token": "a", "refresh_token": "r",
+                "expires_in": 3.0, "expires_at": 1790000000.0, "refresh_token_expires_in": 2592000,
+                "refresh_token_expires_at": 1792000000.0}"#,
+        )
+        .unwrap();
+        let b = TokenBundle::from_body(json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": o2}))
+            .unwrap();
+        assert_eq!(b.access_expires_at.unwrap().timestamp(), 1_790_000_000);
+        assert_eq!(b.refresh_expires_at.unwrap().timestamp(), 1_792_000_000);
+        let secrets = secrets_from_plaintext(&b.plaintext).unwrap();
+        assert_eq!(secrets["oauth2_token"]["expires_at"].to_string(), "1790000000.0");
+        let mut half = oauth2();
+        half["expires_in"] = serde_json::from_str("3.5").unwrap();
+        let e = TokenBundle::from_body(json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": half}))
+            .unwrap_err();
+        assert_eq!(e.field, "oauth2_token.expires_in");
     }
 
     #[test]
