@@ -250,3 +250,25 @@ async fn the_sweeper_expires_leases_and_keeps_the_fence() {
     let b = app.post(&lease_path("sw")).json(json!({"holder": "b"})).send().await;
     assert_eq!(b.json["fence"], 2);
 }
+
+#[tokio::test]
+async fn a_renewal_extends_but_never_shortens_the_lease() {
+    let app = TestApp::spawn().await;
+    stored(&app, "rn").await;
+    let first = app.post(&lease_path("rn")).json(json!({"holder": "a", "ttl_seconds": 60})).send().await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    let granted = time_of(&first.json["expires_at"]);
+    // Asking again for less keeps the later expiry.
+    let shorter = app.post(&lease_path("rn")).json(json!({"holder": "a", "ttl_seconds": 30})).send().await;
+    assert_eq!(shorter.status, 200, "{}", shorter.text);
+    assert_eq!(time_of(&shorter.json["expires_at"]), granted, "a renewal never shortens the lease");
+    assert_eq!(shorter.json["fence"], first.json["fence"]);
+    // Another holder still sees the longer lease.
+    let other = app.post(&lease_path("rn")).json(json!({"holder": "b"})).send().await;
+    other.assert_problem(409, "lease_held");
+    assert_eq!(time_of(&other.json["expires_at"]), granted);
+    // Asking for more extends it.
+    let longer = app.post(&lease_path("rn")).json(json!({"holder": "a", "ttl_seconds": 120})).send().await;
+    assert_eq!(longer.status, 200);
+    assert!(time_of(&longer.json["expires_at"]) > granted);
+}
