@@ -177,19 +177,27 @@ const TOUCH_MANY_SQLITE: &str = "UPDATE token_bundles SET last_used_at = v.at \
 const TOUCH_MANY_POSTGRES: &str = "UPDATE token_bundles AS t SET last_used_at = v.at \
      FROM UNNEST($1::text[], $2::timestamptz[]) AS v(user_id, at) WHERE t.user_id = v.user_id";
 
-/// Destroys the ciphertext and remembers why; bumps the version. `None` when no row exists.
+/// Destroys the ciphertext and remembers why; bumps the version. `None` when no row with this
+/// `version` exists.
 pub async fn invalidate(
     c: &mut Conn<'_>,
     user_id: &str,
+    version: i64,
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<Option<BundleRow>> {
     const SQL: &str = concat!(
         "UPDATE token_bundles SET ciphertext = NULL, key_id = NULL, reauth_reason = $2, \
-           version = version + 1, updated_at = $3 WHERE user_id = $1 RETURNING ",
+           version = version + 1, updated_at = $3 WHERE user_id = $1 AND version = $4 RETURNING ",
         meta_cols!()
     );
-    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(user_id).bind(reason).bind(now).fetch_optional(c).await)?)
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL)
+        .bind(user_id)
+        .bind(reason)
+        .bind(now)
+        .bind(version)
+        .fetch_optional(c)
+        .await)?)
 }
 
 /// Removes the row; true when there was one.
