@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 use crate::{
     crypto::{Aad, Keyring},
@@ -98,9 +99,17 @@ fn open_bundle(
         );
         return (fail("representation_unavailable"), Err(refusal));
     }
-    let opened = keyring
-        .decrypt(ciphertext, &Aad::token_bundle(b.row.user_id.as_str(), &b.row.kind))
-        .map_err(|e| e.to_string())
+    // Only the per-write binding is accepted here. A legacy row (no write id) is upgraded at
+    // start-up or by `rewrap`, never read as is: else anyone able to edit the row could put back
+    // an older legacy ciphertext and clear the write id.
+    let opened = b
+        .row
+        .write_id
+        .ok_or_else(|| "legacy envelope (not upgraded; run `centraldb-mfa rewrap`)".to_string())
+        .and_then(|write_id| {
+            let aad = Aad::token_bundle_write(&b.row.user_id, &b.row.kind, b.row.version, &write_id.to_string());
+            keyring.decrypt(ciphertext, &aad).map_err(|e| e.to_string())
+        })
         .and_then(|plain| secrets_from_plaintext(&plain));
     match opened {
         Ok(secrets) => {
@@ -161,18 +170,7 @@ impl Vault {
         fence: Option<i64>,
     ) -> Result<(TokenMetadata, bool), ApiError> {
         let kind = bundle.kind.as_str();
-        // Encrypt before taking the write lock, to keep the lock short.
-        let ciphertext = self.keyring.encrypt(&bundle.plaintext, &Aad::token_bundle(user.as_str(), kind));
         let now = store::now();
-        let new = NewBundle {
-            user_id: user.as_str(),
-            kind,
-            key_id: self.keyring.active_key_id(),
-            ciphertext: &ciphertext,
-            access_expires_at: bundle.access_expires_at,
-            refresh_expires_at: bundle.refresh_expires_at,
-            now,
-        };
         let mut tx = self.db.begin_write().await?;
         let mut refused = Map::new();
         refused.insert("kind".into(), json!(kind));
@@ -182,7 +180,28 @@ impl Vault {
             tx.commit().await?;
             return Err(refusal);
         }
+        // The ciphertext is bound to the version this write creates and to a fresh write id, so
+        // it is encrypted here, under the write lock (writers are serialised: the stored version
+        // cannot move meanwhile; AES-GCM of a bundle takes microseconds).
+        let next_version = store::tokens::get(&mut tx.conn(), user.as_str()).await?.map_or(1, |r| r.version + 1);
+        let write_id = Uuid::new_v4();
+        let aad = Aad::token_bundle_write(user.as_str(), kind, next_version, &write_id.to_string());
+        let ciphertext = self.keyring.encrypt(&bundle.plaintext, &aad);
+        let new = NewBundle {
+            user_id: user.as_str(),
+            kind,
+            key_id: self.keyring.active_key_id(),
+            ciphertext: &ciphertext,
+            write_id,
+            access_expires_at: bundle.access_expires_at,
+            refresh_expires_at: bundle.refresh_expires_at,
+            now,
+        };
         match store::tokens::write(&mut tx.conn(), &new, cond).await? {
+            // Unreachable while writers are serialised; dropped, `tx` rolls the write back.
+            Some((row, _)) if row.version != next_version => {
+                Err(ApiError::Internal("the stored version moved during a write".into()))
+            }
             Some((row, created)) => {
                 self.consume_lease(&mut tx.conn(), ctx, user.as_str(), fence, row.version, "write", now).await?;
                 store::tokens::announce_version(&mut tx.conn(), user.as_str(), row.version).await?;
