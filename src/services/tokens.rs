@@ -382,6 +382,7 @@ impl Vault {
         tx.commit().await?;
         // Waiting readers wake up (and find the bundle gone: 410).
         self.notifier.publish(u, row.version);
+        self.db.checkpoint_soon();
         Ok(())
     }
 
@@ -431,6 +432,9 @@ impl Vault {
         )
         .await?;
         tx.commit().await?;
+        if existed {
+            self.db.checkpoint_soon();
+        }
         Ok(())
     }
 }

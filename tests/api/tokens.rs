@@ -562,3 +562,84 @@ async fn legacy_rows_are_upgraded_at_start_up_and_by_rewrap_and_never_read_as_is
     let report = centraldb_mfa::services::audit::verify(app.db(), &app.state.keyring).await.unwrap();
     assert!(report.ok, "{report:?}");
 }
+
+// ---- destroyed ciphertext leaves the SQLite WAL (issue 15 finding 12) ----------------------
+
+/// Whether the raw database (SQLite: the file, its `-wal` and `-shm`; PostgreSQL: every row as
+/// text) holds these bytes, as they are or hex-encoded.
+fn holds(raw: &[u8], bytes: &[u8]) -> bool {
+    let hex = hex::encode(bytes);
+    raw.windows(bytes.len()).any(|w| w == bytes) || raw.windows(hex.len()).any(|w| w == hex.as_bytes())
+}
+
+/// Waits (up to `bound`) until the raw database holds none of `cts`; returns how long it took.
+async fn gone_within(app: &TestApp, cts: &[Vec<u8>], bound: std::time::Duration) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    loop {
+        let raw = app.raw_database().await;
+        let left: Vec<usize> = (0..cts.len()).filter(|i| holds(&raw, &cts[*i][cts[*i].len() - 48..])).collect();
+        if left.is_empty() {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < bound, "destroyed ciphertext(s) {left:?} still on disk after {:?}", t.elapsed());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn destroyed_ciphertext_leaves_the_database_and_its_wal_within_the_bound() {
+    let bound = std::time::Duration::from_secs(2);
+    let app = TestApp::spawn().await;
+    // Some unrelated traffic, so the log holds other frames too.
+    for i in 0..20 {
+        app.put(&tokens_path(&format!("other{i}"))).json(garth_body(&format!("other{i}"))).send().await;
+    }
+    let mut cts = Vec::new();
+    for tag in ["del-v1", "del-v2"] {
+        app.put(&tokens_path("del")).json(garth_body(tag)).send().await;
+        cts.push(app.ciphertext("del").await.unwrap());
+    }
+    let raw = app.raw_database().await;
+    let live = cts.last().unwrap();
+    assert!(holds(&raw, &live[live.len() - 48..]), "the search finds live ciphertext");
+    assert_eq!(app.delete(&tokens_path("del")).send().await.status, 204);
+    let took = gone_within(&app, &cts, bound).await;
+    eprintln!("after DELETE: gone in {took:?}");
+    // The same after an invalidation.
+    app.put(&tokens_path("inv")).json(garth_body("inv")).send().await;
+    let ct = app.ciphertext("inv").await.unwrap();
+    assert_eq!(app.post(&format!("{}/invalidate", tokens_path("inv"))).send().await.status, 204);
+    let took = gone_within(&app, &[ct], bound).await;
+    eprintln!("after invalidate: gone in {took:?}");
+    // Live bundles are untouched.
+    assert_eq!(app.get(&tokens_path("other7")).send().await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn destroyed_ciphertext_leaves_the_wal_under_concurrent_reads_and_writes() {
+    let app = std::sync::Arc::new(TestApp::spawn().await);
+    app.put(&tokens_path("busy-del")).json(garth_body("busy-del")).send().await;
+    let ct = app.ciphertext("busy-del").await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let (app, stop) = (app.clone(), stop.clone());
+        load.spawn(async move {
+            let user = format!("load{w}");
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = app.put(&tokens_path(&user)).json(garth_body(&format!("{user}-{n}"))).send().await;
+                assert!(r.status.is_success(), "{}", r.text);
+                assert_eq!(app.get(&tokens_path(&user)).send().await.status, 200);
+                n += 1;
+            }
+            n
+        });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(app.delete(&tokens_path("busy-del")).send().await.status, 204);
+    let took = gone_within(&app, &[ct], std::time::Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds: u32 = load.join_all().await.into_iter().sum();
+    eprintln!("under load ({rounds} write+read rounds): gone in {took:?}");
+}
