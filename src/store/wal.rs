@@ -68,7 +68,7 @@ async fn run(pool: SqlitePool, writer: Arc<SqliteWriter>, wanted: Arc<Notify>) {
                     tracing::debug!(error = %e, "WAL checkpoint failed; retrying");
                 }
             }
-            if attempts % 20 == 0 {
+            if attempts.is_multiple_of(20) {
                 tracing::warn!(attempts, "WAL checkpoint after a destroy keeps being blocked; retrying");
             }
             tokio::time::sleep(pause).await;
