@@ -183,7 +183,8 @@ impl Vault {
         // The ciphertext is bound to the version this write creates and to a fresh write id, so
         // it is encrypted here, under the write lock (writers are serialised: the stored version
         // cannot move meanwhile; AES-GCM of a bundle takes microseconds).
-        let next_version = store::tokens::get(&mut tx.conn(), user.as_str()).await?.map_or(1, |r| r.version + 1);
+        let current = store::tokens::get(&mut tx.conn(), user.as_str()).await?;
+        let next_version = current.as_ref().map_or(1, |r| r.version + 1);
         let write_id = Uuid::new_v4();
         let aad = Aad::token_bundle_write(user.as_str(), kind, next_version, &write_id.to_string());
         let ciphertext = self.keyring.encrypt(&bundle.plaintext, &aad);
@@ -222,7 +223,6 @@ impl Vault {
                 Ok((meta, created))
             }
             None => {
-                let current = store::tokens::get(&mut tx.conn(), user.as_str()).await?;
                 let current_version = current.as_ref().map(|r| r.version);
                 let details = json!({"kind": kind, "reason": "version_conflict", "current_version": current_version,
                                      "expected_version": expected_version(cond)});
