@@ -152,6 +152,7 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
             if let Some(v) = expired_version {
                 // Readers waiting for a newer version wake up (and find the bundle gone: 410).
                 state.notifier.publish(u, v);
+                state.db.checkpoint_soon();
             }
         }
         if (users.len() as i64) < BATCH {

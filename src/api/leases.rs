@@ -40,7 +40,7 @@ pub struct LeaseRequest {
     pub ttl_seconds: Option<i64>,
 }
 
-/// Acquire the refresh lease (or get your own live lease back, extended).
+/// Acquire the refresh lease (or get your own live lease back, extended, never shortened).
 #[utoipa::path(
     post, path = "/users/{user_id}/tokens/lease", tag = "tokens",
     params(("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")),
@@ -51,6 +51,7 @@ pub struct LeaseRequest {
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`tokens_not_found`", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`reauth_required` (with `reason`): the bundle was invalidated or is past its refresh expiry, so there is nothing to refresh", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`lease_held` with `holder`, `expires_at` and Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),

@@ -223,6 +223,14 @@ fn write_condition(headers: &HeaderMap) -> Result<WriteCondition, ApiError> {
     }
 }
 
+/// `If-Match` of invalidate and DELETE (they take no `If-None-Match`).
+fn if_match_condition(headers: &HeaderMap) -> Result<WriteCondition, ApiError> {
+    if headers.contains_key(header::IF_NONE_MATCH) {
+        return Err(ApiError::field("if-none-match", "is not supported here (only If-Match)"));
+    }
+    write_condition(headers)
+}
+
 /// `X-Lease-Fence: <fence>`, when present.
 pub fn lease_fence(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     headers
@@ -387,14 +395,18 @@ async fn get_metadata(
 #[utoipa::path(
     post, path = "/users/{user_id}/tokens/invalidate", tag = "tokens",
     params(
-        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")
+        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^(\*|"[1-9][0-9]{0,17}")$"#, description = "`\"<version>\"`: invalidate only if the stored version is this; `*`: any stored bundle"),
+        ("X-Lease-Fence" = Option<i64>, Header, minimum = 1, description = "The fence of the caller's refresh lease: required while a lease is live; the invalidation ends it"),
     ),
     request_body(content = Option<InvalidateRequest>, description = "Optional; an empty body means reason `invalidated`"),
     responses(
         (status = 204, description = "Invalidated"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`tokens_not_found` (whatever the preconditions)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`lease_held` (another holder's lease is live; with `holder`, `expires_at`, Retry-After) or `lease_lost` (the fence is not the live lease); nothing changed", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_conflict` (with `current_version`); nothing changed", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
@@ -406,8 +418,11 @@ async fn invalidate_tokens(
     auth: Auth<TokensWrite>,
     UserPath(user): UserPath,
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let cond = if_match_condition(&headers)?;
+    let fence = lease_fence(&headers)?;
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge
@@ -427,20 +442,25 @@ async fn invalidate_tokens(
     if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
         return Err(ApiError::field("reason", "must be 1-200 characters without control characters"));
     }
-    state.vault.invalidate(&auth.ctx, &user, &reason).await?;
+    state.vault.invalidate(&auth.ctx, &user, &reason, cond, fence).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Logout: remove the bundle (SQLite overwrites freed pages). 204 also when nothing was stored.
+/// Logout: remove the bundle (SQLite overwrites freed pages), cancel the user's login sessions and
+/// challenges, end the lease. 204 also when nothing was stored (unless `If-Match` asked for one).
 #[utoipa::path(
     delete, path = "/users/{user_id}/tokens", tag = "tokens",
     params(
-        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")
+        ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$"),
+        ("If-Match" = Option<String>, Header, pattern = r#"^(\*|"[1-9][0-9]{0,17}")$"#, description = "`\"<version>\"`: delete only if the stored version is this; `*`: only if a bundle is stored (else 412, also when nothing is stored)"),
+        ("X-Lease-Fence" = Option<i64>, Header, minimum = 1, description = "The fence of the caller's refresh lease: required while a lease is live; the delete ends it"),
     ),
     responses(
         (status = 204, description = "Removed (or nothing was stored)"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`lease_held` (another holder's lease is live; with `holder`, `expires_at`, Retry-After) or `lease_lost` (the fence is not the live lease); nothing changed", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`version_conflict` (with `current_version`, null when nothing is stored); nothing changed", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
@@ -451,8 +471,11 @@ async fn delete_tokens(
     auth: Auth<TokensWrite>,
     UserPath(user): UserPath,
     State(state): State<AppState>,
+    headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    state.vault.delete(&auth.ctx, &user).await?;
+    let cond = if_match_condition(&headers)?;
+    let fence = lease_fence(&headers)?;
+    state.vault.delete(&auth.ctx, &user, cond, fence).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -46,8 +46,16 @@ impl Aad {
         }
         Self(v)
     }
+    /// The legacy binding of a token bundle (user and kind only): read only to upgrade rows
+    /// written before write ids existed (`keys::upgrade_legacy_bundles`, `rewrap`).
     pub fn token_bundle(user_id: &str, kind: &str) -> Self {
         Self::new(&["token_bundle", user_id, kind])
+    }
+    /// A token bundle as one write stored it: the user, the kind, the version that write created
+    /// and its random write id. An older ciphertext put back into the row (an earlier version, or
+    /// one from before an invalidation, or before a delete and a new login) fails to decrypt.
+    pub fn token_bundle_write(user_id: &str, kind: &str, version: i64, write_id: &str) -> Self {
+        Self::new(&["token_bundle/v2", user_id, kind, &version.to_string(), write_id])
     }
     pub fn key_check(key_id: &str) -> Self {
         Self::new(&["key_check", key_id])

@@ -82,7 +82,8 @@ async fn key_ids_known(db: &Db) -> Result<Vec<String>, StoreError> {
 
 /// Checks, before anything is written, that every key in the ring that has been used here is the
 /// same key, and that every key id the data is encrypted under, and the audit chain is sealed
-/// under, is in the ring. Then records a check value for the active key.
+/// under, is in the ring. Then records a check value for the active key, and upgrades token
+/// bundles still bound the legacy way ([`upgrade_legacy_bundles`]).
 pub async fn verify_keyring(db: &Db, ring: &Keyring) -> Result<(), KeyError> {
     let (checks, in_use, chain_ids) = {
         let mut c = db.read().await?;
@@ -131,12 +132,22 @@ pub async fn verify_keyring(db: &Db, ring: &Keyring) -> Result<(), KeyError> {
         store::keys::insert_if_missing(&mut tx.conn(), active, &env, store::now()).await?;
         tx.commit().await?;
     }
+    let upgraded = upgrade_legacy_bundles(db, ring).await?;
+    if upgraded.legacy_upgraded > 0 || !upgraded.failed.is_empty() {
+        tracing::info!(
+            upgraded = upgraded.legacy_upgraded,
+            failed = upgraded.failed.len(),
+            "token bundles re-encrypted with the per-write associated data"
+        );
+    }
     Ok(())
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RewrapReport {
     pub rewrapped: u64,
+    /// Of those, bundles that had the legacy associated data (no write id).
+    pub legacy_upgraded: u64,
     /// Rows that changed while being rewrapped (already rewritten by a concurrent write).
     pub skipped_changed: u64,
     /// Rows that failed to decrypt (user ids listed; never their contents).
@@ -147,36 +158,14 @@ pub struct RewrapReport {
     pub audit_broken: Option<VerifyReport>,
 }
 
-/// Re-encrypts every stored ciphertext not under the active key. Each row is swapped by
+/// Re-encrypts every stored ciphertext not under the active key, and every token bundle still
+/// bound the legacy way (user and kind only) with a version and a fresh write id. Each row is swapped by
 /// compare-and-set, so a concurrent write is never overwritten. Then verifies the audit chain and
 /// re-seals it under the active key (refused, and reported, if it does not verify).
 pub async fn rewrap(db: &Db, ring: &Keyring, ctx: &AuditContext) -> Result<RewrapReport, StoreError> {
     let active = ring.active_key_id().to_string();
     let mut report = RewrapReport::default();
-    let mut after = String::new();
-    loop {
-        let page = {
-            let mut c = db.read().await?;
-            store::tokens::rewrap_page(&mut c.conn(), &active, &after, 200).await?
-        };
-        let Some(last) = page.last() else { break };
-        after = last.user_id.clone();
-        for cand in page {
-            let aad = Aad::token_bundle(&cand.user_id, &cand.kind);
-            let Ok(plain) = ring.decrypt(&cand.ciphertext, &aad) else {
-                report.failed.push(cand.user_id);
-                continue;
-            };
-            let new = ring.encrypt(&plain, &aad);
-            let mut tx = db.begin_write().await?;
-            if store::tokens::rewrap_one(&mut tx.conn(), &cand.user_id, &cand.ciphertext, &active, &new).await? {
-                report.rewrapped += 1;
-            } else {
-                report.skipped_changed += 1;
-            }
-            tx.commit().await?;
-        }
-    }
+    rewrap_bundles(db, ring, false, &mut report).await?;
     // MFA resume states (live for minutes, but they must not be stranded either).
     let mut after = uuid::Uuid::nil();
     loop {
@@ -215,13 +204,83 @@ pub async fn rewrap(db: &Db, ring: &Keyring, ctx: &AuditContext) -> Result<Rewra
         "key.rewrap",
         if report.failed.is_empty() && report.audit_broken.is_none() { Outcome::Success } else { Outcome::Failure },
         None,
-        json!({"active_key_id": active, "rewrapped": report.rewrapped,
+        json!({"active_key_id": active, "rewrapped": report.rewrapped, "legacy_upgraded": report.legacy_upgraded,
                "skipped_changed": report.skipped_changed, "failed": report.failed.len(),
                "audit_resealed": report.resealed, "audit_chain_ok": report.audit_broken.is_none(),
                "audit_first_bad_seq": report.audit_broken.as_ref().and_then(|r| r.first_bad_seq)}),
     )
     .await?;
     tx.commit().await?;
+    Ok(report)
+}
+
+/// Re-encrypts token bundles under the active key with the per-write binding (version + a fresh
+/// write id): those still bound the legacy way, and (unless `legacy_only`) those under another
+/// key. Each row is swapped by compare-and-set, so a concurrent write is never overwritten.
+async fn rewrap_bundles(
+    db: &Db,
+    ring: &Keyring,
+    legacy_only: bool,
+    report: &mut RewrapReport,
+) -> Result<(), StoreError> {
+    let active = ring.active_key_id().to_string();
+    let mut after = String::new();
+    loop {
+        let page = {
+            let mut c = db.read().await?;
+            store::tokens::rewrap_page(&mut c.conn(), &active, legacy_only, &after, 200).await?
+        };
+        let Some(last) = page.last() else { break };
+        after = last.user_id.clone();
+        for cand in page {
+            let aad = match cand.write_id {
+                Some(id) => Aad::token_bundle_write(&cand.user_id, &cand.kind, cand.version, &id.to_string()),
+                None => Aad::token_bundle(&cand.user_id, &cand.kind),
+            };
+            let Ok(plain) = ring.decrypt(&cand.ciphertext, &aad) else {
+                report.failed.push(cand.user_id);
+                continue;
+            };
+            let write_id = uuid::Uuid::new_v4();
+            let aad = Aad::token_bundle_write(&cand.user_id, &cand.kind, cand.version, &write_id.to_string());
+            let new = ring.encrypt(&plain, &aad);
+            let mut tx = db.begin_write().await?;
+            if store::tokens::rewrap_one(&mut tx.conn(), &cand.user_id, &cand.ciphertext, &active, &new, write_id)
+                .await?
+            {
+                report.rewrapped += 1;
+                report.legacy_upgraded += u64::from(cand.write_id.is_none());
+            } else {
+                report.skipped_changed += 1;
+            }
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Upgrades token bundles written before write ids existed (legacy associated data: user and
+/// kind only) to the per-write binding; run at every start-up after the keyring checks, so reads
+/// never accept the legacy binding. Audited (`token.upgraded`, with the user ids) when it did
+/// anything.
+pub async fn upgrade_legacy_bundles(db: &Db, ring: &Keyring) -> Result<RewrapReport, StoreError> {
+    let mut report = RewrapReport::default();
+    rewrap_bundles(db, ring, true, &mut report).await?;
+    if report.rewrapped + report.skipped_changed > 0 || !report.failed.is_empty() {
+        let mut tx = db.begin_write().await?;
+        audit::record(
+            &mut tx.conn(),
+            ring,
+            &AuditContext::system("startup"),
+            "token.upgraded",
+            if report.failed.is_empty() { Outcome::Success } else { Outcome::Failure },
+            None,
+            json!({"legacy_upgraded": report.legacy_upgraded, "skipped_changed": report.skipped_changed,
+                   "failed": report.failed}),
+        )
+        .await?;
+        tx.commit().await?;
+    }
     Ok(report)
 }
 

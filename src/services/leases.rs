@@ -196,7 +196,9 @@ impl Leases {
         Self { db, keyring }
     }
 
-    /// Grants a lease, or gives the same holder its live lease back (extended). `true` when new.
+    /// Grants a lease, or gives the same holder its live lease back (extended, never shortened).
+    /// `true` when new. A bundle that needs a new login (invalidated, destroyed, past its refresh
+    /// expiry) gets none.
     pub async fn acquire(
         &self,
         ctx: &AuditContext,
@@ -209,7 +211,14 @@ impl Leases {
         let u = user.as_str();
         let mut tx = self.db.begin_write().await?;
         let mut c = tx.conn();
-        let version = store::tokens::get(&mut c, u).await?.map(|r| r.version).ok_or_else(ApiError::tokens_not_found)?;
+        // Nothing to refresh: no bundle (404), or one that needs a new login (410).
+        let bundle = store::tokens::get(&mut c, u).await?.ok_or_else(ApiError::tokens_not_found)?;
+        if let (crate::services::tokens::TokenStatus::ReauthRequired, reason) =
+            crate::services::tokens::status_of(&bundle, now)
+        {
+            return Err(ApiError::ReauthRequired { reason: reason.unwrap_or_else(|| "destroyed".into()) });
+        }
+        let version = bundle.version;
         let renewed = store::leases::renew(&mut c, u, holder, expires_at, now).await?;
         let (row, created, event) = match renewed {
             Some(r) => (r, false, "lease.renewed"),

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 use crate::{
     crypto::{Aad, Keyring},
@@ -14,8 +15,9 @@ use crate::{
     error::ApiError,
     services::audit::{AuditContext, Auditor, Outcome},
     services::group_commit::{Decision, ReadAudit},
+    services::leases,
     store::{
-        self, Db, StoreError,
+        self, Conn, Db, StoreError,
         tokens::{BundleRow, BundleWithSecret, NewBundle, WriteCondition},
     },
 };
@@ -97,9 +99,17 @@ fn open_bundle(
         );
         return (fail("representation_unavailable"), Err(refusal));
     }
-    let opened = keyring
-        .decrypt(ciphertext, &Aad::token_bundle(b.row.user_id.as_str(), &b.row.kind))
-        .map_err(|e| e.to_string())
+    // Only the per-write binding is accepted here. A legacy row (no write id) is upgraded at
+    // start-up or by `rewrap`, never read as is: else anyone able to edit the row could put back
+    // an older legacy ciphertext and clear the write id.
+    let opened = b
+        .row
+        .write_id
+        .ok_or_else(|| "legacy envelope (not upgraded; run `centraldb-mfa rewrap`)".to_string())
+        .and_then(|write_id| {
+            let aad = Aad::token_bundle_write(&b.row.user_id, &b.row.kind, b.row.version, &write_id.to_string());
+            keyring.decrypt(ciphertext, &aad).map_err(|e| e.to_string())
+        })
         .and_then(|plain| secrets_from_plaintext(&plain));
     match opened {
         Ok(secrets) => {
@@ -160,52 +170,41 @@ impl Vault {
         fence: Option<i64>,
     ) -> Result<(TokenMetadata, bool), ApiError> {
         let kind = bundle.kind.as_str();
-        // Encrypt before taking the write lock, to keep the lock short.
-        let ciphertext = self.keyring.encrypt(&bundle.plaintext, &Aad::token_bundle(user.as_str(), kind));
         let now = store::now();
+        let mut tx = self.db.begin_write().await?;
+        let mut refused = Map::new();
+        refused.insert("kind".into(), json!(kind));
+        if let Some(refusal) =
+            self.lease_refusal(&mut tx.conn(), ctx, user.as_str(), fence, "token.write", refused, "reason", now).await?
+        {
+            tx.commit().await?;
+            return Err(refusal);
+        }
+        // The ciphertext is bound to the version this write creates and to a fresh write id, so
+        // it is encrypted here, under the write lock (writers are serialised: the stored version
+        // cannot move meanwhile; AES-GCM of a bundle takes microseconds).
+        let current = store::tokens::get(&mut tx.conn(), user.as_str()).await?;
+        let next_version = current.as_ref().map_or(1, |r| r.version + 1);
+        let write_id = Uuid::new_v4();
+        let aad = Aad::token_bundle_write(user.as_str(), kind, next_version, &write_id.to_string());
+        let ciphertext = self.keyring.encrypt(&bundle.plaintext, &aad);
         let new = NewBundle {
             user_id: user.as_str(),
             kind,
             key_id: self.keyring.active_key_id(),
             ciphertext: &ciphertext,
+            write_id,
             access_expires_at: bundle.access_expires_at,
             refresh_expires_at: bundle.refresh_expires_at,
             now,
         };
-        let mut tx = self.db.begin_write().await?;
-        // Refresh leases: a fenced write must hold the live lease; an unfenced one must not race
-        // another holder's lease. (Writers are serialised, so check-then-write is safe here.)
-        let live = store::leases::live(&mut tx.conn(), user.as_str(), now).await?;
-        let refusal = match (fence, &live) {
-            (Some(f), Some(l)) if l.fence == f => None,
-            (Some(f), _) => Some(("lease_lost", json!({"kind": kind, "reason": "lease_lost", "fence": f}))),
-            (None, Some(l)) => Some(("lease_held", json!({"kind": kind, "reason": "lease_held", "held_by": l.holder}))),
-            (None, None) => None,
-        };
-        if let Some((code, details)) = refusal {
-            let event = if code == "lease_lost" { "lease.lost" } else { "token.write" };
-            self.auditor.record(&mut tx.conn(), ctx, event, Outcome::Failure, Some(user.as_str()), details).await?;
-            tx.commit().await?;
-            return Err(match live {
-                Some(l) if code == "lease_held" => crate::services::leases::lease_held(&l, now),
-                _ => crate::services::leases::lease_lost(),
-            });
-        }
         match store::tokens::write(&mut tx.conn(), &new, cond).await? {
+            // Unreachable while writers are serialised; dropped, `tx` rolls the write back.
+            Some((row, _)) if row.version != next_version => {
+                Err(ApiError::Internal("the stored version moved during a write".into()))
+            }
             Some((row, created)) => {
-                if let Some(f) = fence {
-                    store::leases::release(&mut tx.conn(), user.as_str(), f, now).await?;
-                    self.auditor
-                        .record(
-                            &mut tx.conn(),
-                            ctx,
-                            "lease.released",
-                            Outcome::Success,
-                            Some(user.as_str()),
-                            json!({"fence": f, "version": row.version, "by": "write"}),
-                        )
-                        .await?;
-                }
+                self.consume_lease(&mut tx.conn(), ctx, user.as_str(), fence, row.version, "write", now).await?;
                 store::tokens::announce_version(&mut tx.conn(), user.as_str(), row.version).await?;
                 let meta = TokenMetadata::from_row(&row, now);
                 self.auditor
@@ -224,26 +223,14 @@ impl Vault {
                 Ok((meta, created))
             }
             None => {
-                let current = store::tokens::get(&mut tx.conn(), user.as_str()).await?;
                 let current_version = current.as_ref().map(|r| r.version);
-                let detail = match (cond, &current) {
-                    (WriteCondition::Absent, _) => "a token bundle is already stored (If-None-Match: *)".to_string(),
-                    (_, None) => "no token bundle is stored for this user (If-Match)".to_string(),
-                    (_, Some(r)) => format!("the stored version is {} (If-Match)", r.version),
-                };
+                let details = json!({"kind": kind, "reason": "version_conflict", "current_version": current_version,
+                                     "expected_version": expected_version(cond)});
                 self.auditor
-                    .record(
-                        &mut tx.conn(),
-                        ctx,
-                        "token.write",
-                        Outcome::Failure,
-                        Some(user.as_str()),
-                        json!({"kind": kind, "reason": "version_conflict", "current_version": current_version,
-                           "expected_version": match cond { WriteCondition::VersionIs(v) => Some(v), _ => None }}),
-                    )
+                    .record(&mut tx.conn(), ctx, "token.write", Outcome::Failure, Some(user.as_str()), details)
                     .await?;
                 tx.commit().await?;
-                Err(ApiError::VersionConflict { current_version, detail })
+                Err(conflict(cond, current.as_ref()))
             }
         }
     }
@@ -292,52 +279,191 @@ impl Vault {
         answered.await.map_err(|_| ApiError::from(StoreError::Other("a read was not answered".into())))
     }
 
-    /// Destroys the ciphertext; the row remembers `reauth_required` and the reason.
-    pub async fn invalidate(&self, ctx: &AuditContext, user: &UserId, reason: &str) -> Result<(), ApiError> {
-        let mut tx = self.db.begin_write().await?;
-        let row = store::tokens::invalidate(&mut tx.conn(), user.as_str(), reason, store::now()).await?;
-        let (outcome, details) = match &row {
-            Some(r) => (Outcome::Success, json!({"reason": reason, "version": r.version})),
-            None => (Outcome::Failure, json!({"reason": reason, "error": "not_found"})),
+    /// The refresh-lease rule of every act that changes a bundle (write, invalidate, delete): a
+    /// request carrying a fence must hold the user's live lease (else `lease_lost`); one without
+    /// must not race another holder's live lease (else `lease_held`). A refusal is audited in
+    /// `c`'s transaction (`lease.lost`, or `event` with `key` = `lease_held`), and returned for
+    /// the caller to commit and answer. Writers are serialised, so check-then-act is safe.
+    #[allow(clippy::too_many_arguments)]
+    async fn lease_refusal(
+        &self,
+        c: &mut Conn<'_>,
+        ctx: &AuditContext,
+        user: &str,
+        fence: Option<i64>,
+        event: &'static str,
+        mut details: Map<String, Value>,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ApiError>, ApiError> {
+        let live = store::leases::live(c, user, now).await?;
+        let (event, refusal) = match (fence, &live) {
+            (Some(f), Some(l)) if l.fence == f => return Ok(None),
+            (None, None) => return Ok(None),
+            (Some(f), _) => {
+                details.insert(key.into(), json!("lease_lost"));
+                details.insert("fence".into(), json!(f));
+                ("lease.lost", leases::lease_lost())
+            }
+            (None, Some(l)) => {
+                details.insert(key.into(), json!("lease_held"));
+                details.insert("held_by".into(), json!(l.holder));
+                (event, leases::lease_held(l, now))
+            }
         };
-        self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", outcome, Some(user.as_str()), details).await?;
-        if let Some(r) = &row {
-            store::tokens::announce_version(&mut tx.conn(), user.as_str(), r.version).await?;
-        }
-        tx.commit().await?;
-        let row = row.ok_or_else(ApiError::tokens_not_found)?;
-        // Waiting readers wake up (and find the bundle gone: 410).
-        self.notifier.publish(user.as_str(), row.version);
+        self.auditor.record(c, ctx, event, Outcome::Failure, Some(user), Value::Object(details)).await?;
+        Ok(Some(refusal))
+    }
+
+    /// A fenced act that succeeded ends the lease it held (audited `lease.released`, `by` the act).
+    #[allow(clippy::too_many_arguments)]
+    async fn consume_lease(
+        &self,
+        c: &mut Conn<'_>,
+        ctx: &AuditContext,
+        user: &str,
+        fence: Option<i64>,
+        version: i64,
+        by: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
+        let Some(f) = fence else { return Ok(()) };
+        store::leases::release(c, user, f, now).await?;
+        let details = json!({"fence": f, "version": version, "by": by});
+        self.auditor.record(c, ctx, "lease.released", Outcome::Success, Some(user), details).await?;
         Ok(())
     }
 
-    /// Logout: removes the bundle (idempotent).
-    pub async fn delete(&self, ctx: &AuditContext, user: &UserId) -> Result<(), ApiError> {
+    /// Destroys the ciphertext; the row remembers `reauth_required` and the reason. Honours
+    /// `cond` (`If-Match`) and the user's refresh lease like a write, and ends the lease the
+    /// request holds (there is no other live one, or it would have been refused).
+    pub async fn invalidate(
+        &self,
+        ctx: &AuditContext,
+        user: &UserId,
+        reason: &str,
+        cond: WriteCondition,
+        fence: Option<i64>,
+    ) -> Result<(), ApiError> {
+        let now = store::now();
+        let u = user.as_str();
         let mut tx = self.db.begin_write().await?;
-        store::lock(&mut tx.conn(), user.as_str()).await?;
-        let existed = store::tokens::delete(&mut tx.conn(), user.as_str()).await?;
+        // No bundle: 404 whatever the preconditions (RFC 9110 13.1: they are evaluated only when
+        // the request would otherwise succeed).
+        let Some(current) = store::tokens::get(&mut tx.conn(), u).await? else {
+            let details = json!({"reason": reason, "error": "not_found"});
+            self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", Outcome::Failure, Some(u), details).await?;
+            tx.commit().await?;
+            return Err(ApiError::tokens_not_found());
+        };
+        let mut refused = Map::new();
+        refused.insert("reason".into(), json!(reason));
+        if let Some(refusal) =
+            self.lease_refusal(&mut tx.conn(), ctx, u, fence, "token.invalidate", refused, "error", now).await?
+        {
+            tx.commit().await?;
+            return Err(refusal);
+        }
+        if let Err(conflict) = precondition(cond, Some(&current)) {
+            let details = json!({"reason": reason, "error": "version_conflict", "current_version": current.version,
+                                 "expected_version": expected_version(cond)});
+            self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", Outcome::Failure, Some(u), details).await?;
+            tx.commit().await?;
+            return Err(conflict);
+        }
+        // Writers are serialised, so the row is still the one checked; dropped, `tx` rolls back.
+        let row = store::tokens::invalidate(&mut tx.conn(), u, current.version, reason, now)
+            .await?
+            .ok_or_else(|| ApiError::Internal("the bundle changed while it was being invalidated".into()))?;
+        self.consume_lease(&mut tx.conn(), ctx, u, fence, row.version, "invalidate", now).await?;
+        let details = json!({"reason": reason, "version": row.version});
+        self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", Outcome::Success, Some(u), details).await?;
+        store::tokens::announce_version(&mut tx.conn(), u, row.version).await?;
+        tx.commit().await?;
+        // Waiting readers wake up (and find the bundle gone: 410).
+        self.notifier.publish(u, row.version);
+        self.db.checkpoint_soon();
+        Ok(())
+    }
+
+    /// Logout: removes the bundle and ends the user's login flows. 204 also when nothing was
+    /// stored, unless `cond` (`If-Match`) asked for a bundle. Honours the user's refresh lease like
+    /// a write, and ends the lease the request holds.
+    pub async fn delete(
+        &self,
+        ctx: &AuditContext,
+        user: &UserId,
+        cond: WriteCondition,
+        fence: Option<i64>,
+    ) -> Result<(), ApiError> {
+        let now = store::now();
+        let u = user.as_str();
+        let mut tx = self.db.begin_write().await?;
+        store::lock(&mut tx.conn(), u).await?;
+        if let Some(refusal) =
+            self.lease_refusal(&mut tx.conn(), ctx, u, fence, "token.delete", Map::new(), "error", now).await?
+        {
+            tx.commit().await?;
+            return Err(refusal);
+        }
+        let current = store::tokens::get(&mut tx.conn(), u).await?;
+        if let Err(conflict) = precondition(cond, current.as_ref()) {
+            let details = json!({"error": "version_conflict", "current_version": current.as_ref().map(|r| r.version),
+                                 "expected_version": expected_version(cond)});
+            self.auditor.record(&mut tx.conn(), ctx, "token.delete", Outcome::Failure, Some(u), details).await?;
+            tx.commit().await?;
+            return Err(conflict);
+        }
+        let existed = store::tokens::delete(&mut tx.conn(), u).await?;
+        let version = current.as_ref().map_or(0, |r| r.version);
+        self.consume_lease(&mut tx.conn(), ctx, u, fence, version, "delete", now).await?;
         self.auditor
-            .record(
-                &mut tx.conn(),
-                ctx,
-                "token.delete",
-                Outcome::Success,
-                Some(user.as_str()),
-                json!({"existed": existed}),
-            )
+            .record(&mut tx.conn(), ctx, "token.delete", Outcome::Success, Some(u), json!({"existed": existed}))
             .await?;
         // Logout also ends the user's login flows: sessions and live challenges are cancelled.
         crate::services::sessions::end_user_flows(
             &mut tx.conn(),
             &self.keyring,
             ctx,
-            user.as_str(),
+            u,
             crate::domain::mfa::SessionState::Cancelled,
             "logout",
-            store::now(),
+            now,
         )
         .await?;
         tx.commit().await?;
+        if existed {
+            self.db.checkpoint_soon();
+        }
         Ok(())
     }
+}
+
+fn expected_version(cond: WriteCondition) -> Option<i64> {
+    match cond {
+        WriteCondition::VersionIs(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// The 412 for a precondition that does not hold on `current`.
+fn conflict(cond: WriteCondition, current: Option<&BundleRow>) -> ApiError {
+    let detail = match (cond, current) {
+        (WriteCondition::Absent, _) => "a token bundle is already stored (If-None-Match: *)".to_string(),
+        (_, None) => "no token bundle is stored for this user (If-Match)".to_string(),
+        (_, Some(r)) => format!("the stored version is {} (If-Match)", r.version),
+    };
+    ApiError::VersionConflict { current_version: current.map(|r| r.version), detail }
+}
+
+/// Whether an `If-Match` precondition holds on the stored bundle (`current`).
+fn precondition(cond: WriteCondition, current: Option<&BundleRow>) -> Result<(), ApiError> {
+    let holds = match (cond, current) {
+        (WriteCondition::None, _) | (WriteCondition::Exists, Some(_)) => true,
+        (WriteCondition::VersionIs(v), Some(r)) => r.version == v,
+        (WriteCondition::Exists | WriteCondition::VersionIs(_), None) => false,
+        // Only PUT takes `If-None-Match: *` (its SQL checks it, with the expiry).
+        (WriteCondition::Absent, r) => r.is_none_or(|r| !r.has_secret),
+    };
+    if holds { Ok(()) } else { Err(conflict(cond, current)) }
 }

@@ -121,6 +121,27 @@ impl SqliteWriter {
     }
 }
 
+impl SqliteWriter {
+    /// Runs `PRAGMA wal_checkpoint(TRUNCATE)` on `conn` at a moment no group transaction is
+    /// open, holding the writer lock so that no in-process writer starts meanwhile (see
+    /// `store::wal`). `Ok(true)` when the log was checkpointed in full and truncated, `Ok(false)`
+    /// when readers or writers kept it busy.
+    pub async fn checkpoint_truncate(&self, conn: &mut sqlx::SqliteConnection) -> Result<bool> {
+        // A group may be open, its commit pending: queue again behind the committer, a few times.
+        for _ in 0..50 {
+            let g = self.group.lock().await;
+            if g.conn.is_none() {
+                let (busy, _, _): (i64, i64, i64) =
+                    sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&mut *conn).await.map_err(sql_err)?;
+                return Ok(busy == 0);
+            }
+            drop(g);
+            tokio::task::yield_now().await;
+        }
+        Ok(false)
+    }
+}
+
 /// Fails every waiter and drops the group connection (closing it: its state is unknown).
 fn discard(group: &mut Group, why: &str) {
     for w in group.waiters.drain(..) {

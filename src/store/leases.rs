@@ -48,7 +48,8 @@ pub async fn grant(
         .await)?)
 }
 
-/// Extends the live lease of `holder` (same fence). `None` when `holder` holds no live lease.
+/// Extends the live lease of `holder` (same fence); never shortens it (a renewal asking for less
+/// than what is left keeps the later expiry). `None` when `holder` holds no live lease.
 pub async fn renew(
     c: &mut Conn<'_>,
     user_id: &str,
@@ -57,7 +58,8 @@ pub async fn renew(
     now: DateTime<Utc>,
 ) -> Result<Option<LeaseRow>> {
     const SQL: &str = concat!(
-        "UPDATE token_leases SET expires_at = $3 WHERE user_id = $1 AND holder = $2 AND expires_at > $4 RETURNING ",
+        "UPDATE token_leases SET expires_at = CASE WHEN expires_at > $3 THEN expires_at ELSE $3 END \
+         WHERE user_id = $1 AND holder = $2 AND expires_at > $4 RETURNING ",
         cols!()
     );
     Ok(dispatch!(c, |c| sqlx::query_as(SQL)

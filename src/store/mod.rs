@@ -59,6 +59,7 @@ pub mod keys;
 pub mod leases;
 pub mod sessions;
 pub mod tokens;
+mod wal;
 
 /// Serialises transactions that touch the same `key` (a user id, a challenge id) until commit.
 /// PostgreSQL: a transaction-scoped advisory lock, so it holds across processes. SQLite: write
@@ -177,8 +178,15 @@ pub(crate) async fn begin_postgres(
 
 #[derive(Clone)]
 pub enum Db {
-    Sqlite { pool: SqlitePool, writer: Arc<group::SqliteWriter>, acquire_timeout: Duration },
-    Postgres { pool: PgPool },
+    Sqlite {
+        pool: SqlitePool,
+        writer: Arc<group::SqliteWriter>,
+        acquire_timeout: Duration,
+        wal: Arc<wal::Checkpointer>,
+    },
+    Postgres {
+        pool: PgPool,
+    },
 }
 
 impl std::fmt::Debug for Db {
@@ -283,7 +291,8 @@ impl Db {
                 .connect_with(opts)
                 .await?;
             let writer = group::SqliteWriter::start(pool.clone());
-            Ok(Self::Sqlite { pool, writer, acquire_timeout })
+            let wal = wal::Checkpointer::start(pool.clone(), writer.clone());
+            Ok(Self::Sqlite { pool, writer, acquire_timeout, wal })
         }
     }
 
@@ -325,6 +334,15 @@ impl Db {
             Self::Sqlite { pool, .. } => ReadConn::Sqlite(pool.acquire().await?),
             Self::Postgres { pool } => ReadConn::Postgres(pool.acquire().await?),
         })
+    }
+
+    /// After a destroy (logout, invalidation, expiry), once committed: on SQLite, checkpoints
+    /// and truncates the write-ahead log soon, so the destroyed ciphertext leaves the `-wal`
+    /// file too (see `wal`). Returns at once; PostgreSQL has nothing to do.
+    pub fn checkpoint_soon(&self) {
+        if let Self::Sqlite { wal, .. } = self {
+            wal.request();
+        }
     }
 
     /// One round trip; used by `/readyz`.

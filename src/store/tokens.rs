@@ -1,6 +1,7 @@
 //! `token_bundles`: one row per user; the ciphertext is NULL once destroyed (invalidation, expiry).
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use uuid::Uuid;
 
 use super::{Conn, Result, StoreError};
 
@@ -18,6 +19,9 @@ pub struct BundleRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
+    /// The random id of the write that stored the ciphertext (bound into its associated data);
+    /// `None` once destroyed, and on legacy rows written before write ids existed.
+    pub write_id: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -30,7 +34,7 @@ pub struct BundleWithSecret {
 macro_rules! meta_cols {
     () => {
         "user_id, kind, version, key_id, (ciphertext IS NOT NULL) AS has_secret, \
-         access_expires_at, refresh_expires_at, reauth_reason, created_at, updated_at, last_used_at"
+         access_expires_at, refresh_expires_at, reauth_reason, created_at, updated_at, last_used_at, write_id"
     };
 }
 
@@ -40,6 +44,8 @@ pub struct NewBundle<'a> {
     pub kind: &'a str,
     pub key_id: &'a str,
     pub ciphertext: &'a [u8],
+    /// Bound into `ciphertext`'s associated data, with the version the write creates.
+    pub write_id: Uuid,
     pub access_expires_at: Option<DateTime<Utc>>,
     pub refresh_expires_at: Option<DateTime<Utc>>,
     pub now: DateTime<Utc>,
@@ -91,15 +97,15 @@ pub async fn write(c: &mut Conn<'_>, b: &NewBundle<'_>, cond: WriteCondition) ->
     macro_rules! set_cols {
         () => {
             "kind = $2, key_id = $3, ciphertext = $4, access_expires_at = $5, \
-             refresh_expires_at = $6, reauth_reason = NULL, updated_at = $7"
+             refresh_expires_at = $6, reauth_reason = NULL, updated_at = $7, write_id = $8"
         };
     }
     macro_rules! upsert {
         ($cond:literal) => {
             concat!(
                 "INSERT INTO token_bundles (user_id, kind, key_id, ciphertext, access_expires_at, \
-                   refresh_expires_at, reauth_reason, updated_at, created_at, version, last_used_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $7, 1, NULL) \
+                   refresh_expires_at, reauth_reason, updated_at, created_at, version, last_used_at, write_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $7, 1, NULL, $8) \
                  ON CONFLICT (user_id) DO UPDATE SET ", set_cols!(), ", version = token_bundles.version + 1, \
                    created_at = CASE WHEN token_bundles.ciphertext IS NULL OR token_bundles.refresh_expires_at <= $7 THEN $7 ELSE token_bundles.created_at END, \
                    last_used_at = CASE WHEN token_bundles.ciphertext IS NULL OR token_bundles.refresh_expires_at <= $7 THEN NULL ELSE token_bundles.last_used_at END ",
@@ -113,7 +119,7 @@ pub async fn write(c: &mut Conn<'_>, b: &NewBundle<'_>, cond: WriteCondition) ->
         ", version = version + 1, \
            created_at = CASE WHEN ciphertext IS NULL OR refresh_expires_at <= $7 THEN $7 ELSE created_at END, \
            last_used_at = CASE WHEN ciphertext IS NULL OR refresh_expires_at <= $7 THEN NULL ELSE last_used_at END \
-         WHERE user_id = $1 AND ($8 < 0 OR version = $8) RETURNING ",
+         WHERE user_id = $1 AND ($9 < 0 OR version = $9) RETURNING ",
         meta_cols!()
     );
     const UPSERT: &str = upsert!("");
@@ -136,7 +142,8 @@ pub async fn write(c: &mut Conn<'_>, b: &NewBundle<'_>, cond: WriteCondition) ->
             .bind(b.ciphertext)
             .bind(b.access_expires_at)
             .bind(b.refresh_expires_at)
-            .bind(b.now);
+            .bind(b.now)
+            .bind(b.write_id);
         let q =
             if matches!(cond, WriteCondition::VersionIs(_) | WriteCondition::Exists) { q.bind(expected) } else { q };
         q.fetch_optional(c).await
@@ -177,19 +184,27 @@ const TOUCH_MANY_SQLITE: &str = "UPDATE token_bundles SET last_used_at = v.at \
 const TOUCH_MANY_POSTGRES: &str = "UPDATE token_bundles AS t SET last_used_at = v.at \
      FROM UNNEST($1::text[], $2::timestamptz[]) AS v(user_id, at) WHERE t.user_id = v.user_id";
 
-/// Destroys the ciphertext and remembers why; bumps the version. `None` when no row exists.
+/// Destroys the ciphertext and remembers why; bumps the version. `None` when no row with this
+/// `version` exists.
 pub async fn invalidate(
     c: &mut Conn<'_>,
     user_id: &str,
+    version: i64,
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<Option<BundleRow>> {
     const SQL: &str = concat!(
-        "UPDATE token_bundles SET ciphertext = NULL, key_id = NULL, reauth_reason = $2, \
-           version = version + 1, updated_at = $3 WHERE user_id = $1 RETURNING ",
+        "UPDATE token_bundles SET ciphertext = NULL, key_id = NULL, write_id = NULL, reauth_reason = $2, \
+           version = version + 1, updated_at = $3 WHERE user_id = $1 AND version = $4 RETURNING ",
         meta_cols!()
     );
-    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(user_id).bind(reason).bind(now).fetch_optional(c).await)?)
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL)
+        .bind(user_id)
+        .bind(reason)
+        .bind(now)
+        .bind(version)
+        .fetch_optional(c)
+        .await)?)
 }
 
 /// Removes the row; true when there was one.
@@ -212,33 +227,54 @@ pub async fn key_ids_in_use(c: &mut Conn<'_>) -> Result<Vec<String>> {
 pub struct RewrapCandidate {
     pub user_id: String,
     pub kind: String,
+    pub version: i64,
+    pub write_id: Option<Uuid>,
     pub ciphertext: Vec<u8>,
 }
 
-/// A page of bundles not yet under `active_key_id`, in user order after `after`.
+/// A page of bundles, in user order after `after`, to re-encrypt: those not yet under
+/// `active_key_id` (unless `legacy_only`) and those with the legacy associated data (no write id).
 pub async fn rewrap_page(
     c: &mut Conn<'_>,
     active_key_id: &str,
+    legacy_only: bool,
     after: &str,
     limit: i64,
 ) -> Result<Vec<RewrapCandidate>> {
-    let sql = "SELECT user_id, kind, ciphertext FROM token_bundles \
-               WHERE ciphertext IS NOT NULL AND key_id <> $1 AND user_id > $2 ORDER BY user_id LIMIT $3";
-    Ok(dispatch!(c, |c| sqlx::query_as(sql).bind(active_key_id).bind(after).bind(limit).fetch_all(c).await)?)
+    let sql = "SELECT user_id, kind, version, write_id, ciphertext FROM token_bundles \
+               WHERE ciphertext IS NOT NULL AND (write_id IS NULL OR (NOT $2 AND key_id <> $1)) AND user_id > $3 \
+               ORDER BY user_id LIMIT $4";
+    Ok(dispatch!(c, |c| sqlx::query_as(sql)
+        .bind(active_key_id)
+        .bind(legacy_only)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(c)
+        .await)?)
 }
 
-/// Replaces one ciphertext if it is still the one read (compare-and-set); the version is kept,
-/// since the content did not change.
-pub async fn rewrap_one(c: &mut Conn<'_>, user_id: &str, old: &[u8], key_id: &str, new: &[u8]) -> Result<bool> {
+/// Replaces one ciphertext (and its write id) if it is still the one read (compare-and-set); the
+/// version is kept, since the content did not change.
+pub async fn rewrap_one(
+    c: &mut Conn<'_>,
+    user_id: &str,
+    old: &[u8],
+    key_id: &str,
+    new: &[u8],
+    write_id: Uuid,
+) -> Result<bool> {
     let n = dispatch!(c, |c| {
-        sqlx::query("UPDATE token_bundles SET ciphertext = $3, key_id = $4 WHERE user_id = $1 AND ciphertext = $2")
-            .bind(user_id)
-            .bind(old)
-            .bind(new)
-            .bind(key_id)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected())
+        sqlx::query(
+            "UPDATE token_bundles SET ciphertext = $3, key_id = $4, write_id = $5 WHERE user_id = $1 AND ciphertext = $2",
+        )
+        .bind(user_id)
+        .bind(old)
+        .bind(new)
+        .bind(key_id)
+        .bind(write_id)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected())
     })?;
     Ok(n > 0)
 }
@@ -254,7 +290,7 @@ pub async fn due_for_expiry(c: &mut Conn<'_>, now: DateTime<Utc>, limit: i64) ->
 /// the meantime wins). Bumps the version, like any write.
 pub async fn expire(c: &mut Conn<'_>, user_id: &str, now: DateTime<Utc>) -> Result<Option<BundleRow>> {
     const SQL: &str = concat!(
-        "UPDATE token_bundles SET ciphertext = NULL, key_id = NULL, reauth_reason = 'refresh_expired', \
+        "UPDATE token_bundles SET ciphertext = NULL, key_id = NULL, write_id = NULL, reauth_reason = 'refresh_expired', \
            version = version + 1, updated_at = $2 \
          WHERE user_id = $1 AND ciphertext IS NOT NULL AND refresh_expires_at <= $2 RETURNING ",
         meta_cols!()

@@ -302,3 +302,152 @@ async fn a_reader_waiting_before_the_write_is_woken_by_it() {
     let rc = c.await.unwrap();
     assert_eq!(rc.status, 304, "{}", rc.text);
 }
+
+#[tokio::test]
+async fn a_renewal_extends_but_never_shortens_the_lease() {
+    let app = TestApp::spawn().await;
+    stored(&app, "rn").await;
+    let first = app.post(&lease_path("rn")).json(json!({"holder": "a", "ttl_seconds": 60})).send().await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    let granted = time_of(&first.json["expires_at"]);
+    // Asking again for less keeps the later expiry.
+    let shorter = app.post(&lease_path("rn")).json(json!({"holder": "a", "ttl_seconds": 30})).send().await;
+    assert_eq!(shorter.status, 200, "{}", shorter.text);
+    assert_eq!(time_of(&shorter.json["expires_at"]), granted, "a renewal never shortens the lease");
+    assert_eq!(shorter.json["fence"], first.json["fence"]);
+    // Another holder still sees the longer lease.
+    let other = app.post(&lease_path("rn")).json(json!({"holder": "b"})).send().await;
+    other.assert_problem(409, "lease_held");
+    assert_eq!(time_of(&other.json["expires_at"]), granted);
+    // Asking for more extends it.
+    let longer = app.post(&lease_path("rn")).json(json!({"holder": "a", "ttl_seconds": 120})).send().await;
+    assert_eq!(longer.status, 200);
+    assert!(time_of(&longer.json["expires_at"]) > granted);
+}
+
+#[tokio::test]
+async fn logout_ends_the_lease_so_its_fence_cannot_bring_the_login_back() {
+    let app = TestApp::spawn().await;
+    stored(&app, "lo").await;
+    let fence = app.post(&lease_path("lo")).json(json!({"holder": "a"})).send().await.json["fence"].to_string();
+    // Without the fence, the holder's live lease stands in the way (nothing changes).
+    let r = app.delete(&tokens_path("lo")).send().await;
+    r.assert_problem(409, "lease_held");
+    assert_eq!(r.json["holder"], "a");
+    assert_eq!(app.get(&tokens_path("lo")).send().await.status, 200, "nothing was deleted");
+    // With it: logged out, and the lease is over.
+    assert_eq!(app.delete(&tokens_path("lo")).header("x-lease-fence", &fence).send().await.status, 204);
+    let r = app.put(&tokens_path("lo")).header("x-lease-fence", &fence).json(garth_body("late")).send().await;
+    r.assert_problem(409, "lease_lost");
+    app.get(&tokens_path("lo")).send().await.assert_problem(404, "tokens_not_found");
+    assert_eq!(app.get("/api/v1/users/lo/auth-status").send().await.json["status"], "MISSING");
+    // No lease on a bundle that is not there.
+    app.post(&lease_path("lo")).json(json!({"holder": "a"})).send().await.assert_problem(404, "tokens_not_found");
+    let released: Vec<_> = app.audit().await.into_iter().filter(|e| e.type_ == "lease.released").collect();
+    assert_eq!(released.len(), 1);
+    assert_eq!(details(&released[0])["by"], "delete");
+    // A new login starts over; its first lease has a newer fence.
+    assert_eq!(app.put(&tokens_path("lo")).json(garth_body("new")).send().await.status, 201);
+    let next = app.post(&lease_path("lo")).json(json!({"holder": "b"})).send().await;
+    assert_eq!(next.status, 201);
+    assert_eq!(next.json["fence"], 2, "fences survive the logout and keep growing");
+}
+
+#[tokio::test]
+async fn invalidation_ends_the_lease_so_its_fence_cannot_bring_the_login_back() {
+    let app = TestApp::spawn().await;
+    stored(&app, "li").await;
+    let fence = app.post(&lease_path("li")).json(json!({"holder": "a"})).send().await.json["fence"].to_string();
+    let inv = format!("{}/invalidate", tokens_path("li"));
+    app.post(&inv).json(json!({"reason": "x"})).send().await.assert_problem(409, "lease_held");
+    assert_eq!(app.get(&tokens_path("li")).send().await.status, 200, "nothing was destroyed");
+    let r = app.post(&inv).header("x-lease-fence", &fence).json(json!({"reason": "revoked"})).send().await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let r = app.put(&tokens_path("li")).header("x-lease-fence", &fence).json(garth_body("late")).send().await;
+    r.assert_problem(409, "lease_lost");
+    app.get(&tokens_path("li")).send().await.assert_problem(410, "reauth_required");
+    assert_eq!(app.get("/api/v1/users/li/auth-status").send().await.json["status"], "EXPIRED");
+    // Nothing to refresh: no lease on an invalidated bundle.
+    let r = app.post(&lease_path("li")).json(json!({"holder": "a"})).send().await;
+    r.assert_problem(410, "reauth_required");
+    assert_eq!(r.json["reason"], "revoked");
+    let released: Vec<_> = app.audit().await.into_iter().filter(|e| e.type_ == "lease.released").collect();
+    assert_eq!(released.len(), 1);
+    assert_eq!(details(&released[0])["by"], "invalidate");
+}
+
+#[tokio::test]
+async fn a_stale_worker_cannot_invalidate_or_delete_fresh_tokens() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("st");
+    let inv = format!("{p}/invalidate");
+    let v1 = stored(&app, "st").await;
+    let fence = app.post(&lease_path("st")).json(json!({"holder": "a"})).send().await.json["fence"].to_string();
+    // Worker B, without the lease, is refused while A's lease is live.
+    let r = app.post(&inv).json(json!({"reason": "refresh_failed"})).send().await;
+    r.assert_problem(409, "lease_held");
+    assert_eq!(r.json["holder"], "a");
+    assert!(r.header("retry-after").is_some());
+    app.delete(&p).send().await.assert_problem(409, "lease_held");
+    // A's If-Match that does not hold is a 412 and keeps A's lease.
+    let r = app.post(&inv).header("x-lease-fence", &fence).header("if-match", "\"9\"").send().await;
+    r.assert_problem(412, "version_conflict");
+    assert_eq!(r.json["current_version"], v1);
+    // A refreshes: version 2, lease released.
+    let w = app.put(&p).header("x-lease-fence", &fence).json(garth_body("rotated")).send().await;
+    assert_eq!(w.status, 200, "{}", w.text);
+    // B acts on what it read (version 1): refused, the refreshed tokens stay.
+    let r =
+        app.post(&inv).header("if-match", &format!("\"{v1}\"")).json(json!({"reason": "refresh_failed"})).send().await;
+    r.assert_problem(412, "version_conflict");
+    assert_eq!(r.json["current_version"], v1 + 1);
+    let r = app.delete(&p).header("if-match", &format!("\"{v1}\"")).send().await;
+    r.assert_problem(412, "version_conflict");
+    assert_eq!(r.json["current_version"], v1 + 1);
+    // A stale fence is a lost lease here too.
+    app.post(&inv).header("x-lease-fence", &fence).send().await.assert_problem(409, "lease_lost");
+    app.delete(&p).header("x-lease-fence", &fence).send().await.assert_problem(409, "lease_lost");
+    let g = app.get(&p).send().await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.json["version"], v1 + 1);
+    assert_eq!(g.json["oauth2_token"]["access_token"], "acc-rotated-SECRET");
+    let failures = app
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| matches!(e.type_.as_str(), "token.invalidate" | "token.delete" | "lease.lost"))
+        .map(|e| (e.type_, e.outcome))
+        .collect::<Vec<_>>();
+    assert_eq!(failures.len(), 7, "every refusal is audited: {failures:?}");
+    assert!(failures.iter().all(|(_, o)| o == "failure"), "{failures:?}");
+    // The current version passes.
+    let r = app.post(&inv).header("if-match", &format!("\"{}\"", v1 + 1)).send().await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let r = app.delete(&p).header("if-match", &format!("\"{}\"", v1 + 2)).send().await;
+    assert_eq!(r.status, 204, "{}", r.text);
+}
+
+#[tokio::test]
+async fn preconditions_of_invalidate_and_delete_on_a_missing_bundle() {
+    let app = TestApp::spawn().await;
+    let p = tokens_path("none");
+    // DELETE: 204 when nothing is stored, but a precondition asking for a bundle fails (RFC 9110).
+    assert_eq!(app.delete(&p).send().await.status, 204);
+    let r = app.delete(&p).header("if-match", "\"1\"").send().await;
+    r.assert_problem(412, "version_conflict");
+    assert!(r.json["current_version"].is_null());
+    app.delete(&p).header("if-match", "*").send().await.assert_problem(412, "version_conflict");
+    // Invalidate: 404 whatever the precondition.
+    let inv = format!("{p}/invalidate");
+    app.post(&inv).header("if-match", "\"1\"").send().await.assert_problem(404, "tokens_not_found");
+    // Malformed or unsupported preconditions are refused, not ignored.
+    app.put(&p).json(garth_body("a")).send().await;
+    for (k, v) in [("if-match", "W/\"1\""), ("if-none-match", "*"), ("x-lease-fence", "0")] {
+        let r = app.delete(&p).header(k, v).send().await;
+        r.assert_problem(422, "validation_failed");
+        let r = app.post(&inv).header(k, v).send().await;
+        r.assert_problem(422, "validation_failed");
+    }
+    assert_eq!(app.get(&p).send().await.status, 200, "nothing changed");
+    assert_eq!(app.delete(&p).header("if-match", "*").send().await.status, 204);
+}

@@ -527,3 +527,207 @@ async fn duplicate_keys_are_refused_and_nothing_changes() {
         (Some(1), oauth1("dup")["oauth_token"].clone())
     );
 }
+
+// ---- ciphertexts are bound to the write that stored them (issue 15 finding 7) ---------------
+
+/// The columns a ciphertext's binding lives in: the ciphertext, its key id and its write id.
+async fn sealed_columns(app: &TestApp, user: &str) -> (Option<Vec<u8>>, Option<String>, Option<uuid::Uuid>) {
+    use centraldb_mfa::store::Db;
+    let sql = "SELECT ciphertext, key_id, write_id FROM token_bundles WHERE user_id = $1";
+    match app.db() {
+        Db::Sqlite { pool, .. } => sqlx::query_as(sql).bind(user).fetch_one(pool).await.unwrap(),
+        Db::Postgres { pool } => sqlx::query_as(sql).bind(user).fetch_one(pool).await.unwrap(),
+    }
+}
+
+/// Puts these columns back into the row, as someone editing the database would (and clears the
+/// tombstone's reason, so the row looks live).
+async fn restore_sealed_columns(
+    app: &TestApp,
+    user: &str,
+    (ct, key_id, write_id): &(Option<Vec<u8>>, Option<String>, Option<uuid::Uuid>),
+) {
+    use centraldb_mfa::store::Db;
+    let sql = "UPDATE token_bundles SET ciphertext = $2, key_id = $3, write_id = $4, reauth_reason = NULL \
+               WHERE user_id = $1";
+    match app.db() {
+        Db::Sqlite { pool, .. } => {
+            sqlx::query(sql).bind(user).bind(ct).bind(key_id).bind(write_id).execute(pool).await.unwrap();
+        }
+        Db::Postgres { pool } => {
+            sqlx::query(sql).bind(user).bind(ct).bind(key_id).bind(write_id).execute(pool).await.unwrap();
+        }
+    }
+}
+
+/// A GET answers the generic 500, hands out nothing, and audits `decrypt_failed`.
+async fn assert_refused_as_tampered(app: &TestApp, user: &str, tags: &[&str]) {
+    let before = app.audit().await.len();
+    let r = app.get(&tokens_path(user)).send().await;
+    r.assert_problem(500, "internal_error");
+    for s in tags.iter().flat_map(|t| garth_secrets(t)) {
+        assert!(!r.text.contains(&s), "plaintext leaked");
+    }
+    let events = app.audit().await;
+    let e = &events[before];
+    assert_eq!((e.type_.as_str(), e.outcome.as_str()), ("token.read", "error"));
+    assert_eq!(details(e)["reason"], "decrypt_failed");
+}
+
+#[tokio::test]
+async fn an_older_ciphertext_put_back_into_the_row_does_not_decrypt() {
+    let app = TestApp::spawn().await;
+    // After a newer write.
+    app.put(&tokens_path("rb1")).json(garth_body("rb1-v1")).send().await;
+    let v1 = sealed_columns(&app, "rb1").await;
+    assert!(v1.2.is_some(), "every write has a write id");
+    app.put(&tokens_path("rb1")).json(garth_body("rb1-v2")).send().await;
+    app.set_ciphertext("rb1", v1.0.as_deref().unwrap()).await;
+    assert_refused_as_tampered(&app, "rb1", &["rb1-v1", "rb1-v2"]).await;
+    // Even with its write id restored too: the version differs.
+    restore_sealed_columns(&app, "rb1", &v1).await;
+    assert_refused_as_tampered(&app, "rb1", &["rb1-v1", "rb1-v2"]).await;
+    // After an invalidation (ciphertext, key id and write id all put back).
+    app.put(&tokens_path("rb2")).json(garth_body("rb2")).send().await;
+    let live = sealed_columns(&app, "rb2").await;
+    assert_eq!(app.post(&format!("{}/invalidate", tokens_path("rb2"))).send().await.status, 204);
+    restore_sealed_columns(&app, "rb2", &live).await;
+    assert_refused_as_tampered(&app, "rb2", &["rb2"]).await;
+    // After a logout and a new login, which starts at version 1 again.
+    app.put(&tokens_path("rb3")).json(garth_body("rb3-old")).send().await;
+    let old = sealed_columns(&app, "rb3").await;
+    assert_eq!(app.delete(&tokens_path("rb3")).send().await.status, 204);
+    let r = app.put(&tokens_path("rb3")).json(garth_body("rb3-new")).send().await;
+    assert_eq!(r.json["version"], 1);
+    app.set_ciphertext("rb3", old.0.as_deref().unwrap()).await;
+    assert_refused_as_tampered(&app, "rb3", &["rb3-old", "rb3-new"]).await;
+}
+
+/// A legacy row: what a write stored before write ids existed (associated data: user and kind).
+async fn make_legacy(app: &TestApp, user: &str, tag: &str) {
+    use centraldb_mfa::{crypto::Aad, domain::TokenBundle};
+    let bundle = TokenBundle::from_body(garth_body(tag)).unwrap();
+    let envelope = app.state.keyring.encrypt(&bundle.plaintext, &Aad::token_bundle(user, "garth"));
+    restore_sealed_columns(app, user, &(Some(envelope), Some("k1".into()), None)).await;
+}
+
+#[tokio::test]
+async fn legacy_rows_are_upgraded_at_start_up_and_by_rewrap_and_never_read_as_is() {
+    use centraldb_mfa::{
+        config::Settings,
+        services::{audit::AuditContext, keys},
+        startup,
+    };
+    let app = TestApp::spawn().await;
+    for u in ["old1", "old2"] {
+        app.put(&tokens_path(u)).json(garth_body(&format!("{u}-new"))).send().await;
+        make_legacy(&app, u, &format!("{u}-legacy")).await;
+    }
+    // A running service never reads the legacy binding (else an editor of the database could put
+    // an older legacy ciphertext back and clear the write id).
+    assert_refused_as_tampered(&app, "old1", &["old1-legacy", "old1-new"]).await;
+    // `rewrap` upgrades it (same key: only the binding changes).
+    let report = keys::rewrap(app.db(), &app.state.keyring, &AuditContext::system("test")).await.unwrap();
+    assert_eq!((report.rewrapped, report.legacy_upgraded, report.failed.len()), (2, 2, 0), "{report:?}");
+    let g = app.get(&tokens_path("old1")).send().await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    assert_eq!(g.json["oauth2_token"]["access_token"], "acc-old1-legacy-SECRET");
+    assert!(sealed_columns(&app, "old1").await.2.is_some());
+    let again = keys::rewrap(app.db(), &app.state.keyring, &AuditContext::system("test")).await.unwrap();
+    assert_eq!((again.rewrapped, again.legacy_upgraded), (0, 0));
+    // Start-up upgrades what a previous version wrote: a restart on the same database.
+    make_legacy(&app, "old2", "old2-legacy").await;
+    let settings = Settings::from_lookup(|k| app.vars.get(k).cloned()).unwrap();
+    let restarted = startup::build_state(settings).await.unwrap();
+    restarted.db.close().await;
+    let g = app.get(&tokens_path("old2")).send().await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    assert_eq!(g.json["oauth2_token"]["access_token"], "acc-old2-legacy-SECRET");
+    assert_eq!(g.json["version"], 1, "the upgrade is no new version");
+    let upgraded: Vec<_> = app.audit().await.into_iter().filter(|e| e.type_ == "token.upgraded").collect();
+    assert_eq!(upgraded.len(), 1);
+    assert_eq!(details(&upgraded[0])["legacy_upgraded"], 1);
+    let report = centraldb_mfa::services::audit::verify(app.db(), &app.state.keyring).await.unwrap();
+    assert!(report.ok, "{report:?}");
+}
+
+// ---- destroyed ciphertext leaves the SQLite WAL (issue 15 finding 12) ----------------------
+
+/// Whether the raw database (SQLite: the file, its `-wal` and `-shm`; PostgreSQL: every row as
+/// text) holds these bytes, as they are or hex-encoded.
+fn holds(raw: &[u8], bytes: &[u8]) -> bool {
+    let hex = hex::encode(bytes);
+    raw.windows(bytes.len()).any(|w| w == bytes) || raw.windows(hex.len()).any(|w| w == hex.as_bytes())
+}
+
+/// Waits (up to `bound`) until the raw database holds none of `cts`; returns how long it took.
+async fn gone_within(app: &TestApp, cts: &[Vec<u8>], bound: std::time::Duration) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    loop {
+        let raw = app.raw_database().await;
+        let left: Vec<usize> = (0..cts.len()).filter(|i| holds(&raw, &cts[*i][cts[*i].len() - 48..])).collect();
+        if left.is_empty() {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < bound, "destroyed ciphertext(s) {left:?} still on disk after {:?}", t.elapsed());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn destroyed_ciphertext_leaves_the_database_and_its_wal_within_the_bound() {
+    let bound = std::time::Duration::from_secs(2);
+    let app = TestApp::spawn().await;
+    // Some unrelated traffic, so the log holds other frames too.
+    for i in 0..20 {
+        app.put(&tokens_path(&format!("other{i}"))).json(garth_body(&format!("other{i}"))).send().await;
+    }
+    let mut cts = Vec::new();
+    for tag in ["del-v1", "del-v2"] {
+        app.put(&tokens_path("del")).json(garth_body(tag)).send().await;
+        cts.push(app.ciphertext("del").await.unwrap());
+    }
+    let raw = app.raw_database().await;
+    let live = cts.last().unwrap();
+    assert!(holds(&raw, &live[live.len() - 48..]), "the search finds live ciphertext");
+    assert_eq!(app.delete(&tokens_path("del")).send().await.status, 204);
+    let took = gone_within(&app, &cts, bound).await;
+    eprintln!("after DELETE: gone in {took:?}");
+    // The same after an invalidation.
+    app.put(&tokens_path("inv")).json(garth_body("inv")).send().await;
+    let ct = app.ciphertext("inv").await.unwrap();
+    assert_eq!(app.post(&format!("{}/invalidate", tokens_path("inv"))).send().await.status, 204);
+    let took = gone_within(&app, &[ct], bound).await;
+    eprintln!("after invalidate: gone in {took:?}");
+    // Live bundles are untouched.
+    assert_eq!(app.get(&tokens_path("other7")).send().await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn destroyed_ciphertext_leaves_the_wal_under_concurrent_reads_and_writes() {
+    let app = std::sync::Arc::new(TestApp::spawn().await);
+    app.put(&tokens_path("busy-del")).json(garth_body("busy-del")).send().await;
+    let ct = app.ciphertext("busy-del").await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let (app, stop) = (app.clone(), stop.clone());
+        load.spawn(async move {
+            let user = format!("load{w}");
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = app.put(&tokens_path(&user)).json(garth_body(&format!("{user}-{n}"))).send().await;
+                assert!(r.status.is_success(), "{}", r.text);
+                assert_eq!(app.get(&tokens_path(&user)).send().await.status, 200);
+                n += 1;
+            }
+            n
+        });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(app.delete(&tokens_path("busy-del")).send().await.status, 204);
+    let took = gone_within(&app, &[ct], std::time::Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds: u32 = load.join_all().await.into_iter().sum();
+    eprintln!("under load ({rounds} write+read rounds): gone in {took:?}");
+}
