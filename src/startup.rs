@@ -164,6 +164,7 @@ impl Application {
         let notifier = state.notifier.clone();
         let limits = HttpLimits { header_read_timeout: state.settings.request_timeout, ..HttpLimits::default() };
         let max_connections = state.settings.max_connections;
+        let mfa_tasks = state.mfa.tasks();
         let app = api::app(state);
         let listener = crate::listener::LimitedListener::new(listener, max_connections);
         let result = serve(listener, app, limits, async move {
@@ -173,6 +174,12 @@ impl Application {
             notifier.close();
         })
         .await;
+        // MFA writes run detached from their requests (a client that went away still has its
+        // attempt checked and recorded): let them finish before the pool closes.
+        mfa_tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), mfa_tasks.wait()).await.is_err() {
+            tracing::error!(running = mfa_tasks.len(), "MFA writes still running 10 s after shutdown began");
+        }
         let _ = sweeper.await;
         let _ = version_listener.await;
         upkeep.abort();

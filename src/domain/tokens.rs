@@ -318,8 +318,7 @@ mod tests {
                 "refresh_token_expires_at": 1792000000.0}"#,
         )
         .unwrap();
-        let b = TokenBundle::from_body(json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": o2}))
-            .unwrap();
+        let b = TokenBundle::from_body(json!({"kind": "garth", "oauth1_token": oauth1(), "oauth2_token": o2})).unwrap();
         assert_eq!(b.access_expires_at.unwrap().timestamp(), 1_790_000_000);
         assert_eq!(b.refresh_expires_at.unwrap().timestamp(), 1_792_000_000);
         let secrets = secrets_from_plaintext(&b.plaintext).unwrap();

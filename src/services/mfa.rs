@@ -13,6 +13,7 @@ use chrono::{DateTime, Duration, Utc};
 use hmac::{KeyInit, Mac};
 use serde::Serialize;
 use serde_json::json;
+use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -153,6 +154,9 @@ pub struct Mfa {
     keyring: Arc<Keyring>,
     hasher: CodeHasher,
     limits: Arc<MfaLimits>,
+    /// The detached writes still running: graceful shutdown waits for them (see
+    /// [`Mfa::tasks`]) before it closes the database pool.
+    tasks: TaskTracker,
 }
 
 /// What a resume state is bound to (also used by `rewrap`).
@@ -217,10 +221,11 @@ const SETTLE_WAIT: StdDuration = StdDuration::from_secs(5);
 /// timeout drops it too), which would leave a reserved attempt without its check, its outcome or
 /// its audit event. The caller still gets the answer when it waits for it.
 async fn detached<T: Send + 'static>(
+    tasks: &TaskTracker,
     op: impl Future<Output = Result<T, ApiError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     use tracing::Instrument;
-    match tokio::spawn(op.in_current_span()).await {
+    match tasks.spawn(op.in_current_span()).await {
         Ok(r) => r,
         Err(e) if e.is_panic() => Err(ApiError::Internal("an MFA operation panicked".into())),
         Err(_) => Err(ApiError::Internal("an MFA operation was cancelled".into())),
@@ -229,21 +234,27 @@ async fn detached<T: Send + 'static>(
 
 impl Mfa {
     pub fn new(db: Db, keyring: Arc<Keyring>, hasher: CodeHasher, limits: MfaLimits) -> Self {
-        Self { db, keyring, hasher, limits: Arc::new(limits) }
+        Self { db, keyring, hasher, limits: Arc::new(limits), tasks: TaskTracker::new() }
+    }
+
+    /// The tracker of the detached writes: at shutdown, `close()` it and `wait()` for them,
+    /// so a write whose client went away is still finished and recorded.
+    pub fn tasks(&self) -> TaskTracker {
+        self.tasks.clone()
     }
 
     // Every write runs detached (see [`detached`]): once begun, it finishes and is recorded.
 
     pub async fn create(&self, ctx: &AuditContext, new: NewChallenge) -> Result<ChallengeView, ApiError> {
         let (this, ctx) = (self.clone(), ctx.clone());
-        detached(async move { this.create_now(&ctx, new).await }).await
+        detached(&self.tasks, async move { this.create_now(&ctx, new).await }).await
     }
 
     /// Checks a code against a service-verified challenge: the attempt, the argon2 check and its
     /// outcome (failure counted, audit, session moved) complete even if the client goes away.
     pub async fn verify(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
         let (this, ctx) = (self.clone(), ctx.clone());
-        detached(async move { this.verify_now(&ctx, id, code).await }).await
+        detached(&self.tasks, async move { this.verify_now(&ctx, id, code).await }).await
     }
 
     pub async fn attempt(
@@ -253,7 +264,7 @@ impl Mfa {
         code: Zeroizing<String>,
     ) -> Result<AttemptReserved, ApiError> {
         let (this, ctx) = (self.clone(), ctx.clone());
-        detached(async move { this.attempt_now(&ctx, id, code).await }).await
+        detached(&self.tasks, async move { this.attempt_now(&ctx, id, code).await }).await
     }
 
     pub async fn attempt_result(
@@ -264,17 +275,17 @@ impl Mfa {
         success: bool,
     ) -> Result<ChallengeView, ApiError> {
         let (this, ctx) = (self.clone(), ctx.clone());
-        detached(async move { this.attempt_result_now(&ctx, id, n, success).await }).await
+        detached(&self.tasks, async move { this.attempt_result_now(&ctx, id, n, success).await }).await
     }
 
     pub async fn consume(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ApiError> {
         let (this, ctx) = (self.clone(), ctx.clone());
-        detached(async move { this.consume_now(&ctx, id).await }).await
+        detached(&self.tasks, async move { this.consume_now(&ctx, id).await }).await
     }
 
     pub async fn cancel(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
         let (this, ctx) = (self.clone(), ctx.clone());
-        detached(async move { this.cancel_now(&ctx, id).await }).await
+        detached(&self.tasks, async move { this.cancel_now(&ctx, id).await }).await
     }
 
     async fn audit(

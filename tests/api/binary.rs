@@ -678,27 +678,31 @@ async fn three_processes_one_success_one_write_one_expiry_record() {
 
     // Challenges expire while all three instances sweep every second. One user asks for ten
     // (three are accepted, the rest get 429), nine users for one each: twelve expire.
+    // The lifetime (5 s) must outlast the ten creations (each hashes a code with argon2, slow on
+    // a loaded machine), else an early one expires and a fourth is accepted.
     let mut accepted = 0;
     for _ in 0..10 {
-        let body = json!({"user_id": "tri2", "method": "email", "verifier": "service", "ttl_seconds": 1});
+        let body = json!({"user_id": "tri2", "method": "email", "verifier": "service", "ttl_seconds": 5});
         let r = http.post(format!("{}/api/v1/mfa/challenges", base(1))).bearer_auth(&key).json(&body).send().await;
         accepted += usize::from(r.unwrap().status() == 201);
     }
     assert_eq!(accepted, 3);
     for u in 0..9 {
-        let body = json!({"user_id": format!("tri-{u}"), "method": "email", "verifier": "service", "ttl_seconds": 1});
+        let body = json!({"user_id": format!("tri-{u}"), "method": "email", "verifier": "service", "ttl_seconds": 5});
         http.post(format!("{}/api/v1/mfa/challenges", base(u))).bearer_auth(&key).json(&body).send().await.unwrap();
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let events: Value = http
-        .get(format!("{}/api/v1/audit/events?type=challenge.expired&limit=1000", base(2)))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // Wait until twelve expiries are recorded (or 30 s), then a little longer so that a
+    // duplicate record by another instance would show too.
+    let expired = async || -> Value {
+        let url = format!("{}/api/v1/audit/events?type=challenge.expired&limit=1000", base(2));
+        http.get(url).bearer_auth(&key).send().await.unwrap().json().await.unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while expired().await["events"].as_array().unwrap().len() < 12 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = expired().await;
     let ids: Vec<&str> =
         events["events"].as_array().unwrap().iter().map(|e| e["details"]["challenge_id"].as_str().unwrap()).collect();
     let unique: std::collections::HashSet<_> = ids.iter().collect();
@@ -989,5 +993,57 @@ async fn weak_keys_are_refused_at_start_up() {
     let s = Server::start(&env, d.dir.path()).await;
     let r = reqwest::Client::new().get(s.url(&tokens_path("nobody"))).bearer_auth(admin.trim()).send().await.unwrap();
     assert_eq!(r.status(), 404);
+    assert!(s.stop().await.0);
+}
+
+/// A verification whose client went away is still finished when SIGTERM comes right after: the
+/// graceful shutdown waits for the detached MFA write before it closes the pool, so the wrong
+/// code is counted and audited (read back by a second process on the same data).
+#[tokio::test]
+async fn shutdown_waits_for_an_abandoned_verification() {
+    let d = Deployment::new().await;
+    // A slow check (~0.2 s, more under load), so SIGTERM surely comes while it runs.
+    let mut env = d.with("CENTRALDB_ARGON2_MEMORY_KIB", "8192");
+    env.push(("CENTRALDB_ARGON2_ITERATIONS".into(), "60".into()));
+    let s = Server::start(&env, d.dir.path()).await;
+    let key = d.admin_key();
+    let http = reqwest::Client::new();
+    let ch: Value = http
+        .post(s.url("/api/v1/mfa/challenges"))
+        .bearer_auth(&key)
+        .json(&json!({"user_id": "term", "method": "email", "verifier": "service", "code": "123456"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = ch["id"].as_str().unwrap().to_string();
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let url = s.url(&format!("/api/v1/mfa/challenges/{id}"));
+    let attempts = async || {
+        let r = http.get(url.clone()).bearer_auth(&key).send().await.unwrap();
+        r.json::<Value>().await.unwrap()["attempts"].clone()
+    };
+    let path = format!("/api/v1/mfa/challenges/{id}/verify");
+    send_then_reset(&addr, &key, &path, &json!({"code": "000000"}), async || attempts().await == 1).await;
+    let (clean, log) = s.stop().await;
+    assert!(clean, "{log}");
+    assert!(!log.contains("MFA writes still running"), "{log}");
+
+    let s = Server::start(&env, d.dir.path()).await;
+    let r = http
+        .get(s.url("/api/v1/audit/events?type=challenge.verify_failed&limit=10"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let failed: Value = r.json().await.unwrap();
+    let failed = failed["events"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "the abandoned check was recorded before the process exited: {failed:?}");
+    assert_eq!(failed[0]["details"]["challenge_id"], id.as_str());
+    let r = http.get(s.url(&format!("/api/v1/mfa/challenges/{id}"))).bearer_auth(&key).send().await.unwrap();
+    let c: Value = r.json().await.unwrap();
+    assert_eq!((c["status"].as_str(), c["attempts"].as_i64()), (Some("pending"), Some(1)), "{c}");
     assert!(s.stop().await.0);
 }
