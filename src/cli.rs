@@ -221,10 +221,11 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
                         Some(b) => format!("audit chain NOT re-sealed: {}", broken(b)),
                     };
                     println!(
-                        "rewrapped {} ciphertext(s) under key '{}'; {} changed concurrently and were left as written; {} failed to decrypt; {audit}",
+                        "rewrapped {} ciphertext(s) under key '{}'; {} changed concurrently and were left as written; {} upgraded from the legacy (unversioned) binding; {} failed to decrypt; {audit}",
                         r.rewrapped,
                         ring.active_key_id(),
                         r.skipped_changed,
+                        r.legacy_upgraded,
                         r.failed.len()
                     );
                     for u in &r.failed {
