@@ -15,11 +15,11 @@ use crate::{
     domain::mfa::SessionState,
     domain::{
         TokenBundle,
-        tokens::{BundleKind, garth_dump},
+        tokens::{BundleKind, garminconnect_dump, garth_dump},
     },
     error::{ApiError, Problem},
     services::{
-        leases::MAX_WAIT_SECS,
+        leases::{MAX_WAIT_SECS, Waited},
         tokens::{TokenMetadata, TokenStatus},
     },
     state::AppState,
@@ -57,11 +57,11 @@ pub struct GarthOAuth2Token {
     pub access_token: String,
     pub refresh_token: String,
     pub expires_in: i64,
-    /// Unix seconds; becomes `access_expires_at`.
-    pub expires_at: i64,
+    /// Unix seconds (a float is truncated); becomes `access_expires_at`.
+    pub expires_at: f64,
     pub refresh_token_expires_in: i64,
-    /// Unix seconds; becomes `refresh_expires_at`.
-    pub refresh_token_expires_at: i64,
+    /// Unix seconds (a float is truncated); becomes `refresh_expires_at`.
+    pub refresh_token_expires_at: f64,
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -84,20 +84,56 @@ pub struct GarthObjectsBody {
     pub oauth2_token: GarthOAuth2Token,
 }
 
-/// The string `garth.Client.dumps()` returns (base64 of the JSON array `[oauth1, oauth2]`).
+/// The string `garth.Client.dumps()` returns: base64 of the JSON array `[oauth1, oauth2]` (garth
+/// 0.8) or `[oauth2]` (garth-ng).
 #[derive(Deserialize, Serialize, ToSchema)]
 pub struct GarthDumpBody {
     pub kind: GarthKind,
     pub garth_dump: String,
 }
 
-/// python-garminconnect's DI token set. `exp` claims of JWTs give the expiry times.
+/// python-garminconnect's DI token set. `exp` claims of JWTs give the expiry times. All three
+/// keys are required; `di_refresh_token` and `di_client_id` may be null (no refresh possible:
+/// `refresh_expires_at` is then the access token's expiry and `refreshable` is false).
 #[derive(Deserialize, Serialize, ToSchema)]
 pub struct GarminConnectBody {
     pub kind: GarminConnectKind,
     pub di_token: String,
-    pub di_refresh_token: String,
-    pub di_client_id: String,
+    pub di_refresh_token: Option<String>,
+    pub di_client_id: Option<String>,
+}
+
+/// garth-ng's OAuth2 token (the fork keeps no OAuth1 token). Unknown fields are kept and returned
+/// as given.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct GarthNgOAuth2Token {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub expires_in: i64,
+    /// Unix seconds, integer or float (truncated); becomes `access_expires_at`.
+    pub expires_at: f64,
+    pub refresh_token_expires_in: Option<i64>,
+    /// Unix seconds, integer or float (truncated); becomes `refresh_expires_at`.
+    pub refresh_token_expires_at: Option<f64>,
+    pub token_type: Option<String>,
+    pub scope: Option<String>,
+    pub jti: Option<String>,
+    pub client_id: Option<String>,
+}
+
+/// garth-ng: the OAuth2 token alone.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct GarthNgObjectsBody {
+    pub kind: GarthKind,
+    pub oauth2_token: GarthNgOAuth2Token,
+}
+
+/// The string python-garminconnect's `Client.dumps()` returns (JSON `{"di_token",
+/// "di_refresh_token", "di_client_id"}`); kept and returned byte for byte.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct GarminConnectDumpBody {
+    pub kind: GarminConnectKind,
+    pub garminconnect_dump: String,
 }
 
 /// Documentation only: the handler parses the body itself, to name the field at fault.
@@ -108,10 +144,13 @@ pub enum PutTokensRequest {
     GarthObjects(GarthObjectsBody),
     GarthDump(GarthDumpBody),
     GarminConnect(GarminConnectBody),
+    GarthNgObjects(GarthNgObjectsBody),
+    GarminConnectDump(GarminConnectDumpBody),
 }
 
-/// Metadata plus the secret fields exactly as stored (garth's two objects, `garth_dump` with
-/// `?representation=garth_dump`, or the three DI fields).
+/// Metadata plus the secret fields exactly as stored (garth's two objects, garth-ng's
+/// `oauth2_token` alone, or the three DI fields), or with `?representation=` the `garth_dump` /
+/// `garminconnect_dump` string the writing library loads.
 #[derive(Serialize, ToSchema)]
 pub struct TokenBundleResponse {
     #[serde(flatten)]
@@ -124,19 +163,28 @@ pub struct TokenBundleResponse {
     pub oauth2_token: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub garth_dump: Option<String>,
+    /// With `?representation=garminconnect_dump`: the string garminconnect's `Client.loads()`
+    /// accepts (byte for byte the one written as `garminconnect_dump`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub di_token: Option<String>,
+    pub garminconnect_dump: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub di_refresh_token: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub di_token: Option<Value>,
+    /// Null when the login has no refresh token.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub di_client_id: Option<String>,
+    #[schema(value_type = Option<String>, nullable)]
+    pub di_refresh_token: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, nullable)]
+    pub di_client_id: Option<Value>,
 }
 
 #[derive(Deserialize, ToSchema, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct GetTokensQuery {
-    /// `garth_dump` returns the string `garth.Client.loads()` accepts instead of the two objects
-    /// (`objects`, the default).
+    /// `garth_dump` returns the string `garth.Client.loads()` accepts (garth's two-element or
+    /// garth-ng's one-element form, as written) instead of the objects (`objects`, the default);
+    /// `garminconnect_dump` the string garminconnect's `Client.loads()` accepts.
     #[param(value_type = Option<Representation>, inline)]
     pub representation: Option<String>,
     /// Answer only once the stored version is greater than this (else 304 when the wait ends).
@@ -153,6 +201,7 @@ pub struct GetTokensQuery {
 pub enum Representation {
     Objects,
     GarthDump,
+    GarminconnectDump,
 }
 
 #[derive(Deserialize, Serialize, ToSchema, Default)]
@@ -297,11 +346,11 @@ async fn put_tokens(
     ),
     responses(
         (status = 200, body = TokenBundleResponse, headers(("ETag" = String))),
-        (status = 304, description = "`newer_than` given and no newer version appeared within `wait_seconds`", headers(("ETag" = String))),
+        (status = 304, description = "`newer_than` given and no newer version appeared within `wait_seconds`; `ETag` is the stored version", headers(("ETag" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "`tokens_not_found`", body = Problem, content_type = "application/problem+json"),
-        (status = 410, description = "`reauth_required` (with `reason`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`tokens_not_found` (a wait ends at once, also when the bundle is deleted while it waits)", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`reauth_required` (with `reason`; a wait ends at once, also when the bundle is invalidated while it waits)", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "stored data failed to decrypt (audited)", body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
@@ -315,11 +364,12 @@ async fn get_tokens(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<GetTokensQuery>,
 ) -> Result<Response, ApiError> {
-    let as_dump = match q.representation.as_deref() {
-        None | Some("objects") => false,
-        Some("garth_dump") => true,
+    let representation = match q.representation.as_deref() {
+        None | Some("objects") => None,
+        Some("garth_dump") => Some(BundleKind::Garth),
+        Some("garminconnect_dump") => Some(BundleKind::GarminConnect),
         Some(_) => {
-            return Err(ApiError::field("representation", "must be garth_dump or objects"));
+            return Err(ApiError::field("representation", "must be objects, garth_dump or garminconnect_dump"));
         }
     };
     if let Some(newer_than) = q.newer_than {
@@ -327,38 +377,41 @@ async fn get_tokens(
         if wait > MAX_WAIT_SECS {
             return Err(ApiError::field("wait_seconds", format!("must be between 0 and {MAX_WAIT_SECS}")));
         }
-        let newer =
+        let waited =
             state.notifier.wait_newer(&state.db, &user, newer_than, std::time::Duration::from_secs(wait)).await?;
-        if !newer {
+        if let Waited::NotModified(stored) = waited {
             let mut resp = StatusCode::NOT_MODIFIED.into_response();
-            resp.headers_mut().insert(header::ETAG, etag(newer_than));
+            resp.headers_mut().insert(header::ETAG, etag(stored));
             return Ok(resp);
         }
     } else if q.wait_seconds.is_some() {
         return Err(ApiError::field("wait_seconds", "only applies together with newer_than"));
     }
-    let opened = state.vault.get(&auth.ctx, &user, as_dump.then_some(BundleKind::Garth)).await?;
+    let opened = state.vault.get(&auth.ctx, &user, representation).await?;
     let mut secrets: Map<String, Value> = opened.secrets;
-    let mut take_str = |k: &str| match secrets.remove(k) {
-        Some(Value::String(s)) => Some(s),
-        _ => None,
-    };
-    let (di_token, di_refresh_token, di_client_id) =
-        (take_str("di_token"), take_str("di_refresh_token"), take_str("di_client_id"));
     let mut body = TokenBundleResponse {
         metadata: opened.metadata,
         oauth1_token: None,
         oauth2_token: None,
         garth_dump: None,
-        di_token,
-        di_refresh_token,
-        di_client_id,
+        garminconnect_dump: None,
+        di_token: None,
+        di_refresh_token: None,
+        di_client_id: None,
     };
-    if as_dump {
-        body.garth_dump = garth_dump(&secrets);
-    } else {
-        body.oauth1_token = secrets.remove("oauth1_token");
-        body.oauth2_token = secrets.remove("oauth2_token");
+    match representation {
+        Some(BundleKind::Garth) => body.garth_dump = garth_dump(&secrets),
+        Some(BundleKind::GarminConnect) => body.garminconnect_dump = garminconnect_dump(&secrets),
+        None => {
+            body.oauth1_token = secrets.remove("oauth1_token");
+            body.oauth2_token = secrets.remove("oauth2_token");
+            // The DI fields as stored (null when there is none).
+            if secrets.contains_key("di_token") {
+                body.di_token = secrets.remove("di_token");
+                body.di_refresh_token = Some(secrets.remove("di_refresh_token").unwrap_or(Value::Null));
+                body.di_client_id = Some(secrets.remove("di_client_id").unwrap_or(Value::Null));
+            }
+        }
     }
     let version = body.metadata.version;
     Ok(with_etag(StatusCode::OK, version, body))

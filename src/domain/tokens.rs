@@ -66,6 +66,8 @@ pub struct TokenBundle {
     pub plaintext: Zeroizing<Vec<u8>>,
     pub access_expires_at: Option<DateTime<Utc>>,
     pub refresh_expires_at: Option<DateTime<Utc>>,
+    /// False for a garminconnect bundle without `di_refresh_token`: no refresh is possible.
+    pub refreshable: bool,
 }
 
 impl std::fmt::Debug for TokenBundle {
@@ -110,17 +112,51 @@ impl TokenBundle {
                 };
                 decode_garth_dump(&d)?
             }
-            (None, Some(o1), Some(o2)) => (o1, o2),
+            (None, o1, Some(o2)) => (o1, o2),
             (Some(_), _, _) => {
                 return Err(FieldError::new(
                     "garth_dump",
-                    "give either garth_dump or oauth1_token and oauth2_token, not both",
+                    "give either garth_dump or the token objects (oauth2_token, with oauth1_token for garth), not both",
                 ));
             }
-            (None, None, _) => return Err(FieldError::new("oauth1_token", "is required")),
-            (None, Some(_), None) => return Err(FieldError::new("oauth2_token", "is required")),
+            (None, _, None) => return Err(FieldError::new("oauth2_token", "is required")),
         };
-        Self::garth(oauth1, oauth2)
+        match oauth1 {
+            Some(o1) => Self::garth(o1, oauth2),
+            None => Self::garth_ng(oauth2),
+        }
+    }
+
+    /// garth-ng (the maintained fork): one OAuth2 token with a rotating `refresh_token`, no
+    /// OAuth1 token. Stored as `{"oauth2_token": ...}`; the missing `oauth1_token` is how the
+    /// bundle remembers to be returned in garth-ng's one-element form.
+    pub fn garth_ng(oauth2: Value) -> Result<Self, FieldError> {
+        let Value::Object(o2) = oauth2 else {
+            return Err(FieldError::new("oauth2_token", "must be an object"));
+        };
+        for f in ["access_token", "refresh_token"] {
+            required_string(&o2, "oauth2_token", f, true)?;
+        }
+        for f in ["token_type", "scope", "jti", "client_id", "mfa_token"] {
+            optional_string(&o2, "oauth2_token", f)?;
+        }
+        required_int(&o2, "oauth2_token", "expires_in")?;
+        optional_int(&o2, "oauth2_token", "refresh_token_expires_in")?;
+        let access_expires_at = unix_to_time(required_expiry(&o2, "oauth2_token", "expires_at")?);
+        // garth-ng leaves it null when Garmin gave no refresh expiry.
+        let refresh_expires_at = match o2.get("refresh_token_expires_at") {
+            None | Some(Value::Null) => None,
+            Some(_) => unix_to_time(required_expiry(&o2, "oauth2_token", "refresh_token_expires_at")?),
+        };
+        let mut canonical = Map::new();
+        canonical.insert("oauth2_token".into(), Value::Object(o2));
+        Ok(Self {
+            kind: BundleKind::Garth,
+            plaintext: to_plaintext(&Value::Object(canonical)),
+            access_expires_at,
+            refresh_expires_at,
+            refreshable: true,
+        })
     }
 
     /// Validates garth's two token objects and builds the bundle.
@@ -142,14 +178,12 @@ impl TokenBundle {
         {
             required_string(&o2, "oauth2_token", f, non_empty)?;
         }
-        let mut ints = [0i64; 4];
-        for (i, f) in
-            ["expires_in", "expires_at", "refresh_token_expires_in", "refresh_token_expires_at"].into_iter().enumerate()
-        {
-            ints[i] = required_int(&o2, "oauth2_token", f)?;
-        }
-        let access_expires_at = unix_to_time(ints[1]);
-        let refresh_expires_at = unix_to_time(ints[3]);
+        required_int(&o2, "oauth2_token", "expires_in")?;
+        let expires_at = required_expiry(&o2, "oauth2_token", "expires_at")?;
+        required_int(&o2, "oauth2_token", "refresh_token_expires_in")?;
+        let refresh_expires_at = required_expiry(&o2, "oauth2_token", "refresh_token_expires_at")?;
+        let access_expires_at = unix_to_time(expires_at);
+        let refresh_expires_at = unix_to_time(refresh_expires_at);
         let mut canonical = Map::new();
         canonical.insert("oauth1_token".into(), Value::Object(o1));
         canonical.insert("oauth2_token".into(), Value::Object(o2));
@@ -158,26 +192,80 @@ impl TokenBundle {
             plaintext: to_plaintext(&Value::Object(canonical)),
             access_expires_at,
             refresh_expires_at,
+            refreshable: true,
         })
     }
 
     fn garminconnect_from_body(mut obj: Map<String, Value>) -> Result<Self, FieldError> {
+        if let Some(dump) = obj.remove("garminconnect_dump") {
+            reject_unknown(&obj)?;
+            let Value::String(dump) = dump else {
+                return Err(FieldError::new("garminconnect_dump", "must be a string"));
+            };
+            return Self::garminconnect_dump(dump);
+        }
         let mut canonical = Map::new();
         for f in ["di_token", "di_refresh_token", "di_client_id"] {
-            required_string(&obj, "", f, true)?;
-            if let Some(v) = obj.remove(f) {
-                canonical.insert(f.into(), v);
+            if f == "di_token" {
+                required_string(&obj, "", f, true)?;
+            } else {
+                present_string_or_null(&obj, "", f)?;
             }
+            canonical.insert(f.into(), obj.remove(f).unwrap_or(Value::Null));
         }
         reject_unknown(&obj)?;
+        Ok(Self::garminconnect(canonical))
+    }
+
+    /// The string python-garminconnect's `Client.dumps()` returns: a JSON object with the three
+    /// DI fields. The string itself is kept (next to the fields) so it is returned byte for byte.
+    fn garminconnect_dump(dump: String) -> Result<Self, FieldError> {
+        let field = "garminconnect_dump";
+        let value: Value = serde_json::from_str(&dump).map_err(|_| {
+            FieldError::new(field, "is not JSON (expected the output of garminconnect's Client.dumps())")
+        })?;
+        if let Some(key) = super::json::duplicate_key(dump.as_bytes()) {
+            return Err(FieldError::new(field, format!("decodes to JSON with the key {key} twice")));
+        }
+        let Value::Object(mut obj) = value else {
+            return Err(FieldError::new(
+                field,
+                "must be a JSON object {\"di_token\", \"di_refresh_token\", \"di_client_id\"}",
+            ));
+        };
+        let mut canonical = Map::new();
+        for f in ["di_token", "di_refresh_token", "di_client_id"] {
+            if f == "di_token" {
+                required_string(&obj, field, f, true)?;
+            } else {
+                present_string_or_null(&obj, field, f)?;
+            }
+            canonical.insert(f.into(), obj.remove(f).unwrap_or(Value::Null));
+        }
+        if let Some(k) = obj.keys().next() {
+            return Err(FieldError::new(path(field, k), "unknown field"));
+        }
+        canonical.insert(field.into(), Value::String(dump));
+        Ok(Self::garminconnect(canonical))
+    }
+
+    /// Builds a garminconnect bundle from its validated DI fields. Without a refresh token
+    /// (a login that fell back to the web JWT) the login ends when the access token does.
+    fn garminconnect(canonical: Map<String, Value>) -> Self {
         let access_expires_at = canonical.get("di_token").and_then(Value::as_str).and_then(jwt_exp);
-        let refresh_expires_at = canonical.get("di_refresh_token").and_then(Value::as_str).and_then(jwt_exp);
-        Ok(Self {
+        let refresh_token = canonical.get("di_refresh_token").and_then(Value::as_str);
+        let refreshable = refresh_token.is_some();
+        let refresh_expires_at = match refresh_token {
+            Some(t) => jwt_exp(t),
+            None => access_expires_at,
+        };
+        Self {
             kind: BundleKind::GarminConnect,
             plaintext: to_plaintext(&Value::Object(canonical)),
             access_expires_at,
             refresh_expires_at,
-        })
+            refreshable,
+        }
     }
 }
 
@@ -190,15 +278,73 @@ pub fn secrets_from_plaintext(plaintext: &[u8]) -> Result<Map<String, Value>, St
     }
 }
 
-/// `garth.Client.dumps()` form: base64 of the JSON array `[oauth1, oauth2]`.
+/// Whether decrypted secrets can be refreshed (false for a garminconnect bundle without
+/// `di_refresh_token`).
+pub fn refreshable(secrets: &Map<String, Value>) -> bool {
+    match secrets.get("di_token") {
+        Some(_) => matches!(secrets.get("di_refresh_token"), Some(Value::String(_))),
+        None => true,
+    }
+}
+
+/// `garth.Client.dumps()` form: base64 of the JSON array `[oauth1, oauth2]` (garth), or of the
+/// one-element array `[oauth2]` (garth-ng, whose bundles have no OAuth1 token).
 pub fn garth_dump(secrets: &Map<String, Value>) -> Option<String> {
-    let o1 = secrets.get("oauth1_token")?;
     let o2 = secrets.get("oauth2_token")?;
-    let json = Zeroizing::new(serde_json::to_vec(&[o1, o2]).ok()?);
+    let json = Zeroizing::new(match secrets.get("oauth1_token") {
+        Some(o1) => serde_json::to_vec(&[o1, o2]).ok()?,
+        None => serde_json::to_vec(&[o2]).ok()?,
+    });
     Some(general_purpose::STANDARD.encode(json.as_slice()))
 }
 
-fn decode_garth_dump(dump: &str) -> Result<(Value, Value), FieldError> {
+/// python-garminconnect's `Client.dumps()` form: the string written, when the bundle was written
+/// as `garminconnect_dump`, else the three DI fields as Python's `json.dumps` writes them.
+pub fn garminconnect_dump(secrets: &Map<String, Value>) -> Option<String> {
+    if let Some(Value::String(d)) = secrets.get("garminconnect_dump") {
+        return Some(d.clone());
+    }
+    let mut parts = Vec::with_capacity(3);
+    for f in ["di_token", "di_refresh_token", "di_client_id"] {
+        let v = secrets.get(f).cloned().unwrap_or(Value::Null);
+        parts.push(format!("{}: {}", Value::String(f.into()), python_json(&v)?));
+    }
+    Some(format!("{{{}}}", parts.join(", ")))
+}
+
+/// A string or null as Python's `json.dumps` (ensure_ascii) writes it.
+fn python_json(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => Some("null".into()),
+        Value::String(s) => {
+            let mut out = String::with_capacity(s.len() + 2);
+            out.push('"');
+            for ch in s.chars() {
+                match ch {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    '\u{8}' => out.push_str("\\b"),
+                    '\u{c}' => out.push_str("\\f"),
+                    c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
+                        let mut buf = [0u16; 2];
+                        for unit in c.encode_utf16(&mut buf) {
+                            out.push_str(&format!("\\u{unit:04x}"));
+                        }
+                    }
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            Some(out)
+        }
+        _ => None,
+    }
+}
+
+fn decode_garth_dump(dump: &str) -> Result<(Option<Value>, Value), FieldError> {
     let err = |m: &str| FieldError::new("garth_dump", m);
     let bytes = Zeroizing::new(B64_LENIENT.decode(dump.trim().as_bytes()).map_err(|_| err("is not valid base64"))?);
     let value: Value = serde_json::from_slice(&bytes)
@@ -210,9 +356,11 @@ fn decode_garth_dump(dump: &str) -> Result<(Value, Value), FieldError> {
         Value::Array(mut items) if items.len() == 2 => {
             let o2 = items.pop().unwrap_or(Value::Null);
             let o1 = items.pop().unwrap_or(Value::Null);
-            Ok((o1, o2))
+            Ok((Some(o1), o2))
         }
-        _ => Err(err("must decode to a JSON array [oauth1_token, oauth2_token]")),
+        // garth-ng: `[oauth2_token]`.
+        Value::Array(mut items) if items.len() == 1 => Ok((None, items.pop().unwrap_or(Value::Null))),
+        _ => Err(err("must decode to a JSON array [oauth1_token, oauth2_token] (garth) or [oauth2_token] (garth-ng)")),
     }
 }
 
@@ -265,6 +413,36 @@ fn optional_string(obj: &Map<String, Value>, parent: &str, f: &str) -> Result<()
     match obj.get(f) {
         None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
         Some(_) => Err(FieldError::new(path(parent, f), "must be a string or null")),
+    }
+}
+
+/// A key that must be present, holding a string or null (garminconnect writes all three DI keys).
+fn present_string_or_null(obj: &Map<String, Value>, parent: &str, f: &str) -> Result<(), FieldError> {
+    match obj.get(f) {
+        None => Err(FieldError::new(path(parent, f), "is required (null when there is none)")),
+        Some(_) => optional_string(obj, parent, f),
+    }
+}
+
+fn optional_int(obj: &Map<String, Value>, parent: &str, f: &str) -> Result<(), FieldError> {
+    match obj.get(f) {
+        None | Some(Value::Null) => Ok(()),
+        Some(_) => required_int(obj, parent, f).map(|_| ()),
+    }
+}
+
+/// An expiry in Unix seconds: an integer, or a float (garth-ng writes `time.time()` sums such as
+/// `1790000000.5`), truncated to whole seconds. The stored text stays as written.
+fn required_expiry(obj: &Map<String, Value>, parent: &str, f: &str) -> Result<i64, FieldError> {
+    match obj.get(f) {
+        None | Some(Value::Null) => Err(FieldError::new(path(parent, f), "is required")),
+        Some(v) => v
+            .as_i64()
+            .or_else(|| {
+                v.as_f64().filter(|x| x.is_finite() && *x >= 0.0 && *x <= MAX_UNIX as f64).map(|x| x.trunc() as i64)
+            })
+            .filter(|n| (0..=MAX_UNIX).contains(n))
+            .ok_or_else(|| FieldError::new(path(parent, f), "must be a non-negative number of seconds")),
     }
 }
 

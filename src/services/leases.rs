@@ -71,6 +71,15 @@ pub fn lease_lost() -> ApiError {
     )
 }
 
+/// How a long-poll wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// Read the bundle now (a newer version, or no usable bundle: 404/410).
+    Read,
+    /// Nothing newer: 304 with this stored version as the `ETag`.
+    NotModified(i64),
+}
+
 /// Announces new bundle versions to long-polling readers, and bounds how many may wait.
 #[derive(Clone)]
 pub struct VersionNotifier {
@@ -102,15 +111,34 @@ impl VersionNotifier {
     }
 
     /// Waits until the stored version of `user` is above `newer_than`, or `wait` passes.
-    /// True when a newer version is there.
-    pub async fn wait_newer(&self, db: &Db, user: &UserId, newer_than: i64, wait: Duration) -> Result<bool, ApiError> {
+    /// [`Waited::Read`] when the caller should read the bundle now: a newer version is there, or
+    /// there is no usable bundle (missing, invalidated, past its refresh expiry: the read answers
+    /// 404 or 410 at once, also when that happens while the caller waits).
+    /// [`Waited::NotModified`] carries the stored version.
+    pub async fn wait_newer(
+        &self,
+        db: &Db,
+        user: &UserId,
+        newer_than: i64,
+        wait: Duration,
+    ) -> Result<Waited, ApiError> {
         let current = || async {
             let mut rc = db.read().await?;
             let row = store::tokens::get(&mut rc.conn(), user.as_str()).await?;
-            Ok::<_, ApiError>(row.map(|r| r.version).unwrap_or(0))
+            let now = store::now();
+            Ok::<_, ApiError>(match row {
+                Some(r) if r.version > newer_than => Waited::Read,
+                Some(r)
+                    if crate::services::tokens::status_of(&r, now).0
+                        != crate::services::tokens::TokenStatus::ReauthRequired =>
+                {
+                    Waited::NotModified(r.version)
+                }
+                _ => Waited::Read,
+            })
         };
         if wait.is_zero() {
-            return Ok(current().await? > newer_than);
+            return current().await;
         }
         let _permit = self.waiters.clone().try_acquire_owned().map_err(|_| ApiError::Unavailable {
             detail: "too many readers are waiting for new versions",
@@ -119,8 +147,9 @@ impl VersionNotifier {
         // Subscribe before reading, so a version written in between is not missed.
         let mut rx = self.tx.subscribe();
         let mut closing = self.closing.subscribe();
-        if *closing.borrow() || current().await? > newer_than {
-            return Ok(!*closing.borrow());
+        let mut seen = current().await?;
+        if *closing.borrow() || seen == Waited::Read {
+            return Ok(seen);
         }
         // Another process may write (SQLite has no NOTIFY; a PostgreSQL listener may reconnect):
         // re-read now and then.
@@ -131,19 +160,24 @@ impl VersionNotifier {
         let deadline = tokio::time::Instant::now() + wait;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
         loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline) => return Ok(false),
-                _ = closing.changed() => return Ok(false),
+            let recheck = tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return current().await,
+                _ = closing.changed() => return Ok(seen),
                 msg = rx.recv() => match msg {
-                    Ok((u, v)) if &*u == user.as_str() && v > newer_than => return Ok(true),
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if current().await? > newer_than { return Ok(true) }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Ok(false),
+                    // A newer version was announced: read it (the announcement is trusted).
+                    Ok((u, v)) if &*u == user.as_str() && v > newer_than => return Ok(Waited::Read),
+                    // Another change of this user's bundle (a delete announces the version it
+                    // removed): look whether a usable bundle is still there.
+                    Ok((u, _)) => &*u == user.as_str(),
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(seen),
                 },
-                _ = ticker.tick() => {
-                    if current().await? > newer_than { return Ok(true) }
+                _ = ticker.tick() => true,
+            };
+            if recheck {
+                seen = current().await?;
+                if seen == Waited::Read {
+                    return Ok(seen);
                 }
             }
         }

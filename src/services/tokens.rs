@@ -47,6 +47,11 @@ pub struct TokenMetadata {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
+    /// False when the bundle cannot be refreshed (a garminconnect login without
+    /// `di_refresh_token`: it ends at `access_expires_at`). Given on writes and decrypting reads;
+    /// the metadata-only read (no decryption) omits it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refreshable: Option<bool>,
     /// Why the bundle needs a new login (`invalidate` reason, `refresh_expired`), when it does.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reauth_reason: Option<String>,
@@ -65,6 +70,7 @@ impl TokenMetadata {
             created_at: row.created_at,
             updated_at: row.updated_at,
             last_used_at: row.last_used_at,
+            refreshable: None,
             reauth_reason,
         }
     }
@@ -116,6 +122,7 @@ fn open_bundle(
             let decision = record(Outcome::Success, json!({"kind": b.row.kind, "version": b.row.version}), Some(now));
             let mut metadata = TokenMetadata::from_row(&b.row, now);
             metadata.last_used_at = Some(now);
+            metadata.refreshable = Some(crate::domain::tokens::refreshable(&secrets));
             (decision, Ok(OpenedBundle { metadata, secrets }))
         }
         Err(error) => {
@@ -206,7 +213,8 @@ impl Vault {
             Some((row, created)) => {
                 self.consume_lease(&mut tx.conn(), ctx, user.as_str(), fence, row.version, "write", now).await?;
                 store::tokens::announce_version(&mut tx.conn(), user.as_str(), row.version).await?;
-                let meta = TokenMetadata::from_row(&row, now);
+                let mut meta = TokenMetadata::from_row(&row, now);
+                meta.refreshable = Some(bundle.refreshable);
                 self.auditor
                     .record(
                         &mut tx.conn(),
@@ -431,8 +439,13 @@ impl Vault {
             now,
         )
         .await?;
+        if existed {
+            store::tokens::announce_version(&mut tx.conn(), u, version).await?;
+        }
         tx.commit().await?;
         if existed {
+            // Waiting readers wake up (and find the bundle gone: 404).
+            self.notifier.publish(u, version);
             self.db.checkpoint_soon();
         }
         Ok(())

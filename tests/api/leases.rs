@@ -451,3 +451,63 @@ async fn preconditions_of_invalidate_and_delete_on_a_missing_bundle() {
     assert_eq!(app.get(&p).send().await.status, 200, "nothing changed");
     assert_eq!(app.delete(&p).header("if-match", "*").send().await.status, 204);
 }
+
+/// The 304 carries the stored version as its ETag, not the caller's `newer_than`.
+#[tokio::test]
+async fn not_modified_carries_the_stored_version() {
+    let app = TestApp::spawn().await;
+    let v = stored(&app, "nm").await;
+    let r = app.get(&format!("{}?newer_than={}", tokens_path("nm"), v + 5)).send().await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.header("etag"), Some(format!("\"{v}\"").as_str()));
+    let r = app.get(&format!("{}?newer_than={}&wait_seconds=1", tokens_path("nm"), v + 5)).send().await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.header("etag"), Some(format!("\"{v}\"").as_str()));
+}
+
+/// No bundle: the wait ends at once with 404; an invalidated one at once with 410.
+#[tokio::test]
+async fn a_wait_on_a_missing_or_invalidated_bundle_ends_at_once() {
+    let app = TestApp::spawn().await;
+    let t = std::time::Instant::now();
+    let r = app.get(&format!("{}?newer_than=0&wait_seconds=5", tokens_path("none"))).send().await;
+    r.assert_problem(404, "tokens_not_found");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let v = stored(&app, "inv").await;
+    let r = app.post(&format!("{}/invalidate", tokens_path("inv"))).json(json!({"reason": "gone"})).send().await;
+    assert_eq!(r.status, 204);
+    let t = std::time::Instant::now();
+    let r = app.get(&format!("{}?newer_than={}&wait_seconds=5", tokens_path("inv"), v + 1)).send().await;
+    r.assert_problem(410, "reauth_required");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+/// A reader already waiting is woken when the bundle is deleted (404) or invalidated (410).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_reader_is_woken_by_delete_and_invalidate() {
+    let app = Arc::new(TestApp::spawn().await);
+    for (user, act) in [("wd", "delete"), ("wi", "invalidate")] {
+        let v = stored(&app, user).await;
+        let a = app.clone();
+        let w = tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            let r = a.get(&format!("{}?newer_than={v}&wait_seconds=10", tokens_path(user))).send().await;
+            (r, t.elapsed())
+        });
+        wait_for_waiters(&app, 1).await;
+        let r = if act == "delete" {
+            app.delete(&tokens_path(user)).send().await
+        } else {
+            app.post(&format!("{}/invalidate", tokens_path(user))).json(json!({"reason": "r"})).send().await
+        };
+        assert_eq!(r.status, 204, "{}", r.text);
+        let (r, waited) = w.await.unwrap();
+        if act == "delete" {
+            r.assert_problem(404, "tokens_not_found");
+        } else {
+            r.assert_problem(410, "reauth_required");
+        }
+        assert!(waited < Duration::from_secs(4), "{act}: woken promptly, not at the end of the wait: {waited:?}");
+        assert_eq!(app.state.notifier.waiting(), 0);
+    }
+}

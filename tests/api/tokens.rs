@@ -731,3 +731,222 @@ async fn destroyed_ciphertext_leaves_the_wal_under_concurrent_reads_and_writes()
     let rounds: u32 = load.join_all().await.into_iter().sum();
     eprintln!("under load ({rounds} write+read rounds): gone in {took:?}");
 }
+
+/// garth-ng's OAuth2 token as its `dumps()` writes it: float expiries, no `token_type` needed,
+/// `client_id` and the MFA fields.
+fn garth_ng_oauth2(tag: &str) -> Value {
+    secret(&format!("ng-acc-{tag}-SECRET"));
+    secret(&format!("ng-ref-{tag}-SECRET"));
+    let text = format!(
+        r#"{{"access_token": "ng-acc-{tag}-SECRET", "refresh_token": "ng-ref-{tag}-SECRET", "expires_in": 3600,
+            "token_type": "Bearer", "expires_at": {}.5, "refresh_token_expires_in": 7776000,
+            "refresh_token_expires_at": {}.25, "scope": "CONNECT_READ", "jti": "jti-{tag}", "mfa_token": null,
+            "mfa_expiration_timestamp": null, "mfa_expiration_timestamp_millis": null, "client_id": "GCM_ANDROID_DARK"}}"#,
+        future(3600),
+        future(7_776_000)
+    );
+    serde_json::from_str(&text).unwrap()
+}
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(v).unwrap())
+}
+
+fn unb64(s: &Value) -> Value {
+    serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(s.as_str().unwrap()).unwrap()).unwrap()
+}
+
+fn unix_of(v: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap().timestamp()
+}
+
+/// garth-ng writes `[oauth2]` (one element): accepted, expiries from the float `expires_at` and
+/// `refresh_token_expires_at` (truncated), and read back in the same one-element form (garth-ng's
+/// `loads()` refuses the two-element one), with the float text exactly as written.
+#[tokio::test]
+async fn garth_ng_one_element_dump_round_trips_in_its_own_form() {
+    let app = TestApp::spawn().await;
+    let o2 = garth_ng_oauth2("d");
+    let r = app
+        .put(&tokens_path("ng"))
+        .json(json!({"kind": "garth", "garth_dump": b64(&json!([o2.clone()]))}))
+        .send()
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.json["kind"], "garth");
+    assert_eq!(r.json["status"], "valid");
+    assert_eq!(r.json["refreshable"], true);
+    let exp: f64 = o2["expires_at"].to_string().parse().unwrap();
+    let rexp: f64 = o2["refresh_token_expires_at"].to_string().parse().unwrap();
+    assert_eq!(unix_of(&r.json["access_expires_at"]), exp.trunc() as i64);
+    assert_eq!(unix_of(&r.json["refresh_expires_at"]), rexp.trunc() as i64);
+
+    let g = app.get(&format!("{}?representation=garth_dump", tokens_path("ng"))).send().await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    let back = unb64(&g.json["garth_dump"]);
+    assert_eq!(back, json!([o2.clone()]), "one element, as garth-ng's loads() needs");
+    assert!(back[0]["expires_at"].to_string().ends_with(".5"), "float kept as written: {}", back[0]["expires_at"]);
+
+    let g = app.get(&tokens_path("ng")).send().await;
+    assert_eq!(g.json["oauth2_token"], o2);
+    assert!(g.json.get("oauth1_token").is_none(), "no OAuth1 token invented: {}", g.text);
+}
+
+/// The objects form with `oauth2_token` alone is garth-ng too: the objects come back exactly as
+/// written, and the dump representation is the one-element form. garth 0.8 bundles keep theirs.
+#[tokio::test]
+async fn garth_ng_oauth2_alone_is_accepted_and_returned_as_written() {
+    let app = TestApp::spawn().await;
+    let o2 = garth_ng_oauth2("o");
+    let r = app.put(&tokens_path("ng2")).json(json!({"kind": "garth", "oauth2_token": o2.clone()})).send().await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let g = app.get(&tokens_path("ng2")).send().await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.json["oauth2_token"], o2);
+    assert!(g.json.get("oauth1_token").is_none());
+    let d = app.get(&format!("{}?representation=garth_dump", tokens_path("ng2"))).send().await;
+    assert_eq!(unb64(&d.json["garth_dump"]), json!([o2]));
+    // A garth 0.8 bundle written as a dump still comes back as two elements.
+    let arr = json!([oauth1("g"), oauth2("g")]);
+    assert_eq!(
+        app.put(&tokens_path("g08")).json(json!({"kind": "garth", "garth_dump": b64(&arr)})).send().await.status,
+        201
+    );
+    let d = app.get(&format!("{}?representation=garth_dump", tokens_path("g08"))).send().await;
+    assert_eq!(unb64(&d.json["garth_dump"]), arr);
+    // Validation still names the field, and refuses changing nothing.
+    let mut bad = garth_ng_oauth2("b");
+    bad.as_object_mut().unwrap().remove("refresh_token");
+    app.put(&tokens_path("ng2"))
+        .json(json!({"kind": "garth", "oauth2_token": bad}))
+        .send()
+        .await
+        .assert_problem(422, "validation_failed");
+    let mut bad = garth_ng_oauth2("b");
+    bad["expires_at"] = json!(-1.5);
+    let p = app.put(&tokens_path("ng2")).json(json!({"kind": "garth", "oauth2_token": bad})).send().await;
+    p.assert_problem(422, "validation_failed");
+    assert_eq!(p.json["field"], "oauth2_token.expires_at");
+    app.put(&tokens_path("ng2"))
+        .json(json!({"kind": "garth", "garth_dump": b64(&json!([]))}))
+        .send()
+        .await
+        .assert_problem(422, "validation_failed");
+    assert_eq!(app.get(&tokens_path("ng2")).send().await.json["version"], 1);
+}
+
+/// garth 0.8's objects form with non-integral float expiries (as garth-ng's `time.time()` sums
+/// give them): accepted and truncated to seconds.
+#[tokio::test]
+async fn non_integral_float_expiries_are_truncated_to_seconds() {
+    let app = TestApp::spawn().await;
+    let (e, re) = (future(3600), future(86_400));
+    let mut o2 = oauth2("f");
+    o2["expires_at"] = serde_json::from_str(&format!("{e}.75")).unwrap();
+    o2["refresh_token_expires_at"] = serde_json::from_str(&format!("{re}.5")).unwrap();
+    let r = app
+        .put(&tokens_path("fl"))
+        .json(json!({"kind": "garth", "oauth1_token": oauth1("f"), "oauth2_token": o2}))
+        .send()
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(unix_of(&r.json["access_expires_at"]), e);
+    assert_eq!(unix_of(&r.json["refresh_expires_at"]), re);
+    let g = app.get(&tokens_path("fl")).send().await;
+    assert_eq!(g.json["oauth2_token"]["expires_at"].to_string(), format!("{e}.75"));
+}
+
+/// python-garminconnect's `Client.dumps()` string is accepted as `garminconnect_dump` and given
+/// back byte for byte; the three-field form gets a dump in `json.dumps`'s own spelling.
+#[tokio::test]
+async fn garminconnect_dump_round_trips_byte_exactly() {
+    let app = TestApp::spawn().await;
+    let (exp, rexp) = (future(3600), future(86_400 * 30));
+    let (at, rt) = (jwt(exp, "gcd-acc"), jwt(rexp, "gcd-ref"));
+    let dump = format!(r#"{{"di_token": "{at}", "di_refresh_token": "{rt}", "di_client_id": "GCM_ANDROID_DARK"}}"#);
+    let r =
+        app.put(&tokens_path("gcd")).json(json!({"kind": "garminconnect", "garminconnect_dump": dump})).send().await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.json["kind"], "garminconnect");
+    assert_eq!(r.json["refreshable"], true);
+    assert_eq!(unix_of(&r.json["access_expires_at"]), exp);
+    assert_eq!(unix_of(&r.json["refresh_expires_at"]), rexp);
+    let g = app.get(&format!("{}?representation=garminconnect_dump", tokens_path("gcd"))).send().await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    assert_eq!(g.json["garminconnect_dump"], dump, "byte for byte");
+    assert!(g.json.get("di_token").is_none());
+    let g = app.get(&tokens_path("gcd")).send().await;
+    assert_eq!(g.json["di_token"], at);
+    assert_eq!(g.json["di_refresh_token"], rt);
+    assert!(g.json.get("garminconnect_dump").is_none());
+    // The fields form, read as a dump.
+    let body = json!({"kind": "garminconnect", "di_token": at, "di_refresh_token": rt, "di_client_id": "c"});
+    assert_eq!(app.put(&tokens_path("gcf")).json(body).send().await.status, 201);
+    let g = app.get(&format!("{}?representation=garminconnect_dump", tokens_path("gcf"))).send().await;
+    assert_eq!(
+        g.json["garminconnect_dump"],
+        format!(r#"{{"di_token": "{at}", "di_refresh_token": "{rt}", "di_client_id": "c"}}"#)
+    );
+    // garth_dump of a DI bundle and garminconnect_dump of a garth one are refused.
+    app.get(&format!("{}?representation=garth_dump", tokens_path("gcf")))
+        .send()
+        .await
+        .assert_problem(422, "validation_failed");
+    assert_eq!(app.put(&tokens_path("g")).json(garth_body("g")).send().await.status, 201);
+    app.get(&format!("{}?representation=garminconnect_dump", tokens_path("g")))
+        .send()
+        .await
+        .assert_problem(422, "validation_failed");
+    // Bad dumps name the field and change nothing.
+    for bad in [
+        "not json",
+        "[1]",
+        r#"{"di_refresh_token": "r", "di_client_id": "c"}"#,
+        r#"{"di_token": "a", "di_refresh_token": "r", "di_client_id": "c", "x": 1}"#,
+        r#"{"di_token": "a", "di_token": "b", "di_refresh_token": "r", "di_client_id": "c"}"#,
+    ] {
+        let p =
+            app.put(&tokens_path("gcd")).json(json!({"kind": "garminconnect", "garminconnect_dump": bad})).send().await;
+        p.assert_problem(422, "validation_failed");
+        assert!(p.json["field"].as_str().unwrap().starts_with("garminconnect_dump"), "{}", p.text);
+    }
+    assert_eq!(app.get(&tokens_path("gcd")).send().await.json["version"], 1);
+}
+
+/// A garminconnect login that fell back to the web JWT has no refresh token (and maybe no client
+/// id): accepted in both forms, it ends when the access token does, and says it cannot be
+/// refreshed.
+#[tokio::test]
+async fn garminconnect_without_refresh_token_is_not_refreshable() {
+    let app = TestApp::spawn().await;
+    let exp = future(3600);
+    let at = jwt(exp, "norefresh");
+    let body = json!({"kind": "garminconnect", "di_token": at, "di_refresh_token": null, "di_client_id": null});
+    let r = app.put(&tokens_path("nr")).json(body).send().await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.json["refreshable"], false);
+    assert_eq!(unix_of(&r.json["refresh_expires_at"]), exp, "the login ends with the access token");
+    let g = app.get(&tokens_path("nr")).send().await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    assert_eq!(g.json["refreshable"], false);
+    assert!(g.json["di_refresh_token"].is_null() && g.json.get("di_refresh_token").is_some(), "{}", g.text);
+    assert!(g.json["di_client_id"].is_null() && g.json.get("di_client_id").is_some());
+    let g = app.get(&format!("{}?representation=garminconnect_dump", tokens_path("nr"))).send().await;
+    assert_eq!(
+        g.json["garminconnect_dump"],
+        format!(r#"{{"di_token": "{at}", "di_refresh_token": null, "di_client_id": null}}"#)
+    );
+    let dump = format!(r#"{{"di_token": "{at}", "di_refresh_token": null, "di_client_id": null}}"#);
+    let r =
+        app.put(&tokens_path("nr2")).json(json!({"kind": "garminconnect", "garminconnect_dump": dump})).send().await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.json["refreshable"], false);
+    // The key must still be there (null when there is none).
+    let p = app
+        .put(&tokens_path("nr3"))
+        .json(json!({"kind": "garminconnect", "di_token": at, "di_client_id": null}))
+        .send()
+        .await;
+    p.assert_problem(422, "validation_failed");
+    assert_eq!(p.json["field"], "di_refresh_token");
+}
