@@ -563,6 +563,28 @@ mod tests {
         );
     }
 
+    /// The three DI fields come back as Python's `json.dumps` writes them (what garminconnect's
+    /// `Client.dumps()` returns), escapes included; a written dump comes back byte for byte.
+    #[test]
+    fn garminconnect_dump_is_spelled_like_python_json_dumps() {
+        let b = TokenBundle::from_body(
+            json!({"kind": "garminconnect", "di_token": "\u{e9}\u{2028}\u{1f600}\u{7f}\u{1}\"\\/\n",
+            "di_refresh_token": null, "di_client_id": "c"}),
+        )
+        .unwrap();
+        assert!(!b.refreshable);
+        let secrets = secrets_from_plaintext(&b.plaintext).unwrap();
+        // Python: json.dumps({"di_token": "\u00e9\u2028\U0001f600\x7f\x01\"\\/\n", ...})
+        assert_eq!(
+            garminconnect_dump(&secrets).unwrap(),
+            r#"{"di_token": "\u00e9\u2028\ud83d\ude00\u007f\u0001\"\\/\n", "di_refresh_token": null, "di_client_id": "c"}"#
+        );
+        let written = r#"{"di_token":"a",  "di_refresh_token": "r", "di_client_id": null}"#;
+        let b = TokenBundle::from_body(json!({"kind": "garminconnect", "garminconnect_dump": written})).unwrap();
+        assert!(b.refreshable);
+        assert_eq!(garminconnect_dump(&secrets_from_plaintext(&b.plaintext).unwrap()).unwrap(), written);
+    }
+
     #[test]
     fn jwt_exp_is_extracted_or_none() {
         let payload = B64URL_LENIENT.encode(br#"{"exp":1790000000,"sub":"x"}"#);
