@@ -201,11 +201,12 @@ async fn shutdown_lets_a_request_in_flight_finish_and_closes_idle_connections() 
     let mut first = [0u8; 12];
     idle.read_exact(&mut first).await.unwrap();
     // A long poll in flight: it is answered (304 once the notifier closes, or when its wait
-    // ends), not cut off.
+    // ends), not cut off. It waits on a stored bundle (a wait on a missing one ends at once, 404).
+    assert_eq!(served._app.put(&tokens_path("poller")).json(garth_body("p")).send().await.status, 201);
     let mut poll = TcpStream::connect(served.addr).await.unwrap();
     poll.write_all(
         format!(
-            "GET /api/v1/users/nobody/tokens?newer_than=0&wait_seconds=2 HTTP/1.1\r\nHost: t\r\n\
+            "GET /api/v1/users/poller/tokens?newer_than=1&wait_seconds=2 HTTP/1.1\r\nHost: t\r\n\
              Authorization: Bearer {ADMIN_KEY}\r\n\r\n"
         )
         .as_bytes(),
