@@ -83,6 +83,10 @@ pub async fn open_keyring(settings: &Settings, db: &Db) -> Result<crate::crypto:
     let key_err = |e: KeyError| StartupError::Keys(e.to_string());
     let (ring, source) = keys::load_keyring(settings, db).await.map_err(key_err)?;
     keys::verify_keyring(db, &ring).await.map_err(key_err)?;
+    // A database from before the audit head MAC gets its head sealed once (if its chain verifies).
+    crate::services::audit::seal_unsealed_head(db, &ring)
+        .await
+        .map_err(|error| StartupError::Database { url: settings.effective_database_url().redacted(), error })?;
     match source {
         KeySource::Generated(path) => tracing::warn!(
             path = %path.display(),
