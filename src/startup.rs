@@ -158,6 +158,7 @@ impl Application {
         // One signal stops both the HTTP server (after in-flight requests) and the sweeper.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut sweeper_stop = stop_rx.clone();
+        let final_state = state.clone();
         let sweeper = tokio::spawn(crate::sweeper::run(state.clone(), async move {
             let _ = sweeper_stop.wait_for(|stopped| *stopped).await;
         }));
@@ -178,6 +179,11 @@ impl Application {
         })
         .await;
         let _ = sweeper.await;
+        // Refusals answered while the last requests finished, after the sweeper's own flush.
+        if let Err(e) = crate::sweeper::flush_refusals(&final_state, crate::store::now(), true).await {
+            tracing::warn!(error = %e, "could not write refusal summaries at shutdown");
+        }
+        drop(final_state);
         let _ = version_listener.await;
         upkeep.abort();
         // Every request has finished; a connection still checked out now would never come back.

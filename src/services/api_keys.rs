@@ -120,6 +120,13 @@ impl ApiKeys {
         result
     }
 
+    /// The principal of a presented key when it is in the cache of verified keys (no query).
+    pub fn cached(&self, presented: &str) -> Option<Principal> {
+        let hash = api_keys::hash(presented);
+        let cache = self.cache.lock().ok()?;
+        cache.get(&hash).filter(|c| c.fetched.elapsed() < self.ttl).map(|c| c.principal.clone())
+    }
+
     async fn check(&self, presented: &str) -> Result<Principal, AuthError> {
         let hash = api_keys::hash(presented);
         if let Ok(cache) = self.cache.lock()
