@@ -246,9 +246,14 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
                 ctx.actor = Some(format!("key:{}", p.key_id));
                 let details = json!({"reason": "insufficient_scope", "required_scope": S::SCOPE.as_str(),
                                      "method": parts.method.as_str(), "path": path});
-                Err(refuse(state, &ctx, source, "insufficient_scope", details, ApiError::Forbidden {
-                    required_scope: S::SCOPE.as_str(),
-                })
+                Err(refuse(
+                    state,
+                    &ctx,
+                    source,
+                    "insufficient_scope",
+                    details,
+                    ApiError::Forbidden { required_scope: S::SCOPE.as_str() },
+                )
                 .await)
             }
             Err(AuthError::Failure(f)) => {

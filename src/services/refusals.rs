@@ -18,12 +18,7 @@
 //! queued for the flush) before a new source is added; the queue of summaries is bounded too
 //! (past it, summaries are merged into one event without a source address).
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::Mutex,
-    time::Duration,
-};
+use std::{collections::HashMap, net::IpAddr, sync::Mutex, time::Duration};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::json;
@@ -247,10 +242,8 @@ impl Refusals {
             return Ok(0);
         }
         let interval_secs = self.limits.interval.as_secs();
-        let ctxs: Vec<AuditContext> = due
-            .iter()
-            .map(|s| AuditContext { actor: None, request_id: None, source_ip: s.source.clone() })
-            .collect();
+        let ctxs: Vec<AuditContext> =
+            due.iter().map(|s| AuditContext { actor: None, request_id: None, source_ip: s.source.clone() }).collect();
         let events: Vec<PendingEvent<'_>> = due
             .iter()
             .zip(&ctxs)

@@ -188,7 +188,6 @@ pub async fn write_head(c: &mut Conn<'_>, head: &ChainHead) -> Result<()> {
     if n == 1 { Ok(()) } else { Err(head_missing()) }
 }
 
-
 /// Writes a SQLite group's cached head (the committer, just before `COMMIT`).
 pub(super) async fn write_cached_head(conn: &mut sqlx::SqliteConnection, head: &ChainHead) -> sqlx::Result<()> {
     bind_head!(sqlx::query(WRITE_HEAD), head).execute(conn).await.map(|_| ())
