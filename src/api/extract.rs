@@ -297,6 +297,36 @@ async fn refuse(
     }
 }
 
+/// Documents the refusal budget's 429 on every operation that can refuse a caller (those with
+/// a 401), unless the operation documents its own 429 already.
+pub struct RefusalBudgetResponses;
+
+impl utoipa::Modify for RefusalBudgetResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        for item in openapi.paths.paths.values_mut() {
+            for op in
+                [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
+            {
+                let r = &mut op.responses.responses;
+                if r.contains_key("401") && !r.contains_key("429") {
+                    let response = ResponseBuilder::new()
+                        .description(
+                            "`too_many_requests`: this address is past its refusal budget \
+                             (CENTRALDB_REFUSAL_BUDGET per CENTRALDB_REFUSAL_INTERVAL_SECS), with Retry-After",
+                        )
+                        .content(
+                            "application/problem+json",
+                            ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build(),
+                        )
+                        .build();
+                    r.insert("429".to_string(), response.into());
+                }
+            }
+        }
+    }
+}
+
 /// Audits a refused request. A denial changes nothing, so when the audit row cannot be written
 /// the refusal is still answered (and the failure logged).
 async fn deny(state: &AppState, ctx: &AuditContext, details: serde_json::Value) {
