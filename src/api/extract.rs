@@ -18,7 +18,7 @@ use crate::{
     domain::{Scope, UserId},
     error::ApiError,
     services::{
-        api_keys::{AuthError, AuthFailure},
+        api_keys::{AuthError, AuthFailure, CacheHit},
         audit::{self, AuditContext, Outcome},
         refusals::Verdict,
     },
@@ -229,9 +229,14 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
                 .ok_or(AuthFailure::Malformed),
         };
         let result = match presented {
-            // A source over its refusal budget: only a key verified recently (in the cache) goes
-            // on; anything else is refused without a query.
-            Ok(key) if throttled => state.api_keys.cached(key).ok_or(AuthError::Failure(AuthFailure::Unknown)),
+            // A source over its refusal budget: only a key verified before (in the cache) goes
+            // on, re-checked with a query if its cache period is over (a revoked key leaves the
+            // cache then); any other key is refused without a query.
+            Ok(key) if throttled => match state.api_keys.cached(key) {
+                CacheHit::Fresh(p) => Ok(p),
+                CacheHit::Stale => state.api_keys.authenticate(key).await,
+                CacheHit::Unknown => Err(AuthError::Failure(AuthFailure::Unknown)),
+            },
             Ok(key) => state.api_keys.authenticate(key).await,
             Err(f) => Err(AuthError::Failure(f)),
         };
