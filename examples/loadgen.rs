@@ -122,6 +122,10 @@ struct Args {
     /// refusal-flood: connections sending requests with an invalid key, closed loop.
     #[arg(long, default_value_t = 4)]
     flood_connections: usize,
+    /// refusal-flood: total invalid-key requests per second, spread over the flood connections
+    /// (default: as fast as they are answered).
+    #[arg(long)]
+    flood_rate: Option<f64>,
     /// Users to seed for token-get / token-put.
     #[arg(long, default_value_t = 1000)]
     users: usize,
@@ -693,8 +697,16 @@ fn start_flood(run: &Arc<Run>, recorder: &Arc<Recorder>, n: usize) -> tokio::tas
         let mut vu = run.vu(run.args.connections + i, recorder);
         vu.auth = Some(bad.clone());
         let run = run.clone();
+        // With a rate, flooder i sends its k-th request at start + (k * n + i) / rate.
+        let every = run.args.flood_rate.map(|r| Duration::from_secs_f64(n as f64 / r));
         set.spawn(async move {
+            let start = tokio::time::Instant::now() + every.map_or(Duration::ZERO, |e| e.mul_f64(i as f64 / n as f64));
+            let mut k = 0u32;
             while !run.stop.load(Ordering::Relaxed) {
+                if let Some(e) = every {
+                    tokio::time::sleep_until(start + e * k).await;
+                    k += 1;
+                }
                 let path = format!("/api/v1/users/{}/tokens", run.user("flood", i));
                 if vu.call(R_FLOOD, Method::GET, &path, &[], None, None).await.is_err() {
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1110,6 +1122,11 @@ fn validate(args: &Args) -> Result<(), String> {
     }
     if !(1..=1_000_000).contains(&args.users) {
         return Err("--users must be 1..=1000000".into());
+    }
+    if let Some(r) = args.flood_rate
+        && !(r > 0.0 && r <= 100_000.0)
+    {
+        return Err("--flood-rate must be in (0, 100000] requests/s".into());
     }
     if args.flood_connections > 1000 {
         return Err("--flood-connections must be at most 1000".into());
