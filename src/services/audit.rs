@@ -743,7 +743,6 @@ pub async fn purge_before(db: &Db, keyring: &Keyring, cutoff: DateTime<Utc>) -> 
                                "older_than": cutoff.to_rfc3339_opts(SecondsFormat::Secs, true)}),
         )
         .await?;
-        drop(c);
         tx.commit().await?;
         report.events += removed;
         report.through_seq = through;
