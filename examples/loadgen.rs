@@ -20,6 +20,10 @@
 //! - `mfa-verify`: pre-creates service-verified challenges with a known code (one user each),
 //!   then verifies each exactly once; only the verifications are reported.
 //! - `healthz`: `GET /healthz`.
+//! - `refusal-flood`: `token-put` (legitimate PUTs with If-Match on `--connections`) while
+//!   `--flood-connections` more connections send GETs with an invalid API key as fast as they
+//!   are answered (401, or 429 once the source is over its refusal budget). The flood is
+//!   reported as its own route; its rate is the refusal rate.
 //!
 //! Closed loop by default (each VU sends its next request when the previous one answered).
 //! `--rate R` (healthz, token-get, mfa-verify) is open loop: request i is due at start + i/R
@@ -73,6 +77,7 @@ enum Mode {
     TokenPut,
     MfaVerify,
     Healthz,
+    RefusalFlood,
 }
 
 impl Mode {
@@ -83,6 +88,7 @@ impl Mode {
             Self::TokenPut => "token-put",
             Self::MfaVerify => "mfa-verify",
             Self::Healthz => "healthz",
+            Self::RefusalFlood => "refusal-flood",
         }
     }
 }
@@ -113,6 +119,13 @@ struct Args {
     /// Open-loop target rate in requests/s (healthz, token-get, mfa-verify).
     #[arg(long)]
     rate: Option<f64>,
+    /// refusal-flood: connections sending requests with an invalid key, closed loop.
+    #[arg(long, default_value_t = 4)]
+    flood_connections: usize,
+    /// refusal-flood: total invalid-key requests per second, spread over the flood connections
+    /// (default: as fast as they are answered).
+    #[arg(long)]
+    flood_rate: Option<f64>,
     /// Users to seed for token-get / token-put.
     #[arg(long, default_value_t = 1000)]
     users: usize,
@@ -563,6 +576,7 @@ const R_TOKENS_GET: &str = "GET /api/v1/users/{user_id}/tokens";
 const R_TOKENS_PUT: &str = "PUT /api/v1/users/{user_id}/tokens";
 const R_TOKENS_PUT_IF_MATCH: &str = "PUT /api/v1/users/{user_id}/tokens (If-Match)";
 const R_TOKENS_DELETE: &str = "DELETE /api/v1/users/{user_id}/tokens";
+const R_FLOOD: &str = "GET /api/v1/users/{user_id}/tokens (invalid key)";
 const R_SESSIONS: &str = "POST /api/v1/sessions";
 const R_CHALLENGES: &str = "POST /api/v1/mfa/challenges";
 const R_VERIFY: &str = "POST /api/v1/mfa/challenges/{id}/verify";
@@ -578,7 +592,7 @@ fn is_derived(route: &str) -> bool {
 
 /// Report order: the flow's own order, derived rows last.
 fn rank(route: &str) -> usize {
-    const ORDER: [&str; 13] = [
+    const ORDER: [&str; 14] = [
         R_HEALTHZ,
         R_SESSIONS,
         R_CHALLENGES,
@@ -590,6 +604,7 @@ fn rank(route: &str) -> usize {
         R_TOKENS_GET,
         R_TOKENS_PUT_IF_MATCH,
         R_TOKENS_DELETE,
+        R_FLOOD,
         P_VERIFICATION,
         P_FLOW,
     ];
@@ -671,6 +686,35 @@ async fn op_token_put(run: Arc<Run>, mut vu: Vu, mut mine: Vec<(String, i64)>) -
         }
     }
     vu
+}
+
+/// refusal-flood: `n` connections with an invalid key, each sending its next request when the
+/// previous one is answered, until the run stops.
+fn start_flood(run: &Arc<Run>, recorder: &Arc<Recorder>, n: usize) -> tokio::task::JoinSet<()> {
+    let mut set = tokio::task::JoinSet::new();
+    let bad = HeaderValue::from_static("Bearer cdbm_loadgen-invalid-key-0000000000000000");
+    for i in 0..n {
+        let mut vu = run.vu(run.args.connections + i, recorder);
+        vu.auth = Some(bad.clone());
+        let run = run.clone();
+        // With a rate, flooder i sends its k-th request at start + (k * n + i) / rate.
+        let every = run.args.flood_rate.map(|r| Duration::from_secs_f64(n as f64 / r));
+        set.spawn(async move {
+            let start = tokio::time::Instant::now() + every.map_or(Duration::ZERO, |e| e.mul_f64(i as f64 / n as f64));
+            let mut k = 0u32;
+            while !run.stop.load(Ordering::Relaxed) {
+                if let Some(e) = every {
+                    tokio::time::sleep_until(start + e * k).await;
+                    k += 1;
+                }
+                let path = format!("/api/v1/users/{}/tokens", run.user("flood", i));
+                if vu.call(R_FLOOD, Method::GET, &path, &[], None, None).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+    }
+    set
 }
 
 /// Verifies challenges by index from `ids`; with a rate, tickets carry their due time.
@@ -1079,6 +1123,14 @@ fn validate(args: &Args) -> Result<(), String> {
     if !(1..=1_000_000).contains(&args.users) {
         return Err("--users must be 1..=1000000".into());
     }
+    if let Some(r) = args.flood_rate
+        && !(r > 0.0 && r <= 100_000.0)
+    {
+        return Err("--flood-rate must be in (0, 100000] requests/s".into());
+    }
+    if args.flood_connections > 1000 {
+        return Err("--flood-connections must be at most 1000".into());
+    }
     if args.gets > 1000 {
         return Err("--gets must be at most 1000".into());
     }
@@ -1160,7 +1212,7 @@ async fn main() -> ExitCode {
         args.duration = Some(10.0);
     }
     let mode = args.mode;
-    if mode == Mode::TokenPut {
+    if matches!(mode, Mode::TokenPut | Mode::RefusalFlood) {
         args.users = args.users.max(args.connections);
     }
     let prefix = args.user_prefix.clone().unwrap_or_else(|| format!("lg{:08x}", rand::random::<u32>()));
@@ -1185,7 +1237,7 @@ async fn main() -> ExitCode {
     let mut challenge_ids = Vec::new();
     let mut seeded = false;
     match mode {
-        Mode::TokenGet | Mode::TokenPut => {
+        Mode::TokenGet | Mode::TokenPut | Mode::RefusalFlood => {
             log(format!("seeding {} token bundles", run.args.users));
             versions = seed_tokens(&run, &seed_rec, run.args.users, n.min(64)).await;
             seeded = true;
@@ -1232,7 +1284,8 @@ async fn main() -> ExitCode {
         (Mode::Healthz, None) => drive(&run, vus, op_healthz).await,
         (Mode::TokenGet, None) => drive(&run, vus, op_token_get).await,
         (Mode::Flow, _) => drive(&run, vus, op_flow).await,
-        (Mode::TokenPut, _) => {
+        (Mode::TokenPut | Mode::RefusalFlood, _) => {
+            let mut flood = (mode == Mode::RefusalFlood).then(|| start_flood(&run, &rec, run.args.flood_connections));
             let users = run.args.users;
             let mut per_vu: Vec<Vec<(String, i64)>> = vec![Vec::new(); n];
             for (j, v) in versions.iter().enumerate().take(users) {
@@ -1241,11 +1294,20 @@ async fn main() -> ExitCode {
                 }
             }
             let per_vu = Arc::new(Mutex::new(per_vu));
-            drive(&run, vus, move |run, vu| {
+            let result = drive(&run, vus, move |run, vu| {
                 let mine = per_vu.lock().map(|mut p| std::mem::take(&mut p[vu.id])).unwrap_or_default();
                 op_token_put(run, vu, mine)
             })
-            .await
+            .await;
+            run.stop.store(true, Ordering::Relaxed);
+            if let Some(f) = flood.as_mut() {
+                let _ = tokio::time::timeout(run.timeout + Duration::from_secs(1), async {
+                    while f.join_next().await.is_some() {}
+                })
+                .await;
+                f.abort_all();
+            }
+            result
         }
         (Mode::MfaVerify, rate) => {
             let ids = Arc::new(std::mem::take(&mut challenge_ids));

@@ -16,7 +16,12 @@
 #   --no-10k        skip the 10,000-user flow
 #   --summarize DIR only rebuild summary.json and the table from the results in DIR
 #   --only LIST     comma-separated scenario names to run (healthz,token-get,token-put,
-#                   mfa-verify-50,mfa-verify-overload,flow-1000,flow-10000)
+#                   mfa-verify-50,mfa-verify-overload,flow-1000,flow-10000,put-quiet,refusal-flood)
+#
+# `put-quiet` and `refusal-flood` measure what a flood of refused requests does to legitimate
+# writes: 16 connections PUT with If-Match, alone (put-quiet) and while 4 more connections send
+# 2,000 requests/s with an invalid key (refusal-flood, the rate of the reported incident; its table rows are
+# the PUTs and the flood, whose req/s is the refusal rate and statuses show 401 vs 429).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -88,7 +93,7 @@ summarize() {
         (if rps(.; "token-get") and rps(.; "healthz") then (rps(.; "token-get") / rps(.; "healthz") * 1000 | round / 1000) else null end)})
         | from_entries),
      scenarios: sort_by((.backend != "sqlite"),
-        (.scenario as $n | ["healthz", "token-get", "token-put", "mfa-verify-50", "mfa-verify-overload"] | index($n) // 9),
+        (.scenario as $n | ["healthz", "token-get", "token-put", "mfa-verify-50", "mfa-verify-overload", "put-quiet", "refusal-flood"] | index($n) // 9),
         (.args.connections))}' $(ls "$OUT"/sqlite-*.json "$OUT"/postgres-*.json 2>/dev/null) > "$OUT/summary.json"
 
   echo
@@ -105,6 +110,8 @@ summarize() {
     if ($s.scenario | startswith("flow")) then
       row($s; "all requests"; $s.run.total),
       ($s.run.routes[] | select(.derived or (.route | test("GET /api"))) as $r | row($s; $r.route; $r))
+    elif $s.scenario == "refusal-flood" then
+      ($s.run.routes[] as $r | row($s; $r.route; $r))
     else
       ($s.run.routes[0] // $s.run.total) as $r | row($s; $r.route; $r)
     end' "$OUT/summary.json" |
@@ -242,6 +249,9 @@ run_backend() { # backend database_url
   scenario "$backend" healthz --mode healthz --connections 64 --duration "$DUR"
   scenario "$backend" token-get --mode token-get --connections 64 --duration "$DUR" --users 1000
   scenario "$backend" token-put --mode token-put --connections 64 --duration "$DUR" --users 1000
+  scenario "$backend" put-quiet --mode token-put --connections 16 --duration "$DUR" --users 1000
+  scenario "$backend" refusal-flood --mode refusal-flood --connections 16 --flood-connections 4 \
+    --flood-rate 2000 --duration "$DUR" --users 1000
   scenario "$backend" mfa-verify-50 --mode mfa-verify --rate 50 --duration "$DUR" --connections 64
   # Past capacity: argon2 at ~20 ms a core gives ~100/s on 2 cores; ask for 3x that.
   scenario "$backend" mfa-verify-overload --mode mfa-verify --rate 300 --duration "$DUR_OVER" --connections 512

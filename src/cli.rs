@@ -243,7 +243,13 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
             };
             match audit::verify(db, &ring).await {
                 Ok(r) if r.ok => {
-                    println!("audit chain ok: {} events", r.events_checked);
+                    match r.purged_through {
+                        None => println!("audit chain ok: {} events", r.events_checked),
+                        Some(p) => println!(
+                            "audit chain ok: {} events (events through seq {p} were purged by retention)",
+                            r.events_checked
+                        ),
+                    }
                     ExitCode::SUCCESS
                 }
                 Ok(r) => {

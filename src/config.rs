@@ -230,6 +230,10 @@ pub struct Settings {
     pub max_waiters: usize,
     /// Open client connections at most; more wait in the kernel backlog.
     pub max_connections: usize,
+    /// Refused requests per source: individual audit rows, budget, window, table size.
+    pub refusals: crate::services::refusals::RefusalLimits,
+    /// Audit events older than this are purged by the sweeper; `None` keeps them forever.
+    pub audit_retention: Option<Duration>,
 }
 
 pub const DEFAULT_SQLITE_FILE: &str = "centraldb-mfa.db";
@@ -408,6 +412,16 @@ impl Settings {
 
         let max_waiters = num("CENTRALDB_MAX_WAITERS", 1000, 1, 1_000_000)? as usize;
         let max_connections = num("CENTRALDB_MAX_CONNECTIONS", 16_384, 1, 1_000_000)? as usize;
+        let refusals = crate::services::refusals::RefusalLimits {
+            interval: Duration::from_secs(num("CENTRALDB_REFUSAL_INTERVAL_SECS", 60, 1, 3600)?),
+            individual: num("CENTRALDB_REFUSAL_AUDIT_INDIVIDUAL", 10, 0, 1000)? as u32,
+            budget: num("CENTRALDB_REFUSAL_BUDGET", 1000, 1, 10_000_000)? as u32,
+            max_sources: num("CENTRALDB_REFUSAL_MAX_SOURCES", 10_000, 1, 1_000_000)? as usize,
+        };
+        let audit_retention = match num("CENTRALDB_AUDIT_RETENTION_DAYS", 365, 0, 36_500)? {
+            0 => None,
+            days => Some(Duration::from_secs(days * 86_400)),
+        };
 
         Ok(Self {
             data_dir,
@@ -431,6 +445,8 @@ impl Settings {
             retention,
             max_waiters,
             max_connections,
+            refusals,
+            audit_retention,
         })
     }
 

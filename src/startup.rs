@@ -83,6 +83,10 @@ pub async fn open_keyring(settings: &Settings, db: &Db) -> Result<crate::crypto:
     let key_err = |e: KeyError| StartupError::Keys(e.to_string());
     let (ring, source) = keys::load_keyring(settings, db).await.map_err(key_err)?;
     keys::verify_keyring(db, &ring).await.map_err(key_err)?;
+    // A database from before the audit head MAC gets its head sealed once (if its chain verifies).
+    crate::services::audit::seal_unsealed_head(db, &ring)
+        .await
+        .map_err(|error| StartupError::Database { url: settings.effective_database_url().redacted(), error })?;
     match source {
         KeySource::Generated(path) => tracing::warn!(
             path = %path.display(),
@@ -154,6 +158,7 @@ impl Application {
         // One signal stops both the HTTP server (after in-flight requests) and the sweeper.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut sweeper_stop = stop_rx.clone();
+        let final_state = state.clone();
         let sweeper = tokio::spawn(crate::sweeper::run(state.clone(), async move {
             let _ = sweeper_stop.wait_for(|stopped| *stopped).await;
         }));
@@ -181,6 +186,11 @@ impl Application {
             tracing::error!(running = mfa_tasks.len(), "MFA writes still running 10 s after shutdown began");
         }
         let _ = sweeper.await;
+        // Refusals answered while the last requests finished, after the sweeper's own flush.
+        if let Err(e) = crate::sweeper::flush_refusals(&final_state, crate::store::now(), true).await {
+            tracing::warn!(error = %e, "could not write refusal summaries at shutdown");
+        }
+        drop(final_state);
         let _ = version_listener.await;
         upkeep.abort();
         // Every request has finished; a connection still checked out now would never come back.

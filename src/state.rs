@@ -12,6 +12,7 @@ use crate::{
         code_hasher::CodeHasher,
         leases::{Leases, VersionNotifier},
         mfa::Mfa,
+        refusals::Refusals,
         sessions::Sessions,
         tokens::Vault,
     },
@@ -42,6 +43,8 @@ pub struct Shared {
     pub leases: Leases,
     pub notifier: VersionNotifier,
     pub metrics: PrometheusHandle,
+    /// Refused requests per source address (aggregated audit, 429 past the budget).
+    pub refusals: Refusals,
 }
 
 impl AppState {
@@ -59,6 +62,7 @@ impl AppState {
             sessions: Sessions::new(db.clone(), keyring.clone()),
             db,
             keyring,
+            refusals: Refusals::new(settings.refusals),
             settings: Arc::new(settings),
             api_keys,
             metrics: crate::telemetry::metrics_handle(),

@@ -5,7 +5,12 @@
 //! - destroys the ciphertext of token bundles past their refresh expiry (`token.expired`);
 //! - ends refresh leases past their expiry (`lease.expired`; the fence is kept);
 //! - deletes terminal challenges and sessions older than the retention period, and failure
-//!   records older than the failure window.
+//!   records older than the failure window;
+//! - purges audit events older than `CENTRALDB_AUDIT_RETENTION_DAYS` (`audit::purge_before`:
+//!   a checked prefix of the chain, the head's anchor moved, `audit verify` still works).
+//!
+//! Between passes it also writes the refusal summaries whose window has ended (every few
+//! seconds), and all of them when it stops (graceful shutdown).
 //!
 //! Each expiry is a conditional statement audited in its own transaction, so several instances
 //! can sweep at once without double audit rows. Reads never depend on it: an expired challenge
@@ -32,6 +37,7 @@ pub struct SweepReport {
     pub tokens_expired: u64,
     pub leases_expired: u64,
     pub purged: u64,
+    pub audit_purged: u64,
 }
 
 const BATCH: i64 = 200;
@@ -40,10 +46,17 @@ const BATCH: i64 = 200;
 pub async fn run(state: AppState, shutdown: impl std::future::Future<Output = ()>) {
     let mut tick = tokio::time::interval(state.settings.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refusal_tick = tokio::time::interval(refusal_flush_period(&state));
+    refusal_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = refusal_tick.tick() => {
+                if let Err(e) = flush_refusals(&state, store::now(), false).await {
+                    tracing::warn!(error = %e, "could not write refusal summaries; retrying");
+                }
+            }
             _ = tick.tick() => {
                 match sweep_once(&state, store::now()).await {
                     Ok(r) if r != SweepReport::default() => tracing::info!(?r, "sweep pass"),
@@ -53,7 +66,21 @@ pub async fn run(state: AppState, shutdown: impl std::future::Future<Output = ()
             }
         }
     }
+    if let Err(e) = flush_refusals(&state, store::now(), true).await {
+        tracing::warn!(error = %e, "could not write refusal summaries at shutdown");
+    }
     tracing::info!("sweeper stopped");
+}
+
+/// How often ended refusal windows are written: a quarter of the window, 1 to 5 s.
+fn refusal_flush_period(state: &AppState) -> std::time::Duration {
+    (state.settings.refusals.interval / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(5))
+}
+
+/// Writes the refusal summaries due at `now` (`all`: every open window too, as at shutdown).
+/// Returns how many events were written.
+pub async fn flush_refusals(state: &AppState, now: DateTime<Utc>, all: bool) -> Result<usize, StoreError> {
+    state.refusals.flush(&state.db, &state.keyring, now, all).await
 }
 
 /// One pass over everything due at `now`.
@@ -210,5 +237,10 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
         .await?;
     }
     tx.commit().await?;
+
+    if let Some(keep) = state.settings.audit_retention {
+        let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::days(365));
+        report.audit_purged = audit::purge_before(&state.db, keyring, now - keep).await?.events;
+    }
     Ok(report)
 }

@@ -1,6 +1,9 @@
 //! Extractors whose rejections are `ApiError`s, so every bad request gets the same problem shape.
 
-use std::{marker::PhantomData, net::SocketAddr};
+use std::{
+    marker::PhantomData,
+    net::{IpAddr, SocketAddr},
+};
 
 use axum::{
     extract::{
@@ -15,10 +18,12 @@ use crate::{
     domain::{Scope, UserId},
     error::ApiError,
     services::{
-        api_keys::{AuthError, AuthFailure},
+        api_keys::{AuthError, AuthFailure, CacheHit},
         audit::{self, AuditContext, Outcome},
+        refusals::Verdict,
     },
     state::AppState,
+    store,
 };
 
 use super::middleware::RequestId;
@@ -221,7 +226,9 @@ scope_marker! {
     Admin => Scope::Admin,
 }
 
-/// An authenticated caller holding scope `S`. Rejections (401/403) are audited.
+/// An authenticated caller holding scope `S`. Rejections (401/403) are audited: the first few
+/// per source address and interval one by one, later ones summed (`services::refusals`); a
+/// source past its refusal budget is answered 429 without a database write.
 pub struct Auth<S> {
     pub ctx: AuditContext,
     _scope: PhantomData<S>,
@@ -232,6 +239,9 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let mut ctx = audit_context(parts);
+        // Requests without a peer address (in-process callers) share one source.
+        let source = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let throttled = state.refusals.throttled(source, store::now()).is_some();
         let presented = match parts.headers.get(AUTHORIZATION) {
             None => Err(AuthFailure::Missing),
             Some(v) => v
@@ -243,6 +253,14 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
                 .ok_or(AuthFailure::Malformed),
         };
         let result = match presented {
+            // A source over its refusal budget: only a key verified before (in the cache) goes
+            // on, re-checked with a query if its cache period is over (a revoked key leaves the
+            // cache then); any other key is refused without a query.
+            Ok(key) if throttled => match state.api_keys.cached(key) {
+                CacheHit::Fresh(p) => Ok(p),
+                CacheHit::Stale => state.api_keys.authenticate(key).await,
+                CacheHit::Unknown => Err(AuthError::Failure(AuthFailure::Unknown)),
+            },
             Ok(key) => state.api_keys.authenticate(key).await,
             Err(f) => Err(AuthError::Failure(f)),
         };
@@ -255,26 +273,85 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
             }
             Ok(p) => {
                 ctx.actor = Some(format!("key:{}", p.key_id));
-                deny(
+                let details = json!({"reason": "insufficient_scope", "required_scope": S::SCOPE.as_str(),
+                                     "method": parts.method.as_str(), "path": path});
+                Err(refuse(
                     state,
                     &ctx,
-                    json!({"reason": "insufficient_scope", "required_scope": S::SCOPE.as_str(),
-                                         "method": parts.method.as_str(), "path": path}),
+                    source,
+                    "insufficient_scope",
+                    details,
+                    ApiError::Forbidden { required_scope: S::SCOPE.as_str() },
                 )
-                .await;
-                Err(ApiError::Forbidden { required_scope: S::SCOPE.as_str() })
+                .await)
             }
             Err(AuthError::Failure(f)) => {
-                deny(state, &ctx, json!({"reason": f.as_str(), "method": parts.method.as_str(), "path": path})).await;
-                Err(ApiError::Unauthenticated {
+                let details = json!({"reason": f.as_str(), "method": parts.method.as_str(), "path": path});
+                let err = ApiError::Unauthenticated {
                     detail: match f {
                         AuthFailure::Missing => "an API key is required: Authorization: Bearer <key>",
                         AuthFailure::Malformed => "the Authorization header must be 'Bearer <key>'",
                         AuthFailure::Unknown | AuthFailure::Revoked => "the API key is not valid",
                     },
-                })
+                };
+                Err(refuse(state, &ctx, source, f.as_str(), details, err).await)
             }
             Err(AuthError::Store(e)) => Err(e.into()),
+        }
+    }
+}
+
+/// A refused request: audited on its own, summed for its source, or (over the budget) turned
+/// into a 429 with `Retry-After`. Only the first writes to the database.
+async fn refuse(
+    state: &AppState,
+    ctx: &AuditContext,
+    source: Option<IpAddr>,
+    reason: &'static str,
+    details: Value,
+    err: ApiError,
+) -> ApiError {
+    match state.refusals.refuse(source, reason, store::now()) {
+        Verdict::Record => {
+            deny(state, ctx, details).await;
+            err
+        }
+        Verdict::Summed => err,
+        Verdict::Throttled { retry_after } => ApiError::coded(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            "too many refused requests from this address; try again later",
+        )
+        .retry_after(retry_after),
+    }
+}
+
+/// Documents the refusal budget's 429 on every operation that can refuse a caller (those with
+/// a 401), unless the operation documents its own 429 already.
+pub struct RefusalBudgetResponses;
+
+impl utoipa::Modify for RefusalBudgetResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        for item in openapi.paths.paths.values_mut() {
+            for op in
+                [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
+            {
+                let r = &mut op.responses.responses;
+                if r.contains_key("401") && !r.contains_key("429") {
+                    let response = ResponseBuilder::new()
+                        .description(
+                            "`too_many_requests`: this address is past its refusal budget \
+                             (CENTRALDB_REFUSAL_BUDGET per CENTRALDB_REFUSAL_INTERVAL_SECS), with Retry-After",
+                        )
+                        .content(
+                            "application/problem+json",
+                            ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build(),
+                        )
+                        .build();
+                    r.insert("429".to_string(), response.into());
+                }
+            }
         }
     }
 }

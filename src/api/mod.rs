@@ -114,6 +114,7 @@ fn parts() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
     let (router, mut openapi) = routes().split_for_parts();
     // After the nested routers' schemas are merged in: a modifier on `ApiDoc` runs before.
     WireEnumNames.modify(&mut openapi);
+    extract::RefusalBudgetResponses.modify(&mut openapi);
     (router, openapi)
 }
 

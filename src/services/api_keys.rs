@@ -67,6 +67,14 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
+/// What the cache of verified keys knows about a presented key (see [`ApiKeys::cached`]).
+#[derive(Debug, Clone)]
+pub enum CacheHit {
+    Fresh(Principal),
+    Stale,
+    Unknown,
+}
+
 struct Cached {
     principal: Principal,
     fetched: Instant,
@@ -118,6 +126,18 @@ impl ApiKeys {
             Err(AuthError::Store(_)) => {}
         }
         result
+    }
+
+    /// Whether a presented key is in the cache of verified keys, without a query: `Fresh` (within
+    /// the cache period), `Stale` (verified before, due for a re-check) or `Unknown`.
+    pub fn cached(&self, presented: &str) -> CacheHit {
+        let hash = api_keys::hash(presented);
+        let Ok(cache) = self.cache.lock() else { return CacheHit::Unknown };
+        match cache.get(&hash) {
+            Some(c) if c.fetched.elapsed() < self.ttl => CacheHit::Fresh(c.principal.clone()),
+            Some(_) => CacheHit::Stale,
+            None => CacheHit::Unknown,
+        }
     }
 
     async fn check(&self, presented: &str) -> Result<Principal, AuthError> {

@@ -11,6 +11,20 @@
 //! "audit-chain/v1")`, inserts the event with that key id (`chain_key_id`) and stores the new
 //! HMAC in the head. [`verify`] recomputes the chain; [`reseal`] moves it to the active key after
 //! a rotation.
+//!
+//! **The head is authenticated.** The head row also carries a MAC, `HMAC-SHA256(K_head, chain
+//! id || last_seq || last_hmac || anchor_seq || anchor_hmac || head_key_id)` with `K_head =
+//! keyring.derive(head_key_id, "audit-head/v1")`, rewritten with every append. Deleting the
+//! newest events and rewinding the head to the new last event, or wiping the log and zeroing the
+//! head, cannot be done without the key: [`verify`] reports it, naming the first seq after the
+//! rewritten head. (Restoring head and rows together from an older copy of the same database is
+//! a consistent older state and cannot be told apart from inside; that needs an external
+//! witness, e.g. signed checkpoints kept elsewhere.)
+//!
+//! **Retention.** [`purge_before`] removes the oldest events (a prefix of the chain, each checked
+//! before it goes) and moves the head's *anchor* to the last removed event: its seq and HMAC,
+//! which the oldest retained event chains from. The anchor is under the head MAC too, so moving
+//! it without the key is found like a rewind.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -33,6 +47,10 @@ use crate::{
 
 /// The label of the chain's HMAC key, derived per keyring key (`Keyring::derive`).
 pub const CHAIN_KEY_LABEL: &str = "audit-chain/v1";
+/// The label of the head's MAC key.
+pub const HEAD_KEY_LABEL: &str = "audit-head/v1";
+/// Domain separation for the head MAC's input.
+const HEAD_TAG: &[u8] = b"centraldb-mfa/audit-head/v1";
 /// Domain separation for the canonical encoding (changes if the encoding ever does).
 const CANONICAL_TAG: &[u8] = b"centraldb-mfa/audit-event/v1";
 /// Events read per round trip when verifying or re-sealing.
@@ -146,17 +164,19 @@ pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingE
     let key = keyring
         .derive(chain_key_id, CHAIN_KEY_LABEL)
         .ok_or_else(|| StoreError::Other("the active key cannot derive the audit chain key".into()))?;
+    let head_key = head_key(keyring, chain_key_id)?;
     // In a SQLite group the head is cached in memory (the group holds the write lock); else
     // the head row is advanced here, and its HMAC set below.
     let cached = store::audit::cached_head(c).await?;
     let is_cached = cached.is_some();
-    let (first_seq, mut prev) = match cached {
-        Some(head) => (head.last_seq + 1, head.last_hmac),
+    let (first_seq, mut head) = match cached {
+        Some(head) => (head.last_seq + 1, head),
         None => {
             let head = store::audit::advance_head_by(c, n).await?;
-            (head.last_seq - n + 1, head.last_hmac)
+            (head.last_seq - n + 1, head)
         }
     };
+    let mut prev = std::mem::take(&mut head.last_hmac);
     let last_seq = first_seq + n - 1;
     let views: Vec<EventView<'_>> = (first_seq..)
         .zip(events)
@@ -182,12 +202,69 @@ pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingE
     let rows: Vec<NewAuditEvent<'_>> =
         views.iter().zip(&hmacs).map(|(view, hmac)| view.sealed(chain_key_id, hmac)).collect();
     store::audit::insert_many(c, &rows).await?;
+    head.last_seq = last_seq;
+    head.last_hmac = prev;
+    seal_head(&head_key, chain_key_id, &mut head);
     if is_cached {
-        store::audit::set_cached_head(c, ChainHead { last_seq, last_hmac: prev });
+        store::audit::set_cached_head(c, head);
     } else {
-        store::audit::set_head_hmac(c, &prev).await?;
+        store::audit::write_head(c, &head).await?;
     }
     Ok(last_seq)
+}
+
+/// The head MAC key under `key_id`.
+fn head_key(keyring: &Keyring, key_id: &str) -> store::Result<Zeroizing<[u8; 32]>> {
+    keyring
+        .derive(key_id, HEAD_KEY_LABEL)
+        .ok_or_else(|| StoreError::Other(format!("key '{key_id}' cannot derive the audit head key")))
+}
+
+/// `HMAC-SHA256(K_head, tag || chain id || last_seq || last_hmac || anchor_seq || anchor_hmac ||
+/// key id)`, each field length-prefixed.
+fn head_mac(key: &[u8; 32], h: &ChainHead, key_id: &str) -> Vec<u8> {
+    let Ok(mut mac) = <HmacSha256 as KeyInit>::new_from_slice(key) else { return Vec::new() };
+    for f in [
+        HEAD_TAG,
+        &store::audit::CHAIN_ID.to_be_bytes(),
+        &h.last_seq.to_be_bytes(),
+        &h.last_hmac,
+        &h.anchor_seq.to_be_bytes(),
+        &h.anchor_hmac,
+        key_id.as_bytes(),
+    ] {
+        mac.update(&(f.len() as u32).to_be_bytes());
+        mac.update(f);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Sets the head's MAC (under `key_id`) for its current fields.
+fn seal_head(key: &[u8; 32], key_id: &str, h: &mut ChainHead) {
+    h.head_mac = Some(head_mac(key, h, key_id));
+    h.head_key_id = Some(key_id.to_string());
+}
+
+/// Checks the head's MAC; `Err` says what is wrong.
+fn check_head(keys: &mut ChainKeys<'_>, h: &ChainHead) -> Result<(), String> {
+    let (Some(key_id), Some(mac)) = (&h.head_key_id, &h.head_mac) else {
+        return Err("the chain head carries no MAC (it is sealed at the first start after the upgrade, \
+                    or by `rewrap`)"
+            .into());
+    };
+    let Some(key) = keys.head(key_id) else {
+        return Err(format!(
+            "the chain head is sealed under key id '{}', which the keyring does not contain",
+            key_id.escape_default()
+        ));
+    };
+    if bool::from(head_mac(key, h, key_id).ct_eq(mac)) {
+        Ok(())
+    } else {
+        Err("the chain head's MAC does not verify: the head (its last seq, last HMAC or retention anchor) \
+             was rewritten without the key, e.g. to hide events removed from the end"
+            .into())
+    }
 }
 
 /// The fields an event's HMAC covers (besides the previous HMAC and the chain key id).
@@ -284,7 +361,8 @@ fn seal(key: &[u8; 32], prev_hmac: &[u8], e: &EventView<'_>, chain_key_id: &str)
 /// The result of checking the chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct VerifyReport {
-    /// Every event verified, `seq` runs 1..N without a gap, and the chain head matches event N.
+    /// Every retained event verified, `seq` runs without a gap from the oldest retained event
+    /// to N, and the chain head (its MAC checked) matches event N.
     pub ok: bool,
     /// Events verified before the check stopped (all of them when `ok`).
     pub events_checked: u64,
@@ -294,14 +372,22 @@ pub struct VerifyReport {
     /// What was found, when not `ok`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Events up to this seq were removed by the retention purge; the chain is verified from
+    /// the next one (absent when nothing was purged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purged_through: Option<i64>,
 }
 
 impl VerifyReport {
     fn good(events_checked: u64) -> Self {
-        Self { ok: true, events_checked, first_bad_seq: None, reason: None }
+        Self { ok: true, events_checked, first_bad_seq: None, reason: None, purged_through: None }
     }
     fn bad(events_checked: u64, first_bad_seq: Option<i64>, reason: impl Into<String>) -> Self {
-        Self { ok: false, events_checked, first_bad_seq, reason: Some(reason.into()) }
+        Self { ok: false, events_checked, first_bad_seq, reason: Some(reason.into()), purged_through: None }
+    }
+    fn purged(mut self, anchor_seq: i64) -> Self {
+        self.purged_through = (anchor_seq > 0).then_some(anchor_seq);
+        self
     }
 }
 
@@ -318,9 +404,14 @@ struct Reseal<'k> {
 struct ChainKeys<'k> {
     keyring: &'k Keyring,
     keys: HashMap<String, Zeroizing<[u8; 32]>>,
+    head: Option<(String, Zeroizing<[u8; 32]>)>,
 }
 
 impl<'k> ChainKeys<'k> {
+    fn new(keyring: &'k Keyring) -> Self {
+        Self { keyring, keys: HashMap::new(), head: None }
+    }
+
     fn get(&mut self, key_id: &str) -> Option<&[u8; 32]> {
         if !self.keys.contains_key(key_id) {
             let key = self.keyring.derive(key_id, CHAIN_KEY_LABEL)?;
@@ -328,31 +419,56 @@ impl<'k> ChainKeys<'k> {
         }
         self.keys.get(key_id).map(|k| &**k)
     }
+
+    fn head(&mut self, key_id: &str) -> Option<&[u8; 32]> {
+        if self.head.as_ref().is_none_or(|(id, _)| id != key_id) {
+            self.head = Some((key_id.to_string(), self.keyring.derive(key_id, HEAD_KEY_LABEL)?));
+        }
+        self.head.as_ref().map(|(_, k)| &**k)
+    }
 }
 
-/// Walks the whole log in `seq` order against `head`, stopping at the first bad event. With
-/// `reseal`, every event from the first one not under the active key on is re-sealed under it
-/// as it passes (the caller rolls back if the report is not ok).
+/// Walks the retained log in `seq` order against `head` (from its anchor on), stopping at the
+/// first bad event, then checks the head: its seq and HMAC against the last event, and its MAC
+/// (an unsealed head passes only with `accept_unsealed`, when the caller is about to seal it).
+/// With `reseal`, every event from the first one not under the active key on is re-sealed
+/// under it as it passes (the caller rolls back if the report is not ok, and writes the head).
 async fn walk(
     c: &mut Conn<'_>,
     keyring: &Keyring,
     head: &ChainHead,
     mut reseal: Option<&mut Reseal<'_>>,
+    accept_unsealed: bool,
 ) -> store::Result<VerifyReport> {
-    let mut keys = ChainKeys { keyring, keys: HashMap::new() };
-    let mut prev = vec![0u8; 32];
-    let mut expected: i64 = 1;
+    let mut keys = ChainKeys::new(keyring);
+    let head_check = match check_head(&mut keys, head) {
+        Err(_) if accept_unsealed && head.head_mac.is_none() => Ok(()),
+        other => other,
+    };
+    let mut prev = head.anchor_hmac.clone();
+    let mut expected: i64 = head.anchor_seq + 1;
     let mut checked: u64 = 0;
+    if let Some(r) = reseal.as_deref_mut() {
+        r.prev.clone_from(&prev);
+    }
     // While `expected <= slow_until`, rows are read one at a time (see below).
     let mut slow_until: i64 = 0;
     if let Some(first) = store::audit::next_seq(c, i64::MIN).await?
-        && first < 1
+        && first < expected
     {
-        return Ok(VerifyReport::bad(
-            0,
-            Some(first),
-            format!("an event has seq {first}, outside the chain (seq starts at 1)"),
-        ));
+        let report = if head.anchor_seq == 0 {
+            VerifyReport::bad(0, Some(first), format!("an event has seq {first}, outside the chain (seq starts at 1)"))
+        } else {
+            VerifyReport::bad(
+                0,
+                Some(first),
+                format!(
+                    "an event has seq {first}, at or before the retention anchor (events through seq {} were purged)",
+                    head.anchor_seq
+                ),
+            )
+        };
+        return Ok(report.purged(head.anchor_seq));
     }
     loop {
         let size = if expected <= slow_until { 1 } else { PAGE };
@@ -376,7 +492,8 @@ async fn walk(
                         Some(seq),
                         format!("the event at seq {seq} cannot be read (a column holds an invalid value)"),
                     )
-                });
+                }
+                .purged(head.anchor_seq));
             }
             Err(e) => return Err(e),
         };
@@ -386,7 +503,7 @@ async fn walk(
         for row in &page {
             let seq = row.event.seq;
             if seq != expected {
-                return Ok(missing(checked, expected, seq));
+                return Ok(missing(checked, expected, seq).purged(head.anchor_seq));
             }
             let Some(key) = keys.get(&row.chain_key_id) else {
                 return Ok(VerifyReport::bad(
@@ -396,7 +513,8 @@ async fn walk(
                         "the event is sealed under key id '{}', which the keyring does not contain",
                         row.chain_key_id.escape_default()
                     ),
-                ));
+                )
+                .purged(head.anchor_seq));
             };
             let view = EventView::from(&row.event);
             let mac = seal(key, &prev, &view, &row.chain_key_id);
@@ -405,7 +523,8 @@ async fn walk(
                     checked,
                     Some(seq),
                     "HMAC mismatch: the event was altered, replaced or moved, or an earlier event was",
-                ));
+                )
+                .purged(head.anchor_seq));
             }
             if let Some(r) = reseal.as_deref_mut() {
                 r.started |= row.chain_key_id != r.key_id;
@@ -424,6 +543,11 @@ async fn walk(
         }
     }
     let last_seq = expected - 1;
+    // A head rewritten without the key: whatever it says about the end of the log is not to be
+    // trusted, so the first seq it does not vouch for is named.
+    if let Err(why) = head_check {
+        return Ok(VerifyReport::bad(checked, Some(head.last_seq.min(last_seq) + 1), why).purged(head.anchor_seq));
+    }
     if head.last_seq > last_seq {
         return Ok(VerifyReport::bad(
             checked,
@@ -432,28 +556,26 @@ async fn walk(
                 "the chain head records {} event(s) but the log ends at seq {last_seq}: events were removed from the end",
                 head.last_seq
             ),
-        ));
+        )
+        .purged(head.anchor_seq));
     }
     if head.last_seq < last_seq {
         return Ok(VerifyReport::bad(
             checked,
             Some(head.last_seq + 1),
             format!("the log runs to seq {last_seq} but the chain head records only {} event(s)", head.last_seq),
-        ));
+        )
+        .purged(head.anchor_seq));
     }
     if !bool::from(head.last_hmac.ct_eq(&prev)) {
         return Ok(VerifyReport::bad(
             checked,
             (last_seq > 0).then_some(last_seq),
             "the chain head's HMAC does not match the last event (the head or the last event was replaced)",
-        ));
+        )
+        .purged(head.anchor_seq));
     }
-    if let Some(r) = reseal
-        && r.started
-    {
-        store::audit::set_head_hmac(c, &r.prev).await?;
-    }
-    Ok(VerifyReport::good(checked))
+    Ok(VerifyReport::good(checked).purged(head.anchor_seq))
 }
 
 fn missing(checked: u64, expected: i64, next: i64) -> VerifyReport {
@@ -468,13 +590,14 @@ fn head_missing() -> VerifyReport {
     VerifyReport::bad(0, None, "the chain head (audit_chain row 1) is missing")
 }
 
-/// Checks the whole chain, as of one consistent snapshot: `seq` contiguous from 1, each HMAC
-/// (under the key its `chain_key_id` names), and the head against the last event.
+/// Checks the whole chain, as of one consistent snapshot: the head's MAC, `seq` contiguous from
+/// the oldest retained event, each HMAC (under the key its `chain_key_id` names), and the head
+/// against the last event.
 pub async fn verify(db: &Db, keyring: &Keyring) -> store::Result<VerifyReport> {
     let mut snap = Snapshot::begin(db).await?;
     let report = match store::audit::read_head(&mut snap.conn()).await? {
         None => head_missing(),
-        Some(head) => walk(&mut snap.conn(), keyring, &head, None).await?,
+        Some(head) => walk(&mut snap.conn(), keyring, &head, None, false).await?,
     };
     snap.end().await?;
     Ok(report)
@@ -490,25 +613,147 @@ pub struct ResealReport {
 
 /// Verifies the chain and re-seals it under the active key, in one write transaction with the
 /// head locked (no event is appended meanwhile). Only events from the first one sealed under
-/// another key on are rewritten (a chain already under the active key is left as it is). A chain
-/// that does not verify is left untouched and reported.
+/// another key on are rewritten (a chain already under the active key is left as it is); the
+/// head is MACed under the active key. A chain that does not verify is left untouched and
+/// reported. A head not sealed yet (a database from before the head MAC) is sealed here when
+/// the events verify.
 pub async fn reseal(db: &Db, keyring: &Keyring) -> store::Result<ResealReport> {
     let key_id = keyring.active_key_id();
     let key = keyring
         .derive(key_id, CHAIN_KEY_LABEL)
         .ok_or_else(|| StoreError::Other("the active key cannot derive the audit chain key".into()))?;
+    let hkey = head_key(keyring, key_id)?;
     let mut tx = db.begin_write().await?;
-    let Some(head) = store::audit::lock_head(&mut tx.conn()).await? else {
+    let Some(mut head) = store::audit::lock_head(&mut tx.conn()).await? else {
         return Ok(ResealReport { verified: head_missing(), resealed: 0 });
     };
-    let mut state = Reseal { key_id, key, prev: vec![0u8; 32], started: false, count: 0 };
-    let verified = walk(&mut tx.conn(), keyring, &head, Some(&mut state)).await?;
+    let mut state = Reseal { key_id, key, prev: Vec::new(), started: false, count: 0 };
+    let verified = walk(&mut tx.conn(), keyring, &head, Some(&mut state), true).await?;
     if !verified.ok {
         // Dropping the transaction rolls back whatever was rewritten before the bad event.
         return Ok(ResealReport { verified, resealed: 0 });
     }
+    if state.started || head.head_key_id.as_deref() != Some(key_id) || head.head_mac.is_none() {
+        head.last_hmac = state.prev;
+        seal_head(&hkey, key_id, &mut head);
+        store::audit::write_head(&mut tx.conn(), &head).await?;
+    }
     tx.commit().await?;
     Ok(ResealReport { verified, resealed: state.count })
+}
+
+/// Seals a head that carries no MAC yet (a database from before the head MAC), if the chain
+/// verifies; run at start-up. Returns whether it sealed one. A chain that does not verify is
+/// left as it is (and `verify` keeps reporting it).
+pub async fn seal_unsealed_head(db: &Db, keyring: &Keyring) -> store::Result<bool> {
+    {
+        let mut c = db.read().await?;
+        match store::audit::read_head(&mut c.conn()).await? {
+            Some(h) if h.head_mac.is_none() => {}
+            _ => return Ok(false),
+        }
+    }
+    let hkey = head_key(keyring, keyring.active_key_id())?;
+    let mut tx = db.begin_write().await?;
+    let Some(mut head) = store::audit::lock_head(&mut tx.conn()).await? else { return Ok(false) };
+    if head.head_mac.is_some() {
+        return Ok(false);
+    }
+    let report = walk(&mut tx.conn(), keyring, &head, None, true).await?;
+    if !report.ok {
+        tracing::warn!(first_bad_seq = ?report.first_bad_seq, reason = ?report.reason,
+            "the audit chain does not verify: its head is left without a MAC");
+        return Ok(false);
+    }
+    seal_head(&hkey, keyring.active_key_id(), &mut head);
+    store::audit::write_head(&mut tx.conn(), &head).await?;
+    tx.commit().await?;
+    tracing::info!(events = report.events_checked, "audit chain head sealed (MAC under the active key)");
+    Ok(true)
+}
+
+/// What one retention purge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Events removed.
+    pub events: u64,
+    /// The new anchor: the last removed seq (unchanged when nothing was removed).
+    pub through_seq: i64,
+    /// A due event that does not verify: the purge stopped before it, keeping the evidence.
+    pub stopped_at: Option<i64>,
+}
+
+/// Events removed per transaction by [`purge_before`].
+const PURGE_BATCH: i64 = 2000;
+
+/// Removes the oldest events recorded before `cutoff` (a prefix of the chain: it stops at the
+/// first event at or after `cutoff`), a batch per write transaction. Each event is checked
+/// before it goes (a purge never destroys evidence of tampering: it stops before a bad event).
+/// Each batch moves the head's anchor to its last event, re-MACs the head and records an
+/// `audit.purged` event, all in its transaction.
+pub async fn purge_before(db: &Db, keyring: &Keyring, cutoff: DateTime<Utc>) -> store::Result<PurgeReport> {
+    let key_id = keyring.active_key_id();
+    let hkey = head_key(keyring, key_id)?;
+    let mut report = PurgeReport::default();
+    let mut keys = ChainKeys::new(keyring);
+    loop {
+        let mut tx = db.begin_write().await?;
+        let mut c = tx.conn();
+        let Some(mut head) = store::audit::lock_head(&mut c).await? else { break };
+        report.through_seq = head.anchor_seq;
+        // Never purge from a head that does not verify (nor seal a forged one).
+        if check_head(&mut keys, &head).is_err() {
+            report.stopped_at = Some(head.anchor_seq + 1);
+            break;
+        }
+        let page = store::audit::chain_page(&mut c, head.anchor_seq, PURGE_BATCH).await?;
+        let mut prev = head.anchor_hmac.clone();
+        let mut through = head.anchor_seq;
+        for row in &page {
+            if row.event.at >= cutoff || row.event.seq != through + 1 || row.event.seq > head.last_seq {
+                break;
+            }
+            let ok = keys.get(&row.chain_key_id).is_some_and(|key| {
+                let mac = seal(key, &prev, &EventView::from(&row.event), &row.chain_key_id);
+                bool::from(mac.ct_eq(&row.hmac))
+            });
+            if !ok {
+                report.stopped_at = Some(row.event.seq);
+                break;
+            }
+            prev.clone_from(&row.hmac);
+            through = row.event.seq;
+        }
+        if through == head.anchor_seq {
+            break;
+        }
+        let removed = store::audit::delete_through(&mut c, through).await?;
+        head.anchor_seq = through;
+        head.anchor_hmac = prev;
+        seal_head(&hkey, key_id, &mut head);
+        store::audit::write_head(&mut c, &head).await?;
+        record(
+            &mut c,
+            keyring,
+            &AuditContext::system("sweeper"),
+            "audit.purged",
+            Outcome::Success,
+            None,
+            serde_json::json!({"events": removed, "through_seq": through,
+                               "older_than": cutoff.to_rfc3339_opts(SecondsFormat::Secs, true)}),
+        )
+        .await?;
+        tx.commit().await?;
+        report.events += removed;
+        report.through_seq = through;
+        if report.stopped_at.is_some() || (page.len() as i64) < PURGE_BATCH {
+            break;
+        }
+    }
+    if let Some(seq) = report.stopped_at {
+        tracing::warn!(seq, "audit retention purge stopped: the event does not verify, so it is kept");
+    }
+    Ok(report)
 }
 
 /// A page of events, oldest first (`GET /audit/events`). Reading is not audited.

@@ -7,5 +7,6 @@ pub mod group_commit;
 pub mod keys;
 pub mod leases;
 pub mod mfa;
+pub mod refusals;
 pub mod sessions;
 pub mod tokens;

@@ -54,20 +54,37 @@ pub struct NewAuditEvent<'a> {
     pub hmac: &'a [u8],
 }
 
-/// The chain head: the last `seq` handed out and the HMAC of that event (32 zero bytes at 0).
+/// The chain head: the last `seq` handed out and the HMAC of that event (32 zero bytes at 0),
+/// the retention anchor (the last purged event and its HMAC, which the oldest retained event
+/// chains from; 0 and zeros before any purge), and the head's own MAC under `head_key_id`
+/// (`None` on a database not yet sealed since the migration that added it).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ChainHead {
     pub last_seq: i64,
     pub last_hmac: Vec<u8>,
+    pub anchor_seq: i64,
+    pub anchor_hmac: Vec<u8>,
+    pub head_key_id: Option<String>,
+    pub head_mac: Option<Vec<u8>>,
 }
 
+/// The id of the one chain there is today (the head row's id; a partitioned log would have one
+/// head per chain, each MACed with its id).
+pub const CHAIN_ID: i64 = 1;
+
+macro_rules! head_columns {
+    () => {
+        "last_seq, last_hmac, anchor_seq, anchor_hmac, head_key_id, head_mac"
+    };
+}
 const ADVANCE_HEAD_BY: &str =
-    "UPDATE audit_chain SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq, last_hmac";
-const LOCK_HEAD: &str = "UPDATE audit_chain SET last_seq = last_seq WHERE id = 1 RETURNING last_seq, last_hmac";
-const READ_HEAD: &str = "SELECT last_seq, last_hmac FROM audit_chain WHERE id = 1";
-/// Writes the whole head (the SQLite group commit's cached head, before `COMMIT`).
-pub(super) const WRITE_HEAD: &str = "UPDATE audit_chain SET last_seq = $1, last_hmac = $2 WHERE id = 1";
-const SET_HEAD_HMAC: &str = "UPDATE audit_chain SET last_hmac = $1 WHERE id = 1";
+    concat!("UPDATE audit_chain SET last_seq = last_seq + $1 WHERE id = 1 RETURNING ", head_columns!());
+const LOCK_HEAD: &str = concat!("UPDATE audit_chain SET last_seq = last_seq WHERE id = 1 RETURNING ", head_columns!());
+const READ_HEAD: &str = concat!("SELECT ", head_columns!(), " FROM audit_chain WHERE id = 1");
+/// Writes the whole head (also the SQLite group commit's cached head, before `COMMIT`).
+const WRITE_HEAD: &str = "UPDATE audit_chain SET last_seq = $1, last_hmac = $2, anchor_seq = $3, anchor_hmac = $4, \
+     head_key_id = $5, head_mac = $6 WHERE id = 1";
+const DELETE_THROUGH: &str = "DELETE FROM audit_events WHERE seq <= $1";
 const INSERT: &str = concat!(
     "INSERT INTO audit_events (",
     event_columns!(),
@@ -91,11 +108,13 @@ const QUERY: &str = concat!(
     "ORDER BY seq LIMIT $7"
 );
 /// The distinct chain key ids by a loose index scan (one index probe per key id, not a full scan).
+/// The head's MAC key id is one of them.
 const CHAIN_KEY_IDS: &str = "WITH RECURSIVE k(id) AS ( \
          SELECT MIN(chain_key_id) FROM audit_events \
          UNION ALL \
          SELECT (SELECT MIN(chain_key_id) FROM audit_events WHERE chain_key_id > k.id) FROM k WHERE k.id IS NOT NULL \
-     ) SELECT id FROM k WHERE id IS NOT NULL";
+     ) SELECT id FROM k WHERE id IS NOT NULL \
+     UNION SELECT head_key_id FROM audit_chain WHERE head_key_id IS NOT NULL";
 
 fn head_missing() -> StoreError {
     StoreError::Other("the audit chain head (audit_chain row 1) is missing".into())
@@ -133,7 +152,7 @@ async fn flush_cached_head(c: &mut Conn<'_>) -> Result<()> {
     if let Conn::Sqlite(conn, Some(cache)) = c
         && let Some(h) = cache.take()
     {
-        sqlx::query(WRITE_HEAD).bind(h.last_seq).bind(&h.last_hmac).execute(&mut **conn).await?;
+        write_cached_head(conn, &h).await?;
     }
     Ok(())
 }
@@ -149,10 +168,35 @@ pub async fn read_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
     Ok(dispatch!(c, |c| sqlx::query_as(READ_HEAD).fetch_optional(c).await)?)
 }
 
-pub async fn set_head_hmac(c: &mut Conn<'_>, hmac: &[u8]) -> Result<()> {
-    flush_cached_head(c).await?;
-    let n = dispatch!(c, |c| sqlx::query(SET_HEAD_HMAC).bind(hmac).execute(c).await.map(|r| r.rows_affected()))?;
+macro_rules! bind_head {
+    ($q:expr, $h:expr) => {
+        $q.bind($h.last_seq)
+            .bind(&$h.last_hmac)
+            .bind($h.anchor_seq)
+            .bind(&$h.anchor_hmac)
+            .bind($h.head_key_id.as_deref())
+            .bind($h.head_mac.as_deref())
+    };
+}
+
+/// Writes the whole head row (its MAC computed by the caller).
+pub async fn write_head(c: &mut Conn<'_>, head: &ChainHead) -> Result<()> {
+    if let Conn::Sqlite(_, Some(cache)) = c {
+        **cache = None;
+    }
+    let n = dispatch!(c, |c| bind_head!(sqlx::query(WRITE_HEAD), head).execute(c).await.map(|r| r.rows_affected()))?;
     if n == 1 { Ok(()) } else { Err(head_missing()) }
+}
+
+/// Writes a SQLite group's cached head (the committer, just before `COMMIT`).
+pub(super) async fn write_cached_head(conn: &mut sqlx::SqliteConnection, head: &ChainHead) -> sqlx::Result<()> {
+    bind_head!(sqlx::query(WRITE_HEAD), head).execute(conn).await.map(|_| ())
+}
+
+/// Deletes every event up to and including `seq` (the retention purge; the caller moves the
+/// head's anchor in the same transaction). Returns how many rows went.
+pub async fn delete_through(c: &mut Conn<'_>, seq: i64) -> Result<u64> {
+    Ok(dispatch!(c, |c| sqlx::query(DELETE_THROUGH).bind(seq).execute(c).await.map(|r| r.rows_affected()))?)
 }
 
 /// Rows per multi-row INSERT: a batch is cut into chunks of these sizes, so only three

@@ -257,12 +257,7 @@ async fn committer(group: Arc<Mutex<Group>>, kick: Arc<Notify>) {
         // The chain head as the group's writers left it, in the same transaction.
         let head = g.head.take();
         let result = match &head {
-            Some(h) => sqlx::query(super::audit::WRITE_HEAD)
-                .bind(h.last_seq)
-                .bind(&h.last_hmac)
-                .execute(&mut *conn)
-                .await
-                .map(|_| ()),
+            Some(h) => super::audit::write_cached_head(&mut conn, h).await,
             None => Ok(()),
         };
         let result = match result {

@@ -647,3 +647,208 @@ async fn an_edited_id_is_found() {
     assert_broken_at(&r, 3);
     assert_eq!(r["events_checked"], 2);
 }
+
+// ---- the authenticated head, retention (issue 15, findings 4 and 5) -------------------------
+
+/// `centraldb-mfa audit verify` (the real binary) against the app's database: (exit ok, stdout).
+async fn cli_verify(app: &TestApp) -> (bool, String) {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_centraldb-mfa"));
+    c.args(["audit", "verify"]).env_clear().env("CENTRALDB_LOG_FORMAT", "json").env("RUST_LOG", "warn");
+    for k in
+        ["CENTRALDB_DATA_DIR", "CENTRALDB_DATABASE_URL", "CENTRALDB_ENCRYPTION_KEYS", "CENTRALDB_BOOTSTRAP_ADMIN_KEY"]
+    {
+        c.env(k, &app.vars[k]);
+    }
+    let out = c.output().await.unwrap();
+    append_binary_log(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Rewrites the head, without the key, to end at event `seq` (its seq and HMAC).
+async fn rewind_head_to(app: &TestApp, seq: i64) {
+    if seq == 0 {
+        let zeros = match backend() {
+            Backend::Sqlite => "zeroblob(32)",
+            Backend::Postgres => "decode(repeat('00', 32), 'hex')",
+        };
+        app.exec(&format!("UPDATE audit_chain SET last_seq = 0, last_hmac = {zeros} WHERE id = 1")).await;
+    } else {
+        app.exec(&format!(
+            "UPDATE audit_chain SET last_seq = {seq}, last_hmac = (SELECT hmac FROM audit_events WHERE seq = {seq}) WHERE id = 1"
+        ))
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn deleting_the_newest_events_and_rewinding_the_head_without_the_key_is_found() {
+    let app = app_with_events(5).await;
+    assert_eq!(cli_verify(&app).await, (true, "audit chain ok: 5 events".to_string()));
+    app.exec("DELETE FROM audit_events WHERE seq > 3").await;
+    rewind_head_to(&app, 3).await;
+    let r = verify(&app).await;
+    assert_broken_at(&r, 4);
+    assert_eq!(r["events_checked"], 3);
+    assert!(r["reason"].as_str().unwrap().contains("MAC"), "{r}");
+    let (ok, out) = cli_verify(&app).await;
+    assert!(!ok && out.starts_with("audit chain BROKEN at seq 4: the chain head's MAC does not verify"), "{out}");
+}
+
+#[tokio::test]
+async fn wiping_the_log_and_zeroing_the_head_is_found() {
+    let app = app_with_events(3).await;
+    app.exec("DELETE FROM audit_events").await;
+    rewind_head_to(&app, 0).await;
+    let r = verify(&app).await;
+    assert_broken_at(&r, 1);
+    assert_eq!(r["events_checked"], 0);
+    let (ok, out) = cli_verify(&app).await;
+    assert!(!ok && out.starts_with("audit chain BROKEN at seq 1: "), "{out}");
+}
+
+/// The head row's columns as SQL literals, to put back later (an older copy of the database).
+async fn saved_head(app: &TestApp) -> String {
+    let sql = "SELECT last_seq, last_hmac, anchor_seq, anchor_hmac, head_key_id, head_mac FROM audit_chain";
+    type Head = (i64, Vec<u8>, i64, Vec<u8>, Option<String>, Option<Vec<u8>>);
+    let h: Head = match app.db() {
+        Db::Sqlite { pool, .. } => sqlx::query_as(sql).fetch_one(pool).await.unwrap(),
+        Db::Postgres { pool } => sqlx::query_as(sql).fetch_one(pool).await.unwrap(),
+    };
+    let blob = |b: &[u8]| match backend() {
+        Backend::Sqlite => format!("X'{}'", hex::encode(b)),
+        Backend::Postgres => format!("decode('{}', 'hex')", hex::encode(b)),
+    };
+    format!(
+        "UPDATE audit_chain SET last_seq = {}, last_hmac = {}, anchor_seq = {}, anchor_hmac = {}, head_key_id = '{}', \
+         head_mac = {} WHERE id = 1",
+        h.0,
+        blob(&h.1),
+        h.2,
+        blob(&h.3),
+        h.4.unwrap(),
+        blob(&h.5.unwrap())
+    )
+}
+
+#[tokio::test]
+async fn a_consistent_rewind_to_an_older_copy_is_not_detectable_from_inside_but_partial_ones_are() {
+    let app = app_with_events(3).await;
+    let old_head = saved_head(&app).await;
+    for i in 4..=5 {
+        app.put(&tokens_path(&format!("u{i}"))).json(garth_body(&format!("u{i}"))).send().await;
+    }
+    assert_eq!(verify(&app).await["ok"], true);
+    // Only the head restored from the older copy: the newer events are still there.
+    app.exec(&old_head).await;
+    assert_broken_at(&verify(&app).await, 4);
+    // Head and rows both as they were in the older copy: a consistent older state. Without an
+    // external witness (a signed checkpoint kept elsewhere) this cannot be told apart from a log
+    // that simply ended there.
+    app.exec("DELETE FROM audit_events WHERE seq > 3").await;
+    let r = verify(&app).await;
+    assert_eq!((r["ok"].as_bool(), r["events_checked"].as_u64()), (Some(true), Some(3)), "{r}");
+    // But an older head cannot be brought back over a purge: the events it vouches for are gone.
+    let app = app_with_events(4).await;
+    let pre_purge = saved_head(&app).await;
+    let cutoff = app.audit().await[2].at;
+    let p = audit::purge_before(app.db(), &app.state.keyring, cutoff).await.unwrap();
+    assert_eq!((p.events, p.through_seq, p.stopped_at), (2, 2, None));
+    assert_eq!(verify(&app).await["ok"], true);
+    app.exec(&pre_purge).await;
+    app.exec("DELETE FROM audit_events WHERE seq > 4").await;
+    assert_broken_at(&verify(&app).await, 1);
+}
+
+#[tokio::test]
+async fn moving_the_retention_anchor_without_the_key_is_found() {
+    // Deleting the oldest events and moving the anchor past them, as a purge would, needs the key.
+    let app = app_with_events(4).await;
+    app.exec("DELETE FROM audit_events WHERE seq <= 2").await;
+    app.exec("UPDATE audit_chain SET anchor_seq = 2, anchor_hmac = (SELECT hmac FROM audit_events WHERE seq = 3) WHERE id = 1")
+        .await;
+    let r = verify(&app).await;
+    assert_eq!(r["ok"], false, "{r}");
+}
+
+#[tokio::test]
+async fn retention_purges_old_events_and_the_chain_still_verifies_from_the_oldest_retained_one() {
+    let app = app_with_events(5).await;
+    let cutoff = app.audit().await[3].at;
+    let p = audit::purge_before(app.db(), &app.state.keyring, cutoff).await.unwrap();
+    assert_eq!((p.events, p.through_seq, p.stopped_at), (3, 3, None));
+    let log = app.audit().await;
+    assert_eq!(log.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5, 6]);
+    let purged = &log[2];
+    assert_eq!((purged.type_.as_str(), purged.actor.as_deref()), ("audit.purged", Some("sweeper")));
+    assert_eq!(details(purged)["events"], 3);
+    assert_eq!(details(purged)["through_seq"], 3);
+    let r = verify(&app).await;
+    assert_eq!(
+        (r["ok"].as_bool(), r["events_checked"].as_u64(), r["purged_through"].as_i64()),
+        (Some(true), Some(3), Some(3)),
+        "{r}"
+    );
+    assert_eq!(
+        cli_verify(&app).await,
+        (true, "audit chain ok: 3 events (events through seq 3 were purged by retention)".to_string())
+    );
+    // Tampering with a retained event is still found.
+    app.exec(r#"UPDATE audit_events SET details = '{"kind":"garth","version":9}' WHERE seq = 4"#).await;
+    let r = verify(&app).await;
+    assert_broken_at(&r, 4);
+    assert_eq!(r["purged_through"], 3);
+    let (ok, out) = cli_verify(&app).await;
+    assert!(!ok && out.starts_with("audit chain BROKEN at seq 4: "), "{out}");
+    // A purge never removes an event that does not verify: it stops before it.
+    let p = audit::purge_before(app.db(), &app.state.keyring, centraldb_mfa::store::now()).await.unwrap();
+    assert_eq!((p.events, p.stopped_at), (0, Some(4)));
+    assert_eq!(app.audit().await.first().map(|e| e.seq), Some(4), "the evidence is kept");
+}
+
+#[tokio::test]
+async fn the_sweeper_purges_audit_events_past_the_retention_setting() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("CENTRALDB_AUDIT_RETENTION_DAYS".into(), "30".into());
+    })
+    .await;
+    for i in 1..=3 {
+        app.put(&tokens_path(&format!("u{i}"))).json(garth_body(&format!("u{i}"))).send().await;
+    }
+    let now = centraldb_mfa::store::now();
+    let r = centraldb_mfa::sweeper::sweep_once(&app.state, now + chrono::Duration::days(29)).await.unwrap();
+    assert_eq!(r.audit_purged, 0);
+    let r = centraldb_mfa::sweeper::sweep_once(&app.state, now + chrono::Duration::days(31)).await.unwrap();
+    // The 3 writes, and the 3 token.expired events this pass wrote first (their refresh tokens
+    // ran out at 30 days; events carry the real time, before the cutoff).
+    assert_eq!(r.audit_purged, 6);
+    let log = app.audit().await;
+    assert_eq!(log.iter().map(|e| (e.seq, e.type_.as_str())).collect::<Vec<_>>(), [(7, "audit.purged")]);
+    let v = verify(&app).await;
+    assert_eq!((v["ok"].as_bool(), v["events_checked"].as_u64()), (Some(true), Some(1)), "{v}");
+    // Retention 0 keeps everything.
+    let keep = TestApp::spawn_with(|v| {
+        v.insert("CENTRALDB_AUDIT_RETENTION_DAYS".into(), "0".into());
+    })
+    .await;
+    keep.put(&tokens_path("k")).json(garth_body("k")).send().await;
+    let r = centraldb_mfa::sweeper::sweep_once(&keep.state, now + chrono::Duration::days(36_500)).await.unwrap();
+    assert_eq!(r.audit_purged, 0);
+}
+
+#[tokio::test]
+async fn a_head_without_a_mac_from_before_the_upgrade_is_sealed_at_the_next_start() {
+    let app = app_with_events(3).await;
+    app.exec("UPDATE audit_chain SET head_mac = NULL, head_key_id = NULL WHERE id = 1").await;
+    let r = verify(&app).await;
+    assert_eq!(r["ok"], false, "an unsealed head is reported: {r}");
+    assert!(r["reason"].as_str().unwrap().contains("no MAC"), "{r}");
+    // The next start (here: the CLI) seals it, since the events verify.
+    assert_eq!(cli_verify(&app).await, (true, "audit chain ok: 3 events".to_string()));
+    assert_eq!(verify(&app).await["ok"], true);
+    // A head over a broken chain is not sealed.
+    app.exec("UPDATE audit_chain SET head_mac = NULL, head_key_id = NULL WHERE id = 1").await;
+    app.exec(r#"UPDATE audit_events SET details = '{}' WHERE seq = 2"#).await;
+    let (ok, out) = cli_verify(&app).await;
+    assert!(!ok && out.starts_with("audit chain BROKEN at seq 2: "), "{out}");
+    assert_eq!(scalar_i64(&app, "SELECT COUNT(*) FROM audit_chain WHERE head_mac IS NULL").await, 1);
+}
