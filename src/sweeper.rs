@@ -5,7 +5,8 @@
 //! - destroys the ciphertext of token bundles past their refresh expiry (`token.expired`);
 //! - ends refresh leases past their expiry (`lease.expired`; the fence is kept);
 //! - deletes terminal challenges and sessions older than the retention period, and failure
-//!   records older than the failure window.
+//!   records older than the failure window;
+//! - deletes `Idempotency-Key` records past `CENTRALDB_IDEMPOTENCY_TTL_SECS` (bounded per pass).
 //!
 //! Each expiry is a conditional statement audited in its own transaction, so several instances
 //! can sweep at once without double audit rows. Reads never depend on it: an expired challenge
@@ -54,6 +55,27 @@ pub async fn run(state: AppState, shutdown: impl std::future::Future<Output = ()
         }
     }
     tracing::info!("sweeper stopped");
+}
+
+/// Deletes `Idempotency-Key` records past their TTL: at most `IDEMPOTENCY_BATCHES` batches of
+/// `BATCH * 5` per pass (the rest waits for the next pass), each its own short transaction.
+/// They hold no secret in the clear and are no audit matter, so nothing is audited.
+async fn purge_idempotency_keys(state: &AppState, now: DateTime<Utc>) -> Result<u64, StoreError> {
+    const IDEMPOTENCY_BATCHES: usize = 10;
+    let mut total = 0;
+    for _ in 0..IDEMPOTENCY_BATCHES {
+        let mut tx = state.db.begin_write().await?;
+        let n = store::idempotency::purge_expired(&mut tx.conn(), now, BATCH * 5).await?;
+        tx.commit().await?;
+        total += n;
+        if n < (BATCH * 5) as u64 {
+            break;
+        }
+    }
+    if total > 0 {
+        tracing::info!(purged = total, "expired Idempotency-Key records deleted");
+    }
+    Ok(total)
 }
 
 /// One pass over everything due at `now`.
@@ -187,6 +209,8 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
             break;
         }
     }
+
+    purge_idempotency_keys(state, now).await?;
 
     let retention = chrono::Duration::from_std(state.settings.retention).unwrap_or(chrono::Duration::days(7));
     let window = chrono::Duration::from_std(state.settings.mfa.failure_window).unwrap_or(chrono::Duration::days(1));
