@@ -12,8 +12,9 @@
 //! - The same key while the first request still runs: 409 `idempotency_key_in_use` with
 //!   `Retry-After`.
 //! - Only 2xx and 4xx answers are kept (not 401/403/408/429, which say nothing about the
-//!   request itself); anything else (503, 500, a request cut by the timeout or by the client
-//!   going away) drops the claim, so a retry acts.
+//!   request itself); anything else (503, 500) drops the claim, so a retry acts. The claimed
+//!   request runs detached: a client going away or the request timeout does not cut it, so its
+//!   answer is still kept.
 //! - No secret is stored in the clear: the key as a SHA-256, the request as an HMAC under a
 //!   keyring-derived key, the answer (which may hold a generated code or a resume state) as a
 //!   keyring envelope bound to the API key and the key hash.
@@ -31,6 +32,7 @@ use base64::Engine as _;
 use hmac::{KeyInit as _, Mac as _};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
@@ -302,8 +304,28 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
         .into_response();
     }
 
+    // Detached (and tracked, so shutdown waits for it): a client that goes away, or the request
+    // timeout, cannot cut the write between its commit and its answer being kept; the retry then
+    // gets 409 until the answer is kept, and that answer after.
+    let task =
+        run_and_keep(state.clone(), next, Request::from_parts(parts, Body::from(body)), api_key_id, key_hash, owner);
+    match state.mfa.tasks().spawn(task.instrument(tracing::Span::current())).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Internal("a request with an Idempotency-Key failed".into()).into_response(),
+    }
+}
+
+/// Runs the claimed request and keeps its answer (or drops the claim when it is not kept).
+async fn run_and_keep(
+    state: AppState,
+    next: Next,
+    req: Request,
+    api_key_id: Uuid,
+    key_hash: Vec<u8>,
+    owner: Uuid,
+) -> Response {
     let guard = ClaimGuard { db: state.db.clone(), api_key_id, key_hash: key_hash.clone(), owner, armed: true };
-    let resp = next.run(Request::from_parts(parts, Body::from(body))).await;
+    let resp = next.run(req).await;
     let status = resp.status();
     if !replayable(status) {
         guard.release().await;

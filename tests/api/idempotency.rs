@@ -135,7 +135,9 @@ async fn a_duplicate_while_the_first_still_runs_is_409_with_retry_after() {
     let create = || app.post("/api/v1/mfa/challenges").header(IK, "slow").json(body.clone());
     let (first, second) = tokio::join!(create().send(), async {
         // Send the duplicate once the first holds the key (and is hashing).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while app.idempotency_rows().await != vec![("running".to_string(), true)] {
+            assert!(std::time::Instant::now() < deadline, "the first request never held the key");
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
         create().send().await
