@@ -207,3 +207,34 @@ async fn an_expired_key_acts_again_before_the_sweeper_runs() {
     assert_eq!(put().send().await.status, 200, "past the TTL the key acts again");
     assert_eq!(app.version_of("u1").await, 2);
 }
+
+#[tokio::test]
+async fn a_write_whose_client_went_away_still_keeps_its_answer_for_the_retry() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("CENTRALDB_ARGON2_MEMORY_KIB".into(), "8192".into());
+        v.insert("CENTRALDB_ARGON2_ITERATIONS".into(), "40".into());
+    })
+    .await;
+    let body = json!({"user_id": "u1", "method": "email", "destination": "j@example.com", "verifier": "service"});
+    let create = || app.post("/api/v1/mfa/challenges").header(IK, "gone").json(body.clone());
+    // The client gives up (its request future is dropped) once the write holds the key.
+    tokio::select! {
+        r = create().send() => panic!("the first request was meant to be abandoned, got {}", r.status),
+        () = async {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while app.idempotency_rows().await != vec![("running".to_string(), true)] {
+                assert!(std::time::Instant::now() < deadline, "the first request never held the key");
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        } => {}
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while app.idempotency_rows().await != vec![("done".to_string(), false)] {
+        assert!(std::time::Instant::now() < deadline, "the abandoned write's answer was never kept");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let retry = create().send().await;
+    assert_eq!(retry.status, 201, "{}", retry.text);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(app.audit_count("challenge.created").await, 1, "created once");
+}
