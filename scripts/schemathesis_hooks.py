@@ -28,6 +28,8 @@ import base64
 import json
 import re
 
+import uuid
+
 import schemathesis
 from schemathesis import GenerationMode
 
@@ -106,6 +108,11 @@ def _token_body(body):
 def map_case(context, case):
     if not _positive(case):
         return case
+    headers = case.headers or {}
+    for name in [k for k in headers if k.lower() == "idempotency-key"]:
+        # schemathesis sends the same few values ("0") with different requests, which the API
+        # rightly refuses (422 idempotency_key_reused): a real client uses a fresh key per request.
+        headers[name] = f"st-{uuid.uuid4()}"
     op = _op(context)
     if op == PUT_TOKENS:
         headers = case.headers or {}

@@ -65,8 +65,10 @@ pub fn valid_key(raw: &[u8]) -> bool {
     (1..=255).contains(&raw.len()) && raw.iter().all(|b| (0x21..=0x7e).contains(b))
 }
 
+/// The methods of this API's writes; any other method (an invented `QUERY`) is left to the
+/// router's 405.
 fn is_write(method: &Method) -> bool {
-    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
 }
 
 /// Whether an answer with this status is kept and replayed.

@@ -238,3 +238,12 @@ async fn a_write_whose_client_went_away_still_keeps_its_answer_for_the_retry() {
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     assert_eq!(app.audit_count("challenge.created").await, 1, "created once");
 }
+
+#[tokio::test]
+async fn an_invented_method_with_a_key_is_still_405() {
+    let app = TestApp::spawn().await;
+    let method = axum::http::Method::from_bytes(b"QUERY").unwrap();
+    let r = app.request(method, "/api/v1/sessions").header(IK, "q").send().await;
+    r.assert_problem(405, "method_not_allowed");
+    assert!(app.idempotency_rows().await.is_empty());
+}
