@@ -205,12 +205,51 @@ async fn claim(state: &AppState, c: &records::Claim<'_>) -> Result<bool, ApiErro
     Ok(won)
 }
 
+/// The write operations of the API as (method, path template segments), from the OpenAPI
+/// document the routes are declared with: a method a path does not take (405), or a path no
+/// route has (404), passes through untouched, so its answer does not depend on the key.
+fn write_operations() -> &'static [(Method, Vec<String>)] {
+    static OPS: std::sync::OnceLock<Vec<(Method, Vec<String>)>> = std::sync::OnceLock::new();
+    OPS.get_or_init(|| {
+        let mut ops = Vec::new();
+        for (path, item) in super::openapi().paths.paths {
+            let segments: Vec<String> = path.split('/').map(str::to_string).collect();
+            for (method, op) in [
+                (Method::POST, item.post.is_some()),
+                (Method::PUT, item.put.is_some()),
+                (Method::PATCH, item.patch.is_some()),
+                (Method::DELETE, item.delete.is_some()),
+            ] {
+                if op {
+                    ops.push((method, segments.clone()));
+                }
+            }
+        }
+        ops
+    })
+}
+
+/// Whether `method path` is one of [`write_operations`]: a `{param}` segment matches any
+/// non-empty segment.
+fn is_write_operation(method: &Method, path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').collect();
+    write_operations().iter().any(|(m, template)| {
+        m == method
+            && template.len() == segments.len()
+            && template
+                .iter()
+                .zip(&segments)
+                .all(|(t, s)| if t.starts_with('{') && t.ends_with('}') { !s.is_empty() } else { t == s })
+    })
+}
+
 /// The middleware: only writes under `/api/` that carry `Idempotency-Key` and whose API key
 /// authenticates are touched; everything else passes through unchanged.
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if !is_write(req.method())
         || !req.uri().path().starts_with("/api/")
         || !req.headers().contains_key(&IDEMPOTENCY_KEY)
+        || !is_write_operation(req.method(), req.uri().path())
     {
         return next.run(req).await;
     }
@@ -381,6 +420,21 @@ async fn run_and_keep(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn only_declared_write_operations_are_keyed() {
+        let user = "/api/v1/users/alice/tokens";
+        assert!(is_write_operation(&Method::PUT, user));
+        assert!(is_write_operation(&Method::DELETE, user));
+        assert!(is_write_operation(&Method::POST, "/api/v1/users/alice/tokens/invalidate"));
+        assert!(!is_write_operation(&Method::POST, user), "PUT-only route: 405 stays 405");
+        assert!(!is_write_operation(&Method::PUT, "/api/v1/users/alice/tokens/invalidate"));
+        assert!(!is_write_operation(&Method::PUT, "/api/v1/nope"));
+        assert!(!is_write_operation(&Method::PUT, "/api/v1/users//tokens"));
+        assert!(is_write_operation(&Method::POST, "/api/v1/mfa/challenges"));
+    }
+
     #[test]
     fn keys_are_visible_ascii_of_bounded_length() {
         assert!(super::valid_key(b"abc-123"));
