@@ -28,6 +28,8 @@ import base64
 import json
 import re
 
+import uuid
+
 import schemathesis
 from schemathesis import GenerationMode
 
@@ -102,16 +104,28 @@ def _token_body(body):
         _non_empty(body, ("di_token", "di_refresh_token", "di_client_id"), "di")
 
 
+def _valid_idempotency_key(v):
+    return isinstance(v, str) and 1 <= len(v) <= 255 and all(0x21 <= ord(c) <= 0x7E for c in v)
+
+
 @schemathesis.hook
 def map_case(context, case):
+    headers = case.headers or {}
+    for name in [k for k in headers if k.lower() == "idempotency-key"]:
+        # schemathesis sends the same few values ("0") with different requests (in every phase,
+        # stateful included), which the API rightly refuses (422 idempotency_key_reused): a real
+        # client uses a fresh key per request. A malformed key (a negative case) is kept.
+        if _valid_idempotency_key(headers[name]):
+            headers[name] = f"st-{uuid.uuid4()}"
     if not _positive(case):
         return case
+    # If-Match, If-None-Match, X-Lease-Fence are nullable in the schema: null is "not sent"
+    # (on every operation that takes them: PUT, invalidate and DELETE of tokens, lease release).
+    for name in [k for k in headers if headers[k] == "null"]:
+        del headers[name]
     op = _op(context)
     if op == PUT_TOKENS:
         headers = case.headers or {}
-        for name in [k for k in headers if headers[k] == "null"]:
-            # If-Match, If-None-Match, X-Lease-Fence are nullable in the schema: null is "not sent"
-            del headers[name]
         names = {k.lower(): k for k in headers}
         if "if-match" in names and "if-none-match" in names:
             del headers[names["if-none-match"]]

@@ -228,6 +228,8 @@ pub struct Settings {
     pub retention: Duration,
     /// Readers that may long-poll for a new token version at once; past that, 503.
     pub max_waiters: usize,
+    /// How long an `Idempotency-Key` and its answer are kept (per API key).
+    pub idempotency_ttl: Duration,
     /// Open client connections at most; more wait in the kernel backlog.
     pub max_connections: usize,
     /// Refused requests per source: individual audit rows, budget, window, table size.
@@ -411,6 +413,7 @@ impl Settings {
         let retention = Duration::from_secs(num("CENTRALDB_RETENTION_SECS", 7 * 86_400, 0, 3650 * 86_400)?);
 
         let max_waiters = num("CENTRALDB_MAX_WAITERS", 1000, 1, 1_000_000)? as usize;
+        let idempotency_ttl = Duration::from_secs(num("CENTRALDB_IDEMPOTENCY_TTL_SECS", 86_400, 1, 30 * 86_400)?);
         let max_connections = num("CENTRALDB_MAX_CONNECTIONS", 16_384, 1, 1_000_000)? as usize;
         let refusals = crate::services::refusals::RefusalLimits {
             interval: Duration::from_secs(num("CENTRALDB_REFUSAL_INTERVAL_SECS", 60, 1, 3600)?),
@@ -447,6 +450,7 @@ impl Settings {
             max_connections,
             refusals,
             audit_retention,
+            idempotency_ttl,
         })
     }
 

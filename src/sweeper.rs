@@ -8,6 +8,7 @@
 //!   records older than the failure window;
 //! - purges audit events older than `CENTRALDB_AUDIT_RETENTION_DAYS` (`audit::purge_before`:
 //!   a checked prefix of the chain, the head's anchor moved, `audit verify` still works).
+//! - deletes `Idempotency-Key` records past `CENTRALDB_IDEMPOTENCY_TTL_SECS` (bounded per pass).
 //!
 //! Between passes it also writes the refusal summaries whose window has ended (every few
 //! seconds), and all of them when it stops (graceful shutdown).
@@ -81,6 +82,27 @@ fn refusal_flush_period(state: &AppState) -> std::time::Duration {
 /// Returns how many events were written.
 pub async fn flush_refusals(state: &AppState, now: DateTime<Utc>, all: bool) -> Result<usize, StoreError> {
     state.refusals.flush(&state.db, &state.keyring, now, all).await
+}
+
+/// Deletes `Idempotency-Key` records past their TTL: at most `IDEMPOTENCY_BATCHES` batches of
+/// `BATCH * 5` per pass (the rest waits for the next pass), each its own short transaction.
+/// They hold no secret in the clear and are no audit matter, so nothing is audited.
+async fn purge_idempotency_keys(state: &AppState, now: DateTime<Utc>) -> Result<u64, StoreError> {
+    const IDEMPOTENCY_BATCHES: usize = 10;
+    let mut total = 0;
+    for _ in 0..IDEMPOTENCY_BATCHES {
+        let mut tx = state.db.begin_write().await?;
+        let n = store::idempotency::purge_expired(&mut tx.conn(), now, BATCH * 5).await?;
+        tx.commit().await?;
+        total += n;
+        if n < (BATCH * 5) as u64 {
+            break;
+        }
+    }
+    if total > 0 {
+        tracing::info!(purged = total, "expired Idempotency-Key records deleted");
+    }
+    Ok(total)
 }
 
 /// One pass over everything due at `now`.
@@ -214,6 +236,8 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
             break;
         }
     }
+
+    purge_idempotency_keys(state, now).await?;
 
     let retention = chrono::Duration::from_std(state.settings.retention).unwrap_or(chrono::Duration::days(7));
     let window = chrono::Duration::from_std(state.settings.mfa.failure_window).unwrap_or(chrono::Duration::days(1));

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod extract;
+pub mod idempotency;
 pub mod leases;
 pub mod mfa;
 pub mod middleware;
@@ -99,6 +100,63 @@ fn wire_enum(openapi: &mut utoipa::openapi::OpenApi, name: &str, wire: impl Fn(&
     }
 }
 
+/// Every write operation takes `Idempotency-Key` (see `idempotency`), so the header and its
+/// two answers (409 `idempotency_key_in_use`, 422 `idempotency_key_reused`) are documented on
+/// all of them here, in one place, rather than on each handler.
+struct IdempotencyDocs;
+
+impl Modify for IdempotencyDocs {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{
+            ContentBuilder, ObjectBuilder, Ref, RefOr, Required, ResponseBuilder, Type,
+            path::{ParameterBuilder, ParameterIn},
+        };
+        const IN_USE: &str =
+            "`idempotency_key_in_use` (with Retry-After): a request with this Idempotency-Key is still running";
+        const REUSED: &str = "`idempotency_key_reused`: this Idempotency-Key was used for a different request";
+        let parameter = ParameterBuilder::new()
+            .name("Idempotency-Key")
+            .parameter_in(ParameterIn::Header)
+            .required(Required::False)
+            .description(Some(
+                "Makes a retry safe: the same key with the same request answers what the first answered (status, \
+                 body, ETag) without acting again, with `Idempotent-Replayed: true`. Kept per API key for \
+                 CENTRALDB_IDEMPOTENCY_TTL_SECS (default 24 h).",
+            ))
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some(255))
+                    .pattern(Some("^[!-~]+$")),
+            ))
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten() {
+                op.parameters.get_or_insert_with(Vec::new).push(RefOr::T(parameter.clone()));
+                for (status, extra) in [("409", IN_USE), ("422", REUSED)] {
+                    match op.responses.responses.get_mut(status) {
+                        Some(RefOr::T(r)) if !r.description.is_empty() => {
+                            r.description = format!("{}; or {extra}", r.description);
+                        }
+                        Some(RefOr::T(r)) => r.description = format!("`validation_failed`; or {extra}"),
+                        _ => {
+                            let response = ResponseBuilder::new()
+                                .description(extra)
+                                .content(
+                                    "application/problem+json",
+                                    ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build(),
+                                )
+                                .build();
+                            op.responses.responses.insert(status.to_string(), RefOr::T(response));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", tokens::router())
@@ -115,6 +173,7 @@ fn parts() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
     // After the nested routers' schemas are merged in: a modifier on `ApiDoc` runs before.
     WireEnumNames.modify(&mut openapi);
     extract::RefusalBudgetResponses.modify(&mut openapi);
+    IdempotencyDocs.modify(&mut openapi);
     (router, openapi)
 }
 
@@ -131,6 +190,7 @@ pub fn app(state: AppState) -> Router {
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
         .fallback(middleware::not_found)
         .method_not_allowed_fallback(middleware::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
         .layer(
             ServiceBuilder::new()
                 .layer(axum::middleware::from_fn(middleware::request_context))

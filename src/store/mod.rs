@@ -55,6 +55,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod challenges;
 mod group;
+pub mod idempotency;
 pub mod keys;
 pub mod leases;
 pub mod sessions;

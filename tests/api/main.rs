@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod binary;
 mod helpers;
+mod idempotency;
 mod leases;
 mod limits;
 mod mfa;
