@@ -70,7 +70,8 @@ def _destination_ok(method, dest):
 
 MAX_UNIX = 253_402_300_799  # 9999-12-31T23:59:59Z, src/domain/tokens.rs
 BODY_FIELDS = {"garth": {"kind", "oauth1_token", "oauth2_token", "garth_dump"},
-               "garminconnect": {"kind", "di_token", "di_refresh_token", "di_client_id"}}
+               "garminconnect": {"kind", "di_token", "di_refresh_token", "di_client_id", "garminconnect_dump"}}
+GC_DUMP = json.dumps({"di_token": "st-hook-di", "di_refresh_token": "st-hook-di-ref", "di_client_id": "st-hook-client"})
 
 
 def _non_empty(obj, fields, tag):
@@ -101,20 +102,44 @@ def _token_body(body):
                 ):
                     o2[f] = int(min(max(v, 0), MAX_UNIX))  # also 3.0: JSON's integer may be written so
     elif kind == "garminconnect":
-        _non_empty(body, ("di_token", "di_refresh_token", "di_client_id"), "di")
+        # garminconnect's Client.dumps() (`garminconnect_dump`) and the three DI fields are
+        # alternatives: the dump is dropped when fields came too, and a generated dump (any
+        # string) is replaced by a real one; the three-field form needs `di_token`, and names
+        # `di_refresh_token` and `di_client_id` (null allowed).
+        di = ("di_token", "di_refresh_token", "di_client_id")
+        if "garminconnect_dump" in body:
+            if any(f in body for f in di):
+                del body["garminconnect_dump"]
+            else:
+                body["garminconnect_dump"] = GC_DUMP
+        if "garminconnect_dump" not in body:
+            if not isinstance(body.get("di_token"), str):
+                body["di_token"] = "st-hook-di"
+            body.setdefault("di_refresh_token", None)
+            body.setdefault("di_client_id", None)
+        _non_empty(body, di, "di")
 
 
 def _valid_idempotency_key(v):
     return isinstance(v, str) and 1 <= len(v) <= 255 and all(0x21 <= ord(c) <= 0x7E for c in v)
 
 
+def _stateful(case):
+    meta = getattr(case, "meta", None)
+    return meta is None or str(meta.phase.name) == "stateful"
+
+
 @schemathesis.hook
 def map_case(context, case):
+    # Negative cases are left exactly as generated (changing a header of, say, a "missing
+    # Authorization" case would turn it into another case).
+    if not (_positive(case) or _stateful(case)):
+        return case
     headers = case.headers or {}
     for name in [k for k in headers if k.lower() == "idempotency-key"]:
-        # schemathesis sends the same few values ("0") with different requests (in every phase,
-        # stateful included), which the API rightly refuses (422 idempotency_key_reused): a real
-        # client uses a fresh key per request. A malformed key (a negative case) is kept.
+        # schemathesis sends the same few values ("0") with different requests (the stateful
+        # phase too), which the API rightly refuses (422 idempotency_key_reused): a real client
+        # uses a fresh key per request.
         if _valid_idempotency_key(headers[name]):
             headers[name] = f"st-{uuid.uuid4()}"
     if not _positive(case):
