@@ -866,6 +866,9 @@ impl App {
             ("CENTRALDB_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY.to_string()),
             ("CENTRALDB_ARGON2_MEMORY_KIB", "64".to_string()),
             ("CENTRALDB_ARGON2_ITERATIONS", "1".to_string()),
+            // The properties send refusals by the thousand from one source; the refusal
+            // budget's 429 is tested in tests/api/auth.rs, here every refusal must be a 401.
+            ("CENTRALDB_REFUSAL_BUDGET", "10000000".to_string()),
         ];
         let settings =
             Settings::from_lookup(|k| vars.iter().find(|(name, _)| *name == k).map(|(_, v)| v.clone())).unwrap();
