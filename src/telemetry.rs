@@ -28,6 +28,8 @@ fn leaks_secrets(meta: &tracing::Metadata<'_>) -> bool {
 
 pub const HTTP_DURATION: &str = "http_request_duration_seconds";
 pub const HTTP_REQUESTS: &str = "http_requests_total";
+/// Long-poll readers waiting for a newer token version, set at each scrape.
+pub const LONGPOLL_WAITERS: &str = "centraldb_longpoll_waiters";
 
 /// The process-wide Prometheus recorder (installed once; every app in the process shares it).
 pub fn metrics_handle() -> PrometheusHandle {

@@ -63,6 +63,11 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Readiness>, 
     (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")
 ))]
 async fn metrics(State(state): State<AppState>) -> Response {
+    metrics::describe_gauge!(
+        crate::telemetry::LONGPOLL_WAITERS,
+        "Long-poll readers (GET tokens with newer_than and wait_seconds) waiting right now"
+    );
+    metrics::gauge!(crate::telemetry::LONGPOLL_WAITERS).set(state.notifier.waiting() as f64);
     let mut resp = state.metrics.render().into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

@@ -570,7 +570,16 @@ async fn two_processes_agree_on_the_lease_and_wake_each_others_waiters() {
             (r.status().as_u16(), r.json::<Value>().await.unwrap(), t.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The loser's process says (in /metrics) that the reader waits, before the winner writes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = http.get(loser.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if m.lines().any(|l| l == "centraldb_longpoll_waiters 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the reader never started waiting: {m}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let w = http
         .put(winner.url(&path))
         .bearer_auth(&key)
