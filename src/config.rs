@@ -187,19 +187,6 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
-/// Why a text key (the bootstrap admin key: 32-256 printable ASCII characters) is obviously
-/// not random, or `None`: a pattern repeated, at most 2 distinct characters, or consecutive
-/// differences taking at most 2 values (`abcdef...`, `0123456789012...`).
-///
-/// Even a key of only decimal digits, the smallest alphabet anyone would draw from, trips this
-/// rarely enough to never happen: for 32 random digits, a period of at most 16 has probability
-/// about 10^-16, at most 2 distinct digits about 2 x 10^-21, at most 2 distinct differences
-/// (each pair of 31 differences among 19 values) below 10^-18; hex or base64 keys far less.
-/// `keygen` output (44 base64 characters) always passes.
-pub fn weak_text_key(key: &str) -> Option<String> {
-    crate::crypto::keyring::not_random(key.as_bytes(), 3, 3)
-}
-
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub data_dir: PathBuf,
@@ -307,8 +294,8 @@ impl Settings {
                     "must be at most 256 printable ASCII characters without spaces",
                 ));
             }
-            Some(k) if weak_text_key(&k).is_some() => {
-                let why = weak_text_key(&k).unwrap_or_default();
+            Some(k) if crate::crypto::keyring::weak_text_key(&k).is_some() => {
+                let why = crate::crypto::keyring::weak_text_key(&k).unwrap_or_default();
                 return Err(ConfigError::new(
                     "CENTRALDB_BOOTSTRAP_ADMIN_KEY",
                     format!("is not random ({why}); generate one with `centraldb-mfa keygen`"),
@@ -544,7 +531,7 @@ mod tests {
             let raw: [u8; 16] = rand::random();
             let decimal: String = rand::random::<[u8; 32]>().iter().map(|b| char::from(b'0' + b % 10)).collect();
             for key in [hex::encode(raw), decimal, crate::crypto::keyring::generate_key_b64().to_string()] {
-                assert!(weak_text_key(&key).is_none(), "{key}");
+                assert!(crate::crypto::keyring::weak_text_key(&key).is_none(), "{key}");
             }
         }
         let e =
