@@ -34,335 +34,15 @@ python3 stdlib only; the binary is not built here (cargo build first).
 """
 
 import argparse
-import atexit
-import base64
 import http.client
-import json
-import os
 import random
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.parse
 
-BOOT_KEY_LEN = 48
-FAR_EXPIRY = 4102444800  # 2100-01-01: the sweeper never expires these bundles.
-
-_children = []  # live server processes, killed on exit
-_cleanups = []  # callables run once on exit (drop PG database, remove temp dirs)
-_cleaned = False
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cleanup():
-    global _cleaned
-    if _cleaned:
-        return
-    _cleaned = True
-    for p in list(_children):
-        if p.poll() is None:
-            try:
-                p.kill()
-                p.wait(timeout=10)
-            except Exception:
-                pass
-    for fn in reversed(_cleanups):
-        try:
-            fn()
-        except Exception as e:  # keep cleaning up the rest
-            print(f"cleanup error: {e}", file=sys.stderr)
-
-
-def _on_signal(signum, _frame):
-    cleanup()
-    sys.exit(128 + signum)
-
-
-# --------------------------------------------------------------------------------------------
-# Deployment and server process
-# --------------------------------------------------------------------------------------------
-
-
-class Deployment:
-    def __init__(self, args, backend, workdir):
-        self.bin = args.bin
-        self.backend = backend
-        self.dir = os.path.join(workdir, backend)
-        self.data = os.path.join(self.dir, "data")
-        os.makedirs(self.dir, mode=0o700)
-        self.admin_key = "crash-safety-" + "".join(
-            random.SystemRandom().choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(BOOT_KEY_LEN)
-        )
-        keygen = subprocess.run([self.bin, "keygen", "--id", "k1"], capture_output=True, text=True, timeout=30)
-        if keygen.returncode != 0:
-            raise RuntimeError(f"keygen failed: {keygen.stderr}")
-        self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": os.environ.get("HOME", "/root"),
-            "RUST_LOG": "info",
-            "CENTRALDB_LOG_FORMAT": "json",
-            "CENTRALDB_LISTEN": "127.0.0.1:0",
-            "CENTRALDB_DATA_DIR": self.data,
-            "CENTRALDB_ENCRYPTION_KEYS": keygen.stdout.strip(),
-            "CENTRALDB_BOOTSTRAP_ADMIN_KEY": self.admin_key,
-        }
-        self.db_name = None
-        self.log_dir = None
-        self.secrets = None
-        if args.log_dir:
-            self.log_dir = os.path.join(args.log_dir, f"crash-safety-{backend}")
-            os.makedirs(self.log_dir, exist_ok=True)
-            self.env["RUST_LOG"] = "trace"
-            self.secrets = SecretLog(os.path.join(self.log_dir, f"secrets-crash-safety-{backend}.txt"))
-            self.secrets.add(self.admin_key)
-            self.secrets.add_keyring(self.env["CENTRALDB_ENCRYPTION_KEYS"])
-        if backend == "postgres":
-            self._create_pg_database(args.postgres_url)
-
-    def _create_pg_database(self, base_url):
-        if shutil.which("psql") is None:
-            raise RuntimeError("psql not found (needed to create the PostgreSQL database)")
-        name = f"crash_safety_{os.getpid()}_{random.SystemRandom().randrange(1 << 30)}"
-        admin_url = base_url
-        r = subprocess.run(
-            ["psql", admin_url, "-v", "ON_ERROR_STOP=1", "-qc", f'CREATE DATABASE "{name}"'],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"cannot create PostgreSQL database: {r.stderr.strip()}")
-        self.db_name = name
-
-        def drop():
-            subprocess.run(
-                ["psql", admin_url, "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
-                capture_output=True,
-                timeout=60,
-            )
-
-        _cleanups.append(drop)
-        u = urllib.parse.urlsplit(base_url)
-        self.env["CENTRALDB_DATABASE_URL"] = urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + name, u.query, ""))
-
-    def exec_sql(self, sql):
-        """Runs SQL directly against the deployment's database (only for --inject-fault)."""
-        if self.backend == "sqlite":
-            import sqlite3
-
-            db = sqlite3.connect(os.path.join(self.data, "centraldb-mfa.db"))
-            try:
-                db.execute(sql)
-                db.commit()
-            finally:
-                db.close()
-        else:
-            r = subprocess.run(
-                ["psql", self.env["CENTRALDB_DATABASE_URL"], "-v", "ON_ERROR_STOP=1", "-qc", sql],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            if r.returncode != 0:
-                raise RuntimeError(f"psql: {r.stderr.strip()}")
-
-    def run_cli(self, *cli_args, timeout=120):
-        r = subprocess.run(
-            [self.bin, *cli_args],
-            env={**self.env, "RUST_LOG": "warn"},
-            cwd=self.dir,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if self.log_dir:
-            with open(os.path.join(self.log_dir, "cli.log"), "a") as f:
-                f.write(r.stdout + r.stderr)
-        return r
-
-
-class SecretLog:
-    """The secrets a run used, one JSON string a line (the format scripts/scan-logs.py reads)."""
-
-    def __init__(self, path):
-        self.lock = threading.Lock()
-        self.f = open(path, "a", encoding="utf-8")
-        _cleanups.append(self.f.close)
-
-    def add(self, *secrets):
-        with self.lock:
-            for s in secrets:
-                self.f.write(json.dumps(s) + "\n")
-
-    def add_keyring(self, spec):
-        """`id:base64,...`: the spec, each key in base64 and in hex."""
-        self.add(spec)
-        for part in spec.split(","):
-            b64 = part.split(":", 1)[-1]
-            self.add(b64, base64.b64decode(b64 + "=" * (-len(b64) % 4)).hex())
-
-    def add_bundle(self, body):
-        o1, o2 = body["oauth1_token"], body["oauth2_token"]
-        self.add(o1["oauth_token"], o1["oauth_token_secret"], o2["access_token"], o2["refresh_token"])
-
-
-class Server:
-    """One `serve` process; its combined output goes to a log file, the listen address is parsed."""
-
-    def __init__(self, dep, cycle):
-        self.log_path = os.path.join(dep.log_dir or dep.dir, f"serve-{cycle:02d}.log")
-        self.proc = subprocess.Popen(
-            [dep.bin, "serve"],
-            env=dep.env,
-            cwd=dep.dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        _children.append(self.proc)
-        self.addr = None
-        self._addr_ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        with open(self.log_path, "wb") as out:
-            for line in self.proc.stdout:
-                out.write(line)
-                if self.addr is None:
-                    try:
-                        v = json.loads(line)
-                    except ValueError:
-                        continue
-                    f = v.get("fields", {})
-                    if f.get("message") == "centraldb-mfa listening":
-                        self.addr = f.get("addr")
-                        self._addr_ready.set()
-        self._addr_ready.set()
-
-    def wait_ready(self, admin_key, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        if not self._addr_ready.wait(timeout) or self.addr is None:
-            raise RuntimeError(f"server did not start (exit {self.proc.poll()}); see {self.log_path}")
-        host, port = self.addr.rsplit(":", 1)
-        self.host, self.port = host, int(port)
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                st, _ = request(self.host, self.port, "GET", "/readyz", None, {}, timeout=3)
-                if st == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"/readyz not ready within {timeout}s; see {self.log_path}")
-
-    def sigkill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        rc = self.proc.wait(timeout=30)
-        self._reader.join(timeout=10)
-        _children.remove(self.proc)
-        return rc
-
-
-def request(host, port, method, path, body, headers, timeout=10, conn=None):
-    own = conn is None
-    if own:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        h = dict(headers)
-        if data is not None:
-            h["Content-Type"] = "application/json"
-        conn.request(method, path, body=data, headers=h)
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            parsed = json.loads(raw) if raw else None
-        except ValueError:
-            parsed = None
-        return resp.status, parsed
-    finally:
-        if own:
-            conn.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Write bookkeeping
-# --------------------------------------------------------------------------------------------
-
-
-def token_body(marker):
-    return {
-        "kind": "garth",
-        "oauth1_token": {
-            "oauth_token": f"o1-{marker}",
-            "oauth_token_secret": f"o1s-{marker}",
-            "mfa_token": None,
-            "mfa_expiration_timestamp": None,
-            "domain": "garmin.com",
-        },
-        "oauth2_token": {
-            "scope": "CONNECT_READ CONNECT_WRITE",
-            "jti": marker,
-            "token_type": "Bearer",
-            "access_token": f"acc-{marker}",
-            "refresh_token": f"ref-{marker}",
-            "expires_in": 86400,
-            "expires_at": FAR_EXPIRY,
-            "refresh_token_expires_in": 2592000,
-            "refresh_token_expires_at": FAR_EXPIRY,
-        },
-    }
-
-
-def stored_marker(body):
-    try:
-        m = body["oauth2_token"]["jti"]
-        # All four fields must belong to the same write.
-        parts = {
-            body["oauth1_token"]["oauth_token"][3:],
-            body["oauth1_token"]["oauth_token_secret"][4:],
-            body["oauth2_token"]["access_token"][4:],
-            body["oauth2_token"]["refresh_token"][4:],
-        }
-        return m if parts == {m} else f"MIXED:{sorted(parts | {m})}"
-    except (KeyError, TypeError):
-        return None
-
-
-class Ledger:
-    """Everything the clients learnt, across all cycles of one backend."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.known = {}  # user -> version the writers will use for If-Match (None: If-None-Match)
-        self.acks = {}  # user -> {version: marker}
-        self.unknown = {}  # user -> set of markers whose outcome is unknown
-        self.refused = {}  # user -> set of markers answered 412
-        self.n_acks = 0
-        self.duplicate_acks = []
-        self.lost = set()  # (user, version) of acknowledged writes found missing, over all cycles
-
-    def ack(self, user, version, marker):
-        with self.lock:
-            per = self.acks.setdefault(user, {})
-            if version in per:
-                self.duplicate_acks.append((user, version, per[version], marker))
-            per[version] = marker
-            self.n_acks += 1
-            cur = self.known.get(user)
-            if cur is None or version > cur:
-                self.known[user] = version
+import harness
+from harness import Deployment, Ledger, Server, log, request, stored_marker
 
 
 class CycleStats:
@@ -420,15 +100,12 @@ def _writer(wid, cycle, server, dep, ledger, users, stop, stats, rng):
                     break
                 time.sleep(0.01)
                 continue
-        tb = token_body(marker)
-        if dep.secrets:
-            dep.secrets.add_bundle(tb)
+        tb = dep.bundle(marker)
         try:
             st, body = request(None, None, "PUT", f"/api/v1/users/{user}/tokens", tb, headers, conn=conn)
         except (OSError, http.client.HTTPException):
             # Sent (at least partly) when the server died: outcome unknown.
-            with ledger.lock:
-                ledger.unknown.setdefault(user, set()).add(marker)
+            ledger.unknown_outcome(user, marker)
             stats.bump("unknown")
             try:
                 conn.close()
@@ -442,18 +119,12 @@ def _writer(wid, cycle, server, dep, ledger, users, stop, stats, rng):
             ledger.ack(user, body["version"], marker)
             stats.bump("acked")
         elif st == 412:
-            cur = (body or {}).get("current_version")
-            with ledger.lock:
-                ledger.refused.setdefault(user, set()).add(marker)
-                k = ledger.known.get(user)
-                if cur is not None and (k is None or cur > k):
-                    ledger.known[user] = int(cur)
+            ledger.refuse(user, marker, (body or {}).get("current_version"))
             stats.bump("conflicts")
         else:
             # Anything else (500, 503, 422, 401, ...) is a failure of the run; a 5xx may or may not
             # have been applied, so the loss check treats the write as of unknown outcome.
-            with ledger.lock:
-                ledger.unknown.setdefault(user, set()).add(marker)
+            ledger.unknown_outcome(user, marker)
             code = (body or {}).get("code") if isinstance(body, dict) else None
             stats.other_status(f"{st} {code}" if code else st)
     if conn is not None:
@@ -475,10 +146,7 @@ def check_users(server, dep, ledger, all_users):
     try:
         for user in sorted(all_users):
             st, body = request(None, None, "GET", f"/api/v1/users/{user}/tokens", None, auth, conn=conn)
-            with ledger.lock:
-                acks = dict(ledger.acks.get(user, {}))
-                unknown = set(ledger.unknown.get(user, set()))
-                refused = set(ledger.refused.get(user, set()))
+            acks, unknown, refused = ledger.view(user)
             max_ack = max(acks) if acks else None
             if st == 404:
                 stored_v, marker = None, None
@@ -563,28 +231,6 @@ def audit_events_check(server, dep, ledger, all_users):
     return problems, n
 
 
-def audit_checks(server, dep):
-    cli = dep.run_cli("audit", "verify")
-    cli_out = (cli.stdout + cli.stderr).strip()
-    cli_ok = cli.returncode == 0 and "audit chain ok" in cli_out
-    lines = [ln for ln in cli_out.splitlines() if "audit chain" in ln] or cli_out.splitlines()
-    try:
-        st, body = request(
-            server.host,
-            server.port,
-            "GET",
-            "/api/v1/audit/verify",
-            None,
-            {"Authorization": f"Bearer {dep.admin_key}"},
-            timeout=120,
-        )
-        http_ok = st == 200 and bool(body) and body.get("ok") is True
-        http_desc = json.dumps(body) if body is not None else f"HTTP {st}"
-    except (OSError, http.client.HTTPException) as e:
-        http_ok, http_desc = False, f"error: {e}"
-    return cli_ok, lines[-1] if lines else f"exit {cli.returncode}", http_ok, http_desc
-
-
 # --------------------------------------------------------------------------------------------
 # One backend
 # --------------------------------------------------------------------------------------------
@@ -592,7 +238,7 @@ def audit_checks(server, dep):
 
 def run_backend(args, backend, workdir, rng):
     t0 = time.monotonic()
-    dep = Deployment(args, backend, workdir)
+    dep = Deployment(args, backend, workdir, "crash-safety")
     ledger = Ledger()
     base_users = [f"crash-{backend}-u{i:03d}" for i in range(args.users)]
     fresh_per_cycle = max(1, args.users // 8)
@@ -617,8 +263,8 @@ def run_backend(args, backend, workdir, rng):
         # Fresh users every cycle, so first writes (If-None-Match: *) are in flight at every kill.
         users = base_users + [f"crash-{backend}-c{cycle:02d}-n{i}" for i in range(fresh_per_cycle)]
         all_users.update(users)
-        server = Server(dep, cycle)
-        server.wait_ready(dep.admin_key)
+        server = Server(dep, f"{cycle:02d}")
+        server.wait_ready()
         stats = CycleStats()
         stop = threading.Event()
         threads = [
@@ -666,25 +312,19 @@ def run_backend(args, backend, workdir, rng):
             log(f"{backend}: --inject-fault: deleted {victim}'s bundle, edited audit event 2")
 
         # Restart on the same data and check.
-        server = Server(dep, cycle * 100)
-        server.wait_ready(dep.admin_key)
+        server = Server(dep, f"{cycle * 100:02d}")
+        server.wait_ready()
         lost_set, check_problems, landed = check_users(server, dep, ledger, all_users)
         problems.extend(check_problems)
         lost = len(lost_set - ledger.lost)  # counted once, in the cycle it is first seen
         ledger.lost |= lost_set
-        cli_ok, cli_desc, http_ok, http_desc = audit_checks(server, dep)
+        cli_ok, cli_desc, http_ok, http_desc = harness.audit_verify(dep, server.host, server.port)
         if cycle == args.cycles:
             ev_problems, n_events = audit_events_check(server, dep, ledger, all_users)
             summary["token_write_events_checked"] = n_events
             summary["token_write_events_ok"] = not ev_problems
             problems.extend(ev_problems)
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-        _children.remove(server.proc)
+        server.stop(timeout=20)
 
         summary["cycles"] = cycle
         summary["writes_acknowledged"] += stats.acked
@@ -741,16 +381,10 @@ def main():
         description="SIGKILL the real centraldb-mfa binary under concurrent token PUT load, restart it, and "
         "check that every acknowledged write survived and the audit chain verifies. Exit 1 on any loss.",
     )
-    ap.add_argument("--bin", default="target/debug/centraldb-mfa", help="binary to test (not built by this script)")
-    ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    harness.add_target_args(ap)
     ap.add_argument("--cycles", type=int, default=20, help="kill/restart cycles per backend (default 20)")
     ap.add_argument("--writers", type=int, default=16, help="concurrent writer threads (default 16)")
     ap.add_argument("--users", type=int, default=64, help="users written to (plus users/8 new ones per cycle)")
-    ap.add_argument(
-        "--postgres-url",
-        default="postgres://postgres@127.0.0.1:5432/test",
-        help="server to create a fresh database on (dropped afterwards)",
-    )
     ap.add_argument("--seed", type=int, default=None, help="random seed (kill moments, user choice)")
     ap.add_argument("--kill-min", type=float, default=0.3, help="earliest kill after load start, s (default 0.3)")
     ap.add_argument("--kill-max", type=float, default=3.0, help="latest kill after load start, s (default 3.0)")
@@ -772,53 +406,20 @@ def main():
         default=20.0,
         help="longest extra wait for --min-acks before the kill (default 20 s)",
     )
-    ap.add_argument(
-        "--log-dir",
-        metavar="DIR",
-        help="run the servers at RUST_LOG=trace, keep their output in DIR and register the run's secrets there "
-        "(secrets-*.txt) for scripts/scan-logs.py",
-    )
-    ap.add_argument("--keep", action="store_true", help="keep the data dirs and server logs (path is printed)")
-    ap.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
+    harness.add_run_args(ap)
     args = ap.parse_args()
 
-    if not (os.path.isfile(args.bin) and os.access(args.bin, os.X_OK)):
-        print(f"error: binary {args.bin!r} not found; build it first (cargo build)", file=sys.stderr)
+    if not harness.binary_ok(args.bin):
         return 2
-    args.bin = os.path.abspath(args.bin)
-    if args.log_dir:
-        args.log_dir = os.path.abspath(args.log_dir)
-        os.makedirs(args.log_dir, exist_ok=True)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     rng = random.Random(seed)
+    workdir = harness.start_run(args, "crash-safety-")
 
-    atexit.register(cleanup)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-
-    workdir = tempfile.mkdtemp(prefix="crash-safety-")
-    if args.keep:
-        log(f"keeping {workdir}")
-    else:
-        _cleanups.insert(0, lambda: shutil.rmtree(workdir, ignore_errors=True))
-
-    # Run a private copy: other builds may relink target/debug while this runs.
-    snapshot = os.path.join(workdir, "centraldb-mfa")
-    shutil.copy2(args.bin, snapshot)
-    args.bin = snapshot
-
-    backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    backends = harness.backends_of(args)
     log(f"seed {seed}; backends {', '.join(backends)}; {args.cycles} cycles, {args.writers} writers, {args.users} users")
     t0 = time.monotonic()
-    results = []
+    results = harness.run_backends(args, backends, lambda b: run_backend(args, b, workdir, rng))
     failed = False
-    for b in backends:
-        try:
-            results.append(run_backend(args, b, workdir, rng))
-        except Exception as e:  # a start-up failure etc. is a failed run, not a crash of the script
-            results.append({"backend": b, "ok": False, "error": str(e)})
-            log(f"{b}: ERROR {e}")
-        cleanup_children()
 
     print()
     print("crash-safety summary")
@@ -841,25 +442,12 @@ def main():
         for p in r["problems"][:50]:
             print(f"           PROBLEM {p}")
         failed |= not r["ok"]
-    total = round(time.monotonic() - t0, 1)
-    print(f"  total {total} s, seed {seed}: {'FAIL' if failed else 'PASS'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"seed": seed, "seconds": total, "ok": not failed, "backends": results}, f, indent=2)
-    return 1 if failed else 0
-
-
-def cleanup_children():
-    for p in list(_children):
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        _children.remove(p)
+    return harness.finish(args, seed, t0, failed, results)
 
 
 if __name__ == "__main__":
     try:
         code = main()
     finally:
-        cleanup()
+        harness.cleanup()
     sys.exit(code)

@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -38,29 +37,13 @@ import threading
 import time
 import traceback
 
+import harness
+from harness import free_port, log, stored_marker
+
 ADMIN_KEY = "outage-admin-key-" + os.urandom(16).hex()
 LOG_DIR = None  # --log-dir: services at trace, their logs kept here
-SECRETS = None  # --log-dir: the run's secrets, one JSON string a line (scripts/scan-logs.py)
-_secrets_lock = threading.Lock()
-
-
-def secret(*values):
-    if SECRETS is not None:
-        with _secrets_lock:
-            for v in values:
-                SECRETS.write(json.dumps(v) + "\n")
-            SECRETS.flush()
+SECRETS = None  # --log-dir: a harness.SecretLog of the run's secrets (scripts/scan-logs.py)
 RECOVERY_LIMIT_S = 5.0
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ms(seconds):
@@ -123,34 +106,12 @@ def request(port, method, path, body=None, key=ADMIN_KEY, timeout=30.0):
     return r
 
 
-def oauth1(tag):
-    return {
-        "oauth_token": f"o1tok-{tag}",
-        "oauth_token_secret": f"o1sec-{tag}",
-        "mfa_token": None,
-        "mfa_expiration_timestamp": None,
-        "domain": "garmin.com",
-    }
-
-
 def garth_body(tag):
-    now = int(time.time())
-    secret(f"o1tok-{tag}", f"o1sec-{tag}", f"acc-{tag}", f"ref-{tag}")
-    return {
-        "kind": "garth",
-        "oauth1_token": oauth1(tag),
-        "oauth2_token": {
-            "scope": "CONNECT_READ CONNECT_WRITE",
-            "jti": f"jti-{tag}",
-            "token_type": "Bearer",
-            "access_token": f"acc-{tag}",
-            "refresh_token": f"ref-{tag}",
-            "expires_in": 86400,
-            "expires_at": now + 86400,
-            "refresh_token_expires_in": 2592000,
-            "refresh_token_expires_at": now + 2592000,
-        },
-    }
+    """A token bundle whose secret fields carry `tag` (registered for the log scan)."""
+    b = harness.token_body(tag)
+    if SECRETS is not None:
+        SECRETS.add_bundle(b)
+    return b
 
 
 def tokens_path(user):
@@ -251,11 +212,12 @@ class Service:
 
 
 def service_env(data_dir, request_timeout, acquire_ms, database_url=None):
-    key = os.urandom(32)
-    secret("k1:" + base64.b64encode(key).decode(), base64.b64encode(key).decode(), key.hex())
+    spec = "k1:" + base64.b64encode(os.urandom(32)).decode()
+    if SECRETS is not None:
+        SECRETS.add_keyring(spec)
     env = {
         "CENTRALDB_DATA_DIR": data_dir,
-        "CENTRALDB_ENCRYPTION_KEYS": "k1:" + base64.b64encode(key).decode(),
+        "CENTRALDB_ENCRYPTION_KEYS": spec,
         "CENTRALDB_REQUEST_TIMEOUT_SECS": str(request_timeout),
         "CENTRALDB_DB_ACQUIRE_TIMEOUT_MS": str(acquire_ms),
         "CENTRALDB_SWEEP_INTERVAL_SECS": "1",
@@ -316,7 +278,7 @@ class Load:
             acked = self.acked.get(user)
             uncertain = set(self.uncertain.get(user, ()))
         j = r.json if isinstance(r.json, dict) else {}
-        got_tag = str((j.get("oauth1_token") or {}).get("oauth_token", ""))[len("o1tok-"):]
+        got_tag = stored_marker(j)
         got_v = j.get("version")
         if acked is None:
             ok = got_tag in uncertain
@@ -1191,8 +1153,8 @@ def main():
     if args.log_dir:
         LOG_DIR = os.path.abspath(os.path.join(args.log_dir, "outage"))
         os.makedirs(LOG_DIR, exist_ok=True)
-        SECRETS = open(os.path.join(LOG_DIR, "secrets-outage.txt"), "a", encoding="utf-8")
-        secret(ADMIN_KEY)
+        SECRETS = harness.SecretLog(os.path.join(LOG_DIR, "secrets-outage.txt"), flush=True)
+        SECRETS.add(ADMIN_KEY)
     args.bin = os.path.abspath(args.bin)
     if not os.access(args.bin, os.X_OK):
         ap.error(f"--bin {args.bin} is not an executable (build it with cargo build)")

@@ -40,396 +40,22 @@ Exit 1 on any failure. python3 stdlib only; the binary is not built here (cargo 
 """
 
 import argparse
-import atexit
-import base64
 import http.client
 import json
 import os
 import random
 import re
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.parse
 
-BOOT_KEY_LEN = 48
-FAR_EXPIRY = 4102444800  # 2100-01-01: the sweeper never expires these bundles.
+import harness
+from harness import Deployment, Ledger, Server, log, request, stored_marker
+
 CH = "/api/v1/mfa/challenges"
 CODE_A = "111111"  # tried before the rotation on half of the challenges
 CODE_B = "222222"  # tried after the rotation (under k2) on the other half
 CODE_FINAL = "246802"  # the code that completes every challenge at the end
-
-_children = []  # live server processes, killed on exit
-_cleanups = []  # callables run once on exit (drop PG database, remove temp dirs)
-_cleaned = False
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cleanup():
-    global _cleaned
-    if _cleaned:
-        return
-    _cleaned = True
-    for p in list(_children):
-        if p.poll() is None:
-            try:
-                p.kill()
-                p.wait(timeout=10)
-            except Exception:
-                pass
-    for fn in reversed(_cleanups):
-        try:
-            fn()
-        except Exception as e:  # keep cleaning up the rest
-            print(f"cleanup error: {e}", file=sys.stderr)
-
-
-def _on_signal(signum, _frame):
-    cleanup()
-    sys.exit(128 + signum)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# --------------------------------------------------------------------------------------------
-# Deployment and server process
-# --------------------------------------------------------------------------------------------
-
-
-class Deployment:
-    def __init__(self, args, backend, workdir):
-        self.bin = args.bin
-        self.backend = backend
-        self.dir = os.path.join(workdir, backend)
-        self.data = os.path.join(self.dir, "data")
-        os.makedirs(self.dir, mode=0o700)
-        self.admin_key = "rotation-" + "".join(
-            random.SystemRandom().choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(BOOT_KEY_LEN)
-        )
-        self.k1 = self._keygen("k1")
-        self.k2 = self._keygen("k2")
-        self.port = free_port()
-        self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": os.environ.get("HOME", "/root"),
-            "RUST_LOG": "info",
-            "CENTRALDB_LOG_FORMAT": "json",
-            "CENTRALDB_LISTEN": f"127.0.0.1:{self.port}",  # same port across restarts: clients keep going
-            "CENTRALDB_DATA_DIR": self.data,
-            "CENTRALDB_ENCRYPTION_KEYS": self.k1,
-            "CENTRALDB_BOOTSTRAP_ADMIN_KEY": self.admin_key,
-            "CENTRALDB_MFA_MAX_PENDING_PER_USER": "10",
-        }
-        self.db_name = None
-        self.log_dir = None
-        self.secrets = None
-        if args.log_dir:
-            self.log_dir = os.path.join(args.log_dir, f"rotation-{backend}")
-            os.makedirs(self.log_dir, exist_ok=True)
-            self.env["RUST_LOG"] = "trace"
-            self.secrets = SecretLog(os.path.join(self.log_dir, f"secrets-rotation-{backend}.txt"))
-            self.secrets.add(self.admin_key, CODE_A, CODE_B, CODE_FINAL)
-            self.secrets.add_keyring(self.k1)
-            self.secrets.add_keyring(self.k2)
-        if backend == "postgres":
-            self._create_pg_database(args.postgres_url)
-
-    def secret(self, *values):
-        if self.secrets:
-            self.secrets.add(*values)
-
-    def bundle(self, marker):
-        """The token body of a write; its secrets registered for the log scan."""
-        b = token_body(marker)
-        if self.secrets:
-            o1, o2 = b["oauth1_token"], b["oauth2_token"]
-            self.secrets.add(o1["oauth_token"], o1["oauth_token_secret"], o2["access_token"], o2["refresh_token"])
-        return b
-
-    def _keygen(self, kid):
-        r = subprocess.run([self.bin, "keygen", "--id", kid], capture_output=True, text=True, timeout=30)
-        if r.returncode != 0 or not r.stdout.strip().startswith(f"{kid}:"):
-            raise RuntimeError(f"keygen --id {kid} failed: {r.stderr}")
-        return r.stdout.strip()
-
-    def _create_pg_database(self, base_url):
-        if shutil.which("psql") is None:
-            raise RuntimeError("psql not found (needed to create the PostgreSQL database)")
-        name = f"rotation_{os.getpid()}_{random.SystemRandom().randrange(1 << 30)}"
-        r = subprocess.run(
-            ["psql", base_url, "-v", "ON_ERROR_STOP=1", "-qc", f'CREATE DATABASE "{name}"'],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"cannot create PostgreSQL database: {r.stderr.strip()}")
-        self.db_name = name
-
-        def drop():
-            subprocess.run(
-                ["psql", base_url, "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
-                capture_output=True,
-                timeout=60,
-            )
-
-        _cleanups.append(drop)
-        u = urllib.parse.urlsplit(base_url)
-        self.env["CENTRALDB_DATABASE_URL"] = urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + name, u.query, ""))
-
-    def exec_sql(self, sql):
-        """Runs SQL directly against the database (only for --inject-fault)."""
-        if self.backend == "sqlite":
-            import sqlite3
-
-            db = sqlite3.connect(os.path.join(self.data, "centraldb-mfa.db"), timeout=30)
-            try:
-                db.execute(sql)
-                db.commit()
-            finally:
-                db.close()
-            return
-        r = subprocess.run(
-            ["psql", self.env["CENTRALDB_DATABASE_URL"], "-v", "ON_ERROR_STOP=1", "-qc", sql],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"psql: {r.stderr.strip()}")
-
-    def query_scalar(self, sql):
-        """One integer from a read-only query, straight from the database."""
-        if self.backend == "sqlite":
-            import sqlite3
-
-            db = sqlite3.connect(f"file:{os.path.join(self.data, 'centraldb-mfa.db')}?mode=ro", uri=True, timeout=30)
-            try:
-                return int(db.execute(sql).fetchone()[0])
-            finally:
-                db.close()
-        r = subprocess.run(
-            ["psql", self.env["CENTRALDB_DATABASE_URL"], "-v", "ON_ERROR_STOP=1", "-tAqc", sql],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"psql: {r.stderr.strip()}")
-        return int(r.stdout.strip())
-
-    def cli(self, *cli_args, env=None):
-        return subprocess.Popen(
-            [self.bin, *cli_args],
-            env={**self.env, "RUST_LOG": "warn", **(env or {})},
-            cwd=self.dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def run_cli(self, *cli_args, timeout=120, env=None):
-        p = self.cli(*cli_args, env=env)
-        _children.append(p)
-        try:
-            out, err = p.communicate(timeout=timeout)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            _children.remove(p)
-        if self.log_dir:
-            with open(os.path.join(self.log_dir, "cli.log"), "a") as f:
-                f.write((out or "") + (err or ""))
-        return p.returncode, out, err
-
-
-class SecretLog:
-    """The secrets a run used, one JSON string a line (the format scripts/scan-logs.py reads)."""
-
-    def __init__(self, path):
-        self.lock = threading.Lock()
-        self.f = open(path, "a", encoding="utf-8")
-        _cleanups.append(self.f.close)
-
-    def add(self, *secrets):
-        with self.lock:
-            for s in secrets:
-                self.f.write(json.dumps(s) + "\n")
-
-    def add_keyring(self, spec):
-        """`id:base64,...`: the spec, each key in base64 and in hex."""
-        self.add(spec)
-        for part in spec.split(","):
-            b64 = part.split(":", 1)[-1]
-            self.add(b64, base64.b64decode(b64 + "=" * (-len(b64) % 4)).hex())
-
-
-class Server:
-    """One `serve` process; its combined output goes to a log file."""
-
-    def __init__(self, dep, name):
-        self.log_path = os.path.join(dep.log_dir or dep.dir, f"serve-{name}.log")
-        self.proc = subprocess.Popen(
-            [dep.bin, "serve"],
-            env=dict(dep.env),
-            cwd=dep.dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        _children.append(self.proc)
-        self.host, self.port = "127.0.0.1", dep.port
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        with open(self.log_path, "wb") as out:
-            for line in self.proc.stdout:
-                out.write(line)
-                out.flush()
-
-    def log_tail(self, n=5):
-        try:
-            with open(self.log_path, "rb") as f:
-                lines = f.read().decode(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return " | ".join(lines[-n:])
-
-    def wait_ready(self, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._reader.join(timeout=5)
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail(1)}")
-            try:
-                st, _ = request(self.host, self.port, "GET", "/readyz", None, {}, timeout=3)
-                if st == 200:
-                    return
-            except (OSError, http.client.HTTPException):
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"/readyz not ready within {timeout}s; see {self.log_path}")
-
-    def stop(self):
-        """SIGTERM (graceful: in-flight requests finish); returns the exit code."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self._reader.join(timeout=10)
-        _children.remove(self.proc)
-        return rc
-
-
-def request(host, port, method, path, body, headers, timeout=15, conn=None):
-    own = conn is None
-    if own:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        h = dict(headers)
-        if data is not None:
-            h["Content-Type"] = "application/json"
-        conn.request(method, path, body=data, headers=h)
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            parsed = json.loads(raw) if raw else None
-        except ValueError:
-            parsed = None
-        return resp.status, parsed
-    finally:
-        if own:
-            conn.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Bundles, markers, bookkeeping
-# --------------------------------------------------------------------------------------------
-
-
-def token_body(marker):
-    return {
-        "kind": "garth",
-        "oauth1_token": {
-            "oauth_token": f"o1-{marker}",
-            "oauth_token_secret": f"o1s-{marker}",
-            "mfa_token": None,
-            "mfa_expiration_timestamp": None,
-            "domain": "garmin.com",
-        },
-        "oauth2_token": {
-            "scope": "CONNECT_READ CONNECT_WRITE",
-            "jti": marker,
-            "token_type": "Bearer",
-            "access_token": f"acc-{marker}",
-            "refresh_token": f"ref-{marker}",
-            "expires_in": 86400,
-            "expires_at": FAR_EXPIRY,
-            "refresh_token_expires_in": 2592000,
-            "refresh_token_expires_at": FAR_EXPIRY,
-        },
-    }
-
-
-def stored_marker(body):
-    try:
-        m = body["oauth2_token"]["jti"]
-        parts = {
-            body["oauth1_token"]["oauth_token"][3:],
-            body["oauth1_token"]["oauth_token_secret"][4:],
-            body["oauth2_token"]["access_token"][4:],
-            body["oauth2_token"]["refresh_token"][4:],
-        }
-        return m if parts == {m} else f"MIXED:{sorted(parts | {m})}"
-    except (KeyError, TypeError):
-        return None
-
-
-class Ledger:
-    """What the clients learnt: acknowledged (version, marker) per user, and writes of unknown outcome."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.known = {}  # user -> version the writers use for If-Match
-        self.acks = {}  # user -> {version: marker}
-        self.unknown = {}  # user -> markers whose outcome is unknown (restart gap, 5xx)
-        self.refused = {}  # user -> markers answered 412
-        self.duplicate_acks = []
-
-    def ack(self, user, version, marker):
-        with self.lock:
-            per = self.acks.setdefault(user, {})
-            if version in per:
-                self.duplicate_acks.append((user, version, per[version], marker))
-            per[version] = marker
-            if version > self.known.get(user, 0):
-                self.known[user] = version
-
-    def max_ack(self, user):
-        with self.lock:
-            per = self.acks.get(user)
-            if not per:
-                return None, None
-            v = max(per)
-            return v, per[v]
 
 
 class Stats:
@@ -540,8 +166,7 @@ def _load(tid, dep, ledger, users, stop, stats, gap, rng):
                 conn=conn,
             )
         except (OSError, http.client.HTTPException) as e:
-            with ledger.lock:
-                ledger.unknown.setdefault(user, set()).add(marker)
+            ledger.unknown_outcome(user, marker)
             stats.bump("unknown_outcome")
             if not conn_failed(g):
                 stats.problem(f"PUT {user}: connection error outside the restart gap: {e}")
@@ -556,15 +181,10 @@ def _load(tid, dep, ledger, users, stop, stats, gap, rng):
                 ledger.ack(user, body["version"], marker)
                 stats.bump("put_acked")
         elif st == 412:
-            cur = (body or {}).get("current_version")
-            with ledger.lock:
-                ledger.refused.setdefault(user, set()).add(marker)
-                if cur is not None and int(cur) > ledger.known.get(user, 0):
-                    ledger.known[user] = int(cur)
+            ledger.refuse(user, marker, (body or {}).get("current_version"))
             stats.bump("put_412")
         else:
-            with ledger.lock:
-                ledger.unknown.setdefault(user, set()).add(marker)
+            ledger.unknown_outcome(user, marker)
             stats.status("PUT", st, body)
 
         # GET a random user; what it shows must not be older than what was acknowledged before.
@@ -694,10 +314,7 @@ def check_users(dep, ledger, users):
 
     def get(user, conn):
         st, body = request(None, None, "GET", f"/api/v1/users/{user}/tokens", None, auth, conn=conn)
-        with ledger.lock:
-            acks = dict(ledger.acks.get(user, {}))
-            unknown = set(ledger.unknown.get(user, set()))
-            refused = set(ledger.refused.get(user, set()))
+        acks, unknown, refused = ledger.view(user)
         if st != 200:
             with lock:
                 lost.append(user)
@@ -728,25 +345,8 @@ def check_users(dep, ledger, users):
 
 
 def audit_checks(dep):
-    rc, out, err = dep.run_cli("audit", "verify")
-    text = (out + err).strip()
-    cli_ok = rc == 0 and "audit chain ok" in text
-    lines = [ln for ln in text.splitlines() if "audit chain" in ln] or text.splitlines()
-    try:
-        st, body = request(
-            "127.0.0.1",
-            dep.port,
-            "GET",
-            "/api/v1/audit/verify",
-            None,
-            {"Authorization": f"Bearer {dep.admin_key}"},
-            timeout=120,
-        )
-        http_ok = st == 200 and bool(body) and body.get("ok") is True
-        http_desc = json.dumps(body) if body is not None else f"HTTP {st}"
-    except (OSError, http.client.HTTPException) as e:
-        http_ok, http_desc = False, f"error: {e}"
-    return cli_ok and http_ok, f"cli: {lines[-1] if lines else f'exit {rc}'}; http: {http_desc}"
+    cli_ok, cli_desc, http_ok, http_desc = harness.audit_verify(dep, "127.0.0.1", dep.port)
+    return cli_ok and http_ok, f"cli: {cli_desc}; http: {http_desc}"
 
 
 def k1_rows(dep):
@@ -842,7 +442,16 @@ REWRAP_RE = re.compile(
 
 def run_backend(args, backend, workdir):
     t0 = time.monotonic()
-    dep = Deployment(args, backend, workdir)
+    dep = Deployment(
+        args,
+        backend,
+        workdir,
+        "rotation",
+        key_ids=("k1", "k2"),
+        port=harness.free_port(),  # same port across restarts: clients keep going
+        env={"CENTRALDB_MFA_MAX_PENDING_PER_USER": "10"},
+        extra_secrets=(CODE_A, CODE_B, CODE_FINAL),
+    )
     ledger = Ledger()
     stats = Stats()
     gap = Gap()
@@ -858,7 +467,7 @@ def run_backend(args, backend, workdir):
 
     # 1. keyring {k1}: seed.
     server = Server(dep, "1-k1")
-    server.wait_ready()
+    server.wait_ready(timeout=60)
     t = time.monotonic()
     P.extend(seed_users(dep, ledger, users))
     challenges, cp = create_challenges(dep, args.challenges)
@@ -906,15 +515,15 @@ def run_backend(args, backend, workdir):
         rc = server.stop()
         if rc != 0:
             P.append(f"server (k1) exited with {rc} on SIGTERM")
-        dep.env["CENTRALDB_ENCRYPTION_KEYS"] = f"{dep.k2},{dep.k1}"  # README step 2: new key first, old kept
+        dep.env["CENTRALDB_ENCRYPTION_KEYS"] = f"{dep.keys['k2']},{dep.keys['k1']}"  # README step 2: new key first, old kept
         server = Server(dep, "2-k2k1")
-        server.wait_ready()
+        server.wait_ready(timeout=60)
         gap.set(False)
         s["restart_gap_seconds"] = round(time.monotonic() - t, 2)
         log(f"{backend}: restarted with k2,k1 in {s['restart_gap_seconds']} s")
 
         # Negative control: before rewrap, a keyring without k1 must be refused (rows still need it).
-        rc, out, err = dep.run_cli("audit", "verify", env={"CENTRALDB_ENCRYPTION_KEYS": dep.k2})
+        rc, out, err = dep.run_cli("audit", "verify", env={"CENTRALDB_ENCRYPTION_KEYS": dep.keys["k2"]})
         s["k2_only_before_rewrap"] = (out + err).strip().splitlines()[-1:] or [f"exit {rc}"]
         if rc == 0 or "'k1'" not in out + err:
             P.append(f"a keyring without k1 was not refused before rewrap: exit {rc}: {(out + err).strip()}")
@@ -997,10 +606,10 @@ def run_backend(args, backend, workdir):
     rc = server.stop()
     if rc != 0:
         P.append(f"server (k2,k1) exited with {rc} on SIGTERM")
-    dep.env["CENTRALDB_ENCRYPTION_KEYS"] = dep.k2  # README step 4
+    dep.env["CENTRALDB_ENCRYPTION_KEYS"] = dep.keys["k2"]  # README step 4
     server = Server(dep, "3-k2")
     try:
-        server.wait_ready()
+        server.wait_ready(timeout=60)
         s["k2_only_start"] = "ok"
     except RuntimeError as e:
         s["k2_only_start"] = f"REFUSED: {e}"
@@ -1048,8 +657,7 @@ def main():
         "under concurrent PUT/GET load and check nothing is lost: acknowledged writes readable, no 5xx, no row "
         "left under k1, audit chain verifies, pending MFA challenges still work. Exit 1 on any failure.",
     )
-    ap.add_argument("--bin", default="target/debug/centraldb-mfa", help="binary to test (not built by this script)")
-    ap.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    harness.add_target_args(ap)
     ap.add_argument("--users", type=int, default=300, help="users with a bundle (default 300)")
     ap.add_argument("--challenges", type=int, default=20, help="external MFA challenges with resume state (default 20)")
     ap.add_argument("--threads", type=int, default=8, help="load threads doing PUT + GET (default 8)")
@@ -1057,11 +665,6 @@ def main():
     ap.add_argument("--pre-rewrap", type=float, default=1.0, help="load seconds between restart and rewrap (default 1)")
     ap.add_argument("--tail", type=float, default=5.0, help="load seconds after rewrap finished (default 5)")
     ap.add_argument("--rewrap-timeout", type=float, default=120.0, help="rewrap must finish within this (s)")
-    ap.add_argument(
-        "--postgres-url",
-        default="postgres://postgres@127.0.0.1:5432/test",
-        help="server to create a fresh database on (dropped afterwards)",
-    )
     ap.add_argument("--seed", type=int, default=None, help="random seed for the load")
     ap.add_argument(
         "--inject-fault",
@@ -1081,55 +684,20 @@ def main():
         default=20.0,
         help="longest extra wait for --min-acks at the end of a load phase (default 20 s)",
     )
-    ap.add_argument(
-        "--log-dir",
-        metavar="DIR",
-        help="run the servers at RUST_LOG=trace, keep their output in DIR and register the run's secrets there "
-        "(secrets-*.txt) for scripts/scan-logs.py",
-    )
-    ap.add_argument("--keep", action="store_true", help="keep the data dirs and server logs (path is printed)")
-    ap.add_argument("--json", metavar="OUT", help="write the summary as JSON to OUT")
+    harness.add_run_args(ap)
     args = ap.parse_args()
 
-    if not (os.path.isfile(args.bin) and os.access(args.bin, os.X_OK)):
-        print(f"error: binary {args.bin!r} not found; build it first (cargo build)", file=sys.stderr)
+    if not harness.binary_ok(args.bin):
         return 2
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 31)
-    if args.log_dir:
-        args.log_dir = os.path.abspath(args.log_dir)
-        os.makedirs(args.log_dir, exist_ok=True)
+    workdir = harness.start_run(args, "rotation-")
 
-    atexit.register(cleanup)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-
-    workdir = tempfile.mkdtemp(prefix="rotation-")
-    if args.keep:
-        log(f"keeping {workdir}")
-    else:
-        _cleanups.insert(0, lambda: shutil.rmtree(workdir, ignore_errors=True))
-    # Run a private copy: other builds may relink target/debug while this runs.
-    snapshot = os.path.join(workdir, "centraldb-mfa")
-    shutil.copy2(os.path.abspath(args.bin), snapshot)
-    args.bin = snapshot
-
-    backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    backends = harness.backends_of(args)
     log(f"seed {args.seed}; backends {', '.join(backends)}; {args.users} users, {args.challenges} challenges, "
         f"{args.threads} load threads")
     t0 = time.monotonic()
-    results = []
-    for b in backends:
-        try:
-            results.append(run_backend(args, b, workdir))
-        except Exception as e:  # a start-up failure etc. is a failed run, not a crash of the script
-            results.append({"backend": b, "ok": False, "error": f"{type(e).__name__}: {e}"})
-            log(f"{b}: ERROR {type(e).__name__}: {e}")
-        for p in list(_children):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            _children.remove(p)
+    results = harness.run_backends(args, backends, lambda b: run_backend(args, b, workdir))
 
     failed = False
     print()
@@ -1169,17 +737,12 @@ def main():
         if len(r["problems"]) > 40:
             print(f"           ... {len(r['problems']) - 40} more problem(s)")
         failed |= not r["ok"]
-    total = round(time.monotonic() - t0, 1)
-    print(f"  total {total} s, seed {args.seed}: {'FAIL' if failed else 'PASS'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"seed": args.seed, "seconds": total, "ok": not failed, "backends": results}, f, indent=2)
-    return 1 if failed else 0
+    return harness.finish(args, args.seed, t0, failed, results)
 
 
 if __name__ == "__main__":
     try:
         code = main()
     finally:
-        cleanup()
+        harness.cleanup()
     sys.exit(code)

@@ -48,13 +48,14 @@ import os
 import random
 import secrets as rnd
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from harness import free_port, terminate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = "/api/v1/users/oracle/auth-status"
@@ -63,12 +64,6 @@ ORACLE_KINDS = ("known-prefix", "revoked")
 
 def b64key():
     return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(binary, env, log_path=None):
@@ -90,15 +85,6 @@ def serve(binary, env, log_path=None):
             time.sleep(0.1)
     proc.kill()
     sys.exit(f"server did not start (log: {log_path})")
-
-
-def stop(proc):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def start_server(binary, data_dir, database_url=None, log_dir=None):
@@ -154,7 +140,7 @@ def trace_probe(binary, env, log_dir, known, revoked, per_kind=50):
                 sys.exit(f"trace probe: {kind} answered {r.status}")
         conn.close()
     finally:
-        stop(proc)
+        terminate(proc)
         with open(os.path.join(log_dir, "secrets-timing-oracle.txt"), "a") as f:
             for sec in presented:
                 f.write(json.dumps(sec) + "\n")
@@ -288,7 +274,7 @@ def main():
     finally:
         conn.close()
         if proc:
-            stop(proc)
+            terminate(proc)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 

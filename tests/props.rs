@@ -11,7 +11,6 @@
 use std::sync::OnceLock;
 
 use axum::{
-    Router,
     body::Body,
     http::{HeaderMap, HeaderValue, Request, StatusCode},
 };
@@ -21,7 +20,6 @@ use base64::{
 };
 use centraldb_mfa::{
     api,
-    config::Settings,
     crypto::api_keys::{PREFIX, display_prefix},
     crypto::{Aad, CryptoError, Keyring},
     domain::{
@@ -30,16 +28,18 @@ use centraldb_mfa::{
         tokens::{BundleKind, garth_dump, jwt_exp, secrets_from_plaintext},
     },
     services::audit::Outcome,
-    startup,
 };
-use http_body_util::BodyExt;
+use helpers::TestApp;
 use proptest::{
     prelude::*,
     test_runner::{Config as ProptestConfig, TestRunner},
 };
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
-use tower::ServiceExt;
+
+/// The API suite's harness (tests/api/helpers.rs): the same app, database and secret registry.
+#[path = "api/helpers.rs"]
+mod helpers;
 
 /// Latest expiry the service accepts (9999-12-31T23:59:59Z).
 const MAX_UNIX: i64 = 253_402_300_799;
@@ -839,51 +839,39 @@ proptest! {
 
 const ADMIN_KEY: &str = "props-bootstrap-admin-key-0123456789abcdef";
 
-/// One in-process app on a fresh SQLite database, driven with `oneshot`.
+/// One in-process app (`helpers::TestApp`: a fresh database, SQLite unless
+/// `CENTRALDB_TEST_BACKEND` says otherwise), driven with `oneshot` from synchronous properties.
 struct App {
     rt: tokio::runtime::Runtime,
-    router: Router,
-    _dir: tempfile::TempDir,
+    app: Option<TestApp>,
 }
 
 impl Drop for App {
     /// The app's pooled connections go back to their pool (or close) inside the runtime.
     fn drop(&mut self) {
         let _inside = self.rt.enter();
-        self.router = Router::new();
+        self.app = None;
     }
 }
 
 impl App {
     fn new() -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let vars: Vec<(&str, String)> = vec![
-            ("CENTRALDB_DATA_DIR", dir.path().display().to_string()),
-            ("CENTRALDB_DATABASE_URL", format!("sqlite://{}", dir.path().join("props.db").display())),
-            // A fixed key that looks random (an all-equal one is refused as weak).
-            ("CENTRALDB_ENCRYPTION_KEYS", "k1:fRxjAxNNWKIMO+kUYm/U8AnMXM6XsV8RbJhtVFEYQFI=".to_string()),
-            ("CENTRALDB_BOOTSTRAP_ADMIN_KEY", ADMIN_KEY.to_string()),
-            ("CENTRALDB_ARGON2_MEMORY_KIB", "64".to_string()),
-            ("CENTRALDB_ARGON2_ITERATIONS", "1".to_string()),
+        let app = rt.block_on(TestApp::spawn_with(|vars| {
+            // The properties below spell this key (and near misses of it) out.
+            vars.insert("CENTRALDB_BOOTSTRAP_ADMIN_KEY".into(), ADMIN_KEY.into());
             // The properties send refusals by the thousand from one source; the refusal
             // budget's 429 is tested in tests/api/auth.rs, here every refusal must be a 401.
-            ("CENTRALDB_REFUSAL_BUDGET", "10000000".to_string()),
-        ];
-        let settings =
-            Settings::from_lookup(|k| vars.iter().find(|(name, _)| *name == k).map(|(_, v)| v.clone())).unwrap();
-        let state = rt.block_on(startup::build_state(settings)).unwrap();
-        Self { router: api::app(state), rt, _dir: dir }
+            vars.insert("CENTRALDB_REFUSAL_BUDGET".into(), "10000000".into());
+        }));
+        Self { rt, app: Some(app) }
     }
 
     /// Sends a request; the status, response headers and the body as JSON (`Null` if not JSON).
     fn send(&self, req: Request<Body>) -> (StatusCode, HeaderMap, Value) {
-        self.rt.block_on(async {
-            let resp = self.router.clone().oneshot(req).await.unwrap();
-            let (parts, body) = resp.into_parts();
-            let bytes = body.collect().await.unwrap().to_bytes();
-            (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-        })
+        let app = self.app.as_ref().expect("the app lives until drop");
+        let r = self.rt.block_on(app.send_request(req));
+        (r.status, r.headers, r.json)
     }
 }
 

@@ -432,7 +432,14 @@ impl RequestBuilder<'_> {
         }
         let mut req = req.body(self.body.map(Body::from).unwrap_or_else(Body::empty)).unwrap();
         req.extensions_mut().insert(axum::extract::ConnectInfo(self.peer));
-        let resp = self.app.router.clone().oneshot(req).await.unwrap();
+        self.app.send_request(req).await
+    }
+}
+
+impl TestApp {
+    /// Sends a request built by hand (tests/props.rs builds arbitrary header bytes).
+    pub async fn send_request(&self, req: Request<Body>) -> TestResponse {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
