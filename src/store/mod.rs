@@ -7,9 +7,9 @@
 //!
 //! SQLite allows one writer at a time: write transactions start with `BEGIN IMMEDIATE` (so a
 //! read never has to upgrade to a write lock and fail) and queue on an in-process mutex first,
-//! so the busy timeout only matters across processes. PostgreSQL write transactions start by
-//! locking the audit chain's head row, which serialises them the same way across processes
-//! and rules out deadlocks (see `begin_write`).
+//! so the busy timeout only matters across processes. PostgreSQL write transactions take no
+//! common lock (since the partitioned audit chain, issue 16): writers of different users run
+//! at once and share WAL flushes (see `begin_write`).
 
 use std::{str::FromStr, sync::Arc, time::Duration};
 
@@ -26,8 +26,8 @@ use crate::config::{DatabaseUrl, Settings, SqliteSync};
 /// A connection of either backend; every store function takes one.
 pub enum Conn<'c> {
     /// A SQLite connection; inside a grouped write transaction, with the group's cached audit
-    /// chain head (see `group`): `None` outside one.
-    Sqlite(&'c mut SqliteConnection, Option<&'c mut Option<audit::ChainHead>>),
+    /// chain heads (see `group`): `None` outside one.
+    Sqlite(&'c mut SqliteConnection, Option<&'c mut audit::ChainCache>),
     Postgres(&'c mut PgConnection),
     /// A write transaction that no longer has a connection (never handed out in practice).
     Closed,
@@ -317,16 +317,11 @@ impl Db {
             Self::Sqlite { writer, acquire_timeout, .. } => {
                 Ok(WriteTx { tx: TxKind::Sqlite(writer.begin(*acquire_timeout).await?) })
             }
-            // Every write transaction appends to the audit chain, whose head row is a lock all
-            // of them need. Taking it first, before any other row lock, means no two
-            // transactions can each hold a lock the other waits for (no deadlocks), and writers
-            // are serialised across processes as SQLite's are.
-            Self::Postgres { pool } => Ok(WriteTx {
-                tx: TxKind::Postgres(
-                    begin_postgres(pool, "BEGIN", Some("SELECT last_seq FROM audit_chain WHERE id = 1 FOR UPDATE"))
-                        .await?,
-                ),
-            }),
+            // No common lock: the audit log is partitioned (one head per chain, locked only by
+            // the writers of that chain, in chain order), so writers of different users do not
+            // wait for each other. Transactions of the same user serialise on the user's
+            // advisory lock (`lock`) and chain head.
+            Self::Postgres { pool } => Ok(WriteTx { tx: TxKind::Postgres(begin_postgres(pool, "BEGIN", None).await?) }),
         }
     }
 
