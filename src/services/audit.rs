@@ -1231,7 +1231,8 @@ struct Due {
 }
 
 /// Removes, in every chain, the oldest events recorded before `cutoff` (a prefix of each chain),
-/// a batch per write transaction that holds every head (writers wait for it, briefly). Each
+/// a batch per write transaction that holds the heads of the chains it shortens (their writers
+/// wait for it, briefly; nothing is locked when nothing is due). Each
 /// event is checked before it goes; at the first one that does not verify (or whose chain head
 /// does not), nothing from its seq on is removed in any chain. Each batch moves the anchors of
 /// the chains it shortened, re-MACs their heads and records one `audit.purged` event, all in
@@ -1242,20 +1243,41 @@ pub async fn purge_before(db: &Db, keyring: &Keyring, cutoff: DateTime<Utc>) -> 
     let mut report = PurgeReport::default();
     let mut keys = ChainKeys::new(keyring);
     loop {
-        let mut tx = db.begin_write().await?;
+        // The look-ahead: which chains have events due among the oldest ones (by seq), so that
+        // only their heads are locked (nothing at all when nothing is due).
+        let oldest = {
+            let mut rc = db.read().await?;
+            store::audit::oldest(&mut rc.conn(), PURGE_BATCH).await?
+        };
+        let more = oldest.len() as i64 == PURGE_BATCH;
+        let mut due_ids: Vec<i64> = oldest.iter().filter(|r| r.1 < cutoff).filter_map(|r| r.2).collect();
+        due_ids.sort_unstable();
+        due_ids.dedup();
+        let legacy_has_due = oldest.iter().any(|r| r.1 < cutoff && r.2.is_none());
+        // No common lock: the legacy head row is locked only when legacy events are due.
+        let mut tx = db.begin_write_for(&[]).await?;
         let mut c = tx.conn();
-        let Some(mut legacy) = store::audit::lock_head(&mut c).await? else { break };
-        let heads = store::audit::all_part_heads(&mut c, true).await?;
-        report.through_seq = heads.iter().map(|h| h.anchor_seq).chain([legacy.anchor_seq]).max().unwrap_or(0);
+        let all = store::audit::all_part_heads(&mut c, false).await?;
+        let legacy = if legacy_has_due {
+            store::audit::lock_head(&mut c).await?
+        } else {
+            store::audit::read_head(&mut c).await?
+        };
+        let Some(mut legacy) = legacy else { break };
+        report.through_seq = all.iter().map(|h| h.anchor_seq).chain([legacy.anchor_seq]).max().unwrap_or(0);
+        if due_ids.is_empty() && !legacy_has_due {
+            break;
+        }
+        let heads = store::audit::lock_part_heads(&mut c, &due_ids).await?;
         let mut stop: Option<i64> = None;
-        let mut full = false;
+        let mut full = more;
         // The legacy chain (seq order).
         let mut legacy_due: Vec<(i64, Vec<u8>)> = Vec::new();
-        if check_head(&mut keys, &legacy).is_err() {
+        if legacy_has_due && check_head(&mut keys, &legacy).is_err() {
             if let Some(first) = store::audit::next_seq(&mut c, legacy.anchor_seq).await? {
                 stop = Some(first);
             }
-        } else {
+        } else if legacy_has_due {
             let page = store::audit::chain_page(&mut c, legacy.anchor_seq, PURGE_BATCH).await?;
             full |= page.len() as i64 == PURGE_BATCH;
             let mut prev = legacy.anchor_hmac.clone();

@@ -440,6 +440,12 @@ pub async fn delete_chain_through(c: &mut Conn<'_>, chain: i64, pos: i64) -> Res
         .map(|r| r.rows_affected()))?)
 }
 
+/// The oldest `limit` events by seq: their seq, time and chain (the retention purge's look-ahead).
+pub async fn oldest(c: &mut Conn<'_>, limit: i64) -> Result<Vec<(i64, DateTime<Utc>, Option<i64>)>> {
+    const SQL: &str = "SELECT seq, at, chain_id FROM audit_events ORDER BY seq LIMIT $1";
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(limit).fetch_all(c).await)?)
+}
+
 /// The first seq after `seq` that no event has.
 pub async fn hole_after(c: &mut Conn<'_>, seq: i64) -> Result<i64> {
     let v: Option<i64> = dispatch!(c, |c| sqlx::query_scalar(HOLE_AFTER).bind(seq).fetch_one(c).await)?;
