@@ -132,3 +132,14 @@ def lib(request: pytest.FixtureRequest) -> str:
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "slow: takes a few seconds (lease lapses)")
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Tests that use no Garmin library (the contract, MFA, async) run in one virtual environment
+    only: PYCLIENT_CORE=off skips them in the others."""
+    if os.environ.get("PYCLIENT_CORE", "on") != "off":
+        return
+    skip = pytest.mark.skip(reason="library-independent: run in the first virtual environment")
+    for item in items:
+        if "lib" not in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
