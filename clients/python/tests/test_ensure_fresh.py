@@ -234,3 +234,29 @@ def test_adapter_loads_a_ready_client_and_writes_back_with_compare_and_set(db, u
     with pytest.raises(VersionConflict) as info:
         save(version)  # stale: another worker wrote version 3
     assert info.value.current_version == 3 and info.value.status == 412
+
+
+def readme_snippet(name: str) -> str:
+    """The ```python block after `<!-- pyclient:NAME -->` in the repository's README.md."""
+    import re
+
+    text = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    m = re.search(r"<!-- pyclient:" + re.escape(name) + r" -->\s*```python\n(.*?)```", text, re.S)
+    assert m, f"README.md has no snippet marked <!-- pyclient:{name} -->"
+    return m.group(1)
+
+
+def test_the_readme_three_lines_work(server, db, user, lib, monkeypatch):
+    db.put_tokens(user, seed_body(lib, expires_in=3 * 3600, tag="readme"))  # fresh: no Garmin call
+    monkeypatch.setenv("CDB_URL", server["url"])
+    monkeypatch.setenv("CDB_API_KEY", server["api_key"])
+    snippet = readme_snippet("garminconnect" if lib == "garminconnect" else "garth")
+    assert len(snippet.strip().splitlines()) == 3
+    ns: dict[str, Any] = {"os": os, "user_id": user}
+    exec(compile(snippet, "README.md", "exec"), ns)
+    if lib == "garminconnect":
+        dump = db.get_tokens(user, representation="garminconnect_dump")["garminconnect_dump"]
+        assert ns["garmin"].client.dumps() == dump
+    else:
+        assert ns["client"].oauth2_token.access_token == "acc-readme"
+    assert ns["version"] == 1
