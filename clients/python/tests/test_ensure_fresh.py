@@ -171,19 +171,23 @@ def test_a_refresher_killed_or_frozen_mid_refresh_is_taken_over_and_its_late_wri
     seed(db, user, lib, expires_in=600)
     log = tmp_path / "garmin.log"
     fake = FakeGarmin(log)
-    # Process 1 gets the lease (2 s) and is killed while Garmin is answering.
-    killed = spawn_worker(server, user, lib, log, delay=60, lease_ttl=2)
-    deadline = time.time() + 30
+    # Two workers start together (interpreter start-up is the slow part). The one that gets the
+    # lease (2 s) is killed while Garmin is answering; the other takes over once that lease
+    # lapses, and is frozen (SIGSTOP) in the middle of its own refresh.
+    workers = [spawn_worker(server, user, lib, log, delay=1.5, lease_ttl=2) for _ in range(2)]
+    deadline = time.time() + 60
     while not fake.calls("start") and time.time() < deadline:
-        time.sleep(0.05)
-    assert fake.calls("start"), "the first worker never reached Garmin"
+        time.sleep(0.02)
+    assert fake.calls("start"), "no worker reached Garmin"
+    first = fake.calls("start")[0]["pid"]
+    killed = next(w for w in workers if w.pid == first)
+    frozen = next(w for w in workers if w.pid != first)
     killed.send_signal(signal.SIGKILL)
     killed.wait(10)
-    # Process 2 is frozen (SIGSTOP) mid-refresh: it took over the lapsed lease.
-    frozen = spawn_worker(server, user, lib, log, delay=1.5, lease_ttl=2)
     while len(fake.calls("start")) < 2 and time.time() < deadline:
         time.sleep(0.02)
     assert len(fake.calls("start")) == 2, "nobody took over after the lease lapsed"
+    assert fake.calls("start")[1]["pid"] == frozen.pid
     os.kill(frozen.pid, signal.SIGSTOP)
     try:
         # This process takes over once the frozen one's lease lapses, and writes.
