@@ -218,6 +218,9 @@ def test_async_client(server, user):
             assert {r["di_token"] for r in results} == {"di-async"}
             events = [e async for e in db.iter_audit_events(user_id=user)]
             assert events
+            session = await db.create_session(user)
+            assert [s["id"] for s in await db.list_sessions(user)] == [session["id"]]
+            assert "centraldb" in await db.metrics()
             return await db.get_tokens(user)
 
     assert asyncio.run(main())["di_token"] == "di-async"

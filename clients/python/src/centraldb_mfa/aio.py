@@ -67,7 +67,7 @@ class AsyncCentralDB:
         *,
         params: dict[str, Any] | None = None,
         json: Any = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str | None] | None = None,
         write: bool = False,
         idempotency_key: str | None = None,
         ok: tuple[int, ...] = (200, 201, 204),
@@ -350,7 +350,8 @@ class AsyncCentralDB:
 
     async def list_sessions(self, user_id: str) -> list[dict[str, Any]]:
         """The user's active sessions, newest first."""
-        body = await self._request("GET", f"/users/{seg(user_id)}/sessions").json()
+        r = await self._request("GET", f"/users/{seg(user_id)}/sessions")
+        body = r.json()
         if isinstance(body, dict):
             return list(body.get("sessions", []))
         return list(body)
@@ -416,4 +417,5 @@ class AsyncCentralDB:
         return _core.json_or_empty(await self._request("GET", "/readyz", root=True))
 
     async def metrics(self) -> str:
-        return await self._request("GET", "/metrics", root=True).text
+        r = await self._request("GET", "/metrics", root=True)
+        return r.text

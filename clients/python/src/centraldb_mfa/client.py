@@ -64,7 +64,7 @@ class CentralDB:
         *,
         params: dict[str, Any] | None = None,
         json: Any = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str | None] | None = None,
         write: bool = False,
         idempotency_key: str | None = None,
         ok: tuple[int, ...] = (200, 201, 204),
@@ -345,7 +345,8 @@ class CentralDB:
 
     def list_sessions(self, user_id: str) -> list[dict[str, Any]]:
         """The user's active sessions, newest first."""
-        body = self._request("GET", f"/users/{seg(user_id)}/sessions").json()
+        r = self._request("GET", f"/users/{seg(user_id)}/sessions")
+        body = r.json()
         if isinstance(body, dict):
             return list(body.get("sessions", []))
         return list(body)
@@ -411,4 +412,5 @@ class CentralDB:
         return _core.json_or_empty(self._request("GET", "/readyz", root=True))
 
     def metrics(self) -> str:
-        return self._request("GET", "/metrics", root=True).text
+        r = self._request("GET", "/metrics", root=True)
+        return r.text
