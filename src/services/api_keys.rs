@@ -1,9 +1,10 @@
 //! API keys: create, list, revoke, bootstrap, and the request-time check with a short cache.
 //!
 //! A presented key is hashed (SHA-256) and looked up by hash; the stored hash is then compared
-//! in constant time. Verified keys are cached for `CENTRALDB_API_KEY_CACHE_SECS` so auth costs
-//! no query per request. Unknown keys are never cached (no memory growth from guessing). A key revoked with `api-key revoke` (another process) stops working here within
-//! that TTL.
+//! in constant time. Verified keys are cached for `CENTRALDB_API_KEY_CACHE_SECS` (default 1 s)
+//! so auth costs at most one query per key and second. Unknown keys are never cached (no memory
+//! growth from guessing). A key revoked with `api-key revoke` (another process) stops working on
+//! every instance within that period (`tests/api/binary.rs` measures it with two processes).
 //!
 //! No timing oracle: an unknown key and a revoked one get the same 401, and take the same time.
 //! The check query returns exactly one row of the same shape for both (a `LEFT JOIN` from a
@@ -84,7 +85,13 @@ pub struct ApiKeys {
     db: Db,
     ttl: Duration,
     cache: Mutex<HashMap<KeyHash, Cached>>,
+    /// When each valid key's `last_used_at` was last written (one entry per valid key).
+    touched: Mutex<HashMap<Uuid, Instant>>,
 }
+
+/// `last_used_at` is written at most this often per key and process (the cache period is short,
+/// so a write per cache refresh would be one write per key per second).
+const TOUCH_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A key as listed (never the key itself).
 #[derive(Debug, Clone)]
@@ -114,7 +121,7 @@ impl From<ApiKeyRow> for ApiKeyInfo {
 
 impl ApiKeys {
     pub fn new(db: Db, ttl: Duration) -> Self {
-        Self { db, ttl, cache: Mutex::new(HashMap::new()) }
+        Self { db, ttl, cache: Mutex::new(HashMap::new()), touched: Mutex::new(HashMap::new()) }
     }
 
     /// Checks a presented key. The outcome is logged at trace level (never the key itself).
@@ -176,7 +183,18 @@ impl ApiKeys {
         if let Ok(mut cache) = self.cache.lock() {
             cache.insert(hash, Cached { principal: principal.clone(), fetched: Instant::now() });
         }
-        // `last_used_at` is refreshed once per cache period, not per request.
+        // `last_used_at` is refreshed at most once per `TOUCH_INTERVAL`, not per request.
+        let due = self.touched.lock().is_ok_and(|mut t| {
+            let now = Instant::now();
+            let due = t.get(&principal.key_id).is_none_or(|at| now.duration_since(*at) >= TOUCH_INTERVAL);
+            if due {
+                t.insert(principal.key_id, now);
+            }
+            due
+        });
+        if !due {
+            return Ok(principal);
+        }
         let db = self.db.clone();
         let id = principal.key_id;
         tokio::spawn(async move {
@@ -219,9 +237,8 @@ pub async fn create(db: &Db, name: &str, scopes: &Scopes) -> Result<(Uuid, Zeroi
     Ok((id, key))
 }
 
-async fn insert_key(db: &Db, name: &str, scopes: &Scopes, key: &str) -> Result<Uuid, StoreError> {
-    let id = Uuid::now_v7();
-    let row = ApiKeyRow {
+fn new_row(id: Uuid, name: &str, scopes: &Scopes, key: &str) -> ApiKeyRow {
+    ApiKeyRow {
         id,
         name: name.to_string(),
         prefix: api_keys::display_prefix(key),
@@ -230,11 +247,60 @@ async fn insert_key(db: &Db, name: &str, scopes: &Scopes, key: &str) -> Result<U
         created_at: store::now(),
         last_used_at: None,
         revoked_at: None,
-    };
+    }
+}
+
+async fn insert_key(db: &Db, name: &str, scopes: &Scopes, key: &str) -> Result<Uuid, StoreError> {
+    let id = Uuid::now_v7();
+    let row = new_row(id, name, scopes, key);
     let mut tx = db.begin_write().await?;
     store::api_keys::insert(&mut tx.conn(), &row).await?;
     tx.commit().await?;
     Ok(id)
+}
+
+/// Creates a key unless an active key already has this name (then `None`). The check and the
+/// insert share one write transaction, and write transactions are serialised on both backends
+/// (SQLite's single writer; PostgreSQL's audit-head row lock, see [`Db::begin_write`]), so two
+/// concurrent creates of one name cannot both pass.
+pub async fn create_unique(
+    db: &Db,
+    name: &str,
+    scopes: &Scopes,
+) -> Result<Option<(Uuid, Zeroizing<String>)>, StoreError> {
+    let key = api_keys::generate();
+    let id = Uuid::now_v7();
+    let mut tx = db.begin_write().await?;
+    if store::api_keys::count_active_named(&mut tx.conn(), name).await? > 0 {
+        return Ok(None);
+    }
+    store::api_keys::insert(&mut tx.conn(), &new_row(id, name, scopes, &key)).await?;
+    tx.commit().await?;
+    Ok(Some((id, key)))
+}
+
+/// The key `api-key revoke` means by `given`: its id, or the prefix `api-key list` shows (an
+/// active key's, unique among active keys). A clear message otherwise.
+pub fn find_for_revoke(keys: &[ApiKeyInfo], given: &str) -> Result<Uuid, String> {
+    let given = given.trim();
+    if let Ok(id) = given.parse::<Uuid>() {
+        return match keys.iter().find(|k| k.id == id) {
+            Some(k) => Ok(k.id),
+            None => Err(format!("no API key with id {id}")),
+        };
+    }
+    let matching: Vec<&ApiKeyInfo> = keys.iter().filter(|k| k.prefix == given).collect();
+    let active: Vec<&&ApiKeyInfo> = matching.iter().filter(|k| k.revoked_at.is_none()).collect();
+    match (active.as_slice(), matching.len()) {
+        ([one], _) => Ok(one.id),
+        ([], 0) => Err(format!("no API key with id or prefix '{given}' (see `api-key list`)")),
+        ([], _) => Err(format!("the API key with prefix '{given}' is already revoked")),
+        (many, _) => Err(format!(
+            "{} active API keys have the prefix '{given}'; revoke by id: {}",
+            many.len(),
+            many.iter().map(|k| k.id.to_string()).collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 pub async fn list(db: &Db) -> Result<Vec<ApiKeyInfo>, StoreError> {
