@@ -1250,3 +1250,131 @@ async fn help_documents_the_environment() {
     }
     assert!(out.contains("CENTRALDB_API_KEY_CACHE_SECS") && out.contains("[default: 1]"), "{out}");
 }
+
+/// Issue 13 item 5: after a mixed workload (token writes and reads, a long poll, leases, MFA
+/// checks, a sweeper pass), every family on `/metrics` has `# HELP` and `# TYPE`, the families an
+/// operator graphs are there, and the long poll is in its own histogram (not the GET latency).
+#[tokio::test]
+async fn metrics_describe_every_family_after_a_mixed_workload() {
+    let d = Deployment::new().await;
+    let s = Server::start(&d.with("CENTRALDB_SWEEP_INTERVAL_SECS", "1"), d.dir.path()).await;
+    let http = reqwest::Client::new();
+    let key = d.admin_key();
+    let path = tokens_path("metered");
+    let r = http.put(s.url(&path)).bearer_auth(&key).json(&garth_body("m")).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(http.get(s.url(&path)).bearer_auth(&key).send().await.unwrap().status(), 200);
+    let poll = http.get(s.url(&format!("{path}?newer_than=1&wait_seconds=1"))).bearer_auth(&key).send();
+    assert_eq!(poll.await.unwrap().status(), 304);
+    let lease = |holder: &'static str| {
+        http.post(s.url(&format!("{path}/lease"))).bearer_auth(&key).json(&json!({"holder": holder})).send()
+    };
+    assert_eq!(lease("w1").await.unwrap().status(), 201);
+    assert_eq!(lease("w2").await.unwrap().status(), 409);
+    let ch: Value = http
+        .post(s.url("/api/v1/mfa/challenges"))
+        .bearer_auth(&key)
+        .json(&json!({"user_id": "metered", "method": "email", "destination": "j@example.com", "verifier": "service"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, code) = (ch["id"].as_str().unwrap(), ch["code"].as_str().unwrap());
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let verify = |c: &str| {
+        http.post(s.url(&format!("/api/v1/mfa/challenges/{id}/verify")))
+            .bearer_auth(&key)
+            .json(&json!({"code": c}))
+            .send()
+    };
+    assert_eq!(verify(wrong).await.unwrap().status(), 400);
+    assert_eq!(verify(code).await.unwrap().status(), 200);
+    assert_eq!(http.get(s.url(&path)).send().await.unwrap().status(), 401);
+
+    let scrape = || async { http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = scrape().await;
+        if text.lines().any(|l| l.starts_with("centraldb_sweeper_runs_total{outcome=\"ok\"} ") && !l.ends_with(" 0")) {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no sweeper pass: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let described = |kind: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(kind))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    };
+    let (help, types) = (described("# HELP "), described("# TYPE "));
+    assert_eq!(help, types, "every family has both HELP and TYPE");
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| types.contains(*f)))
+            .unwrap_or(name);
+        assert!(help.contains(family), "{family} has no # HELP:\n{text}");
+    }
+    for family in [
+        "http_requests_total",
+        "http_request_duration_seconds",
+        "centraldb_longpoll_duration_seconds",
+        "centraldb_longpoll_waiters",
+        "centraldb_longpoll_waiters_limit",
+        "centraldb_unavailable_responses_total",
+        "centraldb_db_pool_connections",
+        "centraldb_db_pool_max_connections",
+        "centraldb_db_acquire_seconds",
+        "centraldb_db_acquire_timeouts_total",
+        "centraldb_argon2_admitted",
+        "centraldb_argon2_capacity",
+        "centraldb_argon2_rejections_total",
+        "centraldb_argon2_hash_seconds",
+        "centraldb_sweeper_runs_total",
+        "centraldb_sweeper_items_total",
+        "centraldb_sweeper_last_success_timestamp_seconds",
+        "centraldb_audit_events_total",
+        "centraldb_lease_events_total",
+        "centraldb_mfa_outcomes_total",
+        "centraldb_token_bundles",
+        "centraldb_build_info",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(help.contains(family), "{family} missing:\n{text}");
+    }
+    if backend() == Backend::Sqlite {
+        assert!(help.contains("centraldb_sqlite_group_commit_batch_size"), "{text}");
+    }
+    let value = |prefix: &str, parts: &[&str]| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix) && parts.iter().all(|p| l.contains(p)))
+            .unwrap_or_else(|| panic!("no {prefix} {parts:?}:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("centraldb_longpoll_duration_seconds_count", &[]), 1.0);
+    let tokens = r#"path="/api/v1/users/{user_id}/tokens""#;
+    // The plain GET and the refused one are in the latency histogram; the long poll is not.
+    assert_eq!(value("http_request_duration_seconds_count", &[r#"method="GET""#, tokens]), 2.0);
+    assert_eq!(value("centraldb_lease_events_total", &[r#"event="granted""#]), 1.0);
+    assert_eq!(value("centraldb_lease_events_total", &[r#"event="refused""#]), 1.0);
+    assert_eq!(value("centraldb_mfa_outcomes_total", &[r#"verifier="service""#, r#"outcome="invalid_code""#]), 1.0);
+    assert_eq!(value("centraldb_mfa_outcomes_total", &[r#"verifier="service""#, r#"outcome="verified""#]), 1.0);
+    assert_eq!(value("centraldb_argon2_hash_seconds_count", &[]), 3.0, "one hash, two checks");
+    assert_eq!(value("centraldb_token_bundles", &[r#"key_id="k1""#]), 1.0);
+    assert!(value("centraldb_audit_events_total", &[r#"outcome="written""#]) >= 5.0);
+    assert!(value("centraldb_build_info", &[concat!("version=\"", env!("CARGO_PKG_VERSION"), "\"")]) == 1.0);
+    assert!(value("process_resident_memory_bytes", &[]) > 1e6);
+    assert!(value("process_open_fds", &[]) > 3.0);
+    assert!(value("centraldb_sweeper_last_success_timestamp_seconds", &[]) > 1.7e9);
+    s.stop().await;
+}
