@@ -198,7 +198,11 @@ fn describe() {
     );
     describe_gauge!(BUILD_INFO, Unit::Count, "Always 1; the labels name the running version");
     describe_gauge!(PROCESS_RSS, Unit::Bytes, "Resident memory of the process in bytes");
-    describe_counter!(PROCESS_CPU, Unit::Seconds, "User and system CPU time of the process in seconds");
+    describe_gauge!(
+        PROCESS_CPU,
+        Unit::Seconds,
+        "User and system CPU time of the process in seconds (only grows; a gauge for its fraction)"
+    );
     describe_gauge!(PROCESS_OPEN_FDS, Unit::Count, "Open file descriptors");
     describe_gauge!(PROCESS_MAX_FDS, Unit::Count, "File descriptor limit (soft)");
     describe_gauge!(PROCESS_START, Unit::Seconds, "Unix time in seconds the process started");
@@ -237,8 +241,9 @@ pub fn scrape_process() {
         metrics::gauge!(PROCESS_RSS).set(v);
     }
     if let Some(v) = p.cpu_seconds {
-        // A counter that only the kernel advances: set to its current total.
-        metrics::counter!(PROCESS_CPU).absolute(v as u64);
+        // The standard name, exposed as a gauge: the metrics crate's counters are whole numbers
+        // and CPU seconds need their fraction. It only grows, so `rate()` works on it as usual.
+        metrics::gauge!(PROCESS_CPU).set(v);
     }
     if let Some(v) = p.open_fds {
         metrics::gauge!(PROCESS_OPEN_FDS).set(v);
