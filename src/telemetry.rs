@@ -348,3 +348,43 @@ pub fn metrics_handle() -> PrometheusHandle {
         })
         .clone()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 503 the code can produce has a named cause (not `other`): the detail texts of the
+    /// `ApiError::Unavailable` literals in the sources are all in [`unavailable_cause`].
+    #[test]
+    fn every_503_has_a_named_cause() {
+        let sources = [
+            include_str!("error.rs"),
+            include_str!("api/middleware.rs"),
+            include_str!("api/ops.rs"),
+            include_str!("api/idempotency.rs"),
+            include_str!("services/mfa.rs"),
+            include_str!("services/leases.rs"),
+        ];
+        let mut found = 0;
+        for src in sources {
+            for part in src.split("Unavailable {").skip(1) {
+                let Some(rest) = part.trim_start().strip_prefix("detail: \"") else { continue };
+                let detail = &rest[..rest.find('"').unwrap()];
+                assert_ne!(unavailable_cause(detail), "other", "no cause for '{detail}'");
+                found += 1;
+            }
+        }
+        assert!(found >= 6, "found {found} literals");
+    }
+
+    #[test]
+    fn rust_log_typos_are_refused_and_valid_filters_accepted() {
+        for bad in ["inof", "debgu", "sqlx=loud", "a=b=c"] {
+            let e = parse_filter(bad).unwrap_err();
+            assert!(e.starts_with("RUST_LOG: "), "{e}");
+        }
+        for good in ["info", "WARN", "info,centraldb_mfa=debug", "sqlx=warn", "off", "trace,hyper=info"] {
+            assert!(parse_filter(good).is_ok(), "{good}");
+        }
+    }
+}

@@ -15,7 +15,7 @@
 use std::{
     collections::HashMap,
     path::Path,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -79,6 +79,9 @@ pub enum CacheHit {
 struct Cached {
     principal: Principal,
     fetched: Instant,
+    /// Taken by the one request that re-checks this key once its cache period is over; the
+    /// others wait for it and use its result (one query per key and period, not one per request).
+    refresh: Arc<tokio::sync::Mutex<()>>,
 }
 
 pub struct ApiKeys {
@@ -147,14 +150,34 @@ impl ApiKeys {
         }
     }
 
+    /// The cached principal while fresh; else the key's refresh lock when it was verified before.
+    fn lookup(&self, hash: &KeyHash) -> Result<Principal, Option<Arc<tokio::sync::Mutex<()>>>> {
+        let Ok(cache) = self.cache.lock() else { return Err(None) };
+        match cache.get(hash) {
+            Some(c) if c.fetched.elapsed() < self.ttl => Ok(c.principal.clone()),
+            Some(c) => Err(Some(c.refresh.clone())),
+            None => Err(None),
+        }
+    }
+
     async fn check(&self, presented: &str) -> Result<Principal, AuthError> {
         let hash = api_keys::hash(presented);
-        if let Ok(cache) = self.cache.lock()
-            && let Some(c) = cache.get(&hash)
-            && c.fetched.elapsed() < self.ttl
-        {
-            return Ok(c.principal.clone());
-        }
+        let refresh = match self.lookup(&hash) {
+            Ok(p) => return Ok(p),
+            Err(refresh) => refresh,
+        };
+        // A known key due for a re-check: one request queries, the others wait and reuse its
+        // result (a burst after the cache period costs one query, not one per request).
+        let _refreshing = match &refresh {
+            Some(m) => {
+                let guard = m.lock().await;
+                if let Ok(p) = self.lookup(&hash) {
+                    return Ok(p);
+                }
+                Some(guard)
+            }
+            None => None,
+        };
         let mut conn = self.db.read().await?;
         let (id, stored, revoked) = check_key(&mut conn.conn(), &hash).await?;
         // The same work whether or not a key matched: a constant-time compare (against zeros
@@ -181,7 +204,8 @@ impl ApiKeys {
         let scopes = Scopes::parse_list(&row.scopes).map_err(StoreError::Other)?;
         let principal = Principal { key_id: row.id, name: row.name, scopes };
         if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(hash, Cached { principal: principal.clone(), fetched: Instant::now() });
+            let refresh = refresh.clone().unwrap_or_default();
+            cache.insert(hash, Cached { principal: principal.clone(), fetched: Instant::now(), refresh });
         }
         // `last_used_at` is refreshed at most once per `TOUCH_INTERVAL`, not per request.
         let due = self.touched.lock().is_ok_and(|mut t| {
@@ -280,7 +304,8 @@ pub async fn create_unique(
 }
 
 /// The key `api-key revoke` means by `given`: its id, or the prefix `api-key list` shows (an
-/// active key's, unique among active keys). A clear message otherwise.
+/// active key's, unique among active keys). A clear message otherwise, which never repeats what
+/// was given (an operator who pastes a whole key by mistake must not find it in a log).
 pub fn find_for_revoke(keys: &[ApiKeyInfo], given: &str) -> Result<Uuid, String> {
     let given = given.trim();
     if let Ok(id) = given.parse::<Uuid>() {
@@ -293,10 +318,10 @@ pub fn find_for_revoke(keys: &[ApiKeyInfo], given: &str) -> Result<Uuid, String>
     let active: Vec<&&ApiKeyInfo> = matching.iter().filter(|k| k.revoked_at.is_none()).collect();
     match (active.as_slice(), matching.len()) {
         ([one], _) => Ok(one.id),
-        ([], 0) => Err(format!("no API key with id or prefix '{given}' (see `api-key list`)")),
-        ([], _) => Err(format!("the API key with prefix '{given}' is already revoked")),
+        ([], 0) => Err("no API key has this id or prefix (see `api-key list`)".to_string()),
+        ([], _) => Err("the API key with this prefix is already revoked".to_string()),
         (many, _) => Err(format!(
-            "{} active API keys have the prefix '{given}'; revoke by id: {}",
+            "{} active API keys have this prefix; revoke by id: {}",
             many.len(),
             many.iter().map(|k| k.id.to_string()).collect::<Vec<_>>().join(", ")
         )),

@@ -1161,7 +1161,10 @@ async fn api_keys_are_revoked_by_prefix_and_names_are_unique() {
     let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "revoke", &prefix]).await;
     assert!(!ok && err.contains("already revoked"), "{err}");
     let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "revoke", "cdbm_nothere"]).await;
-    assert!(!ok && err.contains("no API key with id or prefix 'cdbm_nothere'"), "{err}");
+    assert!(!ok && err.contains("no API key has this id or prefix"), "{err}");
+    // Not even a whole key pasted by mistake is repeated.
+    let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "revoke", &d.admin_key()]).await;
+    assert!(!ok && !err.contains(&d.admin_key()), "{err}");
     let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "revoke", &uuid::Uuid::now_v7().to_string()]).await;
     assert!(!ok && err.contains("no API key with id"), "{err}");
     // The name is free again once its key is revoked.
