@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
@@ -23,11 +23,19 @@ use crate::{
 #[command(
     name = "centraldb-mfa",
     version,
-    about = "Encrypted Garmin token vault, MFA challenges and audit trail for GarminSync"
+    about = "Encrypted Garmin token vault, MFA challenges and audit trail for GarminSync",
+    after_help = "Configuration comes from environment variables: `--help` lists them."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// Parses the command line; `--help` ends with the environment variables, generated from
+/// [`crate::config::ENV_VARS`] (exits on `--help`, `--version` or a usage error, like clap).
+pub fn parse() -> Cli {
+    let matches = Cli::command().after_long_help(crate::config::env_help()).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,7 +71,7 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ApiKeyCommand {
-    /// Create a key and print it once.
+    /// Create a key and print it once. Names are unique among active keys.
     Create {
         #[arg(long)]
         name: String,
@@ -73,8 +81,11 @@ pub enum ApiKeyCommand {
     },
     /// List keys (never the keys themselves).
     List,
-    /// Revoke a key by id.
-    Revoke { id: uuid::Uuid },
+    /// Revoke a key by its id or the prefix `api-key list` shows.
+    Revoke {
+        /// The key's id (UUID) or its listed prefix (e.g. `cdbm_1a2b3c4`).
+        key: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,7 +140,9 @@ pub async fn run(cli: Cli) -> ExitCode {
     };
     match command {
         Command::Serve => {
-            telemetry::init(settings.log_format, "info");
+            if let Err(e) = telemetry::init(settings.log_format, "info") {
+                return fail(format!("configuration: {e}"));
+            }
             let app = match Application::build(settings).await {
                 Ok(a) => a,
                 Err(e) => {
@@ -155,7 +168,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
         }
         other => {
-            telemetry::init(settings.log_format, "warn");
+            if let Err(e) = telemetry::init(settings.log_format, "warn") {
+                return fail(format!("configuration: {e}"));
+            }
             let db = match startup::open_database(&settings).await {
                 Ok(db) => db,
                 Err(e) => return fail(e),
@@ -170,6 +185,11 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn admin_command(command: Command, settings: &Settings, db: &crate::store::Db) -> ExitCode {
     match command {
         Command::Migrate => {
+            // The keyring is checked exactly as `serve` checks it: a keyring serve would refuse
+            // fails here too, with the same message.
+            if let Err(e) = startup::open_keyring(settings, db).await {
+                return fail(e);
+            }
             eprintln!("migrations applied ({})", settings.effective_database_url());
             ExitCode::SUCCESS
         }
@@ -181,8 +201,9 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
             if name.trim().is_empty() || name.len() > 100 {
                 return fail("--name must be 1-100 characters");
             }
-            match api_keys::create(db, &name, &scopes).await {
-                Ok((id, key)) => {
+            match api_keys::create_unique(db, &name, &scopes).await {
+                Ok(None) => fail(format!("an active API key named '{name}' exists; choose another --name")),
+                Ok(Some((id, key))) => {
                     eprintln!(
                         "created API key {id} ({name}, scopes: {}); it is shown only this once:",
                         scopes.to_stored()
@@ -211,14 +232,27 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
             }
             Err(e) => fail(e),
         },
-        Command::ApiKey(ApiKeyCommand::Revoke { id }) => match api_keys::revoke(db, id).await {
-            Ok(true) => {
-                eprintln!("revoked {id} (running services stop accepting it within CENTRALDB_API_KEY_CACHE_SECS)");
-                ExitCode::SUCCESS
+        Command::ApiKey(ApiKeyCommand::Revoke { key }) => {
+            let keys = match api_keys::list(db).await {
+                Ok(k) => k,
+                Err(e) => return fail(e),
+            };
+            let id = match api_keys::find_for_revoke(&keys, &key) {
+                Ok(id) => id,
+                Err(e) => return fail(e),
+            };
+            match api_keys::revoke(db, id).await {
+                Ok(true) => {
+                    eprintln!(
+                        "revoked {id} (running services stop accepting it within CENTRALDB_API_KEY_CACHE_SECS, {} s)",
+                        settings.api_key_cache_ttl.as_secs()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => fail(format!("API key {id} is already revoked")),
+                Err(e) => fail(e),
             }
-            Ok(false) => fail(format!("no active API key with id {id}")),
-            Err(e) => fail(e),
-        },
+        }
         Command::Rewrap => {
             let ring = match startup::open_keyring(settings, db).await {
                 Ok(r) => r,

@@ -187,6 +187,84 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
+/// One environment variable: its name, its default (as shown) and what it does. `--help` prints
+/// this table, and a test checks it names exactly the variables [`Settings::from_lookup`] reads
+/// (and that `.env.example` shows each), so the help cannot drift from the code.
+pub struct EnvVar {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+const fn var(name: &'static str, default: &'static str, help: &'static str) -> EnvVar {
+    EnvVar { name, default, help }
+}
+
+/// Every variable the service reads (`*_FILE` variants included), in `.env.example` order.
+pub const ENV_VARS: &[EnvVar] = &[
+    var("CENTRALDB_DATA_DIR", "./data", "folder of the SQLite file, generated encryption.key and admin-api-key"),
+    var("CENTRALDB_DATABASE_URL", "sqlite://<data>/centraldb-mfa.db", "sqlite:..., postgres://... or postgresql://..."),
+    var("CENTRALDB_DATABASE_URL_FILE", "", "file holding the database URL (instead of CENTRALDB_DATABASE_URL)"),
+    var("CENTRALDB_LISTEN", "127.0.0.1:8080", "address and port of the HTTP server"),
+    var(
+        "CENTRALDB_ENCRYPTION_KEYS",
+        "SQLite: generated; PostgreSQL: required",
+        "keyring id:base64key[,...]; the first encrypts",
+    ),
+    var("CENTRALDB_ENCRYPTION_KEYS_FILE", "", "file holding the keyring (instead of CENTRALDB_ENCRYPTION_KEYS)"),
+    var("CENTRALDB_BOOTSTRAP_ADMIN_KEY", "", "admin API key accepted as given (32-256 printable characters)"),
+    var("CENTRALDB_BOOTSTRAP_ADMIN_KEY_FILE", "", "file holding the bootstrap admin key"),
+    var(
+        "RUST_LOG",
+        "info (serve), warn (other commands)",
+        "log filter: a level or target=level list; invalid is an error",
+    ),
+    var("CENTRALDB_LOG_FORMAT", "pretty", "json or pretty (colours only when stderr is a terminal)"),
+    var("CENTRALDB_REQUEST_TIMEOUT_SECS", "10", "per-request time limit (503 past it)"),
+    var("CENTRALDB_BODY_LIMIT_BYTES", "65536", "largest request body (413 past it)"),
+    var("CENTRALDB_DB_MAX_CONNECTIONS", "8 SQLite, 16 PostgreSQL", "database connection pool size"),
+    var("CENTRALDB_DB_ACQUIRE_TIMEOUT_MS", "3000", "wait for a pooled connection before 503"),
+    var("CENTRALDB_SQLITE_BUSY_TIMEOUT_MS", "5000", "SQLite: wait on a database locked by another process"),
+    var("CENTRALDB_SQLITE_SYNCHRONOUS", "full", "SQLite: full or normal"),
+    var(
+        "CENTRALDB_API_KEY_CACHE_SECS",
+        "1",
+        "how long a verified API key is cached (bounds how late a revocation bites)",
+    ),
+    var("CENTRALDB_IDEMPOTENCY_TTL_SECS", "86400", "how long an Idempotency-Key and its answer are kept"),
+    var("CENTRALDB_ARGON2_MEMORY_KIB", "19456", "argon2id memory for MFA codes"),
+    var("CENTRALDB_ARGON2_ITERATIONS", "2", "argon2id time cost"),
+    var("CENTRALDB_ARGON2_PARALLELISM", "1", "argon2id lanes"),
+    var("CENTRALDB_ARGON2_WORKERS", "number of cores", "argon2 computations at once"),
+    var("CENTRALDB_ARGON2_QUEUE", "64", "argon2 computations that may wait (503 past it)"),
+    var("CENTRALDB_MFA_MAX_PENDING_PER_USER", "3", "pending challenges per user (429 past it)"),
+    var("CENTRALDB_MFA_FAILURE_BUDGET", "100", "failed code checks per user and window"),
+    var("CENTRALDB_MFA_FAILURE_WINDOW_SECS", "86400", "window of the failure budget"),
+    var("CENTRALDB_MFA_MAX_PENDING_GLOBAL", "100000", "pending challenges service-wide (503 past it)"),
+    var("CENTRALDB_MFA_CONSUME_WINDOW_SECS", "300", "how long a verified challenge stays consumable"),
+    var("CENTRALDB_SWEEP_INTERVAL_SECS", "30", "seconds between expiry sweeper passes"),
+    var("CENTRALDB_RETENTION_SECS", "604800", "how long ended challenges and sessions are kept"),
+    var("CENTRALDB_AUDIT_RETENTION_DAYS", "365", "audit events older than this are purged (0 keeps all)"),
+    var("CENTRALDB_REFUSAL_INTERVAL_SECS", "60", "per-source window for refused requests"),
+    var("CENTRALDB_REFUSAL_AUDIT_INDIVIDUAL", "10", "refusals per source and window audited one by one"),
+    var("CENTRALDB_REFUSAL_BUDGET", "1000", "refusals per source and window before 429"),
+    var("CENTRALDB_REFUSAL_MAX_SOURCES", "10000", "source addresses tracked at once"),
+    var("CENTRALDB_MAX_WAITERS", "1000", "long-poll readers at once (503 past it)"),
+    var("CENTRALDB_MAX_CONNECTIONS", "16384", "open client connections at most"),
+];
+
+/// The environment section of `--help`, generated from [`ENV_VARS`].
+pub fn env_help() -> String {
+    let mut out = String::from(
+        "Environment (also read from ./.env; an empty value counts as unset; a bad value stops start-up naming the variable):\n",
+    );
+    for v in ENV_VARS {
+        let default = if v.default.is_empty() { "unset".to_string() } else { v.default.to_string() };
+        out.push_str(&format!("  {}\n      {} [default: {default}]\n", v.name, v.help));
+    }
+    out
+}
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub data_dir: PathBuf,
@@ -371,7 +449,7 @@ impl Settings {
         let api_key_cache_ttl = Duration::from_secs(parse(
             "CENTRALDB_API_KEY_CACHE_SECS",
             get("CENTRALDB_API_KEY_CACHE_SECS"),
-            30u64,
+            1u64,
             "a whole number of seconds",
         )?);
 
@@ -465,6 +543,30 @@ mod tests {
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    /// `--help` (generated from `ENV_VARS`) names exactly the variables the settings read, and
+    /// `.env.example` shows each of them.
+    #[test]
+    fn the_help_table_names_every_variable_read() {
+        let read = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        settings_with(|k| {
+            read.lock().unwrap().insert(k.to_string());
+            None
+        });
+        let mut read = read.into_inner().unwrap();
+        read.insert("RUST_LOG".to_string()); // read by telemetry::init
+        let table: std::collections::BTreeSet<String> = ENV_VARS.iter().map(|v| v.name.to_string()).collect();
+        assert_eq!(table, read);
+        let example = include_str!("../.env.example");
+        for v in ENV_VARS {
+            assert!(example.contains(&format!("#{}=", v.name)), "{} missing from .env.example", v.name);
+            assert!(env_help().contains(v.name));
+        }
+    }
+
+    fn settings_with(get: impl Fn(&str) -> Option<String>) {
+        Settings::from_lookup(get).unwrap();
     }
 
     #[test]

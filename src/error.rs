@@ -209,15 +209,24 @@ pub fn problem_response(status: StatusCode, problem: &Problem) -> Response {
     let body = serde_json::to_vec(problem).unwrap_or_else(|_| b"{}".to_vec());
     let mut resp = (status, body).into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    resp.extensions_mut().insert(ProblemCode(problem.code.clone()));
     resp
 }
+
+/// The problem code of an error response, for the request log line (a response extension).
+#[derive(Debug, Clone)]
+pub struct ProblemCode(pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
             Self::Internal(cause) => tracing::error!(cause = %cause, "internal error"),
             Self::DecryptFailed => tracing::error!("stored ciphertext failed to decrypt"),
-            Self::Unavailable { detail, .. } => tracing::warn!(detail, "answering 503"),
+            Self::Unavailable { detail, .. } => {
+                let cause = crate::telemetry::unavailable_cause(detail);
+                metrics::counter!(crate::telemetry::UNAVAILABLE, "cause" => cause).increment(1);
+                tracing::warn!(detail, cause, "answering 503");
+            }
             _ => {}
         }
         let mut resp = problem_response(self.status(), &self.to_problem());

@@ -1,8 +1,8 @@
-use std::process::ExitCode;
+//! The `centraldb-mfa` binary: parses the command line and runs it.
 
-use clap::Parser;
+use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    centraldb_mfa::cli::run(centraldb_mfa::cli::Cli::parse()).await
+    centraldb_mfa::cli::run(centraldb_mfa::cli::parse()).await
 }

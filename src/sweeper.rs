@@ -67,7 +67,9 @@ pub async fn run(state: AppState, shutdown: impl std::future::Future<Output = ()
                 }
             }
             _ = tick.tick() => {
-                match sweep_once(&state, store::now()).await {
+                let result = sweep_once(&state, store::now()).await;
+                record_pass(&result);
+                match result {
                     Ok(r) if r != SweepReport::default() => tracing::info!(?r, "sweep pass"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "sweep pass failed; retrying next interval"),
@@ -95,6 +97,27 @@ pub async fn log_checkpoint(state: &AppState) {
 }
 
 /// How often ended refusal windows are written: a quarter of the window, 1 to 5 s.
+/// The sweeper's metrics for one pass: runs by outcome, items by kind, last success time.
+fn record_pass(result: &Result<SweepReport, StoreError>) {
+    use crate::telemetry::{SWEEPER_ITEMS, SWEEPER_LAST_SUCCESS, SWEEPER_RUNS};
+    let Ok(r) = result else {
+        metrics::counter!(SWEEPER_RUNS, "outcome" => "error").increment(1);
+        return;
+    };
+    metrics::counter!(SWEEPER_RUNS, "outcome" => "ok").increment(1);
+    for (kind, n) in [
+        ("challenges_expired", r.challenges_expired),
+        ("sessions_expired", r.sessions_expired),
+        ("tokens_expired", r.tokens_expired),
+        ("leases_expired", r.leases_expired),
+        ("purged", r.purged),
+        ("audit_purged", r.audit_purged),
+    ] {
+        metrics::counter!(SWEEPER_ITEMS, "kind" => kind).increment(n);
+    }
+    metrics::gauge!(SWEEPER_LAST_SUCCESS).set(store::now().timestamp_micros() as f64 / 1e6);
+}
+
 fn refusal_flush_period(state: &AppState) -> std::time::Duration {
     (state.settings.refusals.interval / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(5))
 }

@@ -266,6 +266,10 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
         };
         let uri = parts.extensions.get::<OriginalUri>().map(|u| &u.0).unwrap_or(&parts.uri);
         let path: String = uri.path().chars().take(256).collect();
+        if let Ok(p) = &result {
+            // The request line (`request finished`) names the key, for 2xx and refusals alike.
+            tracing::Span::current().record("key_id", tracing::field::display(p.key_id));
+        }
         match result {
             Ok(p) if p.scopes.allows(S::SCOPE) => {
                 ctx.actor = Some(format!("key:{}", p.key_id));

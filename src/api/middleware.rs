@@ -1,9 +1,12 @@
 //! Request id, metrics, request timeout and the problem+json fallbacks.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use axum::{
-    extract::{MatchedPath, Request, State},
+    extract::{ConnectInfo, MatchedPath, Request, State},
     http::{HeaderName, HeaderValue, Method},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -11,7 +14,12 @@ use axum::{
 
 use tracing::Instrument;
 
-use crate::{error::ApiError, services::leases::MAX_WAIT_SECS, state::AppState, telemetry};
+use crate::{
+    error::{ApiError, ProblemCode},
+    services::leases::MAX_WAIT_SECS,
+    state::AppState,
+    telemetry,
+};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -25,7 +33,13 @@ fn acceptable_request_id(v: &HeaderValue) -> Option<String> {
         .then(|| s.to_string())
 }
 
-/// Outermost layer: assigns the request id, opens the request span, echoes the id back.
+/// Routes polled by probes and scrapers: their request lines are logged at DEBUG, not INFO.
+const QUIET_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// Outermost layer: assigns the request id, opens the request span, echoes the id back, and logs
+/// one line per request: `status`, `latency_ms`, and on a 4xx/5xx the problem `code`. The span
+/// carries the method, route, request id, client address (`client`) and, once the API key is
+/// verified, its `key_id`. Probes and scrapes ([`QUIET_PATHS`]) log at DEBUG, 5xx at WARN.
 pub async fn request_context(mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
@@ -38,12 +52,33 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| req.uri().path().chars().take(256).collect());
-    let span = tracing::info_span!("request", method = %req.method(), path = %path, request_id = %id);
+    let client = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    let client = client.unwrap_or_else(|| "in-process".into());
+    let quiet = QUIET_PATHS.contains(&path.as_str());
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %path,
+        request_id = %id,
+        client = %client,
+        key_id = tracing::field::Empty,
+    );
     let start = Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
-    let status = resp.status().as_u16();
+    let status = resp.status();
+    let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let code = resp.extensions().get::<ProblemCode>().map(|c| c.0.as_str());
     span.in_scope(|| {
-        tracing::info!(status, latency_ms = start.elapsed().as_secs_f64() * 1000.0, "request finished");
+        let status = status.as_u16();
+        if status >= 500 {
+            tracing::warn!(status, latency_ms, code, "request finished");
+        } else if status >= 400 {
+            tracing::info!(status, latency_ms, code, "request finished");
+        } else if quiet {
+            tracing::debug!(status, latency_ms, "request finished");
+        } else {
+            tracing::info!(status, latency_ms, "request finished");
+        }
     });
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
@@ -76,11 +111,17 @@ pub async fn track_metrics(req: Request, next: Next) -> Response {
     let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
     let path = path.unwrap_or_else(|| "unmatched".into());
     let method = method_label(req.method());
+    // A long poll (up to 30 s by design) gets its own histogram, not the token GET's latency.
+    let long_poll = !long_poll_wait(&req).is_zero();
     let start = Instant::now();
     let resp = next.run(req).await;
     let labels = [("method", method.to_string()), ("path", path), ("status", resp.status().as_u16().to_string())];
     metrics::counter!(telemetry::HTTP_REQUESTS, &labels).increment(1);
-    metrics::histogram!(telemetry::HTTP_DURATION, &labels[..2]).record(start.elapsed().as_secs_f64());
+    if long_poll {
+        metrics::histogram!(telemetry::LONGPOLL_DURATION).record(start.elapsed().as_secs_f64());
+    } else {
+        metrics::histogram!(telemetry::HTTP_DURATION, &labels[..2]).record(start.elapsed().as_secs_f64());
+    }
     resp
 }
 

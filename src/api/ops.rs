@@ -58,16 +58,46 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Readiness>, 
     }
 }
 
+/// Sets `centraldb_token_bundles{key_id}`: one series per key of the keyring (zero when no bundle
+/// is under it; a key still in use after a rotation shows until `rewrap`), plus `other` for ids
+/// the keyring does not name, so the label set is the configured key ids. A slow database
+/// leaves the previous figures (bounded to 1 s, so a scrape never hangs on it).
+async fn bundles_per_key(state: &AppState) {
+    let query = async {
+        let mut c = state.db.read().await?;
+        crate::store::keys::bundles_per_key(&mut c.conn()).await
+    };
+    let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_secs(1), query).await else { return };
+    let ids = state.keyring.key_ids();
+    let mut other = 0i64;
+    for id in &ids {
+        let n = rows.iter().find(|(k, _)| k == id).map_or(0, |(_, n)| *n);
+        metrics::gauge!(crate::telemetry::TOKEN_BUNDLES, "key_id" => id.to_string()).set(n as f64);
+    }
+    for (k, n) in &rows {
+        if !ids.iter().any(|id| id == k) {
+            other += n;
+        }
+    }
+    metrics::gauge!(crate::telemetry::TOKEN_BUNDLES, "key_id" => "other").set(other as f64);
+}
+
 /// Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses(
     (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")
 ))]
 async fn metrics(State(state): State<AppState>) -> Response {
-    metrics::describe_gauge!(
-        crate::telemetry::LONGPOLL_WAITERS,
-        "Long-poll readers (GET tokens with newer_than and wait_seconds) waiting right now"
-    );
-    metrics::gauge!(crate::telemetry::LONGPOLL_WAITERS).set(state.notifier.waiting() as f64);
+    use crate::telemetry as t;
+    metrics::gauge!(t::LONGPOLL_WAITERS).set(state.notifier.waiting() as f64);
+    metrics::gauge!(t::LONGPOLL_WAITERS_LIMIT).set(state.settings.max_waiters as f64);
+    let (in_use, idle, max) = state.db.pool_stats();
+    metrics::gauge!(t::DB_POOL_CONNECTIONS, "state" => "in_use").set(f64::from(in_use));
+    metrics::gauge!(t::DB_POOL_CONNECTIONS, "state" => "idle").set(f64::from(idle));
+    metrics::gauge!(t::DB_POOL_MAX).set(f64::from(max));
+    metrics::gauge!(t::ARGON2_CAPACITY)
+        .set((state.settings.argon2_workers.max(1) + state.settings.argon2_queue) as f64);
+    bundles_per_key(&state).await;
+    t::scrape_process();
     let mut resp = state.metrics.render().into_response();
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

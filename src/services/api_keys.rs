@@ -1,9 +1,10 @@
 //! API keys: create, list, revoke, bootstrap, and the request-time check with a short cache.
 //!
 //! A presented key is hashed (SHA-256) and looked up by hash; the stored hash is then compared
-//! in constant time. Verified keys are cached for `CENTRALDB_API_KEY_CACHE_SECS` so auth costs
-//! no query per request. Unknown keys are never cached (no memory growth from guessing). A key revoked with `api-key revoke` (another process) stops working here within
-//! that TTL.
+//! in constant time. Verified keys are cached for `CENTRALDB_API_KEY_CACHE_SECS` (default 1 s)
+//! so auth costs at most one query per key and second. Unknown keys are never cached (no memory
+//! growth from guessing). A key revoked with `api-key revoke` (another process) stops working on
+//! every instance within that period (`tests/api/binary.rs` measures it with two processes).
 //!
 //! No timing oracle: an unknown key and a revoked one get the same 401, and take the same time.
 //! The check query returns exactly one row of the same shape for both (a `LEFT JOIN` from a
@@ -14,7 +15,7 @@
 use std::{
     collections::HashMap,
     path::Path,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -78,13 +79,22 @@ pub enum CacheHit {
 struct Cached {
     principal: Principal,
     fetched: Instant,
+    /// Taken by the one request that re-checks this key once its cache period is over; the
+    /// others wait for it and use its result (one query per key and period, not one per request).
+    refresh: Arc<tokio::sync::Mutex<()>>,
 }
 
 pub struct ApiKeys {
     db: Db,
     ttl: Duration,
     cache: Mutex<HashMap<KeyHash, Cached>>,
+    /// When each valid key's `last_used_at` was last written (one entry per valid key).
+    touched: Mutex<HashMap<Uuid, Instant>>,
 }
+
+/// `last_used_at` is written at most this often per key and process (the cache period is short,
+/// so a write per cache refresh would be one write per key per second).
+const TOUCH_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A key as listed (never the key itself).
 #[derive(Debug, Clone)]
@@ -114,7 +124,7 @@ impl From<ApiKeyRow> for ApiKeyInfo {
 
 impl ApiKeys {
     pub fn new(db: Db, ttl: Duration) -> Self {
-        Self { db, ttl, cache: Mutex::new(HashMap::new()) }
+        Self { db, ttl, cache: Mutex::new(HashMap::new()), touched: Mutex::new(HashMap::new()) }
     }
 
     /// Checks a presented key. The outcome is logged at trace level (never the key itself).
@@ -140,14 +150,34 @@ impl ApiKeys {
         }
     }
 
+    /// The cached principal while fresh; else the key's refresh lock when it was verified before.
+    fn lookup(&self, hash: &KeyHash) -> Result<Principal, Option<Arc<tokio::sync::Mutex<()>>>> {
+        let Ok(cache) = self.cache.lock() else { return Err(None) };
+        match cache.get(hash) {
+            Some(c) if c.fetched.elapsed() < self.ttl => Ok(c.principal.clone()),
+            Some(c) => Err(Some(c.refresh.clone())),
+            None => Err(None),
+        }
+    }
+
     async fn check(&self, presented: &str) -> Result<Principal, AuthError> {
         let hash = api_keys::hash(presented);
-        if let Ok(cache) = self.cache.lock()
-            && let Some(c) = cache.get(&hash)
-            && c.fetched.elapsed() < self.ttl
-        {
-            return Ok(c.principal.clone());
-        }
+        let refresh = match self.lookup(&hash) {
+            Ok(p) => return Ok(p),
+            Err(refresh) => refresh,
+        };
+        // A known key due for a re-check: one request queries, the others wait and reuse its
+        // result (a burst after the cache period costs one query, not one per request).
+        let _refreshing = match &refresh {
+            Some(m) => {
+                let guard = m.lock().await;
+                if let Ok(p) = self.lookup(&hash) {
+                    return Ok(p);
+                }
+                Some(guard)
+            }
+            None => None,
+        };
         let mut conn = self.db.read().await?;
         let (id, stored, revoked) = check_key(&mut conn.conn(), &hash).await?;
         // The same work whether or not a key matched: a constant-time compare (against zeros
@@ -174,9 +204,21 @@ impl ApiKeys {
         let scopes = Scopes::parse_list(&row.scopes).map_err(StoreError::Other)?;
         let principal = Principal { key_id: row.id, name: row.name, scopes };
         if let Ok(mut cache) = self.cache.lock() {
-            cache.insert(hash, Cached { principal: principal.clone(), fetched: Instant::now() });
+            let refresh = refresh.clone().unwrap_or_default();
+            cache.insert(hash, Cached { principal: principal.clone(), fetched: Instant::now(), refresh });
         }
-        // `last_used_at` is refreshed once per cache period, not per request.
+        // `last_used_at` is refreshed at most once per `TOUCH_INTERVAL`, not per request.
+        let due = self.touched.lock().is_ok_and(|mut t| {
+            let now = Instant::now();
+            let due = t.get(&principal.key_id).is_none_or(|at| now.duration_since(*at) >= TOUCH_INTERVAL);
+            if due {
+                t.insert(principal.key_id, now);
+            }
+            due
+        });
+        if !due {
+            return Ok(principal);
+        }
         let db = self.db.clone();
         let id = principal.key_id;
         tokio::spawn(async move {
@@ -219,9 +261,8 @@ pub async fn create(db: &Db, name: &str, scopes: &Scopes) -> Result<(Uuid, Zeroi
     Ok((id, key))
 }
 
-async fn insert_key(db: &Db, name: &str, scopes: &Scopes, key: &str) -> Result<Uuid, StoreError> {
-    let id = Uuid::now_v7();
-    let row = ApiKeyRow {
+fn new_row(id: Uuid, name: &str, scopes: &Scopes, key: &str) -> ApiKeyRow {
+    ApiKeyRow {
         id,
         name: name.to_string(),
         prefix: api_keys::display_prefix(key),
@@ -230,11 +271,61 @@ async fn insert_key(db: &Db, name: &str, scopes: &Scopes, key: &str) -> Result<U
         created_at: store::now(),
         last_used_at: None,
         revoked_at: None,
-    };
+    }
+}
+
+async fn insert_key(db: &Db, name: &str, scopes: &Scopes, key: &str) -> Result<Uuid, StoreError> {
+    let id = Uuid::now_v7();
+    let row = new_row(id, name, scopes, key);
     let mut tx = db.begin_write().await?;
     store::api_keys::insert(&mut tx.conn(), &row).await?;
     tx.commit().await?;
     Ok(id)
+}
+
+/// Creates a key unless an active key already has this name (then `None`). The check and the
+/// insert share one write transaction, and write transactions are serialised on both backends
+/// (SQLite's single writer; PostgreSQL's audit-head row lock, see [`Db::begin_write`]), so two
+/// concurrent creates of one name cannot both pass.
+pub async fn create_unique(
+    db: &Db,
+    name: &str,
+    scopes: &Scopes,
+) -> Result<Option<(Uuid, Zeroizing<String>)>, StoreError> {
+    let key = api_keys::generate();
+    let id = Uuid::now_v7();
+    let mut tx = db.begin_write().await?;
+    if store::api_keys::count_active_named(&mut tx.conn(), name).await? > 0 {
+        return Ok(None);
+    }
+    store::api_keys::insert(&mut tx.conn(), &new_row(id, name, scopes, &key)).await?;
+    tx.commit().await?;
+    Ok(Some((id, key)))
+}
+
+/// The key `api-key revoke` means by `given`: its id, or the prefix `api-key list` shows (an
+/// active key's, unique among active keys). A clear message otherwise, which never repeats what
+/// was given (an operator who pastes a whole key by mistake must not find it in a log).
+pub fn find_for_revoke(keys: &[ApiKeyInfo], given: &str) -> Result<Uuid, String> {
+    let given = given.trim();
+    if let Ok(id) = given.parse::<Uuid>() {
+        return match keys.iter().find(|k| k.id == id) {
+            Some(k) => Ok(k.id),
+            None => Err(format!("no API key with id {id}")),
+        };
+    }
+    let matching: Vec<&ApiKeyInfo> = keys.iter().filter(|k| k.prefix == given).collect();
+    let active: Vec<&&ApiKeyInfo> = matching.iter().filter(|k| k.revoked_at.is_none()).collect();
+    match (active.as_slice(), matching.len()) {
+        ([one], _) => Ok(one.id),
+        ([], 0) => Err("no API key has this id or prefix (see `api-key list`)".to_string()),
+        ([], _) => Err("the API key with this prefix is already revoked".to_string()),
+        (many, _) => Err(format!(
+            "{} active API keys have this prefix; revoke by id: {}",
+            many.len(),
+            many.iter().map(|k| k.id.to_string()).collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 pub async fn list(db: &Db) -> Result<Vec<ApiKeyInfo>, StoreError> {

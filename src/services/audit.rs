@@ -166,7 +166,9 @@ pub async fn record(
     details: Value,
 ) -> store::Result<i64> {
     let event = PendingEvent { ctx, type_, outcome, user_id, details: details.to_string() };
-    record_many(c, keyring, std::slice::from_ref(&event)).await
+    let written = record_many(c, keyring, std::slice::from_ref(&event)).await;
+    crate::telemetry::audit_events(written.is_ok(), 1);
+    written
 }
 
 /// One event of a batch written by [`record_many`].

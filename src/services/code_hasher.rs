@@ -40,6 +40,12 @@ pub enum HashError {
 /// A place in the argon2 queue (released on drop).
 pub struct Admission(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
+impl Drop for Admission {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::telemetry::ARGON2_ADMITTED).decrement(1.0);
+    }
+}
+
 #[derive(Clone)]
 pub struct CodeHasher {
     params: Params,
@@ -72,7 +78,9 @@ fn start_workers(n: usize) -> Result<std::sync::mpsc::Sender<Job>, String> {
                     };
                     match job {
                         Ok(job) => {
+                            let start = std::time::Instant::now();
                             job(&mut memory);
+                            metrics::histogram!(crate::telemetry::ARGON2_HASH).record(start.elapsed().as_secs_f64());
                             memory.fill(Block::default());
                         }
                         Err(_) => return,
@@ -99,7 +107,16 @@ impl CodeHasher {
     /// A place in the queue, taken before any work that must not be wasted on a refusal (an MFA
     /// attempt is reserved only once the check is sure to run).
     pub fn admit(&self) -> Result<Admission, HashError> {
-        self.admission.clone().try_acquire_owned().map(Admission).map_err(|_| HashError::Busy)
+        match self.admission.clone().try_acquire_owned() {
+            Ok(permit) => {
+                metrics::gauge!(crate::telemetry::ARGON2_ADMITTED).increment(1.0);
+                Ok(Admission(permit))
+            }
+            Err(_) => {
+                metrics::counter!(crate::telemetry::ARGON2_REJECTIONS).increment(1);
+                Err(HashError::Busy)
+            }
+        }
     }
 
     async fn run<T: Send + 'static>(

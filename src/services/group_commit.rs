@@ -87,6 +87,7 @@ async fn writer(db: Db, keyring: Arc<Keyring>, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        metrics::histogram!(crate::telemetry::GROUP_COMMIT_BATCH).record(batch.len() as f64);
         let result = write_batch(&db, &keyring, &mut batch).await;
         if let Err(e) = &result {
             tracing::warn!(error = %e, records = batch.len(), "could not write a batch of reads");
@@ -148,6 +149,8 @@ async fn write_batch(db: &Db, keyring: &Keyring, batch: &mut [Job]) -> Result<()
         })
         .collect();
     store::tokens::touch_many(&mut c, &touches).await?;
-    audit::record_many(&mut c, keyring, &events).await?;
+    let written = audit::record_many(&mut c, keyring, &events).await;
+    crate::telemetry::audit_events(written.is_ok(), events.len());
+    written?;
     tx.commit().await
 }

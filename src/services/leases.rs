@@ -271,6 +271,7 @@ impl Leases {
                     )
                     .await?;
                     tx.commit().await?;
+                    crate::telemetry::lease_event("refused");
                     return Err(live.map(|l| lease_held(&l, now)).unwrap_or_else(lease_lost));
                 }
             },
@@ -286,6 +287,7 @@ impl Leases {
         )
         .await?;
         tx.commit().await?;
+        crate::telemetry::lease_event(if created { "granted" } else { "renewed" });
         let view =
             LeaseView::from_row(&row, version).ok_or_else(|| ApiError::Internal("lease row incomplete".into()))?;
         Ok((view, created))
@@ -301,6 +303,7 @@ impl Leases {
             if done.is_some() { ("lease.released", Outcome::Success) } else { ("lease.lost", Outcome::Failure) };
         audit::record(&mut c, &self.keyring, ctx, event, outcome, Some(user.as_str()), json!({"fence": fence})).await?;
         tx.commit().await?;
+        crate::telemetry::lease_event(if done.is_some() { "released" } else { "lost" });
         done.map(|_| ()).ok_or_else(lease_lost)
     }
 }

@@ -164,6 +164,14 @@ pub fn resume_aad(id: Uuid) -> Aad {
     Aad::new(&["challenge_resume", &id.to_string()])
 }
 
+/// Counts one MFA code check: `verified`, or the problem code it was answered with (a closed
+/// set: the codes are static strings of this crate).
+fn mfa_outcome(verifier: Verifier, err: Option<&ApiError>) {
+    let outcome = err.map_or("verified", ApiError::code);
+    metrics::counter!(crate::telemetry::MFA_OUTCOMES, "verifier" => verifier.as_str(), "outcome" => outcome)
+        .increment(1);
+}
+
 fn secs_until(t: DateTime<Utc>, now: DateTime<Utc>) -> u64 {
     (t - now).num_seconds().max(1) as u64
 }
@@ -254,7 +262,9 @@ impl Mfa {
     /// outcome (failure counted, audit, session moved) complete even if the client goes away.
     pub async fn verify(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
         let (this, ctx) = (self.clone(), ctx.clone());
-        detached(&self.tasks, async move { this.verify_now(&ctx, id, code).await }).await
+        let result = detached(&self.tasks, async move { this.verify_now(&ctx, id, code).await }).await;
+        mfa_outcome(Verifier::Service, result.as_ref().err());
+        result
     }
 
     pub async fn attempt(
@@ -275,7 +285,14 @@ impl Mfa {
         success: bool,
     ) -> Result<ChallengeView, ApiError> {
         let (this, ctx) = (self.clone(), ctx.clone());
-        detached(&self.tasks, async move { this.attempt_result_now(&ctx, id, n, success).await }).await
+        let result = detached(&self.tasks, async move { this.attempt_result_now(&ctx, id, n, success).await }).await;
+        let outcome = match &result {
+            Ok(_) if !success => Err(ApiError::coded(StatusCode::BAD_REQUEST, "invalid_code", "")),
+            Ok(_) => Ok(()),
+            Err(e) => Err(ApiError::coded(e.status(), e.code(), "")),
+        };
+        mfa_outcome(Verifier::External, outcome.as_ref().err());
+        result
     }
 
     pub async fn consume(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ApiError> {

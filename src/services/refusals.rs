@@ -257,7 +257,9 @@ impl Refusals {
             .collect();
         let result = async {
             let mut tx = db.begin_write().await?;
-            audit::record_many(&mut tx.conn(), keyring, &events).await?;
+            let written = audit::record_many(&mut tx.conn(), keyring, &events).await;
+            crate::telemetry::audit_events(written.is_ok(), events.len());
+            written?;
             tx.commit().await
         }
         .await;

@@ -311,6 +311,7 @@ impl Vault {
             (Some(f), _) => {
                 details.insert(key.into(), json!("lease_lost"));
                 details.insert("fence".into(), json!(f));
+                crate::telemetry::lease_event("lost");
                 ("lease.lost", leases::lease_lost())
             }
             (None, Some(l)) => {

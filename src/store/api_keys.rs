@@ -56,6 +56,13 @@ pub async fn count_active(c: &mut Conn<'_>) -> Result<i64> {
         .await)?)
 }
 
+pub async fn count_active_named(c: &mut Conn<'_>, name: &str) -> Result<i64> {
+    Ok(dispatch!(c, |c| sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL AND name = $1")
+        .bind(name)
+        .fetch_one(c)
+        .await)?)
+}
+
 /// Revokes a key; true when it was active.
 pub async fn revoke(c: &mut Conn<'_>, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
     let n = dispatch!(c, |c| sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")

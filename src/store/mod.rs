@@ -182,6 +182,18 @@ pub(crate) async fn begin_postgres(
 /// The lock `begin_write` takes on PostgreSQL: the legacy audit chain head row.
 const GLOBAL_WRITE_LOCK: &str = "SELECT last_seq FROM audit_chain WHERE id = 1 FOR UPDATE";
 
+/// Records the wait for a connection (`read`) or the write transaction (`write`), and counts
+/// the waits that timed out.
+fn acquired(kind: &'static str, start: std::time::Instant, err: Option<&StoreError>) {
+    use crate::telemetry::{DB_ACQUIRE, DB_ACQUIRE_TIMEOUTS};
+    metrics::histogram!(DB_ACQUIRE, "kind" => kind).record(start.elapsed().as_secs_f64());
+    if let Some(StoreError::Unavailable(m)) = err
+        && m.contains("timed out")
+    {
+        metrics::counter!(DB_ACQUIRE_TIMEOUTS, "kind" => kind).increment(1);
+    }
+}
+
 #[derive(Clone)]
 pub enum Db {
     Sqlite {
@@ -318,6 +330,23 @@ impl Db {
     }
 
     pub async fn begin_write(&self) -> Result<WriteTx> {
+        let start = std::time::Instant::now();
+        let tx = self.begin_write_untimed().await;
+        acquired("write", start, tx.as_ref().err());
+        tx
+    }
+
+    /// Pool figures for `/metrics`: connections in use, idle, and the pool's limit.
+    pub fn pool_stats(&self) -> (u32, u32, u32) {
+        let (size, idle, max) = match self {
+            Self::Sqlite { pool, .. } => (pool.size(), pool.num_idle(), pool.options().get_max_connections()),
+            Self::Postgres { pool } => (pool.size(), pool.num_idle(), pool.options().get_max_connections()),
+        };
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX).min(size);
+        (size - idle, idle, max)
+    }
+
+    async fn begin_write_untimed(&self) -> Result<WriteTx> {
         match self {
             Self::Sqlite { writer, acquire_timeout, .. } => {
                 Ok(WriteTx { tx: TxKind::Sqlite(writer.begin(*acquire_timeout).await?) })
@@ -337,8 +366,15 @@ impl Db {
     /// so writers of different users run at once (the audit log is partitioned: each locks only
     /// the heads of its own chains). SQLite: as `begin_write` (one writer anyway).
     pub async fn begin_write_for(&self, keys: &[&str]) -> Result<WriteTx> {
+        let start = std::time::Instant::now();
+        let tx = self.begin_write_for_untimed(keys).await;
+        acquired("write", start, tx.as_ref().err());
+        tx
+    }
+
+    async fn begin_write_for_untimed(&self, keys: &[&str]) -> Result<WriteTx> {
         match self {
-            Self::Sqlite { .. } => self.begin_write().await,
+            Self::Sqlite { .. } => self.begin_write_untimed().await,
             Self::Postgres { pool } => {
                 let mut keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
                 keys.sort_unstable();
@@ -364,10 +400,13 @@ impl Db {
     }
 
     pub async fn read(&self) -> Result<ReadConn> {
-        Ok(match self {
-            Self::Sqlite { pool, .. } => ReadConn::Sqlite(pool.acquire().await?),
-            Self::Postgres { pool } => ReadConn::Postgres(pool.acquire().await?),
-        })
+        let start = std::time::Instant::now();
+        let conn: Result<ReadConn> = match self {
+            Self::Sqlite { pool, .. } => pool.acquire().await.map(ReadConn::Sqlite).map_err(Into::into),
+            Self::Postgres { pool } => pool.acquire().await.map(ReadConn::Postgres).map_err(Into::into),
+        };
+        acquired("read", start, conn.as_ref().err());
+        conn
     }
 
     /// After a destroy (logout, invalidation, expiry), once committed: on SQLite, checkpoints

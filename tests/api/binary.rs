@@ -1056,3 +1056,329 @@ async fn shutdown_waits_for_an_abandoned_verification() {
     assert_eq!((c["status"].as_str(), c["attempts"].as_i64()), (Some("pending"), Some(1)), "{c}");
     assert!(s.stop().await.0);
 }
+
+/// The JSON log lines of a server's output whose message is `request finished`.
+fn request_lines(log: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "request finished")
+        .collect()
+}
+
+/// Issue 13 item 6: a 4xx line names the problem code, the API key and the client address;
+/// probes and scrapes log at DEBUG, other requests at INFO.
+#[tokio::test]
+async fn request_lines_carry_code_key_and_client_and_probes_are_debug() {
+    let d = Deployment::new().await;
+    let s = Server::start(&d.with("RUST_LOG", "debug"), d.dir.path()).await;
+    let http = reqwest::Client::new();
+    let key = d.admin_key();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(http.get(s.url(path)).send().await.unwrap().status(), 200);
+    }
+    let r = http.get(s.url(&tokens_path("nobody"))).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http.get(s.url(&tokens_path("nobody"))).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let (_, list, _) = run(&d.env, d.dir.path(), &["api-key", "list"]).await;
+    let key_id = list
+        .lines()
+        .find(|l| l.contains("first-run admin") || l.contains("bootstrap"))
+        .map(|l| l.split_whitespace().next().unwrap().to_string());
+    let log = s.stop().await.1;
+    let lines = request_lines(&log);
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let l = lines.iter().find(|l| l["span"]["path"] == path).unwrap_or_else(|| panic!("{path}: {log}"));
+        assert_eq!(l["level"], "DEBUG", "{l}");
+    }
+    let not_found = lines.iter().find(|l| l["fields"]["status"] == 404).unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(not_found["level"], "INFO", "{not_found}");
+    assert_eq!(not_found["fields"]["code"], "tokens_not_found", "{not_found}");
+    assert_eq!(not_found["span"]["client"], "127.0.0.1", "{not_found}");
+    let logged_key = not_found["span"]["key_id"].as_str().unwrap_or_else(|| panic!("no key_id: {not_found}"));
+    assert!(uuid::Uuid::from_str(logged_key).is_ok(), "{not_found}");
+    if let Some(id) = key_id {
+        assert_eq!(logged_key, id);
+    }
+    let refused = lines.iter().find(|l| l["fields"]["status"] == 401).unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(refused["fields"]["code"], "unauthenticated", "{refused}");
+    assert_eq!(refused["span"]["client"], "127.0.0.1", "{refused}");
+    assert!(refused["span"]["key_id"].is_null(), "no key was verified: {refused}");
+    assert!(!log.contains(&key), "the key itself is never logged");
+}
+
+/// Issue 13 item 6: the pretty format writes no ANSI escape codes when stderr is not a terminal
+/// (a file, a pipe, `docker logs`).
+#[tokio::test]
+async fn pretty_logs_have_no_colour_codes_outside_a_terminal() {
+    let d = Deployment::new().await;
+    let env = [d.with("CENTRALDB_LOG_FORMAT", "pretty"), vec![("RUST_LOG".into(), "debug".into())]].concat();
+    let (ok, _, err) = run(&env, d.dir.path(), &["migrate"]).await;
+    assert!(ok, "{err}");
+    assert!(err.contains("INFO") || err.contains("WARN"), "the run logged something: {err}");
+    assert!(!err.contains('\u{1b}'), "ANSI escape in piped logs: {err:?}");
+}
+
+/// Issue 13 item 6: an invalid `RUST_LOG` stops start-up with a message naming the variable
+/// (a typo used to silence all logging).
+#[tokio::test]
+async fn an_invalid_rust_log_is_a_start_up_error() {
+    let d = Deployment::new().await;
+    for bad in ["inof", "sqlx=loud", "info,[{"] {
+        let (ok, _, err) = run(&d.with("RUST_LOG", bad), d.dir.path(), &["serve"]).await;
+        assert!(!ok, "RUST_LOG={bad} was accepted");
+        assert!(err.contains("configuration: RUST_LOG:"), "RUST_LOG={bad}: {err}");
+        let (ok, _, err) = run(&d.with("RUST_LOG", bad), d.dir.path(), &["migrate"]).await;
+        assert!(!ok && err.contains("RUST_LOG"), "migrate, RUST_LOG={bad}: {err}");
+    }
+    assert!(!d.data.join("centraldb-mfa.db").exists(), "a refused start-up created no database");
+    let (ok, _, err) = run(&d.with("RUST_LOG", "warn,centraldb_mfa=debug"), d.dir.path(), &["migrate"]).await;
+    assert!(ok, "{err}");
+}
+
+/// Issue 13 item 7: `api-key revoke` takes the prefix `api-key list` shows (or the id); names
+/// are unique among active keys; unknown and already revoked keys get clear errors.
+#[tokio::test]
+async fn api_keys_are_revoked_by_prefix_and_names_are_unique() {
+    let d = Deployment::new().await;
+    let create = |name: &'static str| {
+        let env = d.env.clone();
+        let dir = d.dir.path().to_path_buf();
+        async move { run(&env, &dir, &["api-key", "create", "--name", name, "--scope", "tokens:read"]).await }
+    };
+    let (ok, first_key, err) = create("worker").await;
+    assert!(ok, "{err}");
+    let first_key = first_key.trim().to_string();
+    let (ok, _, err) = create("worker").await;
+    assert!(!ok && err.contains("an active API key named 'worker' exists"), "{err}");
+    let (_, list, _) = run(&d.env, d.dir.path(), &["api-key", "list"]).await;
+    let row = list.lines().find(|l| l.contains("worker")).unwrap().to_string();
+    let prefix = row.split_whitespace().nth(1).unwrap().to_string();
+    assert!(prefix.starts_with("cdbm_"), "{row}");
+    let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "revoke", &prefix]).await;
+    assert!(ok, "{err}");
+    let (_, list, _) = run(&d.env, d.dir.path(), &["api-key", "list"]).await;
+    assert!(list.lines().any(|l| l.contains(&prefix) && l.contains("revoked")), "{list}");
+    let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "revoke", &prefix]).await;
+    assert!(!ok && err.contains("already revoked"), "{err}");
+    let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "revoke", "cdbm_nothere"]).await;
+    assert!(!ok && err.contains("no API key has this id or prefix"), "{err}");
+    // Not even a whole key pasted by mistake is repeated.
+    let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "revoke", &first_key]).await;
+    assert!(!ok && err.contains("no API key has this id or prefix") && !err.contains(&first_key), "{err}");
+    let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "revoke", &uuid::Uuid::now_v7().to_string()]).await;
+    assert!(!ok && err.contains("no API key with id"), "{err}");
+    // The name is free again once its key is revoked.
+    let (ok, _, err) = create("worker").await;
+    assert!(ok, "{err}");
+}
+
+/// Issue 13 item 7: a key revoked with the CLI is refused by every running instance within the
+/// cache period (`CENTRALDB_API_KEY_CACHE_SECS`, default 1 s). Two server processes on one
+/// database both use the key (so both have it cached) until the revocation; a request sent a
+/// second after `revoke` returned is refused by both. The measured times are printed.
+#[tokio::test]
+async fn a_revoked_key_is_refused_by_every_instance_within_a_second() {
+    let d = Deployment::new().await;
+    let a = Server::start(&d.env, d.dir.path()).await;
+    let b = Server::start(&d.env, d.dir.path()).await;
+    let (ok, key, err) =
+        run(&d.env, d.dir.path(), &["api-key", "create", "--name", "doomed", "--scope", "tokens:read"]).await;
+    assert!(ok, "{err}");
+    let key = key.trim().to_string();
+    let http = reqwest::Client::new();
+    let status = |srv: &Server| http.get(srv.url(&tokens_path("nobody"))).bearer_auth(&key).send();
+    for srv in [&a, &b] {
+        assert_eq!(status(srv).await.unwrap().status(), 404, "the key works before");
+    }
+    // Keep both caches hot while the CLI revokes.
+    let (ok, _, err) = run(&d.env, d.dir.path(), &["api-key", "revoke", "--", &key[..12]]).await;
+    let revoked = std::time::Instant::now();
+    assert!(ok, "{err}");
+    let mut first_refusal = [None, None];
+    while revoked.elapsed() < Duration::from_millis(1000) {
+        for (i, srv) in [&a, &b].into_iter().enumerate() {
+            if first_refusal[i].is_none() && status(srv).await.unwrap().status() == 401 {
+                first_refusal[i] = Some(revoked.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while revoked.elapsed() < Duration::from_millis(1000) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for srv in [&a, &b] {
+        assert_eq!(status(srv).await.unwrap().status(), 401, "still accepted 1 s after the revocation");
+    }
+    eprintln!("revocation took effect after {first_refusal:?} (instance a, b; None = only at the 1 s check)");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Issue 13 item 7: `migrate` checks the keyring as `serve` does: a keyring serve refuses makes
+/// migrate fail with the same message.
+#[tokio::test]
+async fn migrate_refuses_a_keyring_serve_refuses() {
+    let d = Deployment::new().await;
+    let s = Server::start(&d.env, d.dir.path()).await;
+    let r = reqwest::Client::new()
+        .put(s.url(&tokens_path("k")))
+        .bearer_auth(d.admin_key())
+        .json(&garth_body("k"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    s.stop().await;
+    let last_error = |err: &str| err.lines().rfind(|l| l.starts_with("error: ")).unwrap_or_default().to_string();
+    for wrong in [key_spec("k1"), key_spec("k9")] {
+        let env = d.with("CENTRALDB_ENCRYPTION_KEYS", &wrong);
+        let (serve_ok, _, serve_err) = run(&env, d.dir.path(), &["serve"]).await;
+        let (migrate_ok, _, migrate_err) = run(&env, d.dir.path(), &["migrate"]).await;
+        assert!(!serve_ok && !migrate_ok, "{serve_err}\n{migrate_err}");
+        assert!(last_error(&serve_err).contains("'k1'"), "{serve_err}");
+        assert_eq!(last_error(&migrate_err), last_error(&serve_err));
+    }
+    let (ok, _, err) = run(&d.env, d.dir.path(), &["migrate"]).await;
+    assert!(ok, "the right keyring migrates: {err}");
+}
+
+/// Issue 13 item 7: `--help` lists the environment variables (generated from the settings table).
+#[tokio::test]
+async fn help_documents_the_environment() {
+    let d = Deployment::new().await;
+    let (ok, out, err) = run(&d.env, d.dir.path(), &["--help"]).await;
+    assert!(ok, "{err}");
+    for var in centraldb_mfa::config::ENV_VARS {
+        assert!(out.contains(var.name), "--help misses {}: {out}", var.name);
+    }
+    assert!(out.contains("CENTRALDB_API_KEY_CACHE_SECS") && out.contains("[default: 1]"), "{out}");
+}
+
+/// Issue 13 item 5: after a mixed workload (token writes and reads, a long poll, leases, MFA
+/// checks, a sweeper pass), every family on `/metrics` has `# HELP` and `# TYPE`, the families an
+/// operator graphs are there, and the long poll is in its own histogram (not the GET latency).
+#[tokio::test]
+async fn metrics_describe_every_family_after_a_mixed_workload() {
+    let d = Deployment::new().await;
+    let s = Server::start(&d.with("CENTRALDB_SWEEP_INTERVAL_SECS", "1"), d.dir.path()).await;
+    let http = reqwest::Client::new();
+    let key = d.admin_key();
+    let path = tokens_path("metered");
+    let r = http.put(s.url(&path)).bearer_auth(&key).json(&garth_body("m")).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(http.get(s.url(&path)).bearer_auth(&key).send().await.unwrap().status(), 200);
+    let poll = http.get(s.url(&format!("{path}?newer_than=1&wait_seconds=1"))).bearer_auth(&key).send();
+    assert_eq!(poll.await.unwrap().status(), 304);
+    let lease = |holder: &'static str| {
+        http.post(s.url(&format!("{path}/lease"))).bearer_auth(&key).json(&json!({"holder": holder})).send()
+    };
+    assert_eq!(lease("w1").await.unwrap().status(), 201);
+    assert_eq!(lease("w2").await.unwrap().status(), 409);
+    let ch: Value = http
+        .post(s.url("/api/v1/mfa/challenges"))
+        .bearer_auth(&key)
+        .json(&json!({"user_id": "metered", "method": "email", "destination": "j@example.com", "verifier": "service"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, code) = (ch["id"].as_str().unwrap(), ch["code"].as_str().unwrap());
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let verify = |c: &str| {
+        http.post(s.url(&format!("/api/v1/mfa/challenges/{id}/verify")))
+            .bearer_auth(&key)
+            .json(&json!({"code": c}))
+            .send()
+    };
+    assert_eq!(verify(wrong).await.unwrap().status(), 400);
+    assert_eq!(verify(code).await.unwrap().status(), 200);
+    assert_eq!(http.get(s.url(&path)).send().await.unwrap().status(), 401);
+
+    let scrape = || async { http.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = scrape().await;
+        if text.lines().any(|l| l.starts_with("centraldb_sweeper_runs_total{outcome=\"ok\"} ") && !l.ends_with(" 0")) {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no sweeper pass: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let described = |kind: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(kind))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    };
+    let (help, types) = (described("# HELP "), described("# TYPE "));
+    assert_eq!(help, types, "every family has both HELP and TYPE");
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| types.contains(*f)))
+            .unwrap_or(name);
+        assert!(help.contains(family), "{family} has no # HELP:\n{text}");
+    }
+    for family in [
+        "http_requests_total",
+        "http_request_duration_seconds",
+        "centraldb_longpoll_duration_seconds",
+        "centraldb_longpoll_waiters",
+        "centraldb_longpoll_waiters_limit",
+        "centraldb_unavailable_responses_total",
+        "centraldb_db_pool_connections",
+        "centraldb_db_pool_max_connections",
+        "centraldb_db_acquire_seconds",
+        "centraldb_db_acquire_timeouts_total",
+        "centraldb_argon2_admitted",
+        "centraldb_argon2_capacity",
+        "centraldb_argon2_rejections_total",
+        "centraldb_argon2_hash_seconds",
+        "centraldb_sweeper_runs_total",
+        "centraldb_sweeper_items_total",
+        "centraldb_sweeper_last_success_timestamp_seconds",
+        "centraldb_audit_events_total",
+        "centraldb_lease_events_total",
+        "centraldb_mfa_outcomes_total",
+        "centraldb_token_bundles",
+        "centraldb_build_info",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(help.contains(family), "{family} missing:\n{text}");
+    }
+    if backend() == Backend::Sqlite {
+        assert!(help.contains("centraldb_sqlite_group_commit_batch_size"), "{text}");
+    }
+    let value = |prefix: &str, parts: &[&str]| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix) && parts.iter().all(|p| l.contains(p)))
+            .unwrap_or_else(|| panic!("no {prefix} {parts:?}:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("centraldb_longpoll_duration_seconds_count", &[]), 1.0);
+    let tokens = r#"path="/api/v1/users/{user_id}/tokens""#;
+    // The plain GET and the refused one are in the latency histogram; the long poll is not.
+    assert_eq!(value("http_request_duration_seconds_count", &[r#"method="GET""#, tokens]), 2.0);
+    assert_eq!(value("centraldb_lease_events_total", &[r#"event="granted""#]), 1.0);
+    assert_eq!(value("centraldb_lease_events_total", &[r#"event="refused""#]), 1.0);
+    assert_eq!(value("centraldb_mfa_outcomes_total", &[r#"verifier="service""#, r#"outcome="invalid_code""#]), 1.0);
+    assert_eq!(value("centraldb_mfa_outcomes_total", &[r#"verifier="service""#, r#"outcome="verified""#]), 1.0);
+    assert_eq!(value("centraldb_argon2_hash_seconds_count", &[]), 3.0, "one hash, two checks");
+    assert_eq!(value("centraldb_token_bundles", &[r#"key_id="k1""#]), 1.0);
+    assert!(value("centraldb_audit_events_total", &[r#"outcome="written""#]) >= 5.0);
+    assert!(value("centraldb_build_info", &[concat!("version=\"", env!("CARGO_PKG_VERSION"), "\"")]) == 1.0);
+    assert!(value("process_resident_memory_bytes", &[]) > 1e6);
+    assert!(value("process_open_fds", &[]) > 3.0);
+    assert!(value("centraldb_sweeper_last_success_timestamp_seconds", &[]) > 1.7e9);
+    s.stop().await;
+}
