@@ -282,75 +282,80 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     let lease = state.settings.request_timeout * 2 + Duration::from_secs(5);
     let ttl = chrono::Duration::from_std(state.settings.idempotency_ttl).unwrap_or(chrono::Duration::days(1));
     let owner = Uuid::now_v7();
-    let c = records::Claim {
-        api_key_id,
-        key_hash: &key_hash,
-        request_hash: &request_hash,
-        hash_key_id: &hash_key_id,
-        owner,
-        locked_until: now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30)),
-        expires_at: now + ttl,
-    };
+    // Detached (and tracked, so shutdown waits for it), from the claim on: a client that goes
+    // away, or the request timeout, can cut neither the step between a won claim and the write
+    // (the claim would stay `running` until its lease lapsed) nor the one between the write's
+    // commit and its answer being kept; a retry gets 409 until the answer is kept, and that
+    // answer after.
+    let tasks = state.mfa.tasks();
+    let task = async move {
+        let c = records::Claim {
+            api_key_id,
+            key_hash: &key_hash,
+            request_hash: &request_hash,
+            hash_key_id: &hash_key_id,
+            owner,
+            locked_until: now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30)),
+            expires_at: now + ttl,
+        };
 
-    // A record deleted between the failed claim and the read (released, purged) is claimed again.
-    let mut won = false;
-    for _ in 0..3 {
-        match claim(&state, &c).await {
-            Ok(true) => {
-                won = true;
-                break;
+        // A record deleted between the failed claim and the read (released, purged) is claimed again.
+        let mut won = false;
+        for _ in 0..3 {
+            match claim(&state, &c).await {
+                Ok(true) => {
+                    won = true;
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => return e.into_response(),
             }
-            Ok(false) => {}
-            Err(e) => return e.into_response(),
+            let row = async {
+                let mut rc = state.db.read().await?;
+                records::get(&mut rc.conn(), api_key_id, &key_hash).await
+            }
+            .await;
+            let row = match row {
+                Ok(Some(row)) => row,
+                Ok(None) => continue,
+                Err(e) => return ApiError::from(e).into_response(),
+            };
+            let same = if row.hash_key_id == hash_key_id {
+                row.request_hash == request_hash
+            } else {
+                fingerprint(&state, &row.hash_key_id, &parts, &body).is_some_and(|h| h == row.request_hash)
+            };
+            if !same {
+                return ApiError::coded(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used for a different request",
+                )
+                .into_response();
+            }
+            return match (row.state.as_str(), row.response) {
+                ("done", Some(envelope)) => replay(&state, api_key_id, &key_hash, &envelope),
+                _ => ApiError::coded(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_in_use",
+                    "a request with this Idempotency-Key is still running; retry later",
+                )
+                .retry_after(1)
+                .into_response(),
+            };
         }
-        let row = async {
-            let mut rc = state.db.read().await?;
-            records::get(&mut rc.conn(), api_key_id, &key_hash).await
-        }
-        .await;
-        let row = match row {
-            Ok(Some(row)) => row,
-            Ok(None) => continue,
-            Err(e) => return ApiError::from(e).into_response(),
-        };
-        let same = if row.hash_key_id == hash_key_id {
-            row.request_hash == request_hash
-        } else {
-            fingerprint(&state, &row.hash_key_id, &parts, &body).is_some_and(|h| h == row.request_hash)
-        };
-        if !same {
-            return ApiError::coded(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used for a different request",
-            )
+        if !won {
+            return ApiError::Unavailable {
+                detail: "the Idempotency-Key could not be claimed; try again",
+                retry_after_secs: 1,
+            }
             .into_response();
         }
-        return match (row.state.as_str(), row.response) {
-            ("done", Some(envelope)) => replay(&state, api_key_id, &key_hash, &envelope),
-            _ => ApiError::coded(
-                StatusCode::CONFLICT,
-                "idempotency_key_in_use",
-                "a request with this Idempotency-Key is still running; retry later",
-            )
-            .retry_after(1)
-            .into_response(),
-        };
-    }
-    if !won {
-        return ApiError::Unavailable {
-            detail: "the Idempotency-Key could not be claimed; try again",
-            retry_after_secs: 1,
-        }
-        .into_response();
-    }
 
-    // Detached (and tracked, so shutdown waits for it): a client that goes away, or the request
-    // timeout, cannot cut the write between its commit and its answer being kept; the retry then
-    // gets 409 until the answer is kept, and that answer after.
-    let task =
-        run_and_keep(state.clone(), next, Request::from_parts(parts, Body::from(body)), api_key_id, key_hash, owner);
-    match state.mfa.tasks().spawn(task.instrument(tracing::Span::current())).await {
+        run_and_keep(state.clone(), next, Request::from_parts(parts, Body::from(body)), api_key_id, key_hash, owner)
+            .await
+    };
+    match tasks.spawn(task.instrument(tracing::Span::current())).await {
         Ok(resp) => resp,
         Err(_) => ApiError::Internal("a request with an Idempotency-Key failed".into()).into_response(),
     }

@@ -249,3 +249,30 @@ async fn an_invented_method_with_a_key_is_still_405() {
     r.assert_problem(405, "method_not_allowed");
     assert!(app.idempotency_rows().await.is_empty());
 }
+
+#[tokio::test]
+async fn a_write_abandoned_at_any_point_never_leaves_its_key_running() {
+    // The client gives up after 0, 25, 50 ... µs: some requests are dropped before their claim,
+    // some between the claim and the write, some during the write. A claim that is won must
+    // always be followed by the write and its kept answer (before the fix, a request dropped
+    // right after its claim committed left the key `running` until its lease lapsed, and every
+    // retry got 409 meanwhile).
+    let app = TestApp::spawn().await;
+    let body = garth_body("a");
+    for i in 0..240u64 {
+        let key = format!("k{i}");
+        let put = app.put(&tokens_path(&format!("u{i}"))).header(IK, &key).json(body.clone());
+        let _ = tokio::time::timeout(std::time::Duration::from_micros(25 * i), put.send()).await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rows = app.idempotency_rows().await;
+        let running = rows.iter().filter(|(state, _)| state == "running").count();
+        if running == 0 {
+            assert!(rows.iter().all(|(state, no_answer)| state == "done" && !no_answer), "{rows:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{running} keys left running: {rows:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
