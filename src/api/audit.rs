@@ -138,12 +138,14 @@ fn parse_int(
     .transpose()
 }
 
-/// List audit events, oldest first, with optional filters and a `seq` cursor.
+/// List audit events
+///
+/// Oldest first, with optional filters and a `seq` cursor.
 #[utoipa::path(
     get, path = "/audit/events", tag = "audit",
     params(EventsQuery),
     responses(
-        (status = 200, body = AuditEventsPage),
+        (status = 200, description = "A page of events; `next_after` is the cursor of the next page", body = AuditEventsPage),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` naming the `field`", body = Problem, content_type = "application/problem+json"),
@@ -196,7 +198,9 @@ async fn list_events(
     Ok(Json(AuditEventsPage { events: rows.into_iter().map(AuditEvent::from).collect(), next_after }))
 }
 
-/// Check the audit log's HMAC chain: every event's seal, `seq` without gaps, and the chain head.
+/// Verify the audit chain
+///
+/// Checks the audit log's HMAC chain: every event's seal, `seq` without gaps, and the chain head.
 /// Finds edited, deleted (including from the end), inserted and reordered events.
 #[utoipa::path(
     get, path = "/audit/verify", tag = "audit",
