@@ -6,7 +6,7 @@
 //! example per form the libraries write (the README's terms); every problem+json response gets
 //! the problem its description names first, rendered by `ApiError` itself so the texts are the
 //! ones the service sends. Dates are fixed and far in the future (2029-12-31 / 2030-01-01), so
-//! an example never stores an expired bundle. `scripts/spec-check` validates each example against
+//! an example never stores an expired bundle. `scripts/spec-check.py` validates each example against
 //! its schema.
 
 use base64::Engine;
