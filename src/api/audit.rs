@@ -143,12 +143,14 @@ fn parse_int(
     .transpose()
 }
 
-/// List audit events, oldest first, with optional filters and a `seq` cursor.
+/// List audit events
+///
+/// Oldest first, with optional filters and a `seq` cursor.
 #[utoipa::path(
     get, path = "/audit/events", tag = "audit",
     params(EventsQuery),
     responses(
-        (status = 200, body = AuditEventsPage),
+        (status = 200, description = "A page of events; `next_after` is the cursor of the next page", body = AuditEventsPage),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` naming the `field`", body = Problem, content_type = "application/problem+json"),
@@ -201,7 +203,9 @@ async fn list_events(
     Ok(Json(AuditEventsPage { events: rows.into_iter().map(AuditEvent::from).collect(), next_after }))
 }
 
-/// Check the audit log's HMAC chains: every event's seal, positions without gaps in each chain,
+/// Verify the audit log
+///
+/// Checks the audit log's HMAC chains: every event's seal, positions without gaps in each chain,
 /// and every chain head. Finds edited, deleted (including from the end), inserted and reordered
 /// events, naming the first bad seq and its chain.
 #[utoipa::path(
@@ -218,10 +222,12 @@ async fn verify_chain(_auth: Auth<Admin>, State(state): State<AppState>) -> Resu
     Ok(Json(audit::verify(&state.db, &state.keyring).await?))
 }
 
-/// A signed checkpoint: every chain's head (chain, position, seq, HMAC) and the time, signed
-/// with Ed25519 under a key derived from the active keyring key. Keep it elsewhere; `audit
-/// verify --checkpoint FILE` later finds any event it covers that was removed, changed or
-/// rewound, even if every head was rewritten consistently.
+/// Get a signed checkpoint of the audit chains
+///
+/// Every chain's head (chain, position, seq, HMAC) and the time, signed with Ed25519 under a key
+/// derived from the active keyring key. Keep it elsewhere; `audit verify --checkpoint FILE` later
+/// finds any event it covers that was removed, changed or rewound, even if every head was
+/// rewritten consistently.
 #[utoipa::path(
     get, path = "/audit/checkpoint", tag = "audit",
     responses(
@@ -243,7 +249,9 @@ pub struct PublicKeys {
     pub keys: Vec<PublicKey>,
 }
 
-/// The Ed25519 public keys checkpoints are signed with, by key id.
+/// Get the checkpoint public keys
+///
+/// The Ed25519 public keys checkpoints are signed with, by key id (the active key first).
 #[utoipa::path(
     get, path = "/audit/public-key", tag = "audit",
     responses(

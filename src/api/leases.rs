@@ -40,7 +40,9 @@ pub struct LeaseRequest {
     pub ttl_seconds: Option<i64>,
 }
 
-/// Acquire the refresh lease (or get your own live lease back, extended, never shortened).
+/// Acquire the refresh lease
+///
+/// Or get your own live lease back, extended, never shortened.
 #[utoipa::path(
     post, path = "/users/{user_id}/tokens/lease", tag = "tokens",
     params(("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")),
@@ -79,7 +81,7 @@ async fn acquire_lease(
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, axum::Json(lease)))
 }
 
-/// Release the lease early.
+/// Release the refresh lease early
 #[utoipa::path(
     delete, path = "/users/{user_id}/tokens/lease", tag = "tokens",
     params(

@@ -84,12 +84,15 @@ fn code_of(raw: String) -> Result<Zeroizing<String>, ApiError> {
     Ok(code)
 }
 
-/// Start an MFA challenge.
+/// Start an MFA challenge
+///
+/// The code is checked here (`verifier: service`, stored as an argon2id hash) or by Garmin
+/// (`verifier: external`, with garth's `resume_state`).
 #[utoipa::path(
     post, path = "/mfa/challenges", tag = "mfa",
     request_body = CreateChallengeRequest,
     responses(
-        (status = 201, body = ChallengeView),
+        (status = 201, description = "Created: the challenge, pending", body = ChallengeView),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`session_not_found`", body = Problem, content_type = "application/problem+json"),
@@ -154,12 +157,14 @@ async fn create_challenge(
     Ok((StatusCode::CREATED, axum::Json(view)))
 }
 
-/// A challenge (never its code, hash or resume state).
+/// Read a challenge
+///
+/// Never its code, hash or resume state.
 #[utoipa::path(
     get, path = "/mfa/challenges/{id}", tag = "mfa",
     params(("id" = Uuid, Path)),
     responses(
-        (status = 200, body = ChallengeView),
+        (status = 200, description = "The challenge", body = ChallengeView),
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`challenge_not_found`", body = Problem, content_type = "application/problem+json"),
@@ -176,7 +181,9 @@ async fn get_challenge(
     Ok(axum::Json(state.mfa.get(id).await?))
 }
 
-/// Cancel a pending or verified challenge.
+/// Cancel a challenge
+///
+/// A pending or verified challenge becomes `cancelled`.
 #[utoipa::path(
     delete, path = "/mfa/challenges/{id}", tag = "mfa",
     params(("id" = Uuid, Path)),
@@ -184,7 +191,7 @@ async fn get_challenge(
         (status = 204, description = "Cancelled (or already cancelled)"),
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`challenge_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`challenge_not_pending`", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`challenge_expired`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` (with `field` when one is at fault)", body = Problem, content_type = "application/problem+json"),
@@ -203,7 +210,7 @@ async fn cancel_challenge(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Check a code (service verifier).
+/// Check a code (service verifier)
 ///
 /// Once an attempt is reserved, the check and its outcome (failure counted, audit, session moved)
 /// complete even if the client goes away. A request that finds every attempt taken by checks
@@ -213,18 +220,18 @@ async fn cancel_challenge(
     params(("id" = Uuid, Path)),
     request_body = CodeRequest,
     responses(
-        (status = 200, body = Verified),
+        (status = 200, description = "Verified: the code is right", body = Verified),
         (status = 400, description = "`invalid_code` with `attempts_remaining`", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`challenge_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`challenge_not_pending` with `challenge_status`", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`challenge_expired`: the challenge has expired; or the challenge's login session has ended (with `session_state`; the challenge is then cancelled)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 423, description = "`challenge_locked`: the challenge failed (no attempts left, and no check still running)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "too many code checks queued", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: too many code checks are in progress (with Retry-After)", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = ["mfa"]))
@@ -239,22 +246,24 @@ async fn verify_challenge(
     Ok(axum::Json(state.mfa.verify(&auth.ctx, id, code).await?))
 }
 
-/// Reserve one attempt at a Garmin-checked challenge; returns the resume state.
+/// Reserve an attempt (Garmin verifier)
+///
+/// Reserves one attempt at a Garmin-checked challenge and returns garth's resume state.
 #[utoipa::path(
     post, path = "/mfa/challenges/{id}/attempts", tag = "mfa",
     params(("id" = Uuid, Path)),
     request_body = CodeRequest,
     responses(
-        (status = 201, body = AttemptReserved),
+        (status = 201, description = "Reserved: the attempt number and the resume state", body = AttemptReserved),
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`challenge_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`duplicate_code` (no attempt used) or `challenge_not_pending`", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`challenge_expired`: the challenge has expired; or the challenge's login session has ended (with `session_state`; the challenge is then cancelled)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
-        (status = 423, body = Problem, content_type = "application/problem+json"),
+        (status = 423, description = "`challenge_locked`: no attempts are left", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
@@ -270,7 +279,7 @@ async fn reserve_attempt(
     Ok((StatusCode::CREATED, axum::Json(state.mfa.attempt(&auth.ctx, id, code).await?)))
 }
 
-/// Record Garmin's answer to attempt `n`.
+/// Record Garmin's answer to an attempt
 ///
 /// A `success` for a challenge whose login session has ended (past its TTL, failed, cancelled,
 /// superseded, authenticated) verifies nothing: 410 `challenge_expired` with `session_state`, and
@@ -280,7 +289,7 @@ async fn reserve_attempt(
     params(("id" = Uuid, Path), ("n" = i64, Path, minimum = 1, description = "The attempt number (from 1)")),
     request_body = AttemptResultRequest,
     responses(
-        (status = 200, body = ChallengeView),
+        (status = 200, description = "Recorded: the challenge after the result", body = ChallengeView),
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`challenge_not_found` or `attempt_not_found`", body = Problem, content_type = "application/problem+json"),
@@ -307,15 +316,17 @@ async fn attempt_result(
     Ok(axum::Json(state.mfa.attempt_result(&auth.ctx, id, n, req.success).await?))
 }
 
-/// `verified` → `consumed`, exactly once.
+/// Consume a verified challenge
+///
+/// `verified` becomes `consumed`, exactly once.
 #[utoipa::path(
     post, path = "/mfa/challenges/{id}/consume", tag = "mfa",
     params(("id" = Uuid, Path)),
     responses(
-        (status = 200, body = ChallengeView),
+        (status = 200, description = "Consumed: the challenge, now `consumed`", body = ChallengeView),
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`challenge_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`challenge_not_pending`", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`challenge_expired`: the challenge has expired; or the challenge's login session has ended (with `session_state`; the challenge is then cancelled)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` (with `field` when one is at fault)", body = Problem, content_type = "application/problem+json"),

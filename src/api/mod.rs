@@ -1,6 +1,7 @@
 //! The HTTP surface: one router per resource, assembled with its OpenAPI document.
 
 pub mod audit;
+pub mod examples;
 pub mod extract;
 pub mod idempotency;
 pub mod leases;
@@ -157,6 +158,44 @@ impl Modify for IdempotencyDocs {
     }
 }
 
+/// OpenAPI requires a description on every response. The answers most operations share are
+/// described here, once, by status; every other response is described on its handler
+/// (`tests/api/ops.rs` checks that none is left without).
+struct ResponseDescriptions;
+
+impl Modify for ResponseDescriptions {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        for item in openapi.paths.paths.values_mut() {
+            for op in
+                [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
+            {
+                for (status, response) in op.responses.responses.iter_mut() {
+                    let RefOr::T(response) = response else { continue };
+                    if !response.description.is_empty() {
+                        continue;
+                    }
+                    let shared = match status.as_str() {
+                        "401" => {
+                            "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key \
+                             (with `WWW-Authenticate: Bearer`)"
+                        }
+                        "403" => "`forbidden`: the API key lacks the scope (with `required_scope`)",
+                        "413" => "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES",
+                        "415" => "`unsupported_media_type`: the body is not `Content-Type: application/json`",
+                        "422" => "`validation_failed` (with `field` when one is at fault)",
+                        "503" => {
+                            "`unavailable` (with Retry-After): the database is unreachable, or the request timed out"
+                        }
+                        _ => continue,
+                    };
+                    response.description = shared.to_string();
+                }
+            }
+        }
+    }
+}
+
 fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", tokens::router())
@@ -173,7 +212,9 @@ fn parts() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
     // After the nested routers' schemas are merged in: a modifier on `ApiDoc` runs before.
     WireEnumNames.modify(&mut openapi);
     extract::RefusalBudgetResponses.modify(&mut openapi);
+    ResponseDescriptions.modify(&mut openapi);
     IdempotencyDocs.modify(&mut openapi);
+    examples::Examples.modify(&mut openapi);
     (router, openapi)
 }
 

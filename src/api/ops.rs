@@ -35,16 +35,20 @@ pub struct Readiness {
     pub active_key_id: String,
 }
 
+/// Liveness probe
+///
 /// The process is up.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process is up", body = Health)))]
 async fn healthz() -> axum::Json<Health> {
     axum::Json(Health { status: "ok" })
 }
 
+/// Readiness probe
+///
 /// The database answers and the keyring is loaded.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
-    (status = 200, body = Readiness),
-    (status = 503, body = Problem, content_type = "application/problem+json"),
+    (status = 200, description = "Ready: the database answers", body = Readiness),
+    (status = 503, description = "`unavailable`: the database is not reachable (with Retry-After)", body = Problem, content_type = "application/problem+json"),
 ))]
 async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Readiness>, ApiError> {
     let unavailable = || ApiError::Unavailable { detail: "the database is not reachable", retry_after_secs: 1 };
@@ -82,9 +86,12 @@ async fn bundles_per_key(state: &AppState) {
     metrics::gauge!(crate::telemetry::TOKEN_BUNDLES, "key_id" => "other").set(other as f64);
 }
 
-/// Prometheus text exposition.
+/// Prometheus metrics
+///
+/// The Prometheus text exposition format (version 0.0.4).
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses(
-    (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")
+    (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain",
+        example = "# HELP centraldb_longpoll_waiters Long-poll readers (GET tokens with newer_than and wait_seconds) waiting right now\n# TYPE centraldb_longpoll_waiters gauge\ncentraldb_longpoll_waiters 0\n")
 ))]
 async fn metrics(State(state): State<AppState>) -> Response {
     use crate::telemetry as t;

@@ -72,12 +72,14 @@ fn short_text(field: &str, v: Option<String>, max: usize) -> Result<Option<Strin
     }
 }
 
-/// Start a login flow; the user's other active flows end as `superseded`.
+/// Start a login flow
+///
+/// The user's other active flows end as `superseded`.
 #[utoipa::path(
     post, path = "/sessions", tag = "sessions",
     request_body = CreateSessionRequest,
     responses(
-        (status = 201, body = SessionView),
+        (status = 201, description = "Created: the session, `started`", body = SessionView),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
@@ -109,12 +111,12 @@ async fn create_session(
     Ok((StatusCode::CREATED, axum::Json(view)))
 }
 
-/// A session.
+/// Read a session
 #[utoipa::path(
     get, path = "/sessions/{id}", tag = "sessions",
     params(("id" = uuid::Uuid, Path)),
     responses(
-        (status = 200, body = SessionView),
+        (status = 200, description = "The session", body = SessionView),
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`session_not_found`", body = Problem, content_type = "application/problem+json"),
@@ -131,7 +133,9 @@ async fn get_session(
     Ok(axum::Json(state.sessions.get(id).await?))
 }
 
-/// Cancel a session (and its live challenges).
+/// Cancel a session
+///
+/// Its live challenges are cancelled too.
 #[utoipa::path(
     delete, path = "/sessions/{id}", tag = "sessions",
     params(("id" = uuid::Uuid, Path)),
@@ -139,7 +143,7 @@ async fn get_session(
         (status = 204, description = "Cancelled (or already cancelled)"),
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`session_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`invalid_transition`: the session already ended otherwise", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` (with `field` when one is at fault)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`unavailable`: the database is unreachable or the request timed out (with Retry-After)", body = Problem, content_type = "application/problem+json"),
@@ -156,16 +160,19 @@ async fn cancel_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Move a session along its state machine.
+/// Move a session to another state
+///
+/// Along the state machine: `started`, `mfa_required`, `mfa_verified`, `authenticated`, or an end
+/// state.
 #[utoipa::path(
     post, path = "/sessions/{id}/transition", tag = "sessions",
     params(("id" = uuid::Uuid, Path)),
     request_body = TransitionRequest,
     responses(
-        (status = 200, body = SessionView),
+        (status = 200, description = "Moved: the session in its new state", body = SessionView),
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`session_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`invalid_transition` (with `from`, `to`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
@@ -185,12 +192,14 @@ async fn transition_session(
     Ok(axum::Json(state.sessions.transition(&auth.ctx, id, req.to, reason.as_deref()).await?))
 }
 
-/// A user's active sessions, newest first.
+/// List a user's active sessions
+///
+/// Newest first.
 #[utoipa::path(
     get, path = "/users/{user_id}/sessions", tag = "sessions",
     params(("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")),
     responses(
-        (status = 200, body = SessionList),
+        (status = 200, description = "The sessions (empty when there are none)", body = SessionList),
         (status = 401, description = "`unauthenticated`: no API key, a malformed Authorization header or an unknown/revoked key (with `WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`: the API key lacks the scope (with `required_scope`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),

@@ -76,27 +76,34 @@ pub enum GarminConnectKind {
     Garminconnect,
 }
 
-/// garth's two token objects.
+/// garth 0.8.0: the OAuth1 + OAuth2 token pair (form 1 in the README).
 #[derive(Deserialize, Serialize, ToSchema)]
-pub struct GarthObjectsBody {
+#[serde(deny_unknown_fields)]
+#[schema(title = "garth pair")]
+pub struct GarthPair {
     pub kind: GarthKind,
     pub oauth1_token: GarthOAuth1Token,
     pub oauth2_token: GarthOAuth2Token,
 }
 
 /// The string `garth.Client.dumps()` returns: base64 of the JSON array `[oauth1, oauth2]` (garth
-/// 0.8) or `[oauth2]` (garth-ng).
+/// 0.8) or `[oauth2]` (garth-ng) (forms 2 and 4 in the README).
 #[derive(Deserialize, Serialize, ToSchema)]
-pub struct GarthDumpBody {
+#[serde(deny_unknown_fields)]
+#[schema(title = "garth dump")]
+pub struct GarthDump {
     pub kind: GarthKind,
     pub garth_dump: String,
 }
 
 /// python-garminconnect's DI token set. `exp` claims of JWTs give the expiry times. All three
 /// keys are required; `di_refresh_token` and `di_client_id` may be null (no refresh possible:
-/// `refresh_expires_at` is then the access token's expiry and `refreshable` is false).
+/// `refresh_expires_at` is then the access token's expiry and `refreshable` is false) (form 3 in
+/// the README).
 #[derive(Deserialize, Serialize, ToSchema)]
-pub struct GarminConnectBody {
+#[serde(deny_unknown_fields)]
+#[schema(title = "garminconnect DI tokens")]
+pub struct GarminConnectDiTokens {
     pub kind: GarminConnectKind,
     pub di_token: String,
     pub di_refresh_token: Option<String>,
@@ -121,31 +128,39 @@ pub struct GarthNgOAuth2Token {
     pub client_id: Option<String>,
 }
 
-/// garth-ng: the OAuth2 token alone.
+/// garth-ng 1.1.0: the OAuth2 token alone (form 4 in the README).
 #[derive(Deserialize, Serialize, ToSchema)]
-pub struct GarthNgObjectsBody {
+#[serde(deny_unknown_fields)]
+#[schema(title = "garth-ng")]
+pub struct GarthNg {
     pub kind: GarthKind,
     pub oauth2_token: GarthNgOAuth2Token,
 }
 
 /// The string python-garminconnect's `Client.dumps()` returns (JSON `{"di_token",
-/// "di_refresh_token", "di_client_id"}`); kept and returned byte for byte.
+/// "di_refresh_token", "di_client_id"}`); kept and returned byte for byte (form 5 in the README).
 #[derive(Deserialize, Serialize, ToSchema)]
-pub struct GarminConnectDumpBody {
+#[serde(deny_unknown_fields)]
+#[schema(title = "garminconnect dump")]
+pub struct GarminConnectDump {
     pub kind: GarminConnectKind,
     pub garminconnect_dump: String,
 }
 
+/// A token bundle in one of the five forms the three libraries write: garth pair, garth dump,
+/// garminconnect DI tokens, garth-ng, garminconnect dump. Exactly one form matches a body (unknown
+/// top-level members are refused).
+///
 /// Documentation only: the handler parses the body itself, to name the field at fault.
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(untagged)]
 #[allow(clippy::large_enum_variant)]
 pub enum PutTokensRequest {
-    GarthObjects(GarthObjectsBody),
-    GarthDump(GarthDumpBody),
-    GarminConnect(GarminConnectBody),
-    GarthNgObjects(GarthNgObjectsBody),
-    GarminConnectDump(GarminConnectDumpBody),
+    GarthPair(GarthPair),
+    GarthDump(GarthDump),
+    GarminConnectDiTokens(GarminConnectDiTokens),
+    GarthNg(GarthNg),
+    GarminConnectDump(GarminConnectDump),
 }
 
 /// Metadata plus the secret fields exactly as stored (garth's two objects, garth-ng's
@@ -296,7 +311,9 @@ pub fn lease_fence(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
 
 // ---- handlers ----------------------------------------------------------------------------
 
-/// Store or replace a user's token bundle (encrypted at rest).
+/// Store or replace a token bundle
+///
+/// The bundle is encrypted at rest. Send one of the five forms (see the examples).
 #[utoipa::path(
     put, path = "/users/{user_id}/tokens", tag = "tokens",
     params(
@@ -313,8 +330,8 @@ pub fn lease_fence(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`lease_held` (another holder's lease is live; with `holder`, `expires_at`, Retry-After) or `lease_lost` (the fence is not the live lease); nothing written", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "`version_conflict` (with `current_version`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body exceeds CENTRALDB_BODY_LIMIT_BYTES", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`: the body is not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`validation_failed` naming the `field`", body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
@@ -337,7 +354,9 @@ async fn put_tokens(
     Ok(with_etag(status, meta.version, meta))
 }
 
-/// Read a user's bundle, decrypted.
+/// Read a token bundle
+///
+/// Decrypted; with `newer_than` and `wait_seconds`, a long poll for the next version.
 #[utoipa::path(
     get, path = "/users/{user_id}/tokens", tag = "tokens",
     params(
@@ -345,7 +364,7 @@ async fn put_tokens(
         GetTokensQuery
     ),
     responses(
-        (status = 200, body = TokenBundleResponse, headers(("ETag" = String))),
+        (status = 200, description = "The bundle; `ETag` is its version", body = TokenBundleResponse, headers(("ETag" = String))),
         (status = 304, description = "`newer_than` given and no newer version appeared within `wait_seconds`; `ETag` is the stored version", headers(("ETag" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
@@ -417,17 +436,19 @@ async fn get_tokens(
     Ok(with_etag(StatusCode::OK, version, body))
 }
 
-/// A bundle's metadata only (no decryption).
+/// Read a bundle's metadata
+///
+/// No decryption, no secret.
 #[utoipa::path(
     get, path = "/users/{user_id}/tokens/metadata", tag = "tokens",
     params(
         ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")
     ),
     responses(
-        (status = 200, body = TokenMetadata, headers(("ETag" = String))),
+        (status = 200, description = "The metadata; `ETag` is the version", body = TokenMetadata, headers(("ETag" = String))),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`tokens_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "`insufficient_storage`: the database has no space left (with Retry-After)", body = Problem, content_type = "application/problem+json"),
@@ -444,7 +465,9 @@ async fn get_metadata(
     Ok(with_etag(StatusCode::OK, meta.version, meta))
 }
 
-/// Destroy the ciphertext; the user must log in again (`reauth_required` with the reason).
+/// Invalidate a token bundle
+///
+/// Destroys the ciphertext; the user must log in again (`reauth_required` with the reason).
 #[utoipa::path(
     post, path = "/users/{user_id}/tokens/invalidate", tag = "tokens",
     params(
@@ -499,8 +522,11 @@ async fn invalidate_tokens(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Logout: remove the bundle (SQLite overwrites freed pages), cancel the user's login sessions and
-/// challenges, end the lease. 204 also when nothing was stored (unless `If-Match` asked for one).
+/// Delete a token bundle (logout)
+///
+/// Removes the bundle (SQLite overwrites freed pages), cancels the user's login sessions and
+/// challenges, and ends the lease. 204 also when nothing was stored (unless `If-Match` asked for
+/// one).
 #[utoipa::path(
     delete, path = "/users/{user_id}/tokens", tag = "tokens",
     params(
@@ -532,6 +558,8 @@ async fn delete_tokens(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Read a user's login status
+///
 /// Whether the user has a usable login.
 #[utoipa::path(
     get, path = "/users/{user_id}/auth-status", tag = "tokens",
@@ -539,7 +567,7 @@ async fn delete_tokens(
         ("user_id" = String, Path, description = "1-128 characters of [A-Za-z0-9._@:-]", min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._@:-]+$")
     ),
     responses(
-        (status = 200, body = AuthStatus),
+        (status = 200, description = "The status, the bundle's metadata and the current login session", body = AuthStatus),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),

@@ -32,7 +32,10 @@ impl TestApp {
 async fn lost_response_put_with_if_match_is_answered_again_without_a_second_write() {
     let app = TestApp::spawn().await;
     assert_eq!(app.put(&tokens_path("u1")).json(garth_body("a")).send().await.status, 201);
-    let put = || app.put(&tokens_path("u1")).header("if-match", "\"1\"").header(IK, "refresh-1").json(garth_body("b"));
+    // One body: garth_body stamps expiries from the clock, so a body built per call differs
+    // once a second ticks over between the two sends (then 422 idempotency_key_reused).
+    let body = garth_body("b");
+    let put = || app.put(&tokens_path("u1")).header("if-match", "\"1\"").header(IK, "refresh-1").json(body.clone());
     let first = put().send().await;
     assert_eq!(first.status, 200, "{}", first.text);
     assert_eq!(first.header("etag"), Some("\"2\""));
@@ -53,7 +56,10 @@ async fn lost_response_put_with_if_match_is_answered_again_without_a_second_writ
 #[tokio::test]
 async fn retry_without_if_match_writes_no_second_version() {
     let app = TestApp::spawn().await;
-    let put = || app.put(&tokens_path("u1")).header(IK, "w-1").json(garth_body("a"));
+    // One body: garth_body stamps expiries from the clock, so a body built per call differs
+    // once a second ticks over between the two sends (then 422 idempotency_key_reused).
+    let body = garth_body("a");
+    let put = || app.put(&tokens_path("u1")).header(IK, "w-1").json(body.clone());
     let first = put().send().await;
     assert_eq!(first.status, 201, "{}", first.text);
     let retry = put().send().await;
@@ -169,7 +175,10 @@ async fn different_api_keys_with_the_same_key_do_not_collide() {
 #[tokio::test]
 async fn client_errors_are_replayed_too() {
     let app = TestApp::spawn().await;
-    let put = || app.put(&tokens_path("u1")).header(IK, "stale").header("if-match", "\"7\"").json(garth_body("a"));
+    // One body: garth_body stamps expiries from the clock, so a body built per call differs
+    // once a second ticks over between the two sends (then 422 idempotency_key_reused).
+    let body = garth_body("a");
+    let put = || app.put(&tokens_path("u1")).header(IK, "stale").header("if-match", "\"7\"").json(body.clone());
     put().send().await.assert_problem(412, "version_conflict");
     // The kept answer, not a new evaluation.
     let retry = put().send().await;
@@ -180,7 +189,10 @@ async fn client_errors_are_replayed_too() {
 #[tokio::test]
 async fn expired_keys_are_purged_and_a_retry_acts_again() {
     let app = TestApp::spawn().await;
-    let put = || app.put(&tokens_path("u1")).header(IK, "old").json(garth_body("a"));
+    // One body: garth_body stamps expiries from the clock, so a body built per call differs
+    // once a second ticks over between the two sends (then 422 idempotency_key_reused).
+    let body = garth_body("a");
+    let put = || app.put(&tokens_path("u1")).header(IK, "old").json(body.clone());
     assert_eq!(put().send().await.status, 201);
     assert_eq!(app.idempotency_rows().await.len(), 1);
     // Not yet expired: kept.
@@ -200,7 +212,10 @@ async fn an_expired_key_acts_again_before_the_sweeper_runs() {
         v.insert("CENTRALDB_IDEMPOTENCY_TTL_SECS".into(), "1".into());
     })
     .await;
-    let put = || app.put(&tokens_path("u1")).header(IK, "short").json(garth_body("a"));
+    // One body: garth_body stamps expiries from the clock, so a body built per call differs
+    // once a second ticks over between the two sends (then 422 idempotency_key_reused).
+    let body = garth_body("a");
+    let put = || app.put(&tokens_path("u1")).header(IK, "short").json(body.clone());
     assert_eq!(put().send().await.status, 201);
     assert_eq!(put().send().await.status, 201, "replayed within the TTL");
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
