@@ -123,6 +123,11 @@ def test_sessions_challenges_and_audit(db, user):
     assert len(events) >= 5 and len({e["seq"] for e in events}) == len(events)
     assert all(e["user_id"] == user for e in events)
     assert db.verify_audit()["ok"] is True
+    checkpoint = db.audit_checkpoint()
+    assert checkpoint["partitions"] == len([h for h in checkpoint["heads"] if h["chain"] >= 0]) == 256
+    assert any(h["seq"] >= events[0]["seq"] for h in checkpoint["heads"])
+    keys = db.audit_public_keys()["keys"]
+    assert keys[0]["key_id"] == checkpoint["key_id"] and keys[0]["algorithm"] == "Ed25519"
     assert db.healthz() is not None and "centraldb" in db.metrics()
 
 

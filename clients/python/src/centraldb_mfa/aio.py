@@ -407,6 +407,15 @@ class AsyncCentralDB:
         """``{"ok", "events_checked", "first_bad_seq"?}`` (scope ``admin``)."""
         return _core.json_or_empty(await self._request("GET", "/audit/verify"))
 
+    async def audit_checkpoint(self) -> dict[str, Any]:
+        """A signed checkpoint of every audit chain's head (scope ``audit:read``): keep it
+        elsewhere; ``centraldb-mfa audit verify --checkpoint FILE`` checks the log against it."""
+        return _core.json_or_empty(await self._request("GET", "/audit/checkpoint"))
+
+    async def audit_public_keys(self) -> dict[str, Any]:
+        """``{"keys": [{"key_id", "algorithm", "public_key"}]}``: the checkpoints' Ed25519 keys."""
+        return _core.json_or_empty(await self._request("GET", "/audit/public-key"))
+
     # ---- operations (no auth needed) -----------------------------------------------------
 
     async def healthz(self) -> dict[str, Any]:
