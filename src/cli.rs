@@ -79,8 +79,18 @@ pub enum ApiKeyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Check the HMAC chain: every event, no missing seq, the head. Exits 1 if it is broken.
-    Verify,
+    /// Check the HMAC chains: every event, no missing position, every head. Exits 1 if one is
+    /// broken (naming the first bad seq and its chain).
+    Verify {
+        /// Also check a signed checkpoint (JSON, as `audit checkpoint` prints it): exits 1 when
+        /// an event it covers was removed, changed or rewound, or its signature does not verify.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<std::path::PathBuf>,
+    },
+    /// Print a signed checkpoint of every chain's head (JSON), to keep elsewhere.
+    Checkpoint,
+    /// Print the checkpoint public keys (Ed25519) of the keyring's keys (JSON).
+    PublicKey,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -236,39 +246,81 @@ async fn admin_command(command: Command, settings: &Settings, db: &crate::store:
                 Err(e) => fail(e),
             }
         }
-        Command::Audit(AuditCommand::Verify) => {
+        Command::Audit(cmd) => {
             let ring = match startup::open_keyring(settings, db).await {
                 Ok(r) => r,
                 Err(e) => return fail(e),
             };
-            match audit::verify(db, &ring).await {
-                Ok(r) if r.ok => {
-                    match r.purged_through {
-                        None => println!("audit chain ok: {} events", r.events_checked),
-                        Some(p) => println!(
-                            "audit chain ok: {} events (events through seq {p} were purged by retention)",
-                            r.events_checked
-                        ),
+            match cmd {
+                AuditCommand::Verify { checkpoint } => {
+                    let result = match checkpoint {
+                        None => audit::verify(db, &ring).await,
+                        Some(path) => {
+                            let text = match std::fs::read_to_string(&path) {
+                                Ok(t) => t,
+                                Err(e) => return fail(format!("cannot read {}: {e}", path.display())),
+                            };
+                            let cp: audit::Checkpoint = match serde_json::from_str(&text) {
+                                Ok(c) => c,
+                                Err(e) => return fail(format!("{} is not a checkpoint: {e}", path.display())),
+                            };
+                            audit::verify_checkpoint(db, &ring, &cp).await
+                        }
+                    };
+                    match result {
+                        Ok(r) if r.ok => {
+                            match r.purged_through {
+                                None => println!("audit chain ok: {} events", r.events_checked),
+                                Some(p) => println!(
+                                    "audit chain ok: {} events (events through seq {p} were purged by retention)",
+                                    r.events_checked
+                                ),
+                            }
+                            ExitCode::SUCCESS
+                        }
+                        Ok(r) => {
+                            println!("audit chain {}", broken(&r));
+                            ExitCode::FAILURE
+                        }
+                        Err(e) => fail(e),
                     }
-                    ExitCode::SUCCESS
                 }
-                Ok(r) => {
-                    println!("audit chain {}", broken(&r));
-                    ExitCode::FAILURE
+                AuditCommand::Checkpoint => match audit::checkpoint(db, &ring).await {
+                    Ok(cp) => match serde_json::to_string_pretty(&cp) {
+                        Ok(text) => {
+                            println!("{text}");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => fail(e),
+                    },
+                    Err(e) => fail(e),
+                },
+                AuditCommand::PublicKey => {
+                    match serde_json::to_string_pretty(&serde_json::json!({"keys": audit::public_keys(&ring)})) {
+                        Ok(text) => {
+                            println!("{text}");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => fail(e),
+                    }
                 }
-                Err(e) => fail(e),
             }
         }
         Command::Serve | Command::Keygen { .. } | Command::Openapi | Command::Healthcheck { .. } => ExitCode::SUCCESS,
     }
 }
 
-/// `BROKEN at seq S: reason` for a chain that did not verify.
+/// `BROKEN at seq S: reason [chain C]` for a log that did not verify.
 fn broken(r: &audit::VerifyReport) -> String {
     let reason = r.reason.as_deref().unwrap_or("unknown");
+    let chain = match r.first_bad_chain {
+        Some(audit::LEGACY_CHAIN) => " [legacy chain]".to_string(),
+        Some(c) => format!(" [chain {c}]"),
+        None => String::new(),
+    };
     match r.first_bad_seq {
-        Some(seq) => format!("BROKEN at seq {seq}: {reason}"),
-        None => format!("BROKEN: {reason}"),
+        Some(seq) => format!("BROKEN at seq {seq}: {reason}{chain}"),
+        None => format!("BROKEN: {reason}{chain}"),
     }
 }
 

@@ -227,6 +227,8 @@ pub struct Settings {
     pub refusals: crate::services::refusals::RefusalLimits,
     /// Audit events older than this are purged by the sweeper; `None` keeps them forever.
     pub audit_retention: Option<Duration>,
+    /// How often the sweeper logs a signed audit checkpoint; `None` never.
+    pub audit_checkpoint_interval: Option<Duration>,
 }
 
 pub const DEFAULT_SQLITE_FILE: &str = "centraldb-mfa.db";
@@ -418,6 +420,10 @@ impl Settings {
             0 => None,
             days => Some(Duration::from_secs(days * 86_400)),
         };
+        let audit_checkpoint_interval = match num("CENTRALDB_AUDIT_CHECKPOINT_INTERVAL_SECS", 3600, 0, 31 * 86_400)? {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        };
 
         Ok(Self {
             data_dir,
@@ -445,6 +451,7 @@ impl Settings {
             max_connections,
             refusals,
             audit_retention,
+            audit_checkpoint_interval,
             idempotency_ttl,
         })
     }

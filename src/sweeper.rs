@@ -10,6 +10,10 @@
 //!   a checked prefix of the chain, the head's anchor moved, `audit verify` still works).
 //! - deletes `Idempotency-Key` records past `CENTRALDB_IDEMPOTENCY_TTL_SECS` (bounded per pass).
 //!
+//! Every `CENTRALDB_AUDIT_CHECKPOINT_INTERVAL_SECS` (0: never) it logs a signed audit checkpoint
+//! (`audit::checkpoint`, target `centraldb_mfa::audit_checkpoint`), so that log shipping keeps
+//! witnesses of the chains' heads outside the database.
+//!
 //! Between passes it also writes the refusal summaries whose window has ended (every few
 //! seconds), and all of them when it stops (graceful shutdown).
 //!
@@ -49,10 +53,14 @@ pub async fn run(state: AppState, shutdown: impl std::future::Future<Output = ()
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refusal_tick = tokio::time::interval(refusal_flush_period(&state));
     refusal_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let checkpoint_every = state.settings.audit_checkpoint_interval;
+    let mut checkpoint_tick = tokio::time::interval(checkpoint_every.unwrap_or(std::time::Duration::from_secs(86_400)));
+    checkpoint_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = checkpoint_tick.tick(), if checkpoint_every.is_some() => log_checkpoint(&state).await,
             _ = refusal_tick.tick() => {
                 if let Err(e) = flush_refusals(&state, store::now(), false).await {
                     tracing::warn!(error = %e, "could not write refusal summaries; retrying");
@@ -71,6 +79,19 @@ pub async fn run(state: AppState, shutdown: impl std::future::Future<Output = ()
         tracing::warn!(error = %e, "could not write refusal summaries at shutdown");
     }
     tracing::info!("sweeper stopped");
+}
+
+/// Logs a signed checkpoint of every audit chain's head (one JSON line, for log shipping).
+pub async fn log_checkpoint(state: &AppState) {
+    match audit::checkpoint(&state.db, &state.keyring).await {
+        Ok(cp) => match serde_json::to_string(&cp) {
+            Ok(json) => {
+                tracing::info!(target: "centraldb_mfa::audit_checkpoint", checkpoint = %json, "audit checkpoint")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not encode the audit checkpoint"),
+        },
+        Err(e) => tracing::warn!(error = %e, "could not take an audit checkpoint; retrying next interval"),
+    }
 }
 
 /// How often ended refusal windows are written: a quarter of the window, 1 to 5 s.

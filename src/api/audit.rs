@@ -1,5 +1,6 @@
-//! `/api/v1/audit/events` and `/api/v1/audit/verify`. Reading the audit log is not itself
-//! audited (refused requests are: the `Auth` extractor records them).
+//! `/api/v1/audit/events`, `/api/v1/audit/verify`, `/api/v1/audit/checkpoint` and
+//! `/api/v1/audit/public-key`. Reading the audit log is not itself audited (refused requests
+//! are: the `Auth` extractor records them).
 
 use axum::{Json, extract::State};
 use chrono::{DateTime, Utc};
@@ -12,7 +13,7 @@ use uuid::Uuid;
 use crate::{
     domain::UserId,
     error::{ApiError, Problem},
-    services::audit::{self, Outcome, VerifyReport},
+    services::audit::{self, Checkpoint, Outcome, PublicKey, VerifyReport},
     state::AppState,
     store::audit::{AuditRow, EventFilter},
 };
@@ -23,7 +24,11 @@ pub const DEFAULT_LIMIT: i64 = 100;
 pub const MAX_LIMIT: i64 = 1000;
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list_events)).routes(routes!(verify_chain))
+    OpenApiRouter::new()
+        .routes(routes!(list_events))
+        .routes(routes!(verify_chain))
+        .routes(routes!(get_checkpoint))
+        .routes(routes!(public_keys))
 }
 
 /// Query of `GET /audit/events`. Every filter is optional; they combine with AND.
@@ -196,8 +201,9 @@ async fn list_events(
     Ok(Json(AuditEventsPage { events: rows.into_iter().map(AuditEvent::from).collect(), next_after }))
 }
 
-/// Check the audit log's HMAC chain: every event's seal, `seq` without gaps, and the chain head.
-/// Finds edited, deleted (including from the end), inserted and reordered events.
+/// Check the audit log's HMAC chains: every event's seal, positions without gaps in each chain,
+/// and every chain head. Finds edited, deleted (including from the end), inserted and reordered
+/// events, naming the first bad seq and its chain.
 #[utoipa::path(
     get, path = "/audit/verify", tag = "audit",
     responses(
@@ -210,4 +216,43 @@ async fn list_events(
 )]
 async fn verify_chain(_auth: Auth<Admin>, State(state): State<AppState>) -> Result<Json<VerifyReport>, ApiError> {
     Ok(Json(audit::verify(&state.db, &state.keyring).await?))
+}
+
+/// A signed checkpoint: every chain's head (chain, position, seq, HMAC) and the time, signed
+/// with Ed25519 under a key derived from the active keyring key. Keep it elsewhere; `audit
+/// verify --checkpoint FILE` later finds any event it covers that was removed, changed or
+/// rewound, even if every head was rewritten consistently.
+#[utoipa::path(
+    get, path = "/audit/checkpoint", tag = "audit",
+    responses(
+        (status = 200, description = "The signed checkpoint", body = Checkpoint),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["audit:read"]))
+)]
+async fn get_checkpoint(_auth: Auth<AuditRead>, State(state): State<AppState>) -> Result<Json<Checkpoint>, ApiError> {
+    Ok(Json(audit::checkpoint(&state.db, &state.keyring).await?))
+}
+
+/// The checkpoint verification keys.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PublicKeys {
+    /// One per keyring key, the active one first.
+    pub keys: Vec<PublicKey>,
+}
+
+/// The Ed25519 public keys checkpoints are signed with, by key id.
+#[utoipa::path(
+    get, path = "/audit/public-key", tag = "audit",
+    responses(
+        (status = 200, description = "The public keys", body = PublicKeys),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["audit:read"]))
+)]
+async fn public_keys(_auth: Auth<AuditRead>, State(state): State<AppState>) -> Json<PublicKeys> {
+    Json(PublicKeys { keys: audit::public_keys(&state.keyring) })
 }

@@ -4,34 +4,46 @@
 //! Details are built by the callers from non-secret facts only (ids, kinds, versions, reasons);
 //! nothing here ever receives a token, code, key or resume state.
 //!
-//! **The chain.** `audit_chain` (one row) holds the last `seq` handed out and the last event's
-//! HMAC. Writing an event advances the head (`UPDATE ... RETURNING`: the row lock serialises
-//! writers across instances on PostgreSQL; SQLite has one writer anyway), computes
-//! `hmac = HMAC-SHA256(K, prev_hmac || canonical(event))` with `K = keyring.derive(active key id,
-//! "audit-chain/v1")`, inserts the event with that key id (`chain_key_id`) and stores the new
-//! HMAC in the head. [`verify`] recomputes the chain; [`reseal`] moves it to the active key after
-//! a rotation.
+//! **The chains.** The log is partitioned into [`store::audit::PARTITIONS`] chains (256, fixed
+//! by migration 0008 and recorded in the database). An event goes into the chain of its user
+//! (`SHA-256(tag || "u" || user id)`), or, without a user, of its source address (refusals), or
+//! else of its actor (system events: the sweeper, the CLI) — see [`chain_of`]. Each chain has
+//! its own head row (`audit_heads`: position, seq and HMAC of its last event, retention anchor,
+//! head MAC) and its own HMAC chain: `hmac = HMAC-SHA256(K, prev_hmac || canonical(event))`,
+//! where the encoding covers the global `seq`, the chain id and the position in the chain, and
+//! `K = keyring.derive(active key id, "audit-chain/v1")`. Writing events locks only the heads of
+//! their chains (PostgreSQL `FOR UPDATE`, in chain order), so writers of different users never
+//! wait for each other; the global `seq` orders `GET /audit/events` and comes from a sequence
+//! (PostgreSQL; gaps from rolled-back writes are not tampering) or a counter cached per group
+//! commit (SQLite). Within a chain, seq grows with the position (taken after the head lock).
 //!
-//! **The head is authenticated.** The head row also carries a MAC, `HMAC-SHA256(K_head, chain
-//! id || last_seq || last_hmac || anchor_seq || anchor_hmac || head_key_id)` with `K_head =
-//! keyring.derive(head_key_id, "audit-head/v1")`, rewritten with every append. Deleting the
-//! newest events and rewinding the head to the new last event, or wiping the log and zeroing the
-//! head, cannot be done without the key: [`verify`] reports it, naming the first seq after the
-//! rewritten head. (Restoring head and rows together from an older copy of the same database is
-//! a consistent older state and cannot be told apart from inside; that needs an external
-//! witness, e.g. signed checkpoints kept elsewhere.)
+//! **The legacy chain.** Events written before migration 0008 keep `chain_id`/`pos` NULL: the
+//! closed legacy chain, verified with its own (v1) encoding against its head in `audit_chain`,
+//! which no new event advances. It is re-sealed and purged like the others.
 //!
-//! **Retention.** [`purge_before`] removes the oldest events (a prefix of the chain, each checked
-//! before it goes) and moves the head's *anchor* to the last removed event: its seq and HMAC,
-//! which the oldest retained event chains from. The anchor is under the head MAC too, so moving
-//! it without the key is found like a rewind.
+//! **The heads are authenticated.** Every head carries a MAC under `K_head =
+//! keyring.derive(head_key_id, "audit-head/v1")` over all its fields, rewritten with every
+//! append. Deleting the newest events of a chain and rewinding its head, or wiping the log and
+//! zeroing the heads, cannot be done without the key: [`verify`] reports it, naming the first
+//! seq the chain can no longer vouch for (the first gap in the global seq after the chain's last
+//! verified event). Restoring heads and rows together from an older copy is a consistent older
+//! state; [`checkpoint`]s signed with Ed25519 (`keyring.derive(key id, "audit-checkpoint/v1")`
+//! as the seed) and kept elsewhere reveal it ([`verify_checkpoint`]).
+//!
+//! **Retention.** [`purge_before`] removes, per chain, the oldest events recorded before the
+//! cutoff (each checked before it goes; nothing at or after the first bad one in seq order) and
+//! moves the chain's *anchor* to the last removed event, under the head MAC.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use hmac::{KeyInit, Mac};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::Digest;
 use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -41,7 +53,7 @@ use crate::{
     crypto::Keyring,
     store::{
         self, Conn, Db, StoreError,
-        audit::{AuditRow, ChainHead, EventFilter, NewAuditEvent, Snapshot},
+        audit::{AuditRow, ChainHead, ChainedRow, EventFilter, NewAuditEvent, PARTITIONS, PartHead, Snapshot},
     },
 };
 
@@ -53,6 +65,18 @@ pub const HEAD_KEY_LABEL: &str = "audit-head/v1";
 const HEAD_TAG: &[u8] = b"centraldb-mfa/audit-head/v1";
 /// Domain separation for the canonical encoding (changes if the encoding ever does).
 const CANONICAL_TAG: &[u8] = b"centraldb-mfa/audit-event/v1";
+/// The encoding of partition events (v2: adds the chain id and position).
+const CANONICAL_TAG_V2: &[u8] = b"centraldb-mfa/audit-event/v2";
+/// Domain separation for a partition head's MAC.
+const PART_HEAD_TAG: &[u8] = b"centraldb-mfa/audit-partition-head/v1";
+/// Domain separation for the chain assignment hash.
+const PARTITION_TAG: &[u8] = b"centraldb-mfa/audit-partition/v1";
+/// The label of the checkpoint signing seed.
+pub const CHECKPOINT_KEY_LABEL: &str = "audit-checkpoint/v1";
+/// Domain separation for the signed checkpoint message.
+const CHECKPOINT_TAG: &[u8] = b"centraldb-mfa/audit-checkpoint/v1";
+/// How reports name the legacy chain.
+pub const LEGACY_CHAIN: i64 = -1;
 /// Events read per round trip when verifying or re-sealing.
 const PAGE: i64 = 1000;
 
@@ -154,10 +178,28 @@ pub struct PendingEvent<'a> {
     pub details: String,
 }
 
-/// Writes many events through `c` (a write transaction) with O(1) statements: the head is
-/// advanced once by the batch size, the HMACs are chained here, the rows go in multi-row
-/// INSERTs and the head's HMAC is set once. The events get consecutive seqs in slice order;
-/// returns the last one (0 for no events).
+/// The chain an event goes into: of its user; without one, of its source address (refusals);
+/// else of its actor (system events). `SHA-256(tag || kind || value)` mod [`PARTITIONS`].
+pub fn chain_of(user_id: Option<&str>, source_ip: Option<&str>, actor: Option<&str>) -> i64 {
+    let (kind, value): (&[u8], &str) = match (user_id, source_ip) {
+        (Some(u), _) => (b"u", u),
+        (None, Some(ip)) => (b"s", ip),
+        (None, None) => (b"a", actor.unwrap_or("")),
+    };
+    let mut h = sha2::Sha256::new();
+    h.update(PARTITION_TAG);
+    h.update(kind);
+    h.update(value.as_bytes());
+    let d = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    (u64::from_be_bytes(first) % PARTITIONS as u64) as i64
+}
+
+/// Writes many events through `c` (a write transaction) with O(1) statements per chain touched:
+/// the heads of their chains are locked (in chain order), the seqs drawn, the HMACs chained
+/// here, the rows go in multi-row INSERTs and each head is rewritten once. The events get
+/// increasing seqs in slice order; returns the last one (0 for no events).
 pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingEvent<'_>]) -> store::Result<i64> {
     let Some(n) = i64::try_from(events.len()).ok().filter(|n| *n > 0) else { return Ok(0) };
     let chain_key_id = keyring.active_key_id();
@@ -165,23 +207,26 @@ pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingE
         .derive(chain_key_id, CHAIN_KEY_LABEL)
         .ok_or_else(|| StoreError::Other("the active key cannot derive the audit chain key".into()))?;
     let head_key = head_key(keyring, chain_key_id)?;
-    // In a SQLite group the head is cached in memory (the group holds the write lock); else
-    // the head row is advanced here, and its HMAC set below.
-    let cached = store::audit::cached_head(c).await?;
-    let is_cached = cached.is_some();
-    let (first_seq, mut head) = match cached {
-        Some(head) => (head.last_seq + 1, head),
-        None => {
-            let head = store::audit::advance_head_by(c, n).await?;
-            (head.last_seq - n + 1, head)
-        }
-    };
-    let mut prev = std::mem::take(&mut head.last_hmac);
-    let last_seq = first_seq + n - 1;
-    let views: Vec<EventView<'_>> = (first_seq..)
-        .zip(events)
-        .map(|(seq, e)| EventView {
+    let chains: Vec<i64> =
+        events.iter().map(|e| chain_of(e.user_id, e.ctx.source_ip.as_deref(), e.ctx.actor.as_deref())).collect();
+    let mut ids = chains.clone();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut heads: BTreeMap<i64, PartHead> =
+        store::audit::lock_part_heads(c, &ids).await?.into_iter().map(|h| (h.chain_id, h)).collect();
+    // Drawn after the heads are locked: within a chain, seq grows with the position.
+    let seqs = store::audit::next_seqs(c, n).await?;
+    if seqs.len() != events.len() {
+        return Err(StoreError::Other("the audit seq counter handed out too few seqs".into()));
+    }
+    let mut views = Vec::with_capacity(events.len());
+    let mut hmacs = Vec::with_capacity(events.len());
+    for ((e, chain), &seq) in events.iter().zip(&chains).zip(&seqs) {
+        let head = heads.get_mut(chain).ok_or_else(|| StoreError::Other(format!("audit chain {chain} has no head")))?;
+        let pos = head.last_pos + 1;
+        let view = EventView {
             seq,
+            chain: Some((*chain, pos)),
             id: Uuid::now_v7(),
             at: store::now(),
             type_: e.type_,
@@ -191,26 +236,23 @@ pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingE
             request_id: e.ctx.request_id.as_deref(),
             source_ip: e.ctx.source_ip.as_deref(),
             details: &e.details,
-        })
-        .collect();
-    let mut hmacs = Vec::with_capacity(views.len());
-    for view in &views {
-        let hmac = seal(&key, &prev, view, chain_key_id);
-        prev.clone_from(&hmac);
+        };
+        let hmac = seal(&key, &head.last_hmac, &view, chain_key_id);
+        head.last_pos = pos;
+        head.last_seq = seq;
+        head.last_hmac.clone_from(&hmac);
+        views.push(view);
         hmacs.push(hmac);
     }
     let rows: Vec<NewAuditEvent<'_>> =
         views.iter().zip(&hmacs).map(|(view, hmac)| view.sealed(chain_key_id, hmac)).collect();
     store::audit::insert_many(c, &rows).await?;
-    head.last_seq = last_seq;
-    head.last_hmac = prev;
-    seal_head(&head_key, chain_key_id, &mut head);
-    if is_cached {
-        store::audit::set_cached_head(c, head);
-    } else {
-        store::audit::write_head(c, &head).await?;
+    let mut out: Vec<PartHead> = heads.into_values().collect();
+    for h in &mut out {
+        seal_part_head(&head_key, chain_key_id, h);
     }
-    Ok(last_seq)
+    store::audit::write_part_heads(c, out).await?;
+    Ok(seqs.last().copied().unwrap_or(0))
 }
 
 /// The head MAC key under `key_id`.
@@ -245,6 +287,55 @@ fn seal_head(key: &[u8; 32], key_id: &str, h: &mut ChainHead) {
     h.head_key_id = Some(key_id.to_string());
 }
 
+/// A partition head's MAC: `HMAC-SHA256(K_head, tag || chain id || last_pos || last_seq ||
+/// last_hmac || anchor_pos || anchor_seq || anchor_hmac || key id)`, each field length-prefixed.
+fn part_head_mac(key: &[u8; 32], h: &PartHead, key_id: &str) -> Vec<u8> {
+    let Ok(mut mac) = <HmacSha256 as KeyInit>::new_from_slice(key) else { return Vec::new() };
+    for f in [
+        PART_HEAD_TAG,
+        &h.chain_id.to_be_bytes(),
+        &h.last_pos.to_be_bytes(),
+        &h.last_seq.to_be_bytes(),
+        &h.last_hmac,
+        &h.anchor_pos.to_be_bytes(),
+        &h.anchor_seq.to_be_bytes(),
+        &h.anchor_hmac,
+        key_id.as_bytes(),
+    ] {
+        mac.update(&(f.len() as u32).to_be_bytes());
+        mac.update(f);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn seal_part_head(key: &[u8; 32], key_id: &str, h: &mut PartHead) {
+    h.head_mac = Some(part_head_mac(key, h, key_id));
+    h.head_key_id = Some(key_id.to_string());
+}
+
+fn check_part_head(keys: &mut ChainKeys<'_>, h: &PartHead) -> Result<(), String> {
+    let (Some(key_id), Some(mac)) = (&h.head_key_id, &h.head_mac) else {
+        return Err(format!(
+            "the head of chain {} carries no MAC (a new chain is sealed at the first start after the \
+             upgrade; otherwise only `rewrap` seals it, after checking the chain)",
+            h.chain_id
+        ));
+    };
+    let Some(key) = keys.head(key_id) else {
+        return Err(format!(
+            "the chain head is sealed under key id '{}', which the keyring does not contain",
+            key_id.escape_default()
+        ));
+    };
+    if bool::from(part_head_mac(key, h, key_id).ct_eq(mac)) {
+        Ok(())
+    } else {
+        Err("the chain head's MAC does not verify: the head (its last position, seq or HMAC, or its retention \
+             anchor) was rewritten without the key, e.g. to hide events removed from the end"
+            .into())
+    }
+}
+
 /// Checks the head's MAC; `Err` says what is wrong.
 fn check_head(keys: &mut ChainKeys<'_>, h: &ChainHead) -> Result<(), String> {
     let (Some(key_id), Some(mac)) = (&h.head_key_id, &h.head_mac) else {
@@ -270,6 +361,8 @@ fn check_head(keys: &mut ChainKeys<'_>, h: &ChainHead) -> Result<(), String> {
 /// The fields an event's HMAC covers (besides the previous HMAC and the chain key id).
 struct EventView<'a> {
     seq: i64,
+    /// (chain id, position) of a partition event; `None` for a legacy event (v1 encoding).
+    chain: Option<(i64, i64)>,
     id: Uuid,
     at: DateTime<Utc>,
     type_: &'a str,
@@ -295,16 +388,20 @@ impl<'a> EventView<'a> {
             request_id: self.request_id,
             source_ip: self.source_ip,
             details: self.details,
+            chain_id: self.chain.map(|c| c.0),
+            pos: self.chain.map(|c| c.1),
             chain_key_id,
             hmac,
         }
     }
 }
 
-impl<'a> From<&'a AuditRow> for EventView<'a> {
-    fn from(r: &'a AuditRow) -> Self {
+impl<'a> From<&'a ChainedRow> for EventView<'a> {
+    fn from(row: &'a ChainedRow) -> Self {
+        let r = &row.event;
         Self {
             seq: r.seq,
+            chain: row.chain_id.zip(row.pos),
             id: r.id,
             at: r.at,
             type_: &r.type_,
@@ -320,6 +417,8 @@ impl<'a> From<&'a AuditRow> for EventView<'a> {
 
 /// An unambiguous encoding of an event: every field is `0x00` (NULL) or `0x01`, a big-endian
 /// u32 length and the bytes, so no two different events (NULL vs "" included) encode alike.
+/// Legacy events: tag v1, seq, then the fields; partition events: tag v2, seq, chain id,
+/// position, then the same fields.
 /// `at` is RFC 3339 with microseconds and `Z`, the precision both databases store.
 fn canonical(e: &EventView<'_>, chain_key_id: &str) -> Vec<u8> {
     fn field(out: &mut Vec<u8>, v: Option<&[u8]>) {
@@ -334,8 +433,18 @@ fn canonical(e: &EventView<'_>, chain_key_id: &str) -> Vec<u8> {
     }
     let at = e.at.to_rfc3339_opts(SecondsFormat::Micros, true);
     let mut out = Vec::with_capacity(256 + e.details.len());
-    field(&mut out, Some(CANONICAL_TAG));
-    field(&mut out, Some(&e.seq.to_be_bytes()));
+    match e.chain {
+        None => {
+            field(&mut out, Some(CANONICAL_TAG));
+            field(&mut out, Some(&e.seq.to_be_bytes()));
+        }
+        Some((chain, pos)) => {
+            field(&mut out, Some(CANONICAL_TAG_V2));
+            field(&mut out, Some(&e.seq.to_be_bytes()));
+            field(&mut out, Some(&chain.to_be_bytes()));
+            field(&mut out, Some(&pos.to_be_bytes()));
+        }
+    }
     field(&mut out, Some(e.id.as_bytes()));
     field(&mut out, Some(at.as_bytes()));
     field(&mut out, Some(e.type_.as_bytes()));
@@ -369,6 +478,10 @@ pub struct VerifyReport {
     /// The first event that is missing, altered, moved or cannot be checked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_bad_seq: Option<i64>,
+    /// The chain of that finding (0-255; -1 is the legacy chain of events written before the
+    /// partitioned log).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_bad_chain: Option<i64>,
     /// What was found, when not `ok`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -380,10 +493,24 @@ pub struct VerifyReport {
 
 impl VerifyReport {
     fn good(events_checked: u64) -> Self {
-        Self { ok: true, events_checked, first_bad_seq: None, reason: None, purged_through: None }
+        Self {
+            ok: true,
+            events_checked,
+            first_bad_seq: None,
+            first_bad_chain: None,
+            reason: None,
+            purged_through: None,
+        }
     }
     fn bad(events_checked: u64, first_bad_seq: Option<i64>, reason: impl Into<String>) -> Self {
-        Self { ok: false, events_checked, first_bad_seq, reason: Some(reason.into()), purged_through: None }
+        Self {
+            ok: false,
+            events_checked,
+            first_bad_seq,
+            first_bad_chain: None,
+            reason: Some(reason.into()),
+            purged_through: None,
+        }
     }
     fn purged(mut self, anchor_seq: i64) -> Self {
         self.purged_through = (anchor_seq > 0).then_some(anchor_seq);
@@ -398,6 +525,8 @@ struct Reseal<'k> {
     prev: Vec<u8>,
     started: bool,
     count: u64,
+    /// Every event from this seq on is re-sealed (the first one under another key, log-wide).
+    from_seq: i64,
 }
 
 /// Chain keys by key id, derived once per walk.
@@ -502,6 +631,17 @@ async fn walk(
         }
         for row in &page {
             let seq = row.event.seq;
+            if seq > head.last_seq && seq != expected {
+                return Ok(VerifyReport::bad(
+                    checked,
+                    Some(seq),
+                    format!(
+                        "an event at seq {seq} has no chain position and lies beyond the legacy chain's head (seq {})",
+                        head.last_seq
+                    ),
+                )
+                .purged(head.anchor_seq));
+            }
             if seq != expected {
                 return Ok(missing(checked, expected, seq).purged(head.anchor_seq));
             }
@@ -516,7 +656,7 @@ async fn walk(
                 )
                 .purged(head.anchor_seq));
             };
-            let view = EventView::from(&row.event);
+            let view = EventView::from(row);
             let mac = seal(key, &prev, &view, &row.chain_key_id);
             if !bool::from(mac.ct_eq(&row.hmac)) {
                 return Ok(VerifyReport::bad(
@@ -527,7 +667,7 @@ async fn walk(
                 .purged(head.anchor_seq));
             }
             if let Some(r) = reseal.as_deref_mut() {
-                r.started |= row.chain_key_id != r.key_id;
+                r.started |= row.chain_key_id != r.key_id || seq >= r.from_seq;
                 if r.started {
                     let new = seal(&r.key, &r.prev, &view, r.key_id);
                     store::audit::reseal(c, seq, r.key_id, &new).await?;
@@ -546,7 +686,9 @@ async fn walk(
     // A head rewritten without the key: whatever it says about the end of the log is not to be
     // trusted, so the first seq it does not vouch for is named.
     if let Err(why) = head_check {
-        return Ok(VerifyReport::bad(checked, Some(head.last_seq.min(last_seq) + 1), why).purged(head.anchor_seq));
+        // The first seq after the last event it can vouch for that no event has.
+        let seq = store::audit::hole_after(c, head.last_seq.min(last_seq)).await?;
+        return Ok(VerifyReport::bad(checked, Some(seq), why).purged(head.anchor_seq));
     }
     if head.last_seq > last_seq {
         return Ok(VerifyReport::bad(
@@ -587,17 +729,360 @@ fn missing(checked: u64, expected: i64, next: i64) -> VerifyReport {
 }
 
 fn head_missing() -> VerifyReport {
-    VerifyReport::bad(0, None, "the chain head (audit_chain row 1) is missing")
+    VerifyReport::bad(0, None, "the legacy chain head (audit_chain row 1) is missing")
 }
 
-/// Checks the whole chain, as of one consistent snapshot: the head's MAC, `seq` contiguous from
-/// the oldest retained event, each HMAC (under the key its `chain_key_id` names), and the head
-/// against the last event.
+/// One thing wrong with one chain: the first seq it concerns (when one can be named) and why.
+#[derive(Debug, Clone)]
+struct Finding {
+    seq: Option<i64>,
+    chain: i64,
+    reason: String,
+}
+
+impl Finding {
+    /// The earlier of two findings (one with a seq before one without).
+    fn earliest(a: Option<Finding>, b: Finding) -> Finding {
+        match a {
+            None => b,
+            Some(a) => match (a.seq, b.seq) {
+                (Some(x), Some(y)) if y < x => b,
+                (None, Some(_)) => b,
+                _ => a,
+            },
+        }
+    }
+}
+
+/// Re-sealing of the partition chains in progress.
+struct PartReseal<'k> {
+    key_id: &'k str,
+    key: Zeroizing<[u8; 32]>,
+    from_seq: i64,
+    count: u64,
+    /// Per chain: the new last HMAC (only for chains whose events were re-sealed).
+    new_last: HashMap<i64, Vec<u8>>,
+}
+
+/// One chain being walked.
+struct ChainWalk<'h> {
+    head: &'h PartHead,
+    prev: Vec<u8>,
+    new_prev: Vec<u8>,
+    resealing: bool,
+    next_pos: i64,
+    last_good_seq: i64,
+    finding: Option<(i64, String)>,
+}
+
+impl<'h> ChainWalk<'h> {
+    fn new(head: &'h PartHead) -> Self {
+        Self {
+            head,
+            prev: head.anchor_hmac.clone(),
+            new_prev: head.anchor_hmac.clone(),
+            resealing: false,
+            next_pos: head.anchor_pos + 1,
+            last_good_seq: head.anchor_seq,
+            finding: None,
+        }
+    }
+}
+
+/// Checks one row of the chain being walked (and re-seals it when asked).
+async fn walk_row(
+    c: &mut Conn<'_>,
+    keys: &mut ChainKeys<'_>,
+    w: &mut ChainWalk<'_>,
+    row: &ChainedRow,
+    reseal: Option<&mut PartReseal<'_>>,
+) -> store::Result<()> {
+    if w.finding.is_some() {
+        return Ok(());
+    }
+    let (seq, pos) = (row.event.seq, row.pos.unwrap_or(0));
+    let chain = w.head.chain_id;
+    let bad = if pos <= w.head.anchor_pos {
+        Some((
+            seq,
+            format!(
+                "the event at position {pos} of chain {chain} is at or before the chain's retention anchor (position {})",
+                w.head.anchor_pos
+            ),
+        ))
+    } else if pos > w.next_pos {
+        let hole = store::audit::hole_after(c, w.last_good_seq).await?.min(seq);
+        Some((
+            hole,
+            format!(
+                "event seq {hole} is missing (position(s) {}..{} of chain {chain} are gone; the next event there is \
+                 seq {seq})",
+                w.next_pos,
+                pos - 1
+            ),
+        ))
+    } else if pos > w.head.last_pos {
+        Some((
+            seq,
+            format!(
+                "the event lies beyond its chain head (position {pos} of chain {chain}; the head records {})",
+                w.head.last_pos
+            ),
+        ))
+    } else {
+        match keys.get(&row.chain_key_id) {
+            None => Some((
+                seq,
+                format!(
+                    "the event is sealed under key id '{}', which the keyring does not contain",
+                    row.chain_key_id.escape_default()
+                ),
+            )),
+            Some(key) => {
+                let view = EventView::from(row);
+                let mac = seal(key, &w.prev, &view, &row.chain_key_id);
+                if bool::from(mac.ct_eq(&row.hmac)) {
+                    None
+                } else {
+                    Some((
+                        seq,
+                        "HMAC mismatch: the event was altered, replaced or moved, or an earlier event was".into(),
+                    ))
+                }
+            }
+        }
+    };
+    if let Some(b) = bad {
+        w.finding = Some(b);
+        return Ok(());
+    }
+    if let Some(r) = reseal {
+        w.resealing |= row.chain_key_id != r.key_id || seq >= r.from_seq;
+        if w.resealing {
+            let new = seal(&r.key, &w.new_prev, &EventView::from(row), r.key_id);
+            store::audit::reseal(c, seq, r.key_id, &new).await?;
+            w.new_prev = new;
+            r.count += 1;
+            r.new_last.insert(w.head.chain_id, w.new_prev.clone());
+        } else {
+            w.new_prev.clone_from(&row.hmac);
+        }
+    }
+    w.prev.clone_from(&row.hmac);
+    w.next_pos += 1;
+    w.last_good_seq = seq;
+    Ok(())
+}
+
+/// The end of a chain's rows: its head against them (and its MAC).
+async fn finish_chain(
+    c: &mut Conn<'_>,
+    keys: &mut ChainKeys<'_>,
+    w: ChainWalk<'_>,
+    accept_unsealed: bool,
+) -> store::Result<Option<Finding>> {
+    let h = w.head;
+    let chain = h.chain_id;
+    let mut found: Option<Finding> = w.finding.map(|(seq, reason)| Finding { seq: Some(seq), chain, reason });
+    match check_part_head(keys, h) {
+        Err(_) if accept_unsealed && h.head_mac.is_none() => {}
+        Err(why) => {
+            let seq = store::audit::hole_after(c, w.last_good_seq).await?;
+            found = Some(Finding::earliest(found, Finding { seq: Some(seq), chain, reason: why }));
+        }
+        Ok(()) => {}
+    }
+    if found.is_none() {
+        let last_pos = w.next_pos - 1;
+        if h.last_pos > last_pos {
+            let seq = store::audit::hole_after(c, w.last_good_seq).await?.min(h.last_seq.max(w.last_good_seq + 1));
+            found = Some(Finding {
+                seq: Some(seq),
+                chain,
+                reason: format!(
+                    "event seq {seq} is missing (the head of chain {chain} records {} event(s) but the chain ends at \
+                     position {last_pos}: events were removed from the end)",
+                    h.last_pos
+                ),
+            });
+        } else if h.last_seq != w.last_good_seq || !bool::from(h.last_hmac.ct_eq(&w.prev)) {
+            found = Some(Finding {
+                seq: (w.last_good_seq > 0).then_some(w.last_good_seq),
+                chain,
+                reason: "the chain head's seq or HMAC does not match its last event (the head or the last event \
+                         was replaced)"
+                    .into(),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Walks every partition chain in (chain, position) order against its head. Returns what was
+/// found, per chain at most one finding (the first).
+async fn walk_parts(
+    c: &mut Conn<'_>,
+    keyring: &Keyring,
+    heads: &[PartHead],
+    mut reseal: Option<&mut PartReseal<'_>>,
+    accept_unsealed: bool,
+) -> store::Result<Vec<Finding>> {
+    let mut keys = ChainKeys::new(keyring);
+    let mut findings = Vec::new();
+    let by_id: BTreeMap<i64, &PartHead> = heads.iter().map(|h| (h.chain_id, h)).collect();
+    for h in heads {
+        if !(0..PARTITIONS).contains(&h.chain_id) {
+            findings.push(Finding {
+                seq: None,
+                chain: h.chain_id,
+                reason: format!("there is a head for chain {}, which does not exist", h.chain_id),
+            });
+        }
+    }
+    let mut done: std::collections::HashSet<i64> = Default::default();
+    let mut current: Option<ChainWalk<'_>> = None;
+    // Chains with events but no head: named once, at their first event.
+    let mut headless: std::collections::HashSet<i64> = Default::default();
+    let (mut after_chain, mut after_pos) = (i64::MIN, i64::MIN);
+    let mut slow: i64 = 0;
+    loop {
+        let size = if slow > 0 { 1 } else { PAGE };
+        let page = match store::audit::part_page(c, after_chain, after_pos, size).await {
+            Ok(p) => p,
+            Err(StoreError::Other(_)) if size > 1 => {
+                slow = PAGE;
+                continue;
+            }
+            Err(StoreError::Other(e)) => {
+                // One row that cannot be decoded: name it, skip the rest of its chain.
+                let Some((chain, pos, seq)) = store::audit::part_key_after(c, after_chain, after_pos).await? else {
+                    break;
+                };
+                tracing::warn!(seq, error = %e, "audit event cannot be read");
+                let reason = format!("the event at seq {seq} cannot be read (a column holds an invalid value)");
+                match current.as_mut() {
+                    Some(w) if w.head.chain_id == chain => {
+                        if w.finding.is_none() {
+                            w.finding = Some((seq, reason));
+                        }
+                    }
+                    _ => findings.push(Finding { seq: Some(seq), chain, reason }),
+                }
+                (after_chain, after_pos) = (chain, pos);
+                slow -= 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if page.is_empty() {
+            break;
+        }
+        slow = (slow - page.len() as i64).max(0);
+        for row in &page {
+            let chain = row.chain_id.unwrap_or(i64::MIN);
+            (after_chain, after_pos) = (chain, row.pos.unwrap_or(i64::MIN));
+            if current.as_ref().is_none_or(|w| w.head.chain_id != chain) {
+                if let Some(w) = current.take() {
+                    done.insert(w.head.chain_id);
+                    findings.extend(finish_chain(c, &mut keys, w, accept_unsealed).await?);
+                }
+                match by_id.get(&chain) {
+                    Some(h) => current = Some(ChainWalk::new(h)),
+                    None => {
+                        if headless.insert(chain) {
+                            findings.push(Finding {
+                                seq: Some(row.event.seq),
+                                chain,
+                                reason: format!("the event is in chain {chain}, whose head is missing"),
+                            });
+                        }
+                        continue;
+                    }
+                }
+            }
+            if let Some(w) = current.as_mut() {
+                walk_row(c, &mut keys, w, row, reseal.as_deref_mut()).await?;
+            }
+        }
+    }
+    if let Some(w) = current.take() {
+        done.insert(w.head.chain_id);
+        findings.extend(finish_chain(c, &mut keys, w, accept_unsealed).await?);
+    }
+    for h in heads {
+        if !done.contains(&h.chain_id) && (0..PARTITIONS).contains(&h.chain_id) {
+            findings.extend(finish_chain(c, &mut keys, ChainWalk::new(h), accept_unsealed).await?);
+        }
+    }
+    for id in 0..PARTITIONS {
+        if !by_id.contains_key(&id) && !headless.contains(&id) {
+            findings.push(Finding { seq: None, chain: id, reason: format!("the head of chain {id} is missing") });
+        }
+    }
+    Ok(findings)
+}
+
+/// The legacy walk's result as a finding.
+fn legacy_finding(r: &VerifyReport) -> Option<Finding> {
+    (!r.ok).then(|| Finding { seq: r.first_bad_seq, chain: LEGACY_CHAIN, reason: r.reason.clone().unwrap_or_default() })
+}
+
+/// The report for everything found: the earliest finding (by seq), the events before it.
+async fn combine(
+    c: &mut Conn<'_>,
+    findings: Vec<Finding>,
+    legacy: Option<&ChainHead>,
+    heads: &[PartHead],
+) -> store::Result<VerifyReport> {
+    let anchor = heads.iter().map(|h| h.anchor_seq).chain(legacy.map(|h| h.anchor_seq)).max().unwrap_or(0);
+    let first = findings.into_iter().fold(None, |acc, f| Some(Finding::earliest(acc, f)));
+    let report = match first {
+        None => VerifyReport::good(store::audit::count_below(c, None).await?.max(0) as u64),
+        Some(f) => {
+            let checked = match f.seq {
+                Some(s) => store::audit::count_below(c, Some(s)).await?,
+                None => 0,
+            };
+            let mut r = VerifyReport::bad(checked.max(0) as u64, f.seq, f.reason);
+            r.first_bad_chain = Some(f.chain);
+            r
+        }
+    };
+    Ok(report.purged(anchor))
+}
+
+/// Everything checked in one transaction: the legacy chain, every partition chain, combined.
+async fn check_all(
+    c: &mut Conn<'_>,
+    keyring: &Keyring,
+    legacy: Option<&ChainHead>,
+    heads: &[PartHead],
+    reseal: Option<(&mut Reseal<'_>, &mut PartReseal<'_>)>,
+    accept_unsealed: bool,
+) -> store::Result<VerifyReport> {
+    let (legacy_reseal, part_reseal) = match reseal {
+        Some((a, b)) => (Some(a), Some(b)),
+        None => (None, None),
+    };
+    let mut findings = match legacy {
+        None => vec![Finding { seq: None, chain: LEGACY_CHAIN, reason: head_missing().reason.unwrap_or_default() }],
+        Some(h) => legacy_finding(&walk(c, keyring, h, legacy_reseal, accept_unsealed).await?).into_iter().collect(),
+    };
+    findings.extend(walk_parts(c, keyring, heads, part_reseal, accept_unsealed).await?);
+    combine(c, findings, legacy, heads).await
+}
+
+/// Checks the whole log, as of one consistent snapshot: every chain's events (positions
+/// contiguous from its anchor, each HMAC under the key its `chain_key_id` names), every head
+/// (its MAC, and against its last event), the legacy chain as before. Names the earliest seq
+/// at fault and its chain.
 pub async fn verify(db: &Db, keyring: &Keyring) -> store::Result<VerifyReport> {
     let mut snap = Snapshot::begin(db).await?;
-    let report = match store::audit::read_head(&mut snap.conn()).await? {
-        None => head_missing(),
-        Some(head) => walk(&mut snap.conn(), keyring, &head, None, false).await?,
+    let report = {
+        let mut c = snap.conn();
+        let legacy = store::audit::read_head(&mut c).await?;
+        let heads = store::audit::all_part_heads(&mut c, false).await?;
+        check_all(&mut c, keyring, legacy.as_ref(), &heads, None, false).await?
     };
     snap.end().await?;
     Ok(report)
@@ -611,65 +1096,117 @@ pub struct ResealReport {
     pub resealed: u64,
 }
 
-/// Verifies the chain and re-seals it under the active key, in one write transaction with the
-/// head locked (no event is appended meanwhile). Only events from the first one sealed under
-/// another key on are rewritten (a chain already under the active key is left as it is); the
-/// head is MACed under the active key. A chain that does not verify is left untouched and
-/// reported. A head not sealed yet (a database from before the head MAC) is sealed here when
-/// the events verify.
+/// Verifies the log and re-seals it under the active key, in one write transaction with every
+/// head locked (no event is appended meanwhile). Events from the first one (in seq order) sealed
+/// under another key on are rewritten, in every chain; every head not under the active key is
+/// MACed under it. A log that does not verify is left untouched and reported. Heads not sealed
+/// yet are sealed here when the log verifies.
 pub async fn reseal(db: &Db, keyring: &Keyring) -> store::Result<ResealReport> {
     let key_id = keyring.active_key_id();
-    let key = keyring
-        .derive(key_id, CHAIN_KEY_LABEL)
-        .ok_or_else(|| StoreError::Other("the active key cannot derive the audit chain key".into()))?;
+    let derive = || {
+        keyring
+            .derive(key_id, CHAIN_KEY_LABEL)
+            .ok_or_else(|| StoreError::Other("the active key cannot derive the audit chain key".into()))
+    };
     let hkey = head_key(keyring, key_id)?;
     let mut tx = db.begin_write().await?;
-    let Some(mut head) = store::audit::lock_head(&mut tx.conn()).await? else {
+    let mut c = tx.conn();
+    let Some(mut legacy) = store::audit::lock_head(&mut c).await? else {
         return Ok(ResealReport { verified: head_missing(), resealed: 0 });
     };
-    let mut state = Reseal { key_id, key, prev: Vec::new(), started: false, count: 0 };
-    let verified = walk(&mut tx.conn(), keyring, &head, Some(&mut state), true).await?;
+    let heads = store::audit::all_part_heads(&mut c, true).await?;
+    let from_seq = store::audit::min_seq_not_under(&mut c, key_id).await?.unwrap_or(i64::MAX);
+    let mut state = Reseal { key_id, key: derive()?, prev: Vec::new(), started: false, count: 0, from_seq };
+    let mut parts = PartReseal { key_id, key: derive()?, from_seq, count: 0, new_last: HashMap::new() };
+    let verified = check_all(&mut c, keyring, Some(&legacy), &heads, Some((&mut state, &mut parts)), true).await?;
     if !verified.ok {
         // Dropping the transaction rolls back whatever was rewritten before the bad event.
         return Ok(ResealReport { verified, resealed: 0 });
     }
-    if state.started || head.head_key_id.as_deref() != Some(key_id) || head.head_mac.is_none() {
-        head.last_hmac = state.prev;
-        seal_head(&hkey, key_id, &mut head);
-        store::audit::write_head(&mut tx.conn(), &head).await?;
+    if state.started || legacy.head_key_id.as_deref() != Some(key_id) || legacy.head_mac.is_none() {
+        legacy.last_hmac = state.prev;
+        seal_head(&hkey, key_id, &mut legacy);
+        store::audit::write_head(&mut c, &legacy).await?;
     }
-    tx.commit().await?;
-    Ok(ResealReport { verified, resealed: state.count })
-}
-
-/// Seals a head that carries no MAC yet (a database from before the head MAC), if the chain
-/// verifies; run at start-up. Returns whether it sealed one. A chain that does not verify is
-/// left as it is (and `verify` keeps reporting it).
-pub async fn seal_unsealed_head(db: &Db, keyring: &Keyring) -> store::Result<bool> {
-    {
-        let mut c = db.read().await?;
-        match store::audit::read_head(&mut c.conn()).await? {
-            Some(h) if h.head_mac.is_none() => {}
-            _ => return Ok(false),
+    let mut changed = Vec::new();
+    for mut h in heads {
+        let new_last = parts.new_last.remove(&h.chain_id);
+        if new_last.is_some() || h.head_key_id.as_deref() != Some(key_id) || h.head_mac.is_none() {
+            if let Some(l) = new_last {
+                h.last_hmac = l;
+            }
+            seal_part_head(&hkey, key_id, &mut h);
+            changed.push(h);
         }
     }
-    let hkey = head_key(keyring, keyring.active_key_id())?;
-    let mut tx = db.begin_write().await?;
-    let Some(mut head) = store::audit::lock_head(&mut tx.conn()).await? else { return Ok(false) };
-    if head.head_mac.is_some() {
-        return Ok(false);
-    }
-    let report = walk(&mut tx.conn(), keyring, &head, None, true).await?;
-    if !report.ok {
-        tracing::warn!(first_bad_seq = ?report.first_bad_seq, reason = ?report.reason,
-            "the audit chain does not verify: its head is left without a MAC");
-        return Ok(false);
-    }
-    seal_head(&hkey, keyring.active_key_id(), &mut head);
-    store::audit::write_head(&mut tx.conn(), &head).await?;
+    store::audit::write_part_heads(&mut c, changed).await?;
     tx.commit().await?;
-    tracing::info!(events = report.events_checked, "audit chain head sealed (MAC under the active key)");
-    Ok(true)
+    Ok(ResealReport { verified, resealed: state.count + parts.count })
+}
+
+/// Start-up: refuses a database partitioned otherwise than this build, and seals the heads that
+/// carry no MAC yet — the legacy head of a database from before the head MAC, and the untouched
+/// heads migration 0008 created — if the whole log verifies. Returns whether it sealed any. A
+/// head with events but no MAC is not sealed here (only `rewrap` does, after checking it), and
+/// a log that does not verify is left as it is (`verify` keeps reporting it).
+pub async fn seal_unsealed_head(db: &Db, keyring: &Keyring) -> store::Result<bool> {
+    {
+        let mut rc = db.read().await?;
+        let mut c = rc.conn();
+        match store::audit::recorded_partitions(&mut c).await? {
+            Some(PARTITIONS) => {}
+            other => {
+                return Err(StoreError::Other(format!(
+                    "the database records {other:?} audit partitions, this build {PARTITIONS}: refusing to write to it"
+                )));
+            }
+        }
+        let legacy_unsealed = store::audit::read_head(&mut c).await?.is_some_and(|h| h.head_mac.is_none());
+        let heads = store::audit::all_part_heads(&mut c, false).await?;
+        if !legacy_unsealed && heads.iter().all(|h| h.head_mac.is_some()) {
+            return Ok(false);
+        }
+    }
+    let key_id = keyring.active_key_id();
+    let hkey = head_key(keyring, key_id)?;
+    let mut tx = db.begin_write().await?;
+    let mut c = tx.conn();
+    let Some(mut legacy) = store::audit::lock_head(&mut c).await? else { return Ok(false) };
+    let heads = store::audit::all_part_heads(&mut c, true).await?;
+    let report = check_all(&mut c, keyring, Some(&legacy), &heads, None, true).await?;
+    if !report.ok {
+        tracing::warn!(first_bad_seq = ?report.first_bad_seq, first_bad_chain = ?report.first_bad_chain,
+            reason = ?report.reason, "the audit log does not verify: its unsealed heads are left without a MAC");
+        return Ok(false);
+    }
+    let mut sealed = 0usize;
+    if legacy.head_mac.is_none() {
+        seal_head(&hkey, key_id, &mut legacy);
+        store::audit::write_head(&mut c, &legacy).await?;
+        sealed += 1;
+    }
+    let mut changed = Vec::new();
+    let mut left = 0usize;
+    for mut h in heads.into_iter().filter(|h| h.head_mac.is_none()) {
+        if h.is_pristine() {
+            seal_part_head(&hkey, key_id, &mut h);
+            changed.push(h);
+        } else {
+            left += 1;
+        }
+    }
+    sealed += changed.len();
+    store::audit::write_part_heads(&mut c, changed).await?;
+    tx.commit().await?;
+    if left > 0 {
+        tracing::warn!(heads = left, "audit chain heads with events but no MAC are left unsealed (run `rewrap`)");
+    }
+    tracing::info!(
+        heads = sealed,
+        events = report.events_checked,
+        "audit chain heads sealed (MAC under the active key)"
+    );
+    Ok(sealed > 0)
 }
 
 /// What one retention purge did.
@@ -677,20 +1214,28 @@ pub async fn seal_unsealed_head(db: &Db, keyring: &Keyring) -> store::Result<boo
 pub struct PurgeReport {
     /// Events removed.
     pub events: u64,
-    /// The new anchor: the last removed seq (unchanged when nothing was removed).
+    /// The newest anchor: the last removed seq over all chains.
     pub through_seq: i64,
-    /// A due event that does not verify: the purge stopped before it, keeping the evidence.
+    /// A due event that does not verify: the purge removed nothing from it on (in seq order),
+    /// keeping the evidence.
     pub stopped_at: Option<i64>,
 }
 
-/// Events removed per transaction by [`purge_before`].
+/// Events examined per chain per transaction by [`purge_before`].
 const PURGE_BATCH: i64 = 2000;
 
-/// Removes the oldest events recorded before `cutoff` (a prefix of the chain: it stops at the
-/// first event at or after `cutoff`), a batch per write transaction. Each event is checked
-/// before it goes (a purge never destroys evidence of tampering: it stops before a bad event).
-/// Each batch moves the head's anchor to its last event, re-MACs the head and records an
-/// `audit.purged` event, all in its transaction.
+/// What a purge pass found due in one chain: the events it may remove (in order) with their
+/// position, seq and HMAC.
+struct Due {
+    rows: Vec<(i64, i64, Vec<u8>)>,
+}
+
+/// Removes, in every chain, the oldest events recorded before `cutoff` (a prefix of each chain),
+/// a batch per write transaction that holds every head (writers wait for it, briefly). Each
+/// event is checked before it goes; at the first one that does not verify (or whose chain head
+/// does not), nothing from its seq on is removed in any chain. Each batch moves the anchors of
+/// the chains it shortened, re-MACs their heads and records one `audit.purged` event, all in
+/// its transaction.
 pub async fn purge_before(db: &Db, keyring: &Keyring, cutoff: DateTime<Utc>) -> store::Result<PurgeReport> {
     let key_id = keyring.active_key_id();
     let hkey = head_key(keyring, key_id)?;
@@ -699,39 +1244,103 @@ pub async fn purge_before(db: &Db, keyring: &Keyring, cutoff: DateTime<Utc>) -> 
     loop {
         let mut tx = db.begin_write().await?;
         let mut c = tx.conn();
-        let Some(mut head) = store::audit::lock_head(&mut c).await? else { break };
-        report.through_seq = head.anchor_seq;
-        // Never purge from a head that does not verify (nor seal a forged one).
-        if check_head(&mut keys, &head).is_err() {
-            report.stopped_at = Some(head.anchor_seq + 1);
+        let Some(mut legacy) = store::audit::lock_head(&mut c).await? else { break };
+        let heads = store::audit::all_part_heads(&mut c, true).await?;
+        report.through_seq = heads.iter().map(|h| h.anchor_seq).chain([legacy.anchor_seq]).max().unwrap_or(0);
+        let mut stop: Option<i64> = None;
+        let mut full = false;
+        // The legacy chain (seq order).
+        let mut legacy_due: Vec<(i64, Vec<u8>)> = Vec::new();
+        if check_head(&mut keys, &legacy).is_err() {
+            if let Some(first) = store::audit::next_seq(&mut c, legacy.anchor_seq).await? {
+                stop = Some(first);
+            }
+        } else {
+            let page = store::audit::chain_page(&mut c, legacy.anchor_seq, PURGE_BATCH).await?;
+            full |= page.len() as i64 == PURGE_BATCH;
+            let mut prev = legacy.anchor_hmac.clone();
+            for (expected, row) in (legacy.anchor_seq + 1..).zip(&page) {
+                if row.event.at >= cutoff || row.event.seq != expected || row.event.seq > legacy.last_seq {
+                    break;
+                }
+                let ok = keys.get(&row.chain_key_id).is_some_and(|key| {
+                    let mac = seal(key, &prev, &EventView::from(row), &row.chain_key_id);
+                    bool::from(mac.ct_eq(&row.hmac))
+                });
+                if !ok {
+                    stop = Some(stop.map_or(row.event.seq, |s| s.min(row.event.seq)));
+                    break;
+                }
+                prev.clone_from(&row.hmac);
+                legacy_due.push((row.event.seq, row.hmac.clone()));
+            }
+        }
+        // The partition chains.
+        let mut due: BTreeMap<i64, Due> = BTreeMap::new();
+        for h in &heads {
+            let page = store::audit::chain_events(&mut c, h.chain_id, h.anchor_pos, PURGE_BATCH).await?;
+            if page.first().is_none_or(|r| r.event.at >= cutoff) {
+                continue;
+            }
+            if check_part_head(&mut keys, h).is_err() {
+                let first = page[0].event.seq;
+                stop = Some(stop.map_or(first, |s| s.min(first)));
+                continue;
+            }
+            full |= page.len() as i64 == PURGE_BATCH;
+            let mut prev = h.anchor_hmac.clone();
+            let mut d = Due { rows: Vec::new() };
+            for (expected, row) in (h.anchor_pos + 1..).zip(&page) {
+                let pos = row.pos.unwrap_or(0);
+                if row.event.at >= cutoff || pos != expected || pos > h.last_pos {
+                    break;
+                }
+                let ok = keys.get(&row.chain_key_id).is_some_and(|key| {
+                    let mac = seal(key, &prev, &EventView::from(row), &row.chain_key_id);
+                    bool::from(mac.ct_eq(&row.hmac))
+                });
+                if !ok {
+                    stop = Some(stop.map_or(row.event.seq, |s| s.min(row.event.seq)));
+                    break;
+                }
+                prev.clone_from(&row.hmac);
+                d.rows.push((pos, row.event.seq, row.hmac.clone()));
+            }
+            if !d.rows.is_empty() {
+                due.insert(h.chain_id, d);
+            }
+        }
+        // Nothing at or after a bad event (in seq order) goes, in any chain.
+        let limit = stop.unwrap_or(i64::MAX);
+        let mut removed: u64 = 0;
+        let mut through = report.through_seq;
+        legacy_due.retain(|(seq, _)| *seq < limit);
+        if let Some((seq, hmac)) = legacy_due.last() {
+            removed += store::audit::delete_through(&mut c, *seq).await?;
+            legacy.anchor_seq = *seq;
+            legacy.anchor_hmac.clone_from(hmac);
+            seal_head(&hkey, key_id, &mut legacy);
+            store::audit::write_head(&mut c, &legacy).await?;
+            through = through.max(*seq);
+        }
+        let mut changed = Vec::new();
+        for mut h in heads {
+            let Some(d) = due.get_mut(&h.chain_id) else { continue };
+            d.rows.retain(|(_, seq, _)| *seq < limit);
+            let Some((pos, seq, hmac)) = d.rows.last() else { continue };
+            removed += store::audit::delete_chain_through(&mut c, h.chain_id, *pos).await?;
+            h.anchor_pos = *pos;
+            h.anchor_seq = *seq;
+            h.anchor_hmac.clone_from(hmac);
+            through = through.max(*seq);
+            seal_part_head(&hkey, key_id, &mut h);
+            changed.push(h);
+        }
+        report.stopped_at = stop;
+        if removed == 0 {
             break;
         }
-        let page = store::audit::chain_page(&mut c, head.anchor_seq, PURGE_BATCH).await?;
-        let mut prev = head.anchor_hmac.clone();
-        let mut through = head.anchor_seq;
-        for row in &page {
-            if row.event.at >= cutoff || row.event.seq != through + 1 || row.event.seq > head.last_seq {
-                break;
-            }
-            let ok = keys.get(&row.chain_key_id).is_some_and(|key| {
-                let mac = seal(key, &prev, &EventView::from(&row.event), &row.chain_key_id);
-                bool::from(mac.ct_eq(&row.hmac))
-            });
-            if !ok {
-                report.stopped_at = Some(row.event.seq);
-                break;
-            }
-            prev.clone_from(&row.hmac);
-            through = row.event.seq;
-        }
-        if through == head.anchor_seq {
-            break;
-        }
-        let removed = store::audit::delete_through(&mut c, through).await?;
-        head.anchor_seq = through;
-        head.anchor_hmac = prev;
-        seal_head(&hkey, key_id, &mut head);
-        store::audit::write_head(&mut c, &head).await?;
+        store::audit::write_part_heads(&mut c, changed).await?;
         record(
             &mut c,
             keyring,
@@ -746,7 +1355,7 @@ pub async fn purge_before(db: &Db, keyring: &Keyring, cutoff: DateTime<Utc>) -> 
         tx.commit().await?;
         report.events += removed;
         report.through_seq = through;
-        if report.stopped_at.is_some() || (page.len() as i64) < PURGE_BATCH {
+        if report.stopped_at.is_some() || !full {
             break;
         }
     }
@@ -754,6 +1363,221 @@ pub async fn purge_before(db: &Db, keyring: &Keyring, cutoff: DateTime<Utc>) -> 
         tracing::warn!(seq, "audit retention purge stopped: the event does not verify, so it is kept");
     }
     Ok(report)
+}
+
+// ---- signed checkpoints ---------------------------------------------------------------------
+
+/// One chain's head in a checkpoint: the position, seq and HMAC (hex) of its newest event
+/// (chain -1, the legacy chain: its last seq as the position).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointHead {
+    pub chain: i64,
+    pub pos: i64,
+    pub seq: i64,
+    pub hmac: String,
+}
+
+/// Every chain's head at one instant, signed with Ed25519 under the keyring key `key_id`
+/// (`GET /audit/checkpoint`, `centraldb-mfa audit checkpoint`). Kept elsewhere, it lets
+/// `audit verify --checkpoint` find events it covers that were later removed, changed or
+/// rewound, even with every head rewritten consistently.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Checkpoint {
+    /// Format version (1).
+    pub version: u32,
+    /// When the heads were read (RFC 3339, UTC).
+    pub at: String,
+    /// The keyring key the signing key is derived from; its public key is at
+    /// `GET /audit/public-key`.
+    pub key_id: String,
+    /// The number of partition chains.
+    pub partitions: i64,
+    pub heads: Vec<CheckpointHead>,
+    /// Ed25519 signature (hex) over the checkpoint's canonical encoding (see SECURITY.md).
+    pub signature: String,
+}
+
+impl Checkpoint {
+    /// The signed message: tag, version, at, key id, partitions, then per head chain, pos, seq
+    /// and HMAC, each field length-prefixed (u32 big-endian).
+    fn message(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.heads.len() * 80);
+        let mut field = |b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            out.extend_from_slice(b);
+        };
+        field(CHECKPOINT_TAG);
+        field(&self.version.to_be_bytes());
+        field(self.at.as_bytes());
+        field(self.key_id.as_bytes());
+        field(&self.partitions.to_be_bytes());
+        field(&(self.heads.len() as u64).to_be_bytes());
+        for h in &self.heads {
+            field(&h.chain.to_be_bytes());
+            field(&h.pos.to_be_bytes());
+            field(&h.seq.to_be_bytes());
+            field(h.hmac.as_bytes());
+        }
+        out
+    }
+}
+
+/// The Ed25519 key of keyring key `key_id` (its seed derived with [`CHECKPOINT_KEY_LABEL`]).
+fn signing_key(keyring: &Keyring, key_id: &str) -> Option<ed25519_dalek::SigningKey> {
+    let seed = keyring.derive(key_id, CHECKPOINT_KEY_LABEL)?;
+    Some(ed25519_dalek::SigningKey::from_bytes(&seed))
+}
+
+/// A checkpoint verification key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PublicKey {
+    pub key_id: String,
+    /// Always `Ed25519`.
+    pub algorithm: String,
+    /// The 32-byte public key, hex.
+    pub public_key: String,
+}
+
+/// The checkpoint public keys of every key in the keyring (the active one first).
+pub fn public_keys(keyring: &Keyring) -> Vec<PublicKey> {
+    keyring
+        .key_ids()
+        .into_iter()
+        .filter_map(|id| {
+            signing_key(keyring, id).map(|k| PublicKey {
+                key_id: id.to_string(),
+                algorithm: "Ed25519".into(),
+                public_key: hex::encode(k.verifying_key().as_bytes()),
+            })
+        })
+        .collect()
+}
+
+/// Reads every head in one snapshot and signs them under the active key.
+pub async fn checkpoint(db: &Db, keyring: &Keyring) -> store::Result<Checkpoint> {
+    let mut snap = Snapshot::begin(db).await?;
+    let (legacy, heads) = {
+        let mut c = snap.conn();
+        (store::audit::read_head(&mut c).await?, store::audit::all_part_heads(&mut c, false).await?)
+    };
+    snap.end().await?;
+    let key_id = keyring.active_key_id();
+    let key = signing_key(keyring, key_id)
+        .ok_or_else(|| StoreError::Other("the active key cannot derive the checkpoint key".into()))?;
+    let mut out = Vec::with_capacity(heads.len() + 1);
+    if let Some(l) = legacy.filter(|l| l.last_seq > 0) {
+        out.push(CheckpointHead {
+            chain: LEGACY_CHAIN,
+            pos: l.last_seq,
+            seq: l.last_seq,
+            hmac: hex::encode(&l.last_hmac),
+        });
+    }
+    out.extend(heads.iter().map(|h| CheckpointHead {
+        chain: h.chain_id,
+        pos: h.last_pos,
+        seq: h.last_seq,
+        hmac: hex::encode(&h.last_hmac),
+    }));
+    let mut cp = Checkpoint {
+        version: 1,
+        at: store::now().to_rfc3339_opts(SecondsFormat::Micros, true),
+        key_id: key_id.to_string(),
+        partitions: PARTITIONS,
+        heads: out,
+        signature: String::new(),
+    };
+    use ed25519_dalek::Signer;
+    cp.signature = hex::encode(key.sign(&cp.message()).to_bytes());
+    Ok(cp)
+}
+
+/// Checks a checkpoint's signature, then the log ([`verify`]), then every head the checkpoint
+/// holds against the rows: the event it names must still be there with the same seq and HMAC
+/// (or have been purged by retention, the chain's anchor at or past it). Names the chain and
+/// the checkpoint's seq of the first chain found removed, changed or rewound.
+pub async fn verify_checkpoint(db: &Db, keyring: &Keyring, cp: &Checkpoint) -> store::Result<VerifyReport> {
+    let Some(key) = signing_key(keyring, &cp.key_id) else {
+        return Ok(VerifyReport::bad(
+            0,
+            None,
+            format!(
+                "the checkpoint is signed under key id '{}', which the keyring does not contain",
+                cp.key_id.escape_default()
+            ),
+        ));
+    };
+    let sig = hex::decode(&cp.signature)
+        .ok()
+        .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+        .map(|b| ed25519_dalek::Signature::from_bytes(&b));
+    let signed = sig.is_some_and(|s| key.verifying_key().verify_strict(&cp.message(), &s).is_ok());
+    if !signed || cp.version != 1 {
+        return Ok(VerifyReport::bad(0, None, "the checkpoint's signature does not verify (it was altered or forged)"));
+    }
+    if cp.partitions != PARTITIONS {
+        return Ok(VerifyReport::bad(
+            0,
+            None,
+            format!("the checkpoint has {} partitions, the log {PARTITIONS}", cp.partitions),
+        ));
+    }
+    let report = verify(db, keyring).await?;
+    if !report.ok {
+        return Ok(report);
+    }
+    let mut snap = Snapshot::begin(db).await?;
+    let mut found: Option<Finding> = None;
+    {
+        let mut c = snap.conn();
+        let legacy = store::audit::read_head(&mut c).await?;
+        let heads: HashMap<i64, PartHead> =
+            store::audit::all_part_heads(&mut c, false).await?.into_iter().map(|h| (h.chain_id, h)).collect();
+        for h in cp.heads.iter().filter(|h| h.pos > 0) {
+            let (anchor_pos, anchor_seq, anchor_hmac) = if h.chain == LEGACY_CHAIN {
+                match &legacy {
+                    Some(l) => (l.anchor_seq, l.anchor_seq, l.anchor_hmac.clone()),
+                    None => (0, 0, Vec::new()),
+                }
+            } else {
+                match heads.get(&h.chain) {
+                    Some(p) => (p.anchor_pos, p.anchor_seq, p.anchor_hmac.clone()),
+                    None => (0, 0, Vec::new()),
+                }
+            };
+            let problem = if anchor_pos > h.pos {
+                None // purged by retention since
+            } else if anchor_pos == h.pos {
+                (anchor_seq != h.seq || hex::encode(&anchor_hmac) != h.hmac)
+                    .then(|| "was changed since the checkpoint (the retention anchor differs)".to_string())
+            } else {
+                match store::audit::event_at(&mut c, h.chain, h.pos).await? {
+                    None => Some("is gone: the chain was truncated or rewound since the checkpoint".to_string()),
+                    Some((seq, hmac)) if seq != h.seq || hex::encode(&hmac) != h.hmac => {
+                        Some("was changed since the checkpoint (its seq or HMAC differs)".to_string())
+                    }
+                    Some(_) => None,
+                }
+            };
+            if let Some(p) = problem {
+                let reason = format!(
+                    "the event at position {} of chain {} (seq {}), covered by the checkpoint of {}, {p}",
+                    h.pos, h.chain, h.seq, cp.at
+                );
+                found = Some(Finding::earliest(found, Finding { seq: Some(h.seq), chain: h.chain, reason }));
+            }
+        }
+    }
+    snap.end().await?;
+    Ok(match found {
+        None => report,
+        Some(f) => {
+            let mut r = VerifyReport::bad(report.events_checked, f.seq, f.reason);
+            r.first_bad_chain = Some(f.chain);
+            r.purged_through = report.purged_through;
+            r
+        }
+    })
 }
 
 /// A page of events, oldest first (`GET /audit/events`). Reading is not audited.
@@ -774,6 +1598,7 @@ mod tests {
     fn view<'a>(user_id: Option<&'a str>, actor: Option<&'a str>) -> EventView<'a> {
         EventView {
             seq: 1,
+            chain: None,
             id: Uuid::nil(),
             at: DateTime::from_timestamp(1_790_000_000, 123_456_000).unwrap(),
             type_: "token.read",
@@ -823,6 +1648,7 @@ mod tests {
             let (request_id, source_ip) = (text(&e["request_id"]), text(&e["source_ip"]));
             let view = EventView {
                 seq: e["seq"].as_i64().unwrap(),
+                chain: None,
                 id: Uuid::parse_str(e["id"].as_str().unwrap()).unwrap(),
                 at: DateTime::parse_from_rfc3339(e["at"].as_str().unwrap()).unwrap().with_timezone(&Utc),
                 type_: type_.as_deref().unwrap(),

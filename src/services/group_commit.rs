@@ -98,11 +98,12 @@ async fn writer(db: Db, keyring: Arc<Keyring>, mut rx: mpsc::Receiver<Job>) {
 }
 
 async fn write_batch(db: &Db, keyring: &Keyring, batch: &mut [Job]) -> Result<(), StoreError> {
-    let mut tx = db.begin_write().await?;
-    let mut c = tx.conn();
     let mut users: Vec<&str> = batch.iter().map(|j| j.user_id.as_str()).collect();
     users.sort_unstable();
     users.dedup();
+    // Only the batch's users are locked (in order), as their writers lock them.
+    let mut tx = db.begin_write_for(&users).await?;
+    let mut c = tx.conn();
     let mut rows: HashMap<String, BundleWithSecret> = store::tokens::get_many_with_secret(&mut c, &users)
         .await?
         .into_iter()

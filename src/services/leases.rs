@@ -243,7 +243,7 @@ impl Leases {
         let now = store::now();
         let expires_at = now + chrono::Duration::seconds(ttl_secs);
         let u = user.as_str();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.db.begin_write_for(&[u]).await?;
         let mut c = tx.conn();
         // Nothing to refresh: no bundle (404), or one that needs a new login (410).
         let bundle = store::tokens::get(&mut c, u).await?.ok_or_else(ApiError::tokens_not_found)?;
@@ -294,7 +294,7 @@ impl Leases {
     /// Ends the lease with this fence early.
     pub async fn release(&self, ctx: &AuditContext, user: &UserId, fence: i64) -> Result<(), ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.db.begin_write_for(&[user.as_str()]).await?;
         let mut c = tx.conn();
         let done = store::leases::release(&mut c, user.as_str(), fence, now).await?;
         let (event, outcome) =

@@ -178,7 +178,7 @@ impl Vault {
     ) -> Result<(TokenMetadata, bool), ApiError> {
         let kind = bundle.kind.as_str();
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.db.begin_write_for(&[user.as_str()]).await?;
         let mut refused = Map::new();
         refused.insert("kind".into(), json!(kind));
         if let Some(refusal) =
@@ -188,7 +188,7 @@ impl Vault {
             return Err(refusal);
         }
         // The ciphertext is bound to the version this write creates and to a fresh write id, so
-        // it is encrypted here, under the write lock (writers are serialised: the stored version
+        // it is encrypted here, under the write lock (writers of this user are serialised: the stored version
         // cannot move meanwhile; AES-GCM of a bundle takes microseconds).
         let current = store::tokens::get(&mut tx.conn(), user.as_str()).await?;
         let next_version = current.as_ref().map_or(1, |r| r.version + 1);
@@ -206,7 +206,7 @@ impl Vault {
             now,
         };
         match store::tokens::write(&mut tx.conn(), &new, cond).await? {
-            // Unreachable while writers are serialised; dropped, `tx` rolls the write back.
+            // Unreachable while writers of this user are serialised; dropped, `tx` rolls the write back.
             Some((row, _)) if row.version != next_version => {
                 Err(ApiError::Internal("the stored version moved during a write".into()))
             }
@@ -291,7 +291,7 @@ impl Vault {
     /// request carrying a fence must hold the user's live lease (else `lease_lost`); one without
     /// must not race another holder's live lease (else `lease_held`). A refusal is audited in
     /// `c`'s transaction (`lease.lost`, or `event` with `key` = `lease_held`), and returned for
-    /// the caller to commit and answer. Writers are serialised, so check-then-act is safe.
+    /// the caller to commit and answer. Writers of the user are serialised, so check-then-act is safe.
     #[allow(clippy::too_many_arguments)]
     async fn lease_refusal(
         &self,
@@ -355,7 +355,7 @@ impl Vault {
     ) -> Result<(), ApiError> {
         let now = store::now();
         let u = user.as_str();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.db.begin_write_for(&[u]).await?;
         // No bundle: 404 whatever the preconditions (RFC 9110 13.1: they are evaluated only when
         // the request would otherwise succeed).
         let Some(current) = store::tokens::get(&mut tx.conn(), u).await? else {
@@ -379,7 +379,7 @@ impl Vault {
             tx.commit().await?;
             return Err(conflict);
         }
-        // Writers are serialised, so the row is still the one checked; dropped, `tx` rolls back.
+        // Writers of the user are serialised, so the row is still the one checked; dropped, `tx` rolls back.
         let row = store::tokens::invalidate(&mut tx.conn(), u, current.version, reason, now)
             .await?
             .ok_or_else(|| ApiError::Internal("the bundle changed while it was being invalidated".into()))?;
@@ -406,8 +406,7 @@ impl Vault {
     ) -> Result<(), ApiError> {
         let now = store::now();
         let u = user.as_str();
-        let mut tx = self.db.begin_write().await?;
-        store::lock(&mut tx.conn(), u).await?;
+        let mut tx = self.db.begin_write_for(&[u]).await?;
         if let Some(refusal) =
             self.lease_refusal(&mut tx.conn(), ctx, u, fence, "token.delete", Map::new(), "error", now).await?
         {

@@ -1,5 +1,8 @@
-//! `audit_events` and `audit_chain`: an append-only log, each row written inside the
-//! transaction of the act it records, chained by HMAC (the rules live in `services::audit`).
+//! `audit_events`, `audit_heads` (one head per partition chain), `audit_seq` and the legacy
+//! `audit_chain`: an append-only log, each row written inside the transaction of the act it
+//! records, chained by HMAC (the rules live in `services::audit`).
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Sqlite};
@@ -35,6 +38,9 @@ pub struct AuditRow {
 pub struct ChainedRow {
     #[sqlx(flatten)]
     pub event: AuditRow,
+    /// The partition chain and the position in it (`None`: an event of the legacy chain).
+    pub chain_id: Option<i64>,
+    pub pos: Option<i64>,
     pub chain_key_id: String,
     pub hmac: Vec<u8>,
 }
@@ -50,6 +56,8 @@ pub struct NewAuditEvent<'a> {
     pub request_id: Option<&'a str>,
     pub source_ip: Option<&'a str>,
     pub details: &'a str,
+    pub chain_id: Option<i64>,
+    pub pos: Option<i64>,
     pub chain_key_id: &'a str,
     pub hmac: &'a [u8],
 }
@@ -68,33 +76,173 @@ pub struct ChainHead {
     pub head_mac: Option<Vec<u8>>,
 }
 
-/// The id of the one chain there is today (the head row's id; a partitioned log would have one
-/// head per chain, each MACed with its id).
+/// The id of the legacy chain's head row (`audit_chain`), MACed into its head.
 pub const CHAIN_ID: i64 = 1;
+
+/// The number of partition chains (fixed by migration 0008 and recorded in `audit_partitions`;
+/// start-up refuses a database that records another number).
+pub const PARTITIONS: i64 = 256;
+
+/// The head of one partition chain: the position, seq and HMAC of its last event (0, 0 and zeros
+/// when empty), the retention anchor (the last purged event of the chain), and the head's MAC.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PartHead {
+    pub chain_id: i64,
+    pub last_pos: i64,
+    pub last_seq: i64,
+    pub last_hmac: Vec<u8>,
+    pub anchor_pos: i64,
+    pub anchor_seq: i64,
+    pub anchor_hmac: Vec<u8>,
+    pub head_key_id: Option<String>,
+    pub head_mac: Option<Vec<u8>>,
+}
+
+impl PartHead {
+    /// As migration 0008 created it: nothing ever written, nothing purged.
+    pub fn is_pristine(&self) -> bool {
+        self.last_pos == 0 && self.last_seq == 0 && self.anchor_pos == 0 && self.anchor_seq == 0
+    }
+}
+
+enum Undo {
+    Head(i64, Option<PartHead>),
+    Seq(Option<i64>),
+}
+
+/// A SQLite group's cache of the partition heads it advanced and of the last seq handed out
+/// (the group holds SQLite's write lock, so nobody else appends meanwhile); written to the rows
+/// by the committer just before `COMMIT`. Every change is logged so that a writer whose
+/// savepoint is rolled back undoes exactly its own changes.
+#[derive(Default)]
+pub struct ChainCache {
+    heads: HashMap<i64, PartHead>,
+    last_seq: Option<i64>,
+    undo: Vec<Undo>,
+}
+
+impl ChainCache {
+    /// A new savepoint starts: what it changes from here on can be undone.
+    pub(super) fn savepoint(&mut self) {
+        self.undo.clear();
+    }
+
+    /// The savepoint was rolled back: undo its changes.
+    pub(super) fn rollback(&mut self) {
+        while let Some(u) = self.undo.pop() {
+            match u {
+                Undo::Head(id, Some(h)) => {
+                    self.heads.insert(id, h);
+                }
+                Undo::Head(id, None) => {
+                    self.heads.remove(&id);
+                }
+                Undo::Seq(s) => self.last_seq = s,
+            }
+        }
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.heads.clear();
+        self.last_seq = None;
+        self.undo.clear();
+    }
+
+    fn set_head(&mut self, h: PartHead) {
+        let id = h.chain_id;
+        let old = self.heads.insert(id, h);
+        self.undo.push(Undo::Head(id, old));
+    }
+
+    fn set_seq(&mut self, s: i64) {
+        let old = self.last_seq.replace(s);
+        self.undo.push(Undo::Seq(old));
+    }
+
+    /// Empties the cache (logging it), returning what was in it.
+    fn take_all(&mut self) -> (Vec<PartHead>, Option<i64>) {
+        let heads: Vec<PartHead> = self.heads.drain().map(|(_, h)| h).collect();
+        for h in &heads {
+            self.undo.push(Undo::Head(h.chain_id, Some(h.clone())));
+        }
+        let seq = self.last_seq.take();
+        if seq.is_some() {
+            self.undo.push(Undo::Seq(seq));
+        }
+        (heads, seq)
+    }
+}
+
+macro_rules! part_head_columns {
+    () => {
+        "chain_id, last_pos, last_seq, last_hmac, anchor_pos, anchor_seq, anchor_hmac, head_key_id, head_mac"
+    };
+}
+const LOCK_PART_HEADS_PG: &str =
+    concat!("SELECT ", part_head_columns!(), " FROM audit_heads WHERE chain_id = ANY($1) ORDER BY chain_id FOR UPDATE");
+const READ_PART_HEADS_SQLITE: &str = concat!(
+    "SELECT ",
+    part_head_columns!(),
+    " FROM audit_heads WHERE chain_id IN (SELECT value FROM json_each($1)) ORDER BY chain_id"
+);
+const LOCK_ALL_PART_HEADS_PG: &str =
+    concat!("SELECT ", part_head_columns!(), " FROM audit_heads ORDER BY chain_id FOR UPDATE");
+const READ_ALL_PART_HEADS: &str = concat!("SELECT ", part_head_columns!(), " FROM audit_heads ORDER BY chain_id");
+const WRITE_PART_HEAD: &str = "UPDATE audit_heads SET last_pos = $2, last_seq = $3, last_hmac = $4, anchor_pos = $5, \
+     anchor_seq = $6, anchor_hmac = $7, head_key_id = $8, head_mac = $9 WHERE chain_id = $1";
+const NEXT_SEQS_PG: &str = "SELECT nextval('audit_seq') AS s FROM generate_series(1, $1) ORDER BY s";
+const ADVANCE_SEQ_SQLITE: &str = "UPDATE audit_seq SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq";
+const READ_SEQ_SQLITE: &str = "SELECT last_seq FROM audit_seq WHERE id = 1";
+const WRITE_SEQ_SQLITE: &str = "UPDATE audit_seq SET last_seq = $1 WHERE id = 1";
+const PARTITIONS_RECORDED: &str = "SELECT partitions FROM audit_partitions WHERE id = 1";
+const PART_PAGE: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    ", chain_id, pos, chain_key_id, hmac FROM audit_events WHERE chain_id IS NOT NULL ",
+    "AND (chain_id > $1 OR (chain_id = $1 AND pos > $2)) ORDER BY chain_id, pos LIMIT $3"
+);
+const PART_KEY_AFTER: &str = "SELECT chain_id, pos, seq FROM audit_events WHERE chain_id IS NOT NULL \
+     AND (chain_id > $1 OR (chain_id = $1 AND pos > $2)) ORDER BY chain_id, pos LIMIT 1";
+const CHAIN_EVENTS: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    ", chain_id, pos, chain_key_id, hmac FROM audit_events WHERE chain_id = $1 AND pos > $2 ORDER BY pos LIMIT $3"
+);
+const EVENT_AT: &str = "SELECT seq, hmac FROM audit_events WHERE chain_id = $1 AND pos = $2";
+const LEGACY_EVENT_AT: &str = "SELECT seq, hmac FROM audit_events WHERE chain_id IS NULL AND seq = $1";
+const DELETE_CHAIN_THROUGH: &str = "DELETE FROM audit_events WHERE chain_id = $1 AND pos <= $2";
+/// The first seq after `$1` that no event has (a gap: a removed event, a rolled-back write, a purge).
+const HOLE_AFTER: &str = "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM audit_events WHERE seq = $1 + 1) THEN $1 + 1 ELSE \
+     (SELECT MIN(a.seq) + 1 FROM audit_events a WHERE a.seq > $1 \
+      AND NOT EXISTS (SELECT 1 FROM audit_events b WHERE b.seq = a.seq + 1)) END";
+const COUNT_BELOW: &str = "SELECT COUNT(*) FROM audit_events WHERE seq < $1";
+const COUNT_ALL: &str = "SELECT COUNT(*) FROM audit_events";
+const MIN_SEQ_NOT_UNDER: &str = "SELECT MIN(seq) FROM audit_events WHERE chain_key_id <> $1";
 
 macro_rules! head_columns {
     () => {
         "last_seq, last_hmac, anchor_seq, anchor_hmac, head_key_id, head_mac"
     };
 }
-const ADVANCE_HEAD_BY: &str =
-    concat!("UPDATE audit_chain SET last_seq = last_seq + $1 WHERE id = 1 RETURNING ", head_columns!());
 const LOCK_HEAD: &str = concat!("UPDATE audit_chain SET last_seq = last_seq WHERE id = 1 RETURNING ", head_columns!());
 const READ_HEAD: &str = concat!("SELECT ", head_columns!(), " FROM audit_chain WHERE id = 1");
 /// Writes the whole head (also the SQLite group commit's cached head, before `COMMIT`).
 const WRITE_HEAD: &str = "UPDATE audit_chain SET last_seq = $1, last_hmac = $2, anchor_seq = $3, anchor_hmac = $4, \
      head_key_id = $5, head_mac = $6 WHERE id = 1";
-const DELETE_THROUGH: &str = "DELETE FROM audit_events WHERE seq <= $1";
+const DELETE_THROUGH: &str = "DELETE FROM audit_events WHERE chain_id IS NULL AND seq <= $1";
 const INSERT: &str = concat!(
     "INSERT INTO audit_events (",
     event_columns!(),
-    ", chain_key_id, hmac) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    ", chain_id, pos, chain_key_id, hmac) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 );
 const LIST_AFTER: &str =
     concat!("SELECT ", event_columns!(), " FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2");
-const CHAIN_PAGE: &str =
-    concat!("SELECT ", event_columns!(), ", chain_key_id, hmac FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2");
-const NEXT_SEQ: &str = "SELECT MIN(seq) FROM audit_events WHERE seq > $1";
+const CHAIN_PAGE: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    ", chain_id, pos, chain_key_id, hmac FROM audit_events WHERE chain_id IS NULL AND seq > $1 ORDER BY seq LIMIT $2"
+);
+const NEXT_SEQ: &str = "SELECT MIN(seq) FROM audit_events WHERE chain_id IS NULL AND seq > $1";
 const RESEAL: &str = "UPDATE audit_events SET chain_key_id = $2, hmac = $3 WHERE seq = $1";
 const QUERY: &str = concat!(
     "SELECT ",
@@ -114,57 +262,209 @@ const CHAIN_KEY_IDS: &str = "WITH RECURSIVE k(id) AS ( \
          UNION ALL \
          SELECT (SELECT MIN(chain_key_id) FROM audit_events WHERE chain_key_id > k.id) FROM k WHERE k.id IS NOT NULL \
      ) SELECT id FROM k WHERE id IS NOT NULL \
-     UNION SELECT head_key_id FROM audit_chain WHERE head_key_id IS NOT NULL";
+     UNION SELECT head_key_id FROM audit_chain WHERE head_key_id IS NOT NULL \
+     UNION SELECT DISTINCT head_key_id FROM audit_heads WHERE head_key_id IS NOT NULL";
 
 fn head_missing() -> StoreError {
     StoreError::Other("the audit chain head (audit_chain row 1) is missing".into())
 }
 
-/// Hands out the next `n` seqs at once: returns the last of them and the HMAC of the event
-/// before the first (the head as it was).
-pub async fn advance_head_by(c: &mut Conn<'_>, n: i64) -> Result<ChainHead> {
-    flush_cached_head(c).await?;
-    let head: Option<ChainHead> = dispatch!(c, |c| sqlx::query_as(ADVANCE_HEAD_BY).bind(n).fetch_optional(c).await)?;
-    head.ok_or_else(head_missing)
+macro_rules! bind_part_head {
+    ($q:expr, $h:expr) => {
+        $q.bind($h.chain_id)
+            .bind($h.last_pos)
+            .bind($h.last_seq)
+            .bind(&$h.last_hmac)
+            .bind($h.anchor_pos)
+            .bind($h.anchor_seq)
+            .bind(&$h.anchor_hmac)
+            .bind($h.head_key_id.as_deref())
+            .bind($h.head_mac.as_deref())
+    };
 }
 
-/// Inside a SQLite group transaction: the group's cached head, reading the head row into the
-/// cache first if nothing cached it yet. `None` outside one (the caller uses the row).
-pub async fn cached_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
-    let Conn::Sqlite(conn, Some(cache)) = c else { return Ok(None) };
-    if cache.is_none() {
-        let head: Option<ChainHead> = sqlx::query_as(READ_HEAD).fetch_optional(&mut **conn).await?;
-        **cache = Some(head.ok_or_else(head_missing)?);
-    }
-    Ok(cache.clone())
-}
-
-/// Records the head after events were appended from [`cached_head`] (no row is written).
-pub fn set_cached_head(c: &mut Conn<'_>, head: ChainHead) {
-    if let Conn::Sqlite(_, Some(cache)) = c {
-        **cache = Some(head);
-    }
-}
-
-/// Writes a SQLite group's cached head to the head row and forgets it, so that code reading or
-/// writing the row directly sees the true head.
-async fn flush_cached_head(c: &mut Conn<'_>) -> Result<()> {
-    if let Conn::Sqlite(conn, Some(cache)) = c
-        && let Some(h) = cache.take()
-    {
-        write_cached_head(conn, &h).await?;
+/// Writes a SQLite group's cached heads and seq to their rows and forgets them, so that code
+/// reading or writing the rows directly sees the true state (logged: a rollback restores them).
+async fn flush_cache(c: &mut Conn<'_>) -> Result<()> {
+    if let Conn::Sqlite(conn, Some(cache)) = c {
+        let (heads, seq) = cache.take_all();
+        write_cache_rows(conn, &heads, seq).await?;
     }
     Ok(())
 }
 
+async fn write_cache_rows(conn: &mut sqlx::SqliteConnection, heads: &[PartHead], seq: Option<i64>) -> sqlx::Result<()> {
+    for h in heads {
+        bind_part_head!(sqlx::query(WRITE_PART_HEAD), h).execute(&mut *conn).await?;
+    }
+    if let Some(s) = seq {
+        sqlx::query(WRITE_SEQ_SQLITE).bind(s).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Writes a SQLite group's cache to the rows (the committer, just before `COMMIT`).
+pub(super) async fn write_cache(conn: &mut sqlx::SqliteConnection, cache: &mut ChainCache) -> sqlx::Result<()> {
+    let (heads, seq) = cache.take_all();
+    cache.undo.clear();
+    write_cache_rows(conn, &heads, seq).await
+}
+
+fn part_head_missing(ids: &[i64]) -> StoreError {
+    StoreError::Other(format!("an audit chain head (audit_heads) is missing among chains {ids:?}"))
+}
+
+/// The heads of chains `ids` (sorted, distinct), locked for the rest of the write transaction
+/// (PostgreSQL: `FOR UPDATE`, in chain order; a SQLite group: from its cache, reading rows it
+/// has not cached yet). Fails if one is missing.
+pub async fn lock_part_heads(c: &mut Conn<'_>, ids: &[i64]) -> Result<Vec<PartHead>> {
+    let heads: Vec<PartHead> = match c {
+        Conn::Sqlite(conn, Some(cache)) => {
+            let missing: Vec<i64> = ids.iter().copied().filter(|id| !cache.heads.contains_key(id)).collect();
+            if !missing.is_empty() {
+                let json = serde_json::to_string(&missing).map_err(|e| StoreError::Other(e.to_string()))?;
+                let read: Vec<PartHead> =
+                    sqlx::query_as(READ_PART_HEADS_SQLITE).bind(json).fetch_all(&mut **conn).await?;
+                for h in read {
+                    cache.set_head(h);
+                }
+            }
+            ids.iter().filter_map(|id| cache.heads.get(id).cloned()).collect()
+        }
+        Conn::Sqlite(conn, None) => {
+            let json = serde_json::to_string(ids).map_err(|e| StoreError::Other(e.to_string()))?;
+            sqlx::query_as(READ_PART_HEADS_SQLITE).bind(json).fetch_all(&mut **conn).await?
+        }
+        Conn::Postgres(pg) => sqlx::query_as(LOCK_PART_HEADS_PG).bind(ids).fetch_all(&mut **pg).await?,
+        Conn::Closed => return Err(sqlx::Error::PoolClosed.into()),
+    };
+    if heads.len() == ids.len() { Ok(heads) } else { Err(part_head_missing(ids)) }
+}
+
+/// Every partition head, in chain order; locked in a write transaction on PostgreSQL (`lock`),
+/// which stops every writer until commit (rewrap, retention purge, start-up sealing only).
+pub async fn all_part_heads(c: &mut Conn<'_>, lock: bool) -> Result<Vec<PartHead>> {
+    flush_cache(c).await?;
+    let sql = if lock { LOCK_ALL_PART_HEADS_PG } else { READ_ALL_PART_HEADS };
+    Ok(match c {
+        Conn::Postgres(pg) => sqlx::query_as(sql).fetch_all(&mut **pg).await?,
+        other => dispatch!(other, |c| sqlx::query_as(READ_ALL_PART_HEADS).fetch_all(c).await)?,
+    })
+}
+
+/// Writes partition heads (their MACs computed by the caller): into a SQLite group's cache, or
+/// to the rows.
+pub async fn write_part_heads(c: &mut Conn<'_>, heads: Vec<PartHead>) -> Result<()> {
+    if let Conn::Sqlite(_, Some(cache)) = c {
+        for h in heads {
+            cache.set_head(h);
+        }
+        return Ok(());
+    }
+    for h in &heads {
+        let n = dispatch!(c, |c| bind_part_head!(sqlx::query(WRITE_PART_HEAD), h)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        if n != 1 {
+            return Err(part_head_missing(&[h.chain_id]));
+        }
+    }
+    Ok(())
+}
+
+/// `n` new global seqs, ascending (PostgreSQL: `nextval`, not held to commit, so concurrent
+/// writers may interleave and a rollback leaves a gap; SQLite: `audit_seq`, cached per group).
+pub async fn next_seqs(c: &mut Conn<'_>, n: i64) -> Result<Vec<i64>> {
+    match c {
+        Conn::Postgres(pg) => Ok(sqlx::query_scalar(NEXT_SEQS_PG).bind(n).fetch_all(&mut **pg).await?),
+        Conn::Sqlite(conn, Some(cache)) => {
+            let last = match cache.last_seq {
+                Some(s) => s,
+                None => sqlx::query_scalar(READ_SEQ_SQLITE)
+                    .fetch_optional(&mut **conn)
+                    .await?
+                    .ok_or_else(|| StoreError::Other("the audit seq counter (audit_seq) is missing".into()))?,
+            };
+            cache.set_seq(last + n);
+            Ok((last + 1..=last + n).collect())
+        }
+        Conn::Sqlite(conn, None) => {
+            let last: i64 = sqlx::query_scalar(ADVANCE_SEQ_SQLITE)
+                .bind(n)
+                .fetch_optional(&mut **conn)
+                .await?
+                .ok_or_else(|| StoreError::Other("the audit seq counter (audit_seq) is missing".into()))?;
+            Ok((last - n + 1..=last).collect())
+        }
+        Conn::Closed => Err(sqlx::Error::PoolClosed.into()),
+    }
+}
+
+/// The number of partition chains the database was migrated with.
+pub async fn recorded_partitions(c: &mut Conn<'_>) -> Result<Option<i64>> {
+    Ok(dispatch!(c, |c| sqlx::query_scalar(PARTITIONS_RECORDED).fetch_optional(c).await)?)
+}
+
+/// Partition events in (chain_id, pos) order after (`chain`, `pos`).
+pub async fn part_page(c: &mut Conn<'_>, chain: i64, pos: i64, limit: i64) -> Result<Vec<ChainedRow>> {
+    Ok(dispatch!(c, |c| sqlx::query_as(PART_PAGE).bind(chain).bind(pos).bind(limit).fetch_all(c).await)?)
+}
+
+/// The key of the next partition event after (`chain`, `pos`) (works on a malformed row).
+pub async fn part_key_after(c: &mut Conn<'_>, chain: i64, pos: i64) -> Result<Option<(i64, i64, i64)>> {
+    Ok(dispatch!(c, |c| sqlx::query_as(PART_KEY_AFTER).bind(chain).bind(pos).fetch_optional(c).await)?)
+}
+
+/// Events of one chain after position `pos`, in order.
+pub async fn chain_events(c: &mut Conn<'_>, chain: i64, pos: i64, limit: i64) -> Result<Vec<ChainedRow>> {
+    Ok(dispatch!(c, |c| sqlx::query_as(CHAIN_EVENTS).bind(chain).bind(pos).bind(limit).fetch_all(c).await)?)
+}
+
+/// The seq and HMAC of the event at (`chain`, `pos`); `chain` < 0: the legacy event at seq `pos`.
+pub async fn event_at(c: &mut Conn<'_>, chain: i64, pos: i64) -> Result<Option<(i64, Vec<u8>)>> {
+    Ok(if chain < 0 {
+        dispatch!(c, |c| sqlx::query_as(LEGACY_EVENT_AT).bind(pos).fetch_optional(c).await)?
+    } else {
+        dispatch!(c, |c| sqlx::query_as(EVENT_AT).bind(chain).bind(pos).fetch_optional(c).await)?
+    })
+}
+
+/// Deletes a chain's events through position `pos` (retention). Returns how many went.
+pub async fn delete_chain_through(c: &mut Conn<'_>, chain: i64, pos: i64) -> Result<u64> {
+    Ok(dispatch!(c, |c| sqlx::query(DELETE_CHAIN_THROUGH)
+        .bind(chain)
+        .bind(pos)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?)
+}
+
+/// The first seq after `seq` that no event has.
+pub async fn hole_after(c: &mut Conn<'_>, seq: i64) -> Result<i64> {
+    let v: Option<i64> = dispatch!(c, |c| sqlx::query_scalar(HOLE_AFTER).bind(seq).fetch_one(c).await)?;
+    Ok(v.unwrap_or(seq + 1))
+}
+
+/// How many events have a seq below `seq` (`None`: all of them).
+pub async fn count_below(c: &mut Conn<'_>, seq: Option<i64>) -> Result<i64> {
+    Ok(match seq {
+        Some(s) => dispatch!(c, |c| sqlx::query_scalar(COUNT_BELOW).bind(s).fetch_one(c).await)?,
+        None => dispatch!(c, |c| sqlx::query_scalar(COUNT_ALL).fetch_one(c).await)?,
+    })
+}
+
+/// The smallest seq of an event sealed under another key than `key_id`.
+pub async fn min_seq_not_under(c: &mut Conn<'_>, key_id: &str) -> Result<Option<i64>> {
+    Ok(dispatch!(c, |c| sqlx::query_scalar(MIN_SEQ_NOT_UNDER).bind(key_id).fetch_one(c).await)?)
+}
+
 /// The head, locked for the rest of the transaction (no event can be appended meanwhile).
 pub async fn lock_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
-    flush_cached_head(c).await?;
     Ok(dispatch!(c, |c| sqlx::query_as(LOCK_HEAD).fetch_optional(c).await)?)
 }
 
 pub async fn read_head(c: &mut Conn<'_>) -> Result<Option<ChainHead>> {
-    flush_cached_head(c).await?;
     Ok(dispatch!(c, |c| sqlx::query_as(READ_HEAD).fetch_optional(c).await)?)
 }
 
@@ -181,26 +481,18 @@ macro_rules! bind_head {
 
 /// Writes the whole head row (its MAC computed by the caller).
 pub async fn write_head(c: &mut Conn<'_>, head: &ChainHead) -> Result<()> {
-    if let Conn::Sqlite(_, Some(cache)) = c {
-        **cache = None;
-    }
     let n = dispatch!(c, |c| bind_head!(sqlx::query(WRITE_HEAD), head).execute(c).await.map(|r| r.rows_affected()))?;
     if n == 1 { Ok(()) } else { Err(head_missing()) }
 }
 
-/// Writes a SQLite group's cached head (the committer, just before `COMMIT`).
-pub(super) async fn write_cached_head(conn: &mut sqlx::SqliteConnection, head: &ChainHead) -> sqlx::Result<()> {
-    bind_head!(sqlx::query(WRITE_HEAD), head).execute(conn).await.map(|_| ())
-}
-
-/// Deletes every event up to and including `seq` (the retention purge; the caller moves the
+/// Deletes every legacy event up to and including `seq` (the retention purge; the caller moves the
 /// head's anchor in the same transaction). Returns how many rows went.
 pub async fn delete_through(c: &mut Conn<'_>, seq: i64) -> Result<u64> {
     Ok(dispatch!(c, |c| sqlx::query(DELETE_THROUGH).bind(seq).execute(c).await.map(|r| r.rows_affected()))?)
 }
 
 /// Rows per multi-row INSERT: a batch is cut into chunks of these sizes, so only three
-/// statements are ever prepared (each at most 64 × 12 = 768 parameters).
+/// statements are ever prepared (each at most 64 × 14 = 896 parameters).
 const INSERT_CHUNKS: [usize; 3] = [64, 8, 1];
 
 /// `INSERT ... VALUES (...), (...)` for `rows` events, built once per chunk size.
@@ -212,12 +504,12 @@ fn insert_rows_sql(rows: usize) -> &'static str {
             .map(|&n| {
                 let values: Vec<String> = (0..n)
                     .map(|r| {
-                        let p: Vec<String> = (1..=12).map(|i| format!("${}", r * 12 + i)).collect();
+                        let p: Vec<String> = (1..=14).map(|i| format!("${}", r * 14 + i)).collect();
                         format!("({})", p.join(", "))
                     })
                     .collect();
                 format!(
-                    "INSERT INTO audit_events ({}, chain_key_id, hmac) VALUES {}",
+                    "INSERT INTO audit_events ({}, chain_id, pos, chain_key_id, hmac) VALUES {}",
                     event_columns!(),
                     values.join(", ")
                 )
@@ -249,6 +541,8 @@ pub async fn insert_many(c: &mut Conn<'_>, events: &[NewAuditEvent<'_>]) -> Resu
                     .bind(e.request_id)
                     .bind(e.source_ip)
                     .bind(e.details)
+                    .bind(e.chain_id)
+                    .bind(e.pos)
                     .bind(e.chain_key_id)
                     .bind(e.hmac);
             }

@@ -11,12 +11,13 @@
 //! If SQLite rolls the whole transaction back by itself (disk full, I/O error), the group is
 //! poisoned: everyone waiting on it is told it failed, and the connection is discarded.
 //!
-//! **The audit chain head is cached per group.** While the group transaction is open this
-//! process holds SQLite's write lock, so nobody else can append to the audit chain. The first
-//! event of a group reads the head row; later events chain from `Group::head` in memory and
-//! write no head row; the committer writes the head once, just before `COMMIT`. A writer whose
-//! savepoint is rolled back restores the cached head it started with. Code that reads or writes
-//! the head row directly first flushes the cache (`store::audit`).
+//! **The audit chain heads are cached per group.** While the group transaction is open this
+//! process holds SQLite's write lock, so nobody else can append to the audit log. The first
+//! event of a group in a chain reads that chain's head row (and the first one the seq counter);
+//! later events chain from `Group::cache` in memory and write no head row; the committer writes
+//! the touched heads and the counter once, just before `COMMIT`. A writer whose savepoint is
+//! rolled back undoes exactly its own changes to the cache (`ChainCache` logs them). Code that
+//! reads or writes the head rows directly first flushes the cache (`store::audit`).
 
 use std::{
     sync::{
@@ -29,7 +30,7 @@ use std::{
 use sqlx::{Sqlite, SqlitePool, pool::PoolConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, oneshot};
 
-use super::{Result, StoreError, audit::ChainHead};
+use super::{Result, StoreError, audit::ChainCache};
 
 #[derive(Default)]
 pub struct Group {
@@ -39,9 +40,9 @@ pub struct Group {
     waiters: Vec<oneshot::Sender<Result<()>>>,
     /// Set when the open transaction can no longer be trusted (SQLite rolled it back).
     poisoned: bool,
-    /// The audit chain head as this group's writers have advanced it, when it differs from (or
-    /// has been read from) the head row; written to the row before `COMMIT`.
-    head: Option<ChainHead>,
+    /// The audit chain heads and seq counter as this group's writers have advanced them;
+    /// written to the rows before `COMMIT`.
+    cache: ChainCache,
 }
 
 pub struct SqliteWriter {
@@ -55,8 +56,6 @@ pub struct SqliteWriter {
 pub struct GroupTx {
     guard: Option<OwnedMutexGuard<Group>>,
     savepoint: String,
-    /// The cached chain head when this savepoint began (restored if it is rolled back).
-    head_at_start: Option<ChainHead>,
     kick: Arc<Notify>,
 }
 
@@ -116,8 +115,9 @@ impl SqliteWriter {
         })
         .await
         .map_err(|e| StoreError::Other(format!("write start task failed: {e}")))??;
-        let head_at_start = guard.head.clone();
-        Ok(GroupTx { guard: Some(guard), savepoint, head_at_start, kick: self.kick.clone() })
+        let mut guard = guard;
+        guard.cache.savepoint();
+        Ok(GroupTx { guard: Some(guard), savepoint, kick: self.kick.clone() })
     }
 }
 
@@ -151,15 +151,15 @@ fn discard(group: &mut Group, why: &str) {
         let _ = conn.detach();
     }
     group.poisoned = false;
-    group.head = None;
+    group.cache.clear();
 }
 
 impl GroupTx {
-    /// The group connection and the group's cached audit chain head.
-    pub fn parts(&mut self) -> Option<(&mut sqlx::SqliteConnection, &mut Option<ChainHead>)> {
+    /// The group connection and the group's cached audit chain heads.
+    pub fn parts(&mut self) -> Option<(&mut sqlx::SqliteConnection, &mut ChainCache)> {
         let g = &mut **self.guard.as_mut()?;
         let conn = g.conn.as_deref_mut()?;
-        Some((conn, &mut g.head))
+        Some((conn, &mut g.cache))
     }
 
     /// Releases the savepoint and waits until the group commit has made it durable.
@@ -203,8 +203,8 @@ impl Drop for GroupTx {
         let Some(mut guard) = self.guard.take() else { return };
         let sp = std::mem::take(&mut self.savepoint);
         let kick = self.kick.clone();
-        // The savepoint's events are gone, so is what they did to the cached head.
-        guard.head = self.head_at_start.take();
+        // The savepoint's events are gone, so is what they did to the cached heads.
+        guard.cache.rollback();
         let undo = async move {
             if let Some(conn) = guard.conn.as_mut() {
                 let sql = format!("ROLLBACK TO {sp}; RELEASE {sp}");
@@ -242,7 +242,7 @@ async fn committer(group: Arc<Mutex<Group>>, kick: Arc<Notify>) {
             // not at the next successful write (other processes could not write meanwhile, and
             // shutdown waited for the connection). We hold the group lock, so no writer is
             // inside a savepoint.
-            g.head = None;
+            g.cache.clear();
             if let Some(mut conn) = g.conn.take()
                 && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err()
             {
@@ -254,12 +254,8 @@ async fn committer(group: Arc<Mutex<Group>>, kick: Arc<Notify>) {
             discard(&mut g, "no write transaction was open");
             continue;
         };
-        // The chain head as the group's writers left it, in the same transaction.
-        let head = g.head.take();
-        let result = match &head {
-            Some(h) => super::audit::write_cached_head(&mut conn, h).await,
-            None => Ok(()),
-        };
+        // The chain heads as the group's writers left them, in the same transaction.
+        let result = super::audit::write_cache(&mut conn, &mut g.cache).await;
         let result = match result {
             Ok(()) => sqlx::query("COMMIT").execute(&mut *conn).await,
             Err(e) => Err(e),

@@ -7,9 +7,11 @@
 //!
 //! SQLite allows one writer at a time: write transactions start with `BEGIN IMMEDIATE` (so a
 //! read never has to upgrade to a write lock and fail) and queue on an in-process mutex first,
-//! so the busy timeout only matters across processes. PostgreSQL write transactions start by
-//! locking the audit chain's head row, which serialises them the same way across processes
-//! and rules out deadlocks (see `begin_write`).
+//! so the busy timeout only matters across processes. On PostgreSQL, `begin_write_for(users)`
+//! serialises only writers of the same users (advisory locks; the audit log is partitioned, so
+//! no common row either): token reads and writes and leases use it, and run at once for
+//! different users. `begin_write` still takes one common lock (the old audit head row), which
+//! serialises the other writers as before and rules out deadlocks among them.
 
 use std::{str::FromStr, sync::Arc, time::Duration};
 
@@ -26,8 +28,8 @@ use crate::config::{DatabaseUrl, Settings, SqliteSync};
 /// A connection of either backend; every store function takes one.
 pub enum Conn<'c> {
     /// A SQLite connection; inside a grouped write transaction, with the group's cached audit
-    /// chain head (see `group`): `None` outside one.
-    Sqlite(&'c mut SqliteConnection, Option<&'c mut Option<audit::ChainHead>>),
+    /// chain heads (see `group`): `None` outside one.
+    Sqlite(&'c mut SqliteConnection, Option<&'c mut audit::ChainCache>),
     Postgres(&'c mut PgConnection),
     /// A write transaction that no longer has a connection (never handed out in practice).
     Closed,
@@ -177,6 +179,9 @@ pub(crate) async fn begin_postgres(
     .map_err(StoreError::from)
 }
 
+/// The lock `begin_write` takes on PostgreSQL: the legacy audit chain head row.
+const GLOBAL_WRITE_LOCK: &str = "SELECT last_seq FROM audit_chain WHERE id = 1 FOR UPDATE";
+
 #[derive(Clone)]
 pub enum Db {
     Sqlite {
@@ -321,16 +326,44 @@ impl Db {
             Self::Sqlite { writer, acquire_timeout, .. } => {
                 Ok(WriteTx { tx: TxKind::Sqlite(writer.begin(*acquire_timeout).await?) })
             }
-            // Every write transaction appends to the audit chain, whose head row is a lock all
-            // of them need. Taking it first, before any other row lock, means no two
-            // transactions can each hold a lock the other waits for (no deadlocks), and writers
-            // are serialised across processes as SQLite's are.
-            Self::Postgres { pool } => Ok(WriteTx {
-                tx: TxKind::Postgres(
-                    begin_postgres(pool, "BEGIN", Some("SELECT last_seq FROM audit_chain WHERE id = 1 FOR UPDATE"))
-                        .await?,
-                ),
-            }),
+            // The general write transaction still takes the old audit chain head row as a lock
+            // of its own (no event is chained on it any more: see `begin_write_for`), because
+            // some services rely on writers being serialised. The hot paths (token reads and
+            // writes, leases) use `begin_write_for` instead.
+            Self::Postgres { pool } => {
+                Ok(WriteTx { tx: TxKind::Postgres(begin_postgres(pool, "BEGIN", Some(GLOBAL_WRITE_LOCK)).await?) })
+            }
+        }
+    }
+
+    /// A write transaction that serialises only with transactions about the same `keys` (user
+    /// ids): PostgreSQL takes their advisory locks (`lock`), in sorted order, and no common lock,
+    /// so writers of different users run at once (the audit log is partitioned: each locks only
+    /// the heads of its own chains). SQLite: as `begin_write` (one writer anyway).
+    pub async fn begin_write_for(&self, keys: &[&str]) -> Result<WriteTx> {
+        match self {
+            Self::Sqlite { .. } => self.begin_write().await,
+            Self::Postgres { pool } => {
+                let mut keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                let pool = pool.clone();
+                let tx = tokio::spawn(async move {
+                    let mut tx = pool.begin_with("BEGIN").await?;
+                    sqlx::query(
+                        "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
+                         FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) AS s",
+                    )
+                    .bind(keys)
+                    .execute(&mut *tx)
+                    .await?;
+                    Ok::<_, sqlx::Error>(tx)
+                })
+                .await
+                .map_err(|e| StoreError::Other(format!("transaction start task failed: {e}")))?
+                .map_err(StoreError::from)?;
+                Ok(WriteTx { tx: TxKind::Postgres(tx) })
+            }
         }
     }
 

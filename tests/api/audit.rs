@@ -289,7 +289,8 @@ async fn an_untouched_log_verifies() {
     let r = verify(&app).await;
     assert_eq!(r, json!({"ok": true, "events_checked": 6}), "no first_bad_seq or reason when ok");
     assert_eq!(chain_key_ids(&app).await, ["k1"]);
-    assert_eq!(scalar_i64(&app, "SELECT last_seq FROM audit_chain WHERE id = 1").await, 6);
+    // The newest chain head is at the newest event (the log is partitioned: one head per chain).
+    assert_eq!(scalar_i64(&app, "SELECT MAX(last_seq) FROM audit_heads").await, 6);
 }
 
 #[tokio::test]
@@ -453,11 +454,15 @@ async fn an_appended_copy_of_a_row_is_found() {
     };
     app.exec(&format!(
         "INSERT INTO audit_events (seq, id, at, type, outcome, user_id, actor, request_id, source_ip, details, \
-         chain_key_id, hmac) SELECT 4, {new_id}, at, type, outcome, user_id, actor, request_id, source_ip, details, \
-         chain_key_id, hmac FROM audit_events WHERE seq = 3"
+         chain_id, pos, chain_key_id, hmac) SELECT 4, {new_id}, at, type, outcome, user_id, actor, request_id, \
+         source_ip, details, chain_id, pos + 1, chain_key_id, hmac FROM audit_events WHERE seq = 3"
     ))
     .await;
-    app.exec("UPDATE audit_chain SET last_seq = 4 WHERE id = 1").await;
+    app.exec(
+        "UPDATE audit_heads SET last_pos = last_pos + 1, last_seq = 4 \
+         WHERE chain_id = (SELECT chain_id FROM audit_events WHERE seq = 3)",
+    )
+    .await;
     let r = verify(&app).await;
     assert_broken_at(&r, 4);
     assert_eq!(r["events_checked"], 3);
@@ -475,7 +480,12 @@ async fn a_row_moved_before_the_start_is_found() {
 #[tokio::test]
 async fn a_row_beyond_the_head_is_found() {
     let app = app_with_events(3).await;
-    app.exec("UPDATE audit_chain SET last_seq = 2 WHERE id = 1").await;
+    // The head of seq 3's chain rewound so that it no longer covers it.
+    app.exec(
+        "UPDATE audit_heads SET last_pos = last_pos - 1, last_seq = 0 \
+         WHERE chain_id = (SELECT chain_id FROM audit_events WHERE seq = 3)",
+    )
+    .await;
     assert_broken_at(&verify(&app).await, 3);
 }
 
@@ -504,7 +514,7 @@ async fn an_unreadable_row_is_named_and_earlier_rows_still_count() {
 #[tokio::test]
 async fn if_the_audit_row_cannot_be_written_the_act_does_not_happen() {
     let app = app_with_events(1).await;
-    app.exec("DELETE FROM audit_chain").await;
+    app.exec("DELETE FROM audit_heads").await;
     app.put(&tokens_path("lost")).json(garth_body("lost")).send().await.assert_problem(500, "internal_error");
     assert_eq!(scalar_i64(&app, "SELECT COUNT(*) FROM token_bundles WHERE user_id = 'lost'").await, 0);
     assert_eq!(app.audit().await.len(), 1);
@@ -664,20 +674,28 @@ async fn cli_verify(app: &TestApp) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Rewrites the head, without the key, to end at event `seq` (its seq and HMAC).
+/// Rewrites the chain heads, without the key, so that the log ends at event `seq`: every head
+/// past it is set to its chain's last event at or before it (its position, seq and HMAC), or to
+/// empty.
 async fn rewind_head_to(app: &TestApp, seq: i64) {
-    if seq == 0 {
-        let zeros = match backend() {
-            Backend::Sqlite => "zeroblob(32)",
-            Backend::Postgres => "decode(repeat('00', 32), 'hex')",
-        };
-        app.exec(&format!("UPDATE audit_chain SET last_seq = 0, last_hmac = {zeros} WHERE id = 1")).await;
-    } else {
-        app.exec(&format!(
-            "UPDATE audit_chain SET last_seq = {seq}, last_hmac = (SELECT hmac FROM audit_events WHERE seq = {seq}) WHERE id = 1"
-        ))
-        .await;
-    }
+    let zeros = match backend() {
+        Backend::Sqlite => "zeroblob(32)",
+        Backend::Postgres => "decode(repeat('00', 32), 'hex')",
+    };
+    let last = |col: &str| {
+        format!(
+            "(SELECT e.{col} FROM audit_events e WHERE e.chain_id = audit_heads.chain_id AND e.seq <= {seq} \
+             ORDER BY e.seq DESC LIMIT 1)"
+        )
+    };
+    app.exec(&format!(
+        "UPDATE audit_heads SET last_pos = COALESCE({}, 0), last_seq = COALESCE({}, 0), last_hmac = COALESCE({}, {zeros}) \
+         WHERE last_seq > {seq}",
+        last("pos"),
+        last("seq"),
+        last("hmac")
+    ))
+    .await;
 }
 
 #[tokio::test]
@@ -706,28 +724,43 @@ async fn wiping_the_log_and_zeroing_the_head_is_found() {
     assert!(!ok && out.starts_with("audit chain BROKEN at seq 1: "), "{out}");
 }
 
-/// The head row's columns as SQL literals, to put back later (an older copy of the database).
-async fn saved_head(app: &TestApp) -> String {
-    let sql = "SELECT last_seq, last_hmac, anchor_seq, anchor_hmac, head_key_id, head_mac FROM audit_chain";
-    type Head = (i64, Vec<u8>, i64, Vec<u8>, Option<String>, Option<Vec<u8>>);
-    let h: Head = match app.db() {
-        Db::Sqlite { pool, .. } => sqlx::query_as(sql).fetch_one(pool).await.unwrap(),
-        Db::Postgres { pool } => sqlx::query_as(sql).fetch_one(pool).await.unwrap(),
+/// Every head row's columns as SQL statements, to put back later (an older copy of the database).
+async fn saved_head(app: &TestApp) -> Vec<String> {
+    let sql = "SELECT chain_id, last_pos, last_seq, last_hmac, anchor_pos, anchor_seq, anchor_hmac, head_key_id, head_mac \
+               FROM audit_heads";
+    type Head = (i64, i64, i64, Vec<u8>, i64, i64, Vec<u8>, Option<String>, Option<Vec<u8>>);
+    let heads: Vec<Head> = match app.db() {
+        Db::Sqlite { pool, .. } => sqlx::query_as(sql).fetch_all(pool).await.unwrap(),
+        Db::Postgres { pool } => sqlx::query_as(sql).fetch_all(pool).await.unwrap(),
     };
     let blob = |b: &[u8]| match backend() {
         Backend::Sqlite => format!("X'{}'", hex::encode(b)),
         Backend::Postgres => format!("decode('{}', 'hex')", hex::encode(b)),
     };
-    format!(
-        "UPDATE audit_chain SET last_seq = {}, last_hmac = {}, anchor_seq = {}, anchor_hmac = {}, head_key_id = '{}', \
-         head_mac = {} WHERE id = 1",
-        h.0,
-        blob(&h.1),
-        h.2,
-        blob(&h.3),
-        h.4.unwrap(),
-        blob(&h.5.unwrap())
-    )
+    heads
+        .into_iter()
+        .map(|h| {
+            format!(
+                "UPDATE audit_heads SET last_pos = {}, last_seq = {}, last_hmac = {}, anchor_pos = {}, anchor_seq = {}, \
+                 anchor_hmac = {}, head_key_id = '{}', head_mac = {} WHERE chain_id = {}",
+                h.1,
+                h.2,
+                blob(&h.3),
+                h.4,
+                h.5,
+                blob(&h.6),
+                h.7.unwrap(),
+                blob(&h.8.unwrap()),
+                h.0
+            )
+        })
+        .collect()
+}
+
+async fn restore_heads(app: &TestApp, saved: &[String]) {
+    for sql in saved {
+        app.exec(sql).await;
+    }
 }
 
 #[tokio::test]
@@ -739,7 +772,7 @@ async fn a_consistent_rewind_to_an_older_copy_is_not_detectable_from_inside_but_
     }
     assert_eq!(verify(&app).await["ok"], true);
     // Only the head restored from the older copy: the newer events are still there.
-    app.exec(&old_head).await;
+    restore_heads(&app, &old_head).await;
     assert_broken_at(&verify(&app).await, 4);
     // Head and rows both as they were in the older copy: a consistent older state. Without an
     // external witness (a signed checkpoint kept elsewhere) this cannot be told apart from a log
@@ -754,7 +787,7 @@ async fn a_consistent_rewind_to_an_older_copy_is_not_detectable_from_inside_but_
     let p = audit::purge_before(app.db(), &app.state.keyring, cutoff).await.unwrap();
     assert_eq!((p.events, p.through_seq, p.stopped_at), (2, 2, None));
     assert_eq!(verify(&app).await["ok"], true);
-    app.exec(&pre_purge).await;
+    restore_heads(&app, &pre_purge).await;
     app.exec("DELETE FROM audit_events WHERE seq > 4").await;
     assert_broken_at(&verify(&app).await, 1);
 }
@@ -764,8 +797,12 @@ async fn moving_the_retention_anchor_without_the_key_is_found() {
     // Deleting the oldest events and moving the anchor past them, as a purge would, needs the key.
     let app = app_with_events(4).await;
     app.exec("DELETE FROM audit_events WHERE seq <= 2").await;
-    app.exec("UPDATE audit_chain SET anchor_seq = 2, anchor_hmac = (SELECT hmac FROM audit_events WHERE seq = 3) WHERE id = 1")
-        .await;
+    // The anchors of the emptied chains moved past their events, as a purge would, without the key.
+    app.exec(
+        "UPDATE audit_heads SET anchor_pos = last_pos, anchor_seq = last_seq, anchor_hmac = last_hmac \
+         WHERE last_seq BETWEEN 1 AND 2",
+    )
+    .await;
     let r = verify(&app).await;
     assert_eq!(r["ok"], false, "{r}");
 }

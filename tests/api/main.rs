@@ -2,6 +2,7 @@
 //! PostgreSQL with `CENTRALDB_TEST_BACKEND=postgres` (see `./scripts/test`).
 
 mod audit;
+mod audit_chain;
 mod auth;
 mod binary;
 mod helpers;

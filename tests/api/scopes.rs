@@ -30,9 +30,11 @@ const fn route(method: &'static str, path: &'static str, scope: &'static str, ok
 
 const CH: &str = "/api/v1/mfa/challenges";
 
-const ROUTES: [Route; 22] = [
+const ROUTES: [Route; 24] = [
     route("GET", "/api/v1/audit/events", "audit:read", 200, false),
     route("GET", "/api/v1/audit/verify", "admin", 200, false),
+    route("GET", "/api/v1/audit/checkpoint", "audit:read", 200, false),
+    route("GET", "/api/v1/audit/public-key", "audit:read", 200, false),
     route("POST", "/api/v1/mfa/challenges", "mfa", 201, true),
     route("GET", "/api/v1/mfa/challenges/{id}", "mfa", 200, false),
     route("DELETE", "/api/v1/mfa/challenges/{id}", "mfa", 204, true),
@@ -83,7 +85,7 @@ async fn prepare(app: &TestApp, route: &Route, user: &str) -> Prepared {
     let session_id = |s: Value| s["id"].as_str().unwrap().to_string();
     match route.path {
         "/api/v1/audit/events" => new(format!("{}?limit=5", route.path)),
-        "/api/v1/audit/verify" => new(route.path.to_string()),
+        "/api/v1/audit/verify" | "/api/v1/audit/checkpoint" | "/api/v1/audit/public-key" => new(route.path.to_string()),
         "/api/v1/mfa/challenges" => Prepared { body: Some(challenge("service")), ..new(CH.into()) },
         "/api/v1/mfa/challenges/{id}" => {
             let c = app.post(CH).json(challenge("service")).send().await;
