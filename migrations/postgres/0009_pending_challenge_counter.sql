@@ -15,6 +15,8 @@ UPDATE challenge_pending_counts SET n = (SELECT COUNT(*) FROM challenges WHERE s
 CREATE FUNCTION challenge_pending_count() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     delta BIGINT := 0;
+    -- Drawn once: random() in the WHERE clause would be drawn again for every row.
+    pick INTEGER := floor(random() * 16)::int;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         IF NEW.status = 'pending' THEN delta := 1; END IF;
@@ -26,7 +28,7 @@ BEGIN
         END IF;
     END IF;
     IF delta <> 0 THEN
-        UPDATE challenge_pending_counts SET n = n + delta WHERE shard = floor(random() * 16)::int;
+        UPDATE challenge_pending_counts SET n = n + delta WHERE shard = pick;
     END IF;
     RETURN NULL;
 END;
