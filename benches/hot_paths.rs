@@ -191,19 +191,24 @@ fn pending_cap(c: &mut Criterion) {
         let state = build_state(&rt, dir.path(), "normal");
         seed_pending(&rt, &state.db, rows);
         g.bench_function(format!("old_count_live_pending_{rows}"), |b| {
+            // The pooled connection is taken and given back inside the runtime.
             b.iter(|| {
-                let mut rc = rt.block_on(state.db.read()).expect("read");
-                let n = rt
-                    .block_on(store::challenges::count_pending_global_upto(&mut rc.conn(), store::now(), i64::MAX))
-                    .expect("count");
-                assert!(n >= rows);
+                rt.block_on(async {
+                    let mut rc = state.db.read().await.expect("read");
+                    let n = store::challenges::count_pending_global_upto(&mut rc.conn(), store::now(), i64::MAX)
+                        .await
+                        .expect("count");
+                    assert!(n >= rows);
+                })
             })
         });
         g.bench_function(format!("counter_rows_{rows}"), |b| {
             b.iter(|| {
-                let mut rc = rt.block_on(state.db.read()).expect("read");
-                let n = rt.block_on(store::challenges::pending_upper_bound(&mut rc.conn())).expect("counter");
-                assert!(n >= rows);
+                rt.block_on(async {
+                    let mut rc = state.db.read().await.expect("read");
+                    let n = store::challenges::pending_upper_bound(&mut rc.conn()).await.expect("counter");
+                    assert!(n >= rows);
+                })
             })
         });
         let ctx = bench_ctx();
