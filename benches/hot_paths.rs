@@ -8,6 +8,10 @@
 //!   decrypt, `last_used_at` update, chained audit row, commit) on a temp SQLite file, with
 //!   `synchronous=FULL` (the default) and `NORMAL` for comparison.
 //! - `argon2`: one code verification with the default (OWASP) parameters through `CodeHasher`.
+//! - `pending_cap` (issue 16 item 3): the service-wide pending-challenge check with 1,000 and
+//!   100,000 pending challenges in the table: the old `COUNT(*)` over the live pending ones
+//!   beside the counter rows that replace it, and a whole external challenge creation
+//!   (`Mfa::create`, which runs the check) at both sizes.
 //!
 //! Each benchmark measures for 3 s after a 1 s warm-up, so the whole run takes about a minute
 //! or two. Filter with e.g. `cargo bench --bench hot_paths -- vault_get`.
@@ -18,13 +22,17 @@ use centraldb_mfa::{
     AppState,
     config::Settings,
     crypto::{Aad, Keyring, api_keys},
-    domain::{TokenBundle, UserId},
+    domain::{
+        TokenBundle, UserId,
+        mfa::{Method, Verifier},
+    },
     services::{
         audit::AuditContext,
         code_hasher::{Argon2Settings, CodeHasher},
+        mfa::NewChallenge,
     },
     startup,
-    store::tokens::WriteCondition,
+    store::{self, Db, tokens::WriteCondition},
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::{Value, json};
@@ -63,6 +71,8 @@ fn bundle(tag: &str) -> TokenBundle {
 /// An app state on a fresh SQLite file in `dir`, like tests/api/helpers.rs builds it.
 fn build_state(rt: &Runtime, dir: &std::path::Path, synchronous: &str) -> AppState {
     let vars: HashMap<&str, String> = [
+        // Above any table size benchmarked, so creations are never refused.
+        ("CENTRALDB_MFA_MAX_PENDING_GLOBAL", "10000000".to_string()),
         ("CENTRALDB_DATA_DIR", dir.display().to_string()),
         ("CENTRALDB_DATABASE_URL", format!("sqlite://{}", dir.join("bench.db").display())),
         ("CENTRALDB_ENCRYPTION_KEYS", key_spec()),
@@ -152,6 +162,79 @@ fn argon2(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_ctx() -> AuditContext {
+    AuditContext {
+        actor: Some("key:00000000-0000-0000-0000-000000000000".into()),
+        request_id: Some("0190f000-0000-7000-8000-000000000000".into()),
+        source_ip: Some("127.0.0.1".into()),
+    }
+}
+
+/// Inserts `n` live pending challenges (one user each) in one statement; the counter triggers run.
+fn seed_pending(rt: &Runtime, db: &Db, n: i64) {
+    let Db::Sqlite { pool, .. } = db else { panic!("SQLite only") };
+    let now = store::now();
+    let expires = now + chrono::Duration::hours(1);
+    let sql = "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < $1) \
+               INSERT INTO challenges (id, user_id, method, verifier, destination, status, attempts, max_attempts, \
+               expires_at, created_at, updated_at) \
+               SELECT randomblob(16), 'seed-' || i, 'email', 'external', 'r***@example.com', 'pending', 0, 5, $2, $3, $3 \
+               FROM s";
+    rt.block_on(sqlx::query(sql).bind(n).bind(expires).bind(now).execute(pool)).expect("seed challenges");
+}
+
+fn pending_cap(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pending_cap");
+    for rows in [1_000i64, 100_000] {
+        let rt = runtime();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = build_state(&rt, dir.path(), "normal");
+        seed_pending(&rt, &state.db, rows);
+        g.bench_function(format!("old_count_live_pending_{rows}"), |b| {
+            // The pooled connection is taken and given back inside the runtime.
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut rc = state.db.read().await.expect("read");
+                    let n = store::challenges::count_pending_global_upto(&mut rc.conn(), store::now(), i64::MAX)
+                        .await
+                        .expect("count");
+                    assert!(n >= rows);
+                })
+            })
+        });
+        g.bench_function(format!("counter_rows_{rows}"), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let mut rc = state.db.read().await.expect("read");
+                    let n = store::challenges::pending_upper_bound(&mut rc.conn()).await.expect("counter");
+                    assert!(n >= rows);
+                })
+            })
+        });
+        let ctx = bench_ctx();
+        let mut i = 0u64;
+        g.bench_function(format!("create_external_challenge_{rows}"), |b| {
+            b.iter(|| {
+                i += 1;
+                let new = NewChallenge {
+                    user: UserId::parse(&format!("bench-{i}")).expect("user id"),
+                    session_id: None,
+                    method: Method::Email,
+                    verifier: Verifier::External,
+                    destination: Some("r***@example.com".into()),
+                    code: None,
+                    ttl_secs: 600,
+                    max_attempts: 5,
+                    resume_state: Some(Zeroizing::new("r".repeat(2048))),
+                };
+                rt.block_on(state.mfa.create(&ctx, new)).expect("create")
+            })
+        });
+        rt.block_on(state.db.close());
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1))
 }
@@ -159,6 +242,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = envelope, api_key, vault_get, argon2
+    targets = envelope, api_key, vault_get, argon2, pending_cap
 }
 criterion_main!(benches);

@@ -5,7 +5,7 @@
 # scenario, prints a table and writes the JSON results to a folder, then stops the server.
 #
 #   scripts/bench.sh [--postgres URL] [--out DIR] [--bin PATH] [--label TEXT] [--quick] [--no-10k]
-#                    [--port N] [--only LIST]
+#                    [--port N] [--only LIST] [--two-instances] [--sqlite-only | --postgres-only]
 #
 #   --postgres URL  also run on PostgreSQL (loopback only); a fresh schema is created with psql
 #                   when psql is installed (and dropped afterwards), else the URL's database is used
@@ -16,7 +16,17 @@
 #   --no-10k        skip the 10,000-user flow
 #   --summarize DIR only rebuild summary.json and the table from the results in DIR
 #   --only LIST     comma-separated scenario names to run (healthz,token-get,token-put,
-#                   mfa-verify-50,mfa-verify-overload,flow-1000,flow-10000,put-quiet,refusal-flood)
+#                   mfa-verify-50,mfa-verify-overload,flow-1000,flow-10000,put-quiet,refusal-flood,
+#                   sc004, sc004-2x)
+#   --two-instances with --postgres: also run sc004-2x, the sc004 users spread over two server
+#                   instances (ports N and N+1) on the one PostgreSQL database
+#   --postgres-only skip the SQLite run (with --postgres)
+#
+# `sc004` is issue 16's realistic login load (loadgen --mode open-flow): 170 new users/s for
+# 120 s, each thinking 30-90 s between its challenge and its attempt (about 10,000 users in
+# flight), all sharing 256 keep-alive connections. It runs on a freshly started server; its CPU
+# and peak RSS are the server's (summed CPU and the largest VmHWM over the instances for
+# sc004-2x), and `srv_us/req` = server CPU microseconds per request served.
 #
 # `put-quiet` and `refusal-flood` measure what a flood of refused requests does to legitimate
 # writes: 16 connections PUT with If-Match, alone (put-quiet) and while 4 more connections send
@@ -36,6 +46,8 @@ PORT=18080
 ONLY=""
 LABEL=""
 SUMMARIZE=""
+TWO=0
+RUN_SQLITE=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --postgres) PG_URL="$2"; shift 2 ;;
@@ -47,6 +59,8 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY="$2"; shift 2 ;;
     --label) LABEL="$2"; shift 2 ;;
     --summarize) SUMMARIZE="$2"; shift 2 ;;
+    --two-instances) TWO=1; shift ;;
+    --postgres-only) RUN_SQLITE=0; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -72,8 +86,10 @@ OUT="$(cd "$OUT" && pwd)"
 
 if [[ $QUICK == 1 ]]; then
   DUR=5; DUR_OVER=5; FLOW_SMALL=200; FLOW_BIG=1000; FLOW_CAP=60
+  SC004=(--rate 20 --duration 10 --think 1:3 --pool 64 --timeout 60)
 else
   DUR=20; DUR_OVER=10; FLOW_SMALL=1000; FLOW_BIG=10000; FLOW_CAP=180
+  SC004=(--rate 170 --duration 120 --think 30:90 --pool 256 --timeout 60)
 fi
 
 # ---- summary ----------------------------------------------------------------------------------
@@ -107,7 +123,10 @@ summarize() {
         n(r.latency.p50_ms), n(r.latency.p95_ms), n(r.latency.p99_ms), n(r.latency.max_ms),
         n(s.server.cpu_s), n(s.server.vm_rss_before_kib / 1024), n(s.server.vm_hwm_kib / 1024), st(r)] | @tsv;
     .scenarios[] as $s |
-    if ($s.scenario | startswith("flow")) then
+    if ($s.scenario | startswith("sc004")) then
+      row($s; "all requests (peak \($s.open_flow.peak_in_flight) in flight, \(if $s.run.total.requests > 0 then ($s.server.cpu_s * 1e6 / $s.run.total.requests | round) else "-" end) us srv CPU/req)"; $s.run.total),
+      ($s.run.routes[] as $r | row($s; $r.route; $r))
+    elif ($s.scenario | startswith("flow")) then
       row($s; "all requests"; $s.run.total),
       ($s.run.routes[] | select(.derived or (.route | test("GET /api"))) as $r | row($s; $r.route; $r))
     elif $s.scenario == "refusal-flood" then
@@ -144,18 +163,23 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 CLK_TCK="$(getconf CLK_TCK)"
 SERVER_PID=""
+SERVER_PIDS=()
 WORK=""
 PG_SCHEMA=""
 PG_ADMIN_URL=""
 
 stop_server() {
-  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 1 150); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.2; done
-    kill -0 "$SERVER_PID" 2>/dev/null && kill -KILL "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
+  local pid
+  for pid in "${SERVER_PIDS[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
   SERVER_PID=""
+  SERVER_PIDS=()
 }
 
 drop_pg_schema() {
@@ -173,8 +197,24 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-proc_field() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$SERVER_PID/status" 2>/dev/null || echo 0; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER_PID/stat" 2>/dev/null || echo 0; }
+# The largest value of a /proc/PID/status field over the running instances (kiB).
+proc_field() {
+  local pid v max=0
+  for pid in "${SERVER_PIDS[@]}"; do
+    v="$(awk -v k="$1:" '$1 == k {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)"
+    (( ${v:-0} > max )) && max="${v:-0}"
+  done
+  echo "$max"
+}
+# CPU ticks (user + system) summed over the running instances.
+cpu_ticks() {
+  local pid sum=0 v
+  for pid in "${SERVER_PIDS[@]}"; do
+    v="$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)"
+    sum=$((sum + ${v:-0}))
+  done
+  echo "$sum"
+}
 
 prepare_work() {
   WORK="$(mktemp -d "${TMPDIR:-/tmp}/centraldb-bench.XXXXXX")"
@@ -185,22 +225,23 @@ prepare_work() {
   chmod 600 "$WORK/encryption-keys" "$WORK/admin-key"
 }
 
-start_server() { # backend database_url (same data folder, keys and database on a restart)
-  local backend="$1" url="$2"
-  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
-    echo "port $PORT is in use; pass --port" >&2; exit 2
+start_server() { # backend database_url [port] (same data folder, keys and database on a restart)
+  local backend="$1" url="$2" port="${3:-$PORT}"
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is in use; pass --port" >&2; exit 2
   fi
   env CENTRALDB_DATA_DIR="$WORK/data" \
     CENTRALDB_DATABASE_URL="$url" \
     CENTRALDB_ENCRYPTION_KEYS_FILE="$WORK/encryption-keys" \
     CENTRALDB_BOOTSTRAP_ADMIN_KEY_FILE="$WORK/admin-key" \
-    CENTRALDB_LISTEN="127.0.0.1:$PORT" \
+    CENTRALDB_LISTEN="127.0.0.1:$port" \
     CENTRALDB_LOG_FORMAT=json \
     RUST_LOG=warn \
     "$BIN" serve >> "$OUT/server-$backend.log" 2>&1 &
   SERVER_PID=$!
+  SERVER_PIDS+=("$SERVER_PID")
   for _ in $(seq 1 100); do
-    if curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then return 0; fi
+    if curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then return 0; fi
     kill -0 "$SERVER_PID" 2>/dev/null || break
     sleep 0.2
   done
@@ -218,15 +259,18 @@ scenario() {
   local file="$OUT/$backend-$name.json"
   echo "== $backend: $name: loadgen $* =="
   # Reset the peak RSS, so VmHWM is this scenario's peak (Linux >= 4.0; best effort).
-  echo 5 > "/proc/$SERVER_PID/clear_refs" 2>/dev/null || true
+  local pid
+  for pid in "${SERVER_PIDS[@]}"; do echo 5 > "/proc/$pid/clear_refs" 2>/dev/null || true; done
   local t0 t1 rc=0 rss0
   rss0="$(proc_field VmRSS)"
   t0="$(cpu_ticks)"
   "$LOADGEN" --url "http://127.0.0.1:$PORT" --key-file "$WORK/admin-key" --json --out "$file" "$@" > /dev/null || rc=$?
   t1="$(cpu_ticks)"
-  if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-    echo "the server died during $name; log tail:" >&2; tail -20 "$OUT/server-$backend.log" >&2; exit 1
-  fi
+  for pid in "${SERVER_PIDS[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "the server died during $name; log tail:" >&2; tail -20 "$OUT/server-$backend.log" >&2; exit 1
+    fi
+  done
   local hwm rss
   hwm="$(proc_field VmHWM)"; rss="$(proc_field VmRSS)"
   if [[ -s "$file" ]]; then
@@ -234,7 +278,8 @@ scenario() {
       --argjson hwm "${hwm:-0}" --argjson rss "${rss:-0}" --argjson rss0 "${rss0:-0}" --argjson rc "$rc" \
       --arg cmd "loadgen $*" \
       '. + {backend: $b, scenario: $n, command: $cmd, loadgen_exit: $rc,
-            server: {cpu_s: $cpu, vm_rss_before_kib: $rss0, vm_hwm_kib: $hwm, vm_rss_after_kib: $rss}}' "$file" > "$file.tmp" && mv "$file.tmp" "$file"
+            server: {instances: '"${#SERVER_PIDS[@]}"', cpu_s: $cpu, vm_rss_before_kib: $rss0, vm_hwm_kib: $hwm,
+                     vm_rss_after_kib: $rss, load_average: "'"$(cut -d' ' -f1-3 /proc/loadavg)"'"}}' "$file" > "$file.tmp" && mv "$file.tmp" "$file"
   else
     echo "loadgen wrote no result for $name (exit $rc)" >&2
   fi
@@ -266,6 +311,14 @@ run_backend() { # backend database_url
     scenario "$backend" "flow-$FLOW_BIG" --mode flow --connections "$FLOW_BIG" --requests "$FLOW_BIG" \
       --gets 5 --duration "$FLOW_CAP" --timeout 60
   fi
+  restart_for_flow sc004
+  scenario "$backend" sc004 --mode open-flow "${SC004[@]}"
+  if [[ $TWO == 1 && "$backend" == postgres ]] && wanted sc004-2x; then
+    stop_server
+    start_server "$backend" "$url" "$PORT"
+    start_server "$backend" "$url" "$((PORT + 1))"
+    scenario "$backend" sc004-2x --mode open-flow "${SC004[@]}" --also-url "http://127.0.0.1:$((PORT + 1))"
+  fi
   stop_server
   rm -rf "$WORK"; WORK=""
 }
@@ -273,7 +326,7 @@ run_backend() { # backend database_url
 # ---- run ------------------------------------------------------------------------------------
 
 # Empty CENTRALDB_DATABASE_URL means the default: <data>/centraldb-mfa.db.
-run_backend sqlite ""
+if [[ $RUN_SQLITE == 1 ]]; then run_backend sqlite ""; fi
 
 if [[ -n "$PG_URL" ]]; then
   pg_url="$PG_URL"

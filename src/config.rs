@@ -226,6 +226,8 @@ pub const ENV_VARS: &[EnvVar] = &[
     var("CENTRALDB_DB_ACQUIRE_TIMEOUT_MS", "3000", "wait for a pooled connection before 503"),
     var("CENTRALDB_SQLITE_BUSY_TIMEOUT_MS", "5000", "SQLite: wait on a database locked by another process"),
     var("CENTRALDB_SQLITE_SYNCHRONOUS", "full", "SQLite: full or normal"),
+    var("CENTRALDB_SQLITE_MMAP_MIB", "0", "SQLite mmap_size in MiB (0: off)"),
+    var("CENTRALDB_SQLITE_CACHE_MIB", "2", "SQLite page cache per pooled connection, in MiB"),
     var(
         "CENTRALDB_API_KEY_CACHE_SECS",
         "1",
@@ -282,6 +284,10 @@ pub struct Settings {
     pub db_acquire_timeout: Duration,
     pub sqlite_busy_timeout: Duration,
     pub sqlite_synchronous: SqliteSync,
+    /// SQLite `mmap_size` in MiB (0: reads go through `pread` into each connection's cache).
+    pub sqlite_mmap_mib: u64,
+    /// SQLite page cache per connection, in MiB.
+    pub sqlite_cache_mib: u64,
     pub api_key_cache_ttl: Duration,
     pub argon2: crate::services::code_hasher::Argon2Settings,
     /// Concurrent argon2 computations (default: the number of cores).
@@ -462,6 +468,8 @@ impl Settings {
                 Err(ConfigError::new(var, format!("must be between {min} and {max}")))
             }
         };
+        let sqlite_mmap_mib = num("CENTRALDB_SQLITE_MMAP_MIB", 0, 0, 65_536)?;
+        let sqlite_cache_mib = num("CENTRALDB_SQLITE_CACHE_MIB", 2, 1, 4_096)?;
         let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(2);
         let argon2 = crate::services::code_hasher::Argon2Settings {
             memory_kib: num("CENTRALDB_ARGON2_MEMORY_KIB", 19 * 1024, 8, 4 * 1024 * 1024)? as u32,
@@ -511,6 +519,8 @@ impl Settings {
             db_acquire_timeout,
             sqlite_busy_timeout,
             sqlite_synchronous,
+            sqlite_mmap_mib,
+            sqlite_cache_mib,
             api_key_cache_ttl,
             argon2,
             argon2_workers,

@@ -444,7 +444,12 @@ impl Mfa {
             )
             .retry_after(retry));
         }
-        if store::challenges::count_pending_global(&mut c, now).await? >= self.limits.max_pending_global {
+        // The counter is an upper bound (expired rows count until swept), read in constant time;
+        // only when it reaches the cap are the live ones counted (at most cap rows).
+        let cap = self.limits.max_pending_global;
+        if store::challenges::pending_upper_bound(&mut c).await? >= cap
+            && store::challenges::count_pending_global_upto(&mut c, now, cap).await? >= cap
+        {
             self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("global_cap")).await?;
             tx.commit().await?;
             return Err(ApiError::Unavailable {

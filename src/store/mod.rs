@@ -299,7 +299,11 @@ impl Db {
                 .pragma("secure_delete", "ON")
                 // Savepoint journals (every grouped write is a savepoint) in memory, not a temp
                 // file opened and unlinked per transaction.
-                .pragma("temp_store", "MEMORY");
+                .pragma("temp_store", "MEMORY")
+                // Reads straight from a shared memory map instead of `pread` copies into each
+                // connection's cache, when configured (issue 16: ~20% of CPU went to the copies).
+                .pragma("mmap_size", (settings.sqlite_mmap_mib * 1024 * 1024).to_string())
+                .pragma("cache_size", format!("-{}", settings.sqlite_cache_mib * 1024));
             create_private_file(opts.get_filename());
             let pool = SqlitePoolOptions::new()
                 .max_connections(settings.db_max_connections.unwrap_or(8))

@@ -249,6 +249,60 @@ async fn at_most_three_pending_challenges_per_user() {
     assert_eq!(app.get(&format!("{CH}/{first}")).send().await.json["status"], "cancelled");
 }
 
+/// Pending challenges service-wide per the counter rows of migration 0009 (sum of the shards).
+async fn pending_counter(app: &TestApp) -> i64 {
+    let mut c = app.db().read().await.unwrap();
+    centraldb_mfa::store::challenges::pending_upper_bound(&mut c.conn()).await.unwrap()
+}
+
+#[tokio::test]
+async fn the_service_wide_cap_counts_live_pending_challenges() {
+    let app = TestApp::spawn_with(|v| {
+        v.insert("CENTRALDB_MFA_MAX_PENDING_GLOBAL".into(), "2".into());
+    })
+    .await;
+    let a = create(&app, external("cap-a")).await;
+    assert_eq!(a.status, 201, "{}", a.text);
+    assert_eq!(create(&app, external("cap-b")).await.status, 201);
+    let r = create(&app, external("cap-c")).await;
+    r.assert_problem(503, "unavailable");
+    assert_eq!(r.header("retry-after"), Some("5"));
+    assert!(app.audit().await.iter().any(|e| e.type_ == "challenge.refused"
+        && e.user_id.as_deref() == Some("cap-c")
+        && details(e)["reason"] == "global_cap"));
+    assert_eq!(pending_counter(&app).await, 2);
+    // A challenge that leaves `pending` (here: cancelled) frees its place.
+    let id = a.json["id"].as_str().unwrap();
+    assert_eq!(app.delete(&format!("{CH}/{id}")).send().await.status, 204);
+    assert_eq!(pending_counter(&app).await, 1);
+    let c = create(&app, external("cap-c")).await;
+    assert_eq!(c.status, 201, "{}", c.text);
+    // A pending challenge past its expiry that the sweeper has not reached yet still counts in
+    // the counter, but not against the cap: the exact count decides once the counter is at it.
+    app.exec("UPDATE challenges SET expires_at = '2001-01-01T00:00:00+00:00' WHERE user_id = 'cap-b'").await;
+    assert_eq!(pending_counter(&app).await, 2);
+    assert_eq!(create(&app, external("cap-d")).await.status, 201);
+    assert_eq!(pending_counter(&app).await, 3);
+    create(&app, external("cap-e")).await.assert_problem(503, "unavailable");
+    // Verified and consumed challenges leave the count; the counter agrees with the table.
+    let id = c.json["id"].as_str().unwrap();
+    let at = app.post(&format!("{CH}/{id}/attempts")).json(json!({"code": "123456"})).send().await;
+    assert_eq!(at.status, 201, "{}", at.text);
+    let n = at.json["attempt"].as_i64().unwrap();
+    let res = app.post(&format!("{CH}/{id}/attempts/{n}/result")).json(json!({"success": true})).send().await;
+    assert_eq!(res.status, 200, "{}", res.text);
+    assert_eq!(pending_counter(&app).await, 2);
+    assert_eq!(create(&app, external("cap-e")).await.status, 201);
+    let exact = {
+        let mut c = app.db().read().await.unwrap();
+        centraldb_mfa::store::challenges::count_pending_global_upto(&mut c.conn(), chrono::DateTime::UNIX_EPOCH, 100)
+            .await
+            .unwrap()
+    };
+    assert_eq!(pending_counter(&app).await, exact);
+    assert_eq!(exact, 3);
+}
+
 #[tokio::test]
 async fn the_failure_budget_refuses_new_challenges() {
     let app = TestApp::spawn_with(|v| {
