@@ -317,6 +317,16 @@ impl Mfa {
         audit(c, &self.keyring, ctx, type_, outcome, user, details).await
     }
 
+    /// A write transaction holding the lock of the user challenge `id` belongs to (see
+    /// `store::lock_owner`): every write to a challenge, its attempts, its session and its user's
+    /// failures runs under that user's lock, and no common one, so logins of different users
+    /// never wait for each other. An unknown challenge takes no lock (the caller answers 404).
+    async fn begin_for_challenge(&self, id: Uuid) -> Result<store::WriteTx, ApiError> {
+        let mut tx = self.db.begin_write_for(&[]).await?;
+        store::lock_owner(&mut tx.conn(), store::Owned::Challenge, id).await?;
+        Ok(tx)
+    }
+
     /// Records an attempt just reserved (the row carries its number).
     async fn audit_attempt(&self, c: &mut Conn<'_>, ctx: &AuditContext, row: &ChallengeRow) -> store::Result<()> {
         self.audit(
@@ -398,9 +408,8 @@ impl Mfa {
             consumed_at: None,
         };
 
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.db.begin_write_for(&[user.as_str()]).await?;
         let mut c = tx.conn();
-        store::lock(&mut c, &user).await?;
         let session = match new.session_id {
             None => None,
             Some(sid) => {
@@ -444,6 +453,12 @@ impl Mfa {
             )
             .retry_after(retry));
         }
+        // The service-wide cap is the one invariant across users here: creations count and insert
+        // under one lock of their own (after the user lock, before any row or audit head lock),
+        // so concurrent creations of different users, on any number of instances, can't both
+        // take the last place. Nothing else (sessions, attempts, results, consumes, tokens)
+        // waits for it.
+        store::lock(&mut c, store::PENDING_CAP_LOCK).await?;
         if store::challenges::count_pending_global(&mut c, now).await? >= self.limits.max_pending_global {
             self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("global_cap")).await?;
             tx.commit().await?;
@@ -491,7 +506,7 @@ impl Mfa {
 
     async fn refuse_with(&self, ctx: &AuditContext, type_: &str, row: &ChallengeRow, err: ApiError) -> ApiError {
         let result = async {
-            let mut tx = self.db.begin_write().await?;
+            let mut tx = self.db.begin_write_for(&[row.user_id.as_str()]).await?;
             self.audit(
                 &mut tx.conn(),
                 ctx,
@@ -585,7 +600,7 @@ impl Mfa {
     /// Checks a code against a service-verified challenge.
     async fn verify_now(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
         let current = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         if current.verifier != Verifier::Service.as_str() {
@@ -628,7 +643,7 @@ impl Mfa {
 
         // 3. Record the outcome.
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.db.begin_write_for(&[row.user_id.as_str()]).await?;
         let mut c = tx.conn();
         if right {
             // The session may have ended while the code was checked.
@@ -730,9 +745,8 @@ impl Mfa {
     ) -> Result<AttemptReserved, ApiError> {
         let now = store::now();
         let macs = self.code_macs(id, &code)?;
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
-        store::lock(&mut c, &id.to_string()).await?;
         let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         if row.verifier != Verifier::External.as_str() {
             return Err(ApiError::validation("this challenge is checked by this service: use /verify"));
@@ -789,9 +803,8 @@ impl Mfa {
         success: bool,
     ) -> Result<ChallengeView, ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
-        store::lock(&mut c, &id.to_string()).await?;
         let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         match store::challenges::attempt_result(&mut c, id, n).await? {
             None => return Err(ApiError::not_found("attempt_not_found", format!("no attempt {n} on this challenge"))),
@@ -849,7 +862,7 @@ impl Mfa {
     /// `verified` → `consumed`, exactly once.
     async fn consume_now(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
         // A live challenge whose login session has ended is not handed over (and ends).
         if let Some(row) = store::challenges::get(&mut c, id).await?
@@ -881,7 +894,7 @@ impl Mfa {
     /// `DELETE`: cancel a pending or verified challenge (idempotent once cancelled).
     async fn cancel_now(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
         let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         // Already over (cancelled, consumed, failed, expired): nothing left to cancel.
