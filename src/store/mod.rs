@@ -12,7 +12,8 @@
 //! no common row either): token reads and writes, leases, sessions, MFA challenges and the
 //! sweeper's expiries use it, and run at once for different users. `begin_write` still takes
 //! one common lock (the old audit head row) for the rare writers that act on no one user (API
-//! keys, refusal summaries, retention purges, rewrap, idempotency records).
+//! key changes, refusal summaries, retention purges, rewrap). Single-row statements with no
+//! audit event (`Idempotency-Key` records, `last_used_at`) use `begin_write_for(&[])`: no lock.
 //!
 //! Lock order, the same for every writer, so none can deadlock: (1) the common lock, if taken;
 //! (2) user locks, in sorted order (a writer that holds the common lock takes none); (3) the
