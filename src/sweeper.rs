@@ -21,8 +21,9 @@
 //! the user it is about (`Db::begin_write_for`, as that user's own writers do), so several
 //! instances can sweep at once without double audit rows, and a user's request and the sweeper
 //! take turns without holding up other users. The retention and idempotency purges keep the
-//! common lock (`Db::begin_write`): they touch only rows no per-user writer waits for. Reads never depend on it: an expired challenge
-//! or session reads `expired` before the sweeper gets to it.
+//! common lock (`Db::begin_write`): they touch only rows no per-user writer waits for. Reads
+//! never depend on it: an expired challenge or session reads `expired` before the sweeper gets
+//! to it.
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
