@@ -247,7 +247,11 @@ pub const ENV_VARS: &[EnvVar] = &[
     var("CENTRALDB_SWEEP_INTERVAL_SECS", "30", "seconds between expiry sweeper passes"),
     var("CENTRALDB_RETENTION_SECS", "604800", "how long ended challenges and sessions are kept"),
     var("CENTRALDB_AUDIT_RETENTION_DAYS", "365", "audit events older than this are purged (0 keeps all)"),
-    var("CENTRALDB_AUDIT_CHECKPOINT_INTERVAL_SECS", "3600", "seconds between signed audit checkpoints in the log (0: off)"),
+    var(
+        "CENTRALDB_AUDIT_CHECKPOINT_INTERVAL_SECS",
+        "3600",
+        "seconds between signed audit checkpoints in the log (0: off)",
+    ),
     var("CENTRALDB_REFUSAL_INTERVAL_SECS", "60", "per-source window for refused requests"),
     var("CENTRALDB_REFUSAL_AUDIT_INDIVIDUAL", "10", "refusals per source and window audited one by one"),
     var("CENTRALDB_REFUSAL_BUDGET", "1000", "refusals per source and window before 429"),

@@ -17,9 +17,13 @@
 //! Between passes it also writes the refusal summaries whose window has ended (every few
 //! seconds), and all of them when it stops (graceful shutdown).
 //!
-//! Each expiry is a conditional statement audited in its own transaction, so several instances
-//! can sweep at once without double audit rows. Reads never depend on it: an expired challenge
-//! or session reads `expired` before the sweeper gets to it.
+//! Each expiry is a conditional statement audited in its own transaction, holding the lock of
+//! the user it is about (`Db::begin_write_for`, as that user's own writers do), so several
+//! instances can sweep at once without double audit rows, and a user's request and the sweeper
+//! take turns without holding up other users. The retention and idempotency purges keep the
+//! common lock (`Db::begin_write`): they touch only rows no per-user writer waits for. Reads
+//! never depend on it: an expired challenge or session reads `expired` before the sweeper gets
+//! to it.
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -161,8 +165,12 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
             store::challenges::due_for_expiry(&mut rc.conn(), now, BATCH).await?
         };
         for id in &ids {
-            let mut tx = state.db.begin_write().await?;
+            // Each expiry under the lock of the user it is about, as every other writer of that
+            // user's challenges and sessions: a user's attempt or result and the sweeper take
+            // turns (the expiry is a conditional UPDATE either way), other users don't wait.
+            let mut tx = state.db.begin_write_for(&[]).await?;
             let mut c = tx.conn();
+            store::lock_owner(&mut c, store::Owned::Challenge, *id).await?;
             if let Some(ch) = store::challenges::expire(&mut c, *id, now).await? {
                 report.challenges_expired += 1;
                 audit::record(
@@ -198,7 +206,7 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
             store::sessions::due_for_expiry(&mut rc.conn(), now, BATCH).await?
         };
         for s in &due {
-            let mut tx = state.db.begin_write().await?;
+            let mut tx = state.db.begin_write_for(&[s.user_id.as_str()]).await?;
             let mut c = tx.conn();
             // Re-read: another instance may have moved it already.
             if let Some(current) = store::sessions::get(&mut c, s.id).await?
@@ -224,7 +232,7 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
             store::tokens::due_for_expiry(&mut rc.conn(), now, BATCH).await?
         };
         for u in &users {
-            let mut tx = state.db.begin_write().await?;
+            let mut tx = state.db.begin_write_for(&[u.as_str()]).await?;
             let mut c = tx.conn();
             let mut expired_version = None;
             if let Some(row) = store::tokens::expire(&mut c, u, now).await? {
@@ -259,7 +267,7 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
             store::leases::due_for_expiry(&mut rc.conn(), now, BATCH).await?
         };
         for l in &lapsed {
-            let mut tx = state.db.begin_write().await?;
+            let mut tx = state.db.begin_write_for(&[l.user_id.as_str()]).await?;
             let mut c = tx.conn();
             if store::leases::expire(&mut c, &l.user_id, l.fence, now).await? {
                 report.leases_expired += 1;

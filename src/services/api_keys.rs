@@ -221,8 +221,10 @@ impl ApiKeys {
         }
         let db = self.db.clone();
         let id = principal.key_id;
+        // One unconditional row update with no audit event: it needs no lock beyond its row, so
+        // it never queues (holding a pool connection) behind the common write lock.
         tokio::spawn(async move {
-            if let Ok(mut tx) = db.begin_write().await
+            if let Ok(mut tx) = db.begin_write_for(&[]).await
                 && store::api_keys::touch_last_used(&mut tx.conn(), id, store::now()).await.is_ok()
             {
                 let _ = tx.commit().await;

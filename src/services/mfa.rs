@@ -62,6 +62,10 @@ pub const MAX_TTL_SECS: i64 = 600;
 pub const DEFAULT_MAX_ATTEMPTS: i64 = 5;
 pub const MAX_MAX_ATTEMPTS: i64 = 10;
 pub const MAX_RESUME_STATE_BYTES: usize = 16 * 1024;
+/// How far below the service-wide pending cap creations skip the cap lock and the exact count:
+/// more than the transactions that can be open at once (PostgreSQL's `max_connections`, the
+/// pools of every instance), so the creations the counter cannot see yet cannot pass the cap.
+const CAP_SLACK: i64 = 1024;
 
 /// A challenge as the API shows it: never the code, its hash or the resume state.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -317,6 +321,16 @@ impl Mfa {
         audit(c, &self.keyring, ctx, type_, outcome, user, details).await
     }
 
+    /// A write transaction holding the lock of the user challenge `id` belongs to (see
+    /// `store::lock_owner`): every write to a challenge, its attempts, its session and its user's
+    /// failures runs under that user's lock, and no common one, so logins of different users
+    /// never wait for each other. An unknown challenge takes no lock (the caller answers 404).
+    async fn begin_for_challenge(&self, id: Uuid) -> Result<store::WriteTx, ApiError> {
+        let mut tx = self.db.begin_write_for(&[]).await?;
+        store::lock_owner(&mut tx.conn(), store::Owned::Challenge, id).await?;
+        Ok(tx)
+    }
+
     /// Records an attempt just reserved (the row carries its number).
     async fn audit_attempt(&self, c: &mut Conn<'_>, ctx: &AuditContext, row: &ChallengeRow) -> store::Result<()> {
         self.audit(
@@ -398,9 +412,8 @@ impl Mfa {
             consumed_at: None,
         };
 
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.db.begin_write_for(&[user.as_str()]).await?;
         let mut c = tx.conn();
-        store::lock(&mut c, &user).await?;
         let session = match new.session_id {
             None => None,
             Some(sid) => {
@@ -444,12 +457,21 @@ impl Mfa {
             )
             .retry_after(retry));
         }
-        // The counter is an upper bound (expired rows count until swept), read in constant time;
-        // only when it reaches the cap are the live ones counted (at most cap rows).
+        // The service-wide cap is the one invariant across users here. The counter rows
+        // (migration 0009) give an upper bound (expired rows count until swept) in constant time.
+        // Far below the cap nothing more is needed: uncommitted creations, invisible to the sum,
+        // number at most the open transactions, far fewer than CAP_SLACK. Near the cap, creations
+        // take a lock of their own (after the user lock, before any row or audit head lock) and
+        // count the live ones exactly (at most cap rows), so concurrent creations of different
+        // users, on any number of instances, can't both take the last place. Nothing else
+        // (sessions, attempts, results, consumes, tokens) waits for that lock.
         let cap = self.limits.max_pending_global;
-        if store::challenges::pending_upper_bound(&mut c).await? >= cap
-            && store::challenges::count_pending_global_upto(&mut c, now, cap).await? >= cap
-        {
+        let mut full = false;
+        if store::challenges::pending_upper_bound(&mut c).await? >= cap.saturating_sub(CAP_SLACK) {
+            store::lock(&mut c, store::PENDING_CAP_LOCK).await?;
+            full = store::challenges::count_pending_global_upto(&mut c, now, cap).await? >= cap;
+        }
+        if full {
             self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("global_cap")).await?;
             tx.commit().await?;
             return Err(ApiError::Unavailable {
@@ -496,7 +518,7 @@ impl Mfa {
 
     async fn refuse_with(&self, ctx: &AuditContext, type_: &str, row: &ChallengeRow, err: ApiError) -> ApiError {
         let result = async {
-            let mut tx = self.db.begin_write().await?;
+            let mut tx = self.db.begin_write_for(&[row.user_id.as_str()]).await?;
             self.audit(
                 &mut tx.conn(),
                 ctx,
@@ -590,7 +612,7 @@ impl Mfa {
     /// Checks a code against a service-verified challenge.
     async fn verify_now(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
         let current = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         if current.verifier != Verifier::Service.as_str() {
@@ -633,7 +655,7 @@ impl Mfa {
 
         // 3. Record the outcome.
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.db.begin_write_for(&[row.user_id.as_str()]).await?;
         let mut c = tx.conn();
         if right {
             // The session may have ended while the code was checked.
@@ -735,9 +757,8 @@ impl Mfa {
     ) -> Result<AttemptReserved, ApiError> {
         let now = store::now();
         let macs = self.code_macs(id, &code)?;
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
-        store::lock(&mut c, &id.to_string()).await?;
         let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         if row.verifier != Verifier::External.as_str() {
             return Err(ApiError::validation("this challenge is checked by this service: use /verify"));
@@ -794,9 +815,8 @@ impl Mfa {
         success: bool,
     ) -> Result<ChallengeView, ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
-        store::lock(&mut c, &id.to_string()).await?;
         let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         match store::challenges::attempt_result(&mut c, id, n).await? {
             None => return Err(ApiError::not_found("attempt_not_found", format!("no attempt {n} on this challenge"))),
@@ -854,7 +874,7 @@ impl Mfa {
     /// `verified` → `consumed`, exactly once.
     async fn consume_now(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
         // A live challenge whose login session has ended is not handed over (and ends).
         if let Some(row) = store::challenges::get(&mut c, id).await?
@@ -886,7 +906,7 @@ impl Mfa {
     /// `DELETE`: cancel a pending or verified challenge (idempotent once cancelled).
     async fn cancel_now(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
         let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         // Already over (cancelled, consumed, failed, expired): nothing left to cancel.

@@ -226,9 +226,10 @@ impl Sessions {
             updated_at: now,
             expires_at: now + Duration::seconds(ttl_secs),
         };
-        let mut tx = self.db.begin_write().await?;
+        // The user's lock only: supersession touches this user's sessions and challenges, which
+        // every other writer (sweeper included) changes under the same lock.
+        let mut tx = self.db.begin_write_for(&[user.as_str()]).await?;
         let mut c = tx.conn();
-        store::lock(&mut c, user.as_str()).await?;
         end_user_flows(&mut c, &self.keyring, ctx, user.as_str(), SessionState::Superseded, "superseded", now).await?;
         store::sessions::insert(&mut c, &row).await?;
         audit(
@@ -267,11 +268,10 @@ impl Sessions {
         reason: Option<&str>,
     ) -> Result<SessionView, ApiError> {
         let now = store::now();
-        let mut tx = self.db.begin_write().await?;
+        let mut tx = self.db.begin_write_for(&[]).await?;
         let mut c = tx.conn();
-        let row = store::sessions::get(&mut c, id).await?.ok_or_else(session_not_found)?;
-        store::lock(&mut c, &row.user_id).await?;
-        // Re-read under the lock: the state may have moved while we waited.
+        store::lock_owner(&mut c, store::Owned::Session, id).await?;
+        // Read under the lock: the state may have moved while we waited.
         let row = store::sessions::get(&mut c, id).await?.ok_or_else(session_not_found)?;
         let from = effective_state(&row, now);
         if !from.can_move_to(to) {

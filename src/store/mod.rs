@@ -9,9 +9,18 @@
 //! read never has to upgrade to a write lock and fail) and queue on an in-process mutex first,
 //! so the busy timeout only matters across processes. On PostgreSQL, `begin_write_for(users)`
 //! serialises only writers of the same users (advisory locks; the audit log is partitioned, so
-//! no common row either): token reads and writes and leases use it, and run at once for
-//! different users. `begin_write` still takes one common lock (the old audit head row), which
-//! serialises the other writers as before and rules out deadlocks among them.
+//! no common row either): token reads and writes, leases, sessions, MFA challenges and the
+//! sweeper's expiries use it, and run at once for different users. `begin_write` still takes
+//! one common lock (the old audit head row) for the rare writers that act on no one user (API
+//! key changes, refusal summaries, retention purges, rewrap). Single-row statements with no
+//! audit event (`Idempotency-Key` records, `last_used_at`) use `begin_write_for(&[])`: no lock.
+//!
+//! Lock order, the same for every writer, so none can deadlock: (1) the common lock, if taken;
+//! (2) user locks, in sorted order (a writer that holds the common lock takes none); (3) the
+//! pending-challenge cap lock ([`PENDING_CAP_LOCK`], challenge creation only); (4) rows of its
+//! users; (5) audit chain heads, in chain order. A user writer's row locks after (5) are rows of
+//! its own users, which only holders of the same user lock write (the common-lock writers touch
+//! only rows no user writer waits for: terminal rows, keys, resume states one row at a time).
 
 use std::{str::FromStr, sync::Arc, time::Duration};
 
@@ -64,15 +73,44 @@ pub mod sessions;
 pub mod tokens;
 mod wal;
 
-/// Serialises transactions that touch the same `key` (a user id, a challenge id) until commit.
-/// PostgreSQL: a transaction-scoped advisory lock, so it holds across processes. SQLite: write
-/// transactions are serialised already, so nothing to do.
+/// Serialises transactions that touch the same `key` (a user id) until commit. PostgreSQL: a
+/// transaction-scoped advisory lock, so it holds across processes. SQLite: write transactions
+/// are serialised already, so nothing to do. The same lock as [`Db::begin_write_for`] takes.
 pub async fn lock(c: &mut Conn<'_>, key: &str) -> Result<()> {
     if let Conn::Postgres(pg) = c {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))").bind(key).execute(&mut **pg).await?;
     }
     Ok(())
 }
+
+/// Takes the user lock ([`lock`]) of the user that the row `id` of `table` (`challenges` or
+/// `sessions`) belongs to, in one round trip; nothing when there is no such row. A row's
+/// `user_id` never changes, so once this returns, every writer of that row holds the same lock.
+/// Call it first in a transaction begun with `begin_write_for(&[])`, before any row lock.
+pub async fn lock_owner(c: &mut Conn<'_>, table: Owned, id: uuid::Uuid) -> Result<()> {
+    if let Conn::Postgres(pg) = c {
+        let sql = match table {
+            Owned::Challenge => {
+                "SELECT pg_advisory_xact_lock(hashtextextended(user_id, 0)) FROM challenges WHERE id = $1"
+            }
+            Owned::Session => "SELECT pg_advisory_xact_lock(hashtextextended(user_id, 0)) FROM sessions WHERE id = $1",
+        };
+        sqlx::query(sql).bind(id).execute(&mut **pg).await?;
+    }
+    Ok(())
+}
+
+/// The tables whose rows [`lock_owner`] finds the user of.
+#[derive(Debug, Clone, Copy)]
+pub enum Owned {
+    Challenge,
+    Session,
+}
+
+/// The fixed key of the lock that orders challenge creations around the service-wide
+/// pending-challenge cap (see `services::mfa`): taken after the user lock, before any row or
+/// audit head lock, and never followed by a user lock.
+pub const PENDING_CAP_LOCK: &str = "centraldb:pending-challenge-cap";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -356,9 +394,10 @@ impl Db {
                 Ok(WriteTx { tx: TxKind::Sqlite(writer.begin(*acquire_timeout).await?) })
             }
             // The general write transaction still takes the old audit chain head row as a lock
-            // of its own (no event is chained on it any more: see `begin_write_for`), because
-            // some services rely on writers being serialised. The hot paths (token reads and
-            // writes, leases) use `begin_write_for` instead.
+            // of its own (no event is chained on it any more: see `begin_write_for`), for the
+            // rare writers that act on no one user (API keys, refusal summaries, retention,
+            // rewrap). Every per-user path (tokens, leases, sessions, MFA, sweeper expiries)
+            // uses `begin_write_for` instead; see the lock order at the top of this file.
             Self::Postgres { pool } => {
                 Ok(WriteTx { tx: TxKind::Postgres(begin_postgres(pool, "BEGIN", Some(GLOBAL_WRITE_LOCK)).await?) })
             }
@@ -386,6 +425,9 @@ impl Db {
                 let pool = pool.clone();
                 let tx = tokio::spawn(async move {
                     let mut tx = pool.begin_with("BEGIN").await?;
+                    if keys.is_empty() {
+                        return Ok::<_, sqlx::Error>(tx);
+                    }
                     sqlx::query(
                         "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) \
                          FROM (SELECT k FROM unnest($1::text[]) AS k ORDER BY k) AS s",

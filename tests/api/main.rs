@@ -9,6 +9,7 @@ mod helpers;
 mod idempotency;
 mod leases;
 mod limits;
+mod locks;
 mod mfa;
 mod ops;
 mod outage;
