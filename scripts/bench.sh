@@ -192,7 +192,9 @@ drop_pg_schema() {
 cleanup() {
   stop_server
   drop_pg_schema
-  [[ -n "$WORK" && -d "$WORK" ]] && rm -rf "$WORK"
+  # an `if`, not `[[ ]] && rm`: under set -e a false test as the trap's last command would make
+  # a successful run exit 1
+  if [[ -n "$WORK" && -d "$WORK" ]]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
