@@ -168,6 +168,12 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
         }
         other => {
+            // Admin commands (rewrap above all) run beside a serving process: on SQLite they wait
+            // up to a minute for its writer rather than fail with "database is locked" (a loaded
+            // server's group commit can keep the write lock busy for seconds; seen in CI as a
+            // rewrap failing after the 5 s default).
+            let mut settings = settings;
+            settings.sqlite_busy_timeout = settings.sqlite_busy_timeout.max(Duration::from_secs(60));
             if let Err(e) = telemetry::init(settings.log_format, "warn") {
                 return fail(format!("configuration: {e}"));
             }
