@@ -179,6 +179,24 @@ fn non_empty(o: &Map<String, Value>, f: &str) -> bool {
     o.get(f).and_then(Value::as_str).is_some_and(|s| !s.is_empty())
 }
 
+/// The documented integer fields (`expires_in`, ...): an integer in 0..=MAX_UNIX, spelled `3` or
+/// `3.0` (JSON Schema's integer; garth-ng writes floats).
+fn int_model(v: &Value) -> Option<i64> {
+    v.as_i64()
+        .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && f.abs() <= MAX_UNIX as f64).map(|f| f as i64))
+        .filter(|n| (0..=MAX_UNIX).contains(n))
+}
+
+/// The documented expiry fields (`expires_at`, ...): a number of seconds in 0..=MAX_UNIX, a
+/// fraction truncated.
+fn expiry_model(v: &Value) -> Option<i64> {
+    v.as_i64()
+        .or_else(|| {
+            v.as_f64().filter(|x| x.is_finite() && (0.0..=MAX_UNIX as f64).contains(x)).map(|x| x.trunc() as i64)
+        })
+        .filter(|n| (0..=MAX_UNIX).contains(n))
+}
+
 /// A garth object with some members replaced, removed or retyped.
 fn mutated(obj: Map<String, Value>, edits: Vec<(prop::sample::Index, Option<Value>)>) -> Map<String, Value> {
     let mut obj = obj;
@@ -493,15 +511,17 @@ proptest! {
             && ["mfa_token", "domain"].iter().all(|f| o1.get(*f).is_none_or(|v| v.is_null() || v.is_string()));
         let ok2 = ["access_token", "refresh_token"].iter().all(|f| non_empty(&o2, f))
             && ["token_type", "scope", "jti"].iter().all(|f| o2.get(*f).is_some_and(Value::is_string))
-            && ["expires_in", "expires_at", "refresh_token_expires_in", "refresh_token_expires_at"]
-                .iter()
-                .all(|f| o2.get(*f).and_then(Value::as_i64).is_some_and(|n| (0..=MAX_UNIX).contains(&n)));
+            && ["expires_in", "refresh_token_expires_in"].iter().all(|f| o2.get(*f).and_then(int_model).is_some())
+            && ["expires_at", "refresh_token_expires_at"].iter().all(|f| o2.get(*f).and_then(expiry_model).is_some());
         let result = TokenBundle::from_body(json!({"kind": "garth", "oauth1_token": o1, "oauth2_token": o2}));
         match result {
             Ok(b) => {
                 prop_assert!(ok1 && ok2);
-                prop_assert_eq!(b.access_expires_at.map(|t| t.timestamp()), o2["expires_at"].as_i64());
-                prop_assert_eq!(b.refresh_expires_at.map(|t| t.timestamp()), o2["refresh_token_expires_at"].as_i64());
+                prop_assert_eq!(b.access_expires_at.map(|t| t.timestamp()), expiry_model(&o2["expires_at"]));
+                prop_assert_eq!(
+                    b.refresh_expires_at.map(|t| t.timestamp()),
+                    expiry_model(&o2["refresh_token_expires_at"])
+                );
             }
             Err(e) => {
                 prop_assert!(!(ok1 && ok2), "{:?}", e);
