@@ -11,6 +11,7 @@
 #                   when psql is installed (and dropped afterwards), else the URL's database is used
 #   --out DIR       results folder (default target/bench-results/<UTC timestamp>)
 #   --bin PATH      server binary to test instead of building this tree (e.g. a baseline build)
+#   --loadgen PATH  loadgen binary to use instead of building examples/loadgen (with --bin: no build)
 #   --label TEXT    recorded in summary.json (e.g. "baseline b0e1010")
 #   --quick         5 s scenarios and 200/1000 flow users: a smoke test of the harness
 #   --no-10k        skip the 10,000-user flow
@@ -21,6 +22,15 @@
 #   --two-instances with --postgres: also run sc004-2x, the sc004 users spread over two server
 #                   instances (ports N and N+1) on the one PostgreSQL database
 #   --postgres-only skip the SQLite run (with --postgres)
+#   --sqlite-only   skip the PostgreSQL run even with --postgres
+#   --scan RATES    a capacity scan: for each comma-separated rate R, scenario `scan-R` is the sc004
+#                   flow at R new users/s for 60 s with 5-15 s think time (steady request rate after
+#                   15 s, ~8 requests a user), each on a freshly started server. Where the step p95s
+#                   cross 100 ms, and the machine's busy share there, is the capacity bound.
+#
+# Every scenario also records the machine's busy share of its CPUs over the scenario
+# (/proc/stat; the loadgen and PostgreSQL run on the same cores) and, on PostgreSQL, the CPU
+# seconds of the database's processes (`postgres` processes alive at the end of the scenario).
 #
 # `sc004` is issue 16's realistic login load (loadgen --mode open-flow): 170 new users/s for
 # 120 s, each thinking 30-90 s between its challenge and its attempt (about 10,000 users in
@@ -40,6 +50,7 @@ ROOT="$(pwd)"
 PG_URL=""
 OUT=""
 BIN=""
+LOADGEN_BIN=""
 QUICK=0
 RUN_10K=1
 PORT=18080
@@ -48,11 +59,14 @@ LABEL=""
 SUMMARIZE=""
 TWO=0
 RUN_SQLITE=1
+RUN_PG=1
+SCAN=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --postgres) PG_URL="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --bin) BIN="$2"; shift 2 ;;
+    --loadgen) LOADGEN_BIN="$2"; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --no-10k) RUN_10K=0; shift ;;
     --port) PORT="$2"; shift 2 ;;
@@ -61,6 +75,8 @@ while [[ $# -gt 0 ]]; do
     --summarize) SUMMARIZE="$2"; shift 2 ;;
     --two-instances) TWO=1; shift ;;
     --postgres-only) RUN_SQLITE=0; shift ;;
+    --sqlite-only) RUN_PG=0; shift ;;
+    --scan) SCAN="$2"; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -123,8 +139,9 @@ summarize() {
         n(r.latency.p50_ms), n(r.latency.p95_ms), n(r.latency.p99_ms), n(r.latency.max_ms),
         n(s.server.cpu_s), n(s.server.vm_rss_before_kib / 1024), n(s.server.vm_hwm_kib / 1024), st(r)] | @tsv;
     .scenarios[] as $s |
-    if ($s.scenario | startswith("sc004")) then
-      row($s; "all requests (peak \($s.open_flow.peak_in_flight) in flight, \(if $s.run.total.requests > 0 then ($s.server.cpu_s * 1e6 / $s.run.total.requests | round) else "-" end) us srv CPU/req)"; $s.run.total),
+    def per_req(x): if x != null and $s.run.total.requests > 0 then (x * 1e6 / $s.run.total.requests | round | tostring) else "-" end;
+    if ($s.scenario | startswith("sc004") or startswith("scan-")) then
+      row($s; "all requests (peak \($s.open_flow.peak_in_flight) in flight, srv \(per_req($s.server.cpu_s)) us/req, pg \(per_req($s.server.postgres_cpu_s)) us/req, machine \((($s.server.machine_busy // 0) * 100 | round))% busy)"; $s.run.total),
       ($s.run.routes[] as $r | row($s; $r.route; $r))
     elif ($s.scenario | startswith("flow")) then
       row($s; "all requests"; $s.run.total),
@@ -152,10 +169,10 @@ echo "== building (release) =="
 if [[ -z "$BIN" ]]; then
   cargo build --release --bin centraldb-mfa --example loadgen
   BIN="$ROOT/target/release/centraldb-mfa"
-else
+elif [[ -z "$LOADGEN_BIN" ]]; then
   cargo build --release --example loadgen
 fi
-LOADGEN="$ROOT/target/release/examples/loadgen"
+LOADGEN="${LOADGEN_BIN:-$ROOT/target/release/examples/loadgen}"
 [[ -x "$BIN" ]] || { echo "no server binary at $BIN" >&2; exit 2; }
 
 # The server gets as many open files as allowed (10,000 connections need them).
@@ -198,6 +215,18 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# The machine's busy and total CPU ticks so far (/proc/stat's first line: all CPUs).
+machine_ticks() { awk '$1 == "cpu" {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t; exit}' /proc/stat; }
+# CPU ticks (user + system) of the PostgreSQL processes alive now (0 without a postgres process).
+pg_ticks() {
+  local sum=0 pid v
+  for pid in $(pgrep -x postgres 2>/dev/null); do
+    v="$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)"
+    sum=$((sum + ${v:-0}))
+  done
+  echo "$sum"
+}
 
 # The largest value of a /proc/PID/status field over the running instances (kiB).
 proc_field() {
@@ -263,11 +292,15 @@ scenario() {
   # Reset the peak RSS, so VmHWM is this scenario's peak (Linux >= 4.0; best effort).
   local pid
   for pid in "${SERVER_PIDS[@]}"; do echo 5 > "/proc/$pid/clear_refs" 2>/dev/null || true; done
-  local t0 t1 rc=0 rss0
+  local t0 t1 rc=0 rss0 m0 m1 pg0 pg1
   rss0="$(proc_field VmRSS)"
-  t0="$(cpu_ticks)"
+  t0="$(cpu_ticks)"; m0="$(machine_ticks)"; pg0="$(pg_ticks)"
   "$LOADGEN" --url "http://127.0.0.1:$PORT" --key-file "$WORK/admin-key" --json --out "$file" "$@" > /dev/null || rc=$?
-  t1="$(cpu_ticks)"
+  t1="$(cpu_ticks)"; m1="$(machine_ticks)"; pg1="$(pg_ticks)"
+  local busy pg_cpu
+  busy="$(awk -v a="$m0" -v b="$m1" 'BEGIN {split(a, x, " "); split(b, y, " "); d = y[2] - x[2]; printf "%.3f", (d > 0 ? (y[1] - x[1]) / d : 0)}')"
+  pg_cpu="$(awk -v a="$pg0" -v b="$pg1" -v hz="$CLK_TCK" 'BEGIN {v = (b - a) / hz; printf "%.2f", (v > 0 ? v : 0)}')"
+  [[ "$backend" == postgres ]] || pg_cpu=null
   for pid in "${SERVER_PIDS[@]}"; do
     if ! kill -0 "$pid" 2>/dev/null; then
       echo "the server died during $name; log tail:" >&2; tail -20 "$OUT/server-$backend.log" >&2; exit 1
@@ -278,10 +311,10 @@ scenario() {
   if [[ -s "$file" ]]; then
     jq --arg b "$backend" --arg n "$name" --argjson cpu "$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.2f", (b - a) / hz}')" \
       --argjson hwm "${hwm:-0}" --argjson rss "${rss:-0}" --argjson rss0 "${rss0:-0}" --argjson rc "$rc" \
-      --arg cmd "loadgen $*" \
+      --arg cmd "loadgen $*" --argjson busy "$busy" --argjson pgcpu "$pg_cpu" \
       '. + {backend: $b, scenario: $n, command: $cmd, loadgen_exit: $rc,
             server: {instances: '"${#SERVER_PIDS[@]}"', cpu_s: $cpu, vm_rss_before_kib: $rss0, vm_hwm_kib: $hwm,
-                     vm_rss_after_kib: $rss, load_average: "'"$(cut -d' ' -f1-3 /proc/loadavg)"'"}}' "$file" > "$file.tmp" && mv "$file.tmp" "$file"
+                     vm_rss_after_kib: $rss, machine_busy: $busy, postgres_cpu_s: $pgcpu, load_average: "'"$(cut -d' ' -f1-3 /proc/loadavg)"'"}}' "$file" > "$file.tmp" && mv "$file.tmp" "$file"
   else
     echo "loadgen wrote no result for $name (exit $rc)" >&2
   fi
@@ -315,6 +348,14 @@ run_backend() { # backend database_url
   fi
   restart_for_flow sc004
   scenario "$backend" sc004 --mode open-flow "${SC004[@]}"
+  local rate
+  for rate in ${SCAN//,/ }; do
+    stop_server
+    start_server "$backend" "$url"
+    ONLY_SAVE="$ONLY"; ONLY=""
+    scenario "$backend" "scan-$rate" --mode open-flow --rate "$rate" --duration 60 --think 5:15 --pool 256 --timeout 60
+    ONLY="$ONLY_SAVE"
+  done
   if [[ $TWO == 1 && "$backend" == postgres ]] && wanted sc004-2x; then
     stop_server
     start_server "$backend" "$url" "$PORT"
@@ -330,7 +371,7 @@ run_backend() { # backend database_url
 # Empty CENTRALDB_DATABASE_URL means the default: <data>/centraldb-mfa.db.
 if [[ $RUN_SQLITE == 1 ]]; then run_backend sqlite ""; fi
 
-if [[ -n "$PG_URL" ]]; then
+if [[ -n "$PG_URL" && $RUN_PG == 1 ]]; then
   pg_url="$PG_URL"
   if command -v psql >/dev/null; then
     PG_ADMIN_URL="$PG_URL"
