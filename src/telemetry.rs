@@ -358,7 +358,7 @@ mod tests {
     #[test]
     fn every_503_has_a_named_cause() {
         let sources = [
-            include_str!("error.rs"),
+            include_str!("api/error.rs"),
             include_str!("api/middleware.rs"),
             include_str!("api/ops.rs"),
             include_str!("api/idempotency.rs"),

@@ -18,9 +18,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
+    api::error::ApiError,
     crypto::Keyring,
     domain::UserId,
-    error::ApiError,
     services::audit::{self, AuditContext, Outcome},
     store::{self, Db, leases::LeaseRow},
 };

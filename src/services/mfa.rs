@@ -19,12 +19,12 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::{
+    api::error::ApiError,
     crypto::{Aad, Keyring},
     domain::{
         UserId,
         mfa::{ChallengeStatus, Method, SessionState, Verifier},
     },
-    error::ApiError,
     services::{
         audit::{AuditContext, Outcome},
         code_hasher::{CodeHasher, HashError},

@@ -9,9 +9,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
+    api::error::ApiError,
     crypto::Keyring,
     domain::{UserId, mfa::SessionState},
-    error::ApiError,
     services::audit::{self, AuditContext, Outcome},
     store::{self, Conn, Db, challenges::ChallengeRow, sessions::SessionRow},
 };

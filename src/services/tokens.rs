@@ -10,9 +10,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
+    api::error::ApiError,
     crypto::{Aad, Keyring},
     domain::{BundleKind, TokenBundle, UserId, tokens::secrets_from_plaintext},
-    error::ApiError,
     services::audit::{AuditContext, Auditor, Outcome},
     services::group_commit::{Decision, ReadAudit},
     services::leases,
