@@ -360,3 +360,65 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::mfa::{ChallengeStatus, SessionState};
+
+    /// A refusal's domain reason (what audit details and metrics record) is the problem code the
+    /// API answers it with, for every variant.
+    #[test]
+    fn every_service_reason_is_its_problem_code() {
+        let all = vec![
+            ServiceError::NotFound(Missing::Tokens),
+            ServiceError::NotFound(Missing::Session),
+            ServiceError::NotFound(Missing::Challenge),
+            ServiceError::NotFound(Missing::Attempt(2)),
+            ServiceError::VersionConflict { current_version: Some(3), expected_absent: false },
+            ServiceError::LeaseHeld { holder: "w".into(), expires_at: None, retry_after_secs: 0 },
+            ServiceError::LeaseLost,
+            ServiceError::ChallengeExpired { session_state: None },
+            ServiceError::ChallengeExpired { session_state: Some(SessionState::Expired) },
+            ServiceError::ChallengeLocked,
+            ServiceError::ChallengeNotPending { status: ChallengeStatus::Verified },
+            ServiceError::InvalidCode { attempts_remaining: Some(1) },
+            ServiceError::DuplicateCode,
+            ServiceError::AttemptResolved { attempt: 1 },
+            ServiceError::InvalidTransition { from: SessionState::Failed, to: SessionState::Cancelled },
+            ServiceError::TooManyFailures { retry_after_secs: 9 },
+            ServiceError::TooManyChallenges { pending: 3, retry_after_secs: 0 },
+            ServiceError::Busy(BusyCause::CodeChecks),
+            ServiceError::Busy(BusyCause::PendingChallenges),
+            ServiceError::Busy(BusyCause::VersionWaiters),
+            ServiceError::ReauthRequired { reason: "refresh_expired".into() },
+            ServiceError::DecryptFailed,
+            ServiceError::field("f", "bad"),
+            ServiceError::invalid("bad"),
+            ServiceError::Store(StoreError::Unavailable("x".into())),
+            ServiceError::Store(StoreError::Full),
+            ServiceError::Store(StoreError::Other("x".into())),
+            ServiceError::Internal("x".into()),
+        ];
+        for e in all {
+            let reason = e.reason();
+            assert_eq!(ApiError::from(e).code(), reason);
+        }
+    }
+
+    #[test]
+    fn lease_held_carries_holder_expiry_and_retry_after() {
+        let expires_at = chrono::DateTime::parse_from_rfc3339("2026-01-31T12:00:00Z").unwrap().to_utc();
+        let e = ApiError::from(ServiceError::LeaseHeld {
+            holder: "worker-1".into(),
+            expires_at: Some(expires_at),
+            retry_after_secs: 0,
+        });
+        assert_eq!(e.status(), StatusCode::CONFLICT);
+        let p = e.to_problem();
+        assert_eq!(p.extra["holder"], "worker-1");
+        assert_eq!(p.extra["expires_at"], "2026-01-31T12:00:00.000000Z");
+        let resp = e.into_response();
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+    }
+}
