@@ -362,8 +362,6 @@ mod tests {
             include_str!("api/middleware.rs"),
             include_str!("api/ops.rs"),
             include_str!("api/idempotency.rs"),
-            include_str!("services/mfa.rs"),
-            include_str!("services/leases.rs"),
         ];
         let mut found = 0;
         for src in sources {
