@@ -7,7 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod domain;
-pub mod error;
 pub mod listener;
 pub mod services;
 pub mod startup;

@@ -11,8 +11,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::{
+    api::error::{ApiError, Problem},
     domain::UserId,
-    error::{ApiError, Problem},
     services::audit::{self, Checkpoint, Outcome, PublicKey, VerifyReport},
     state::AppState,
     store::audit::{AuditRow, EventFilter},

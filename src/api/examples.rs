@@ -17,7 +17,7 @@ use utoipa::openapi::{
     path::{Operation, PathItem},
 };
 
-use crate::error::ApiError;
+use crate::api::error::ApiError;
 
 /// 2030-01-01T00:00:00Z: the access expiry of every token example.
 const ACCESS_EXPIRES_AT: i64 = 1_893_456_000;

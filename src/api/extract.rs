@@ -15,8 +15,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::{
+    api::error::ApiError,
     domain::{Scope, UserId},
-    error::ApiError,
     services::{
         api_keys::{AuthError, AuthFailure, CacheHit},
         audit::{self, AuditContext, Outcome},

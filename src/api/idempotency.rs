@@ -36,8 +36,8 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
+    api::error::ApiError,
     crypto::keyring::Aad,
-    error::ApiError,
     services::api_keys::Principal,
     state::AppState,
     store::{self, Db, idempotency as records},

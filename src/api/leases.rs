@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
-    error::{ApiError, Problem},
+    api::error::{ApiError, Problem},
     services::leases::{DEFAULT_TTL_SECS, LeaseView, MAX_TTL_SECS},
     state::AppState,
 };

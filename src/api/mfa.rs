@@ -8,11 +8,11 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::{
+    api::error::{ApiError, Problem},
     domain::{
         UserId,
         mfa::{Method, Verifier, mask_destination, validate_code},
     },
-    error::{ApiError, Problem},
     services::mfa::{
         AttemptReserved, ChallengeView, DEFAULT_MAX_ATTEMPTS, DEFAULT_TTL_SECS, MAX_MAX_ATTEMPTS,
         MAX_RESUME_STATE_BYTES, MAX_TTL_SECS, NewChallenge, Verified,

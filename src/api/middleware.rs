@@ -15,7 +15,7 @@ use axum::{
 use tracing::Instrument;
 
 use crate::{
-    error::{ApiError, ProblemCode},
+    api::error::{ApiError, ProblemCode},
     services::leases::MAX_WAIT_SECS,
     state::AppState,
     telemetry,

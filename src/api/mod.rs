@@ -1,6 +1,7 @@
 //! The HTTP surface: one router per resource, assembled with its OpenAPI document.
 
 pub mod audit;
+pub mod error;
 pub mod examples;
 pub mod extract;
 pub mod idempotency;
@@ -25,7 +26,7 @@ use utoipa::{
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::{error::Problem, state::AppState};
+use crate::{api::error::Problem, state::AppState};
 
 #[derive(OpenApi)]
 #[openapi(

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
-    error::{ApiError, Problem},
+    api::error::{ApiError, Problem},
     state::AppState,
 };
 

@@ -6,8 +6,8 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
+    api::error::{ApiError, Problem},
     domain::{UserId, mfa::SessionState},
-    error::{ApiError, Problem},
     services::sessions::{ClientInfo, DEFAULT_TTL_SECS, MAX_TTL_SECS, SessionView},
     state::AppState,
 };

@@ -12,12 +12,12 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
+    api::error::{ApiError, Problem},
     domain::mfa::SessionState,
     domain::{
         TokenBundle,
         tokens::{BundleKind, garminconnect_dump, garth_dump},
     },
-    error::{ApiError, Problem},
     services::{
         leases::{MAX_WAIT_SECS, Waited},
         tokens::{TokenMetadata, TokenStatus},

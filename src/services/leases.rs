@@ -9,7 +9,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
@@ -20,8 +19,10 @@ use uuid::Uuid;
 use crate::{
     crypto::Keyring,
     domain::UserId,
-    error::ApiError,
-    services::audit::{self, AuditContext, Outcome},
+    services::{
+        audit::{self, AuditContext, Outcome},
+        error::{BusyCause, Missing, ServiceError},
+    },
     store::{self, Db, leases::LeaseRow},
 };
 
@@ -54,21 +55,14 @@ impl LeaseView {
     }
 }
 
-/// The 409 for a write or acquisition while another holder's lease is live.
-pub fn lease_held(l: &LeaseRow, now: DateTime<Utc>) -> ApiError {
-    let retry = l.expires_at.map(|e| (e - now).num_seconds().max(1) as u64).unwrap_or(1);
-    ApiError::coded(StatusCode::CONFLICT, "lease_held", "another worker holds the refresh lease for this user")
-        .with("holder", l.holder.clone().unwrap_or_default())
-        .with("expires_at", l.expires_at.map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
-        .retry_after(retry)
+/// The refusal of a write or acquisition while another holder's lease is live.
+pub fn lease_held(l: &LeaseRow, now: DateTime<Utc>) -> ServiceError {
+    let retry_after_secs = l.expires_at.map(|e| (e - now).num_seconds().max(1) as u64).unwrap_or(1);
+    ServiceError::LeaseHeld { holder: l.holder.clone().unwrap_or_default(), expires_at: l.expires_at, retry_after_secs }
 }
 
-pub fn lease_lost() -> ApiError {
-    ApiError::coded(
-        StatusCode::CONFLICT,
-        "lease_lost",
-        "this fence is not the live lease any more (it expired or was granted to another worker); nothing was written",
-    )
+pub fn lease_lost() -> ServiceError {
+    ServiceError::LeaseLost
 }
 
 /// How a long-poll wait ended.
@@ -121,12 +115,12 @@ impl VersionNotifier {
         user: &UserId,
         newer_than: i64,
         wait: Duration,
-    ) -> Result<Waited, ApiError> {
+    ) -> Result<Waited, ServiceError> {
         let current = || async {
             let mut rc = db.read().await?;
             let row = store::tokens::get(&mut rc.conn(), user.as_str()).await?;
             let now = store::now();
-            Ok::<_, ApiError>(match row {
+            Ok::<_, ServiceError>(match row {
                 Some(r) if r.version > newer_than => Waited::Read,
                 Some(r)
                     if crate::services::tokens::status_of(&r, now).0
@@ -140,10 +134,8 @@ impl VersionNotifier {
         if wait.is_zero() {
             return current().await;
         }
-        let _permit = self.waiters.clone().try_acquire_owned().map_err(|_| ApiError::Unavailable {
-            detail: "too many readers are waiting for new versions",
-            retry_after_secs: 1,
-        })?;
+        let _permit =
+            self.waiters.clone().try_acquire_owned().map_err(|_| ServiceError::Busy(BusyCause::VersionWaiters))?;
         // Subscribe before reading, so a version written in between is not missed.
         let mut rx = self.tx.subscribe();
         let mut closing = self.closing.subscribe();
@@ -239,18 +231,18 @@ impl Leases {
         user: &UserId,
         holder: &str,
         ttl_secs: i64,
-    ) -> Result<(LeaseView, bool), ApiError> {
+    ) -> Result<(LeaseView, bool), ServiceError> {
         let now = store::now();
         let expires_at = now + chrono::Duration::seconds(ttl_secs);
         let u = user.as_str();
         let mut tx = self.db.begin_write_for(&[u]).await?;
         let mut c = tx.conn();
         // Nothing to refresh: no bundle (404), or one that needs a new login (410).
-        let bundle = store::tokens::get(&mut c, u).await?.ok_or_else(ApiError::tokens_not_found)?;
+        let bundle = store::tokens::get(&mut c, u).await?.ok_or(ServiceError::NotFound(Missing::Tokens))?;
         if let (crate::services::tokens::TokenStatus::ReauthRequired, reason) =
             crate::services::tokens::status_of(&bundle, now)
         {
-            return Err(ApiError::ReauthRequired { reason: reason.unwrap_or_else(|| "destroyed".into()) });
+            return Err(ServiceError::ReauthRequired { reason: reason.unwrap_or_else(|| "destroyed".into()) });
         }
         let version = bundle.version;
         let renewed = store::leases::renew(&mut c, u, holder, expires_at, now).await?;
@@ -289,12 +281,12 @@ impl Leases {
         tx.commit().await?;
         crate::telemetry::lease_event(if created { "granted" } else { "renewed" });
         let view =
-            LeaseView::from_row(&row, version).ok_or_else(|| ApiError::Internal("lease row incomplete".into()))?;
+            LeaseView::from_row(&row, version).ok_or_else(|| ServiceError::Internal("lease row incomplete".into()))?;
         Ok((view, created))
     }
 
     /// Ends the lease with this fence early.
-    pub async fn release(&self, ctx: &AuditContext, user: &UserId, fence: i64) -> Result<(), ApiError> {
+    pub async fn release(&self, ctx: &AuditContext, user: &UserId, fence: i64) -> Result<(), ServiceError> {
         let now = store::now();
         let mut tx = self.db.begin_write_for(&[user.as_str()]).await?;
         let mut c = tx.conn();

@@ -8,7 +8,6 @@
 
 use std::{sync::Arc, time::Duration as StdDuration};
 
-use axum::http::StatusCode;
 use chrono::{DateTime, Duration, Utc};
 use hmac::{KeyInit, Mac};
 use serde::Serialize;
@@ -24,10 +23,10 @@ use crate::{
         UserId,
         mfa::{ChallengeStatus, Method, SessionState, Verifier},
     },
-    error::ApiError,
     services::{
         audit::{AuditContext, Outcome},
         code_hasher::{CodeHasher, HashError},
+        error::{BusyCause, Missing, ServiceError},
         sessions::{
             self, audit, cancel_challenge, effective_state, move_linked_session, move_session, session_not_found,
         },
@@ -168,10 +167,10 @@ pub fn resume_aad(id: Uuid) -> Aad {
     Aad::new(&["challenge_resume", &id.to_string()])
 }
 
-/// Counts one MFA code check: `verified`, or the problem code it was answered with (a closed
-/// set: the codes are static strings of this crate).
-fn mfa_outcome(verifier: Verifier, err: Option<&ApiError>) {
-    let outcome = err.map_or("verified", ApiError::code);
+/// Counts one MFA code check: `verified`, or the reason it was refused with (a closed set:
+/// [`ServiceError::reason`]).
+fn mfa_outcome(verifier: Verifier, refusal: Option<&'static str>) {
+    let outcome = refusal.unwrap_or("verified");
     metrics::counter!(crate::telemetry::MFA_OUTCOMES, "verifier" => verifier.as_str(), "outcome" => outcome)
         .increment(1);
 }
@@ -180,48 +179,30 @@ fn secs_until(t: DateTime<Utc>, now: DateTime<Utc>) -> u64 {
     (t - now).num_seconds().max(1) as u64
 }
 
-fn busy(e: HashError) -> ApiError {
+fn busy(e: HashError) -> ServiceError {
     match e {
-        HashError::Busy => {
-            ApiError::Unavailable { detail: "too many code checks are in progress", retry_after_secs: 1 }
-        }
-        HashError::Internal(m) => ApiError::Internal(m),
+        HashError::Busy => ServiceError::Busy(BusyCause::CodeChecks),
+        HashError::Internal(m) => ServiceError::Internal(m),
     }
 }
 
-pub fn challenge_not_found() -> ApiError {
-    ApiError::not_found("challenge_not_found", "no such challenge")
+pub fn challenge_not_found() -> ServiceError {
+    ServiceError::NotFound(Missing::Challenge)
 }
 
 /// The error for a challenge that cannot take an attempt (or be consumed) in its state.
-fn not_usable(row: &ChallengeRow, now: DateTime<Utc>) -> ApiError {
+fn not_usable(row: &ChallengeRow, now: DateTime<Utc>) -> ServiceError {
     match effective_status(row, now) {
-        ChallengeStatus::Expired => {
-            ApiError::coded(StatusCode::GONE, "challenge_expired", "the challenge has expired; start a new one")
-        }
-        ChallengeStatus::Failed => locked(),
-        ChallengeStatus::Pending if row.attempts >= row.max_attempts => locked(),
-        status => ApiError::coded(
-            StatusCode::CONFLICT,
-            "challenge_not_pending",
-            format!("the challenge is {}", status.as_str()),
-        )
-        .with("challenge_status", status.as_str()),
+        ChallengeStatus::Expired => ServiceError::ChallengeExpired { session_state: None },
+        ChallengeStatus::Failed => ServiceError::ChallengeLocked,
+        ChallengeStatus::Pending if row.attempts >= row.max_attempts => ServiceError::ChallengeLocked,
+        status => ServiceError::ChallengeNotPending { status },
     }
 }
 
-fn locked() -> ApiError {
-    ApiError::coded(StatusCode::LOCKED, "challenge_locked", "no attempts are left; start a new login")
-}
-
 /// The answer for a challenge whose login session has ended (`state`).
-fn session_ended(state: SessionState) -> ApiError {
-    ApiError::coded(
-        StatusCode::GONE,
-        "challenge_expired",
-        format!("the login session of this challenge has ended ({})", state.as_str()),
-    )
-    .with("session_state", state.as_str())
+fn session_ended(state: SessionState) -> ServiceError {
+    ServiceError::ChallengeExpired { session_state: Some(state) }
 }
 
 /// How long after its last reserved attempt a service challenge with no attempt left may still
@@ -234,13 +215,13 @@ const SETTLE_WAIT: StdDuration = StdDuration::from_secs(5);
 /// its audit event. The caller still gets the answer when it waits for it.
 async fn detached<T: Send + 'static>(
     tasks: &TaskTracker,
-    op: impl Future<Output = Result<T, ApiError>> + Send + 'static,
-) -> Result<T, ApiError> {
+    op: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
+) -> Result<T, ServiceError> {
     use tracing::Instrument;
     match tasks.spawn(op.in_current_span()).await {
         Ok(r) => r,
-        Err(e) if e.is_panic() => Err(ApiError::Internal("an MFA operation panicked".into())),
-        Err(_) => Err(ApiError::Internal("an MFA operation was cancelled".into())),
+        Err(e) if e.is_panic() => Err(ServiceError::Internal("an MFA operation panicked".into())),
+        Err(_) => Err(ServiceError::Internal("an MFA operation was cancelled".into())),
     }
 }
 
@@ -257,17 +238,22 @@ impl Mfa {
 
     // Every write runs detached (see [`detached`]): once begun, it finishes and is recorded.
 
-    pub async fn create(&self, ctx: &AuditContext, new: NewChallenge) -> Result<ChallengeView, ApiError> {
+    pub async fn create(&self, ctx: &AuditContext, new: NewChallenge) -> Result<ChallengeView, ServiceError> {
         let (this, ctx) = (self.clone(), ctx.clone());
         detached(&self.tasks, async move { this.create_now(&ctx, new).await }).await
     }
 
     /// Checks a code against a service-verified challenge: the attempt, the argon2 check and its
     /// outcome (failure counted, audit, session moved) complete even if the client goes away.
-    pub async fn verify(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
+    pub async fn verify(
+        &self,
+        ctx: &AuditContext,
+        id: Uuid,
+        code: Zeroizing<String>,
+    ) -> Result<Verified, ServiceError> {
         let (this, ctx) = (self.clone(), ctx.clone());
         let result = detached(&self.tasks, async move { this.verify_now(&ctx, id, code).await }).await;
-        mfa_outcome(Verifier::Service, result.as_ref().err());
+        mfa_outcome(Verifier::Service, result.as_ref().err().map(ServiceError::reason));
         result
     }
 
@@ -276,7 +262,7 @@ impl Mfa {
         ctx: &AuditContext,
         id: Uuid,
         code: Zeroizing<String>,
-    ) -> Result<AttemptReserved, ApiError> {
+    ) -> Result<AttemptReserved, ServiceError> {
         let (this, ctx) = (self.clone(), ctx.clone());
         detached(&self.tasks, async move { this.attempt_now(&ctx, id, code).await }).await
     }
@@ -287,24 +273,24 @@ impl Mfa {
         id: Uuid,
         n: i64,
         success: bool,
-    ) -> Result<ChallengeView, ApiError> {
+    ) -> Result<ChallengeView, ServiceError> {
         let (this, ctx) = (self.clone(), ctx.clone());
         let result = detached(&self.tasks, async move { this.attempt_result_now(&ctx, id, n, success).await }).await;
-        let outcome = match &result {
-            Ok(_) if !success => Err(ApiError::coded(StatusCode::BAD_REQUEST, "invalid_code", "")),
-            Ok(_) => Ok(()),
-            Err(e) => Err(ApiError::coded(e.status(), e.code(), "")),
+        let refusal = match &result {
+            Ok(_) if !success => Some(ServiceError::InvalidCode { attempts_remaining: None }.reason()),
+            Ok(_) => None,
+            Err(e) => Some(e.reason()),
         };
-        mfa_outcome(Verifier::External, outcome.as_ref().err());
+        mfa_outcome(Verifier::External, refusal);
         result
     }
 
-    pub async fn consume(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ApiError> {
+    pub async fn consume(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ServiceError> {
         let (this, ctx) = (self.clone(), ctx.clone());
         detached(&self.tasks, async move { this.consume_now(&ctx, id).await }).await
     }
 
-    pub async fn cancel(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
+    pub async fn cancel(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ServiceError> {
         let (this, ctx) = (self.clone(), ctx.clone());
         detached(&self.tasks, async move { this.cancel_now(&ctx, id).await }).await
     }
@@ -325,7 +311,7 @@ impl Mfa {
     /// `store::lock_owner`): every write to a challenge, its attempts, its session and its user's
     /// failures runs under that user's lock, and no common one, so logins of different users
     /// never wait for each other. An unknown challenge takes no lock (the caller answers 404).
-    async fn begin_for_challenge(&self, id: Uuid) -> Result<store::WriteTx, ApiError> {
+    async fn begin_for_challenge(&self, id: Uuid) -> Result<store::WriteTx, ServiceError> {
         let mut tx = self.db.begin_write_for(&[]).await?;
         store::lock_owner(&mut tx.conn(), store::Owned::Challenge, id).await?;
         Ok(tx)
@@ -347,7 +333,7 @@ impl Mfa {
     /// Keyed hashes of a tried code, bound to the challenge (never the code itself): the first
     /// under the active key (the one stored), then one under every other key of the keyring,
     /// so a code tried before a key rotation is still recognised while the old key is held.
-    fn code_macs(&self, id: Uuid, code: &str) -> Result<Vec<Vec<u8>>, ApiError> {
+    fn code_macs(&self, id: Uuid, code: &str) -> Result<Vec<Vec<u8>>, ServiceError> {
         let active = self.keyring.active_key_id();
         let others = self.keyring.key_ids().into_iter().filter(|k| *k != active);
         std::iter::once(active)
@@ -356,9 +342,9 @@ impl Mfa {
                 let key = self
                     .keyring
                     .derive(key_id, "attempt-code/v1")
-                    .ok_or_else(|| ApiError::Internal("keyring key missing".into()))?;
+                    .ok_or_else(|| ServiceError::Internal("keyring key missing".into()))?;
                 let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(key.as_slice())
-                    .map_err(|_| ApiError::Internal("hmac key".into()))?;
+                    .map_err(|_| ServiceError::Internal("hmac key".into()))?;
                 mac.update(id.as_bytes());
                 mac.update(code.as_bytes());
                 Ok(mac.finalize().into_bytes().to_vec())
@@ -366,13 +352,13 @@ impl Mfa {
             .collect()
     }
 
-    fn open_resume(&self, row: &ChallengeRow) -> Result<Option<String>, ApiError> {
+    fn open_resume(&self, row: &ChallengeRow) -> Result<Option<String>, ServiceError> {
         let Some(ct) = &row.resume_state else { return Ok(None) };
-        let plain = self.keyring.decrypt(ct, &resume_aad(row.id)).map_err(|_| ApiError::DecryptFailed)?;
-        String::from_utf8(plain.to_vec()).map(Some).map_err(|_| ApiError::DecryptFailed)
+        let plain = self.keyring.decrypt(ct, &resume_aad(row.id)).map_err(|_| ServiceError::DecryptFailed)?;
+        String::from_utf8(plain.to_vec()).map(Some).map_err(|_| ServiceError::DecryptFailed)
     }
 
-    async fn create_now(&self, ctx: &AuditContext, new: NewChallenge) -> Result<ChallengeView, ApiError> {
+    async fn create_now(&self, ctx: &AuditContext, new: NewChallenge) -> Result<ChallengeView, ServiceError> {
         let id = Uuid::now_v7();
         let user = new.user.as_str().to_string();
         // CPU and crypto work before the transaction, to keep it short.
@@ -419,7 +405,7 @@ impl Mfa {
             Some(sid) => {
                 let s = store::sessions::get(&mut c, sid).await?.ok_or_else(session_not_found)?;
                 if s.user_id != user {
-                    return Err(ApiError::field("session_id", "the session belongs to another user"));
+                    return Err(ServiceError::field("session_id", "the session belongs to another user"));
                 }
                 let state = effective_state(&s, now);
                 if !matches!(state, SessionState::Started | SessionState::MfaRequired) {
@@ -436,12 +422,7 @@ impl Mfa {
             self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("too_many_failures")).await?;
             tx.commit().await?;
             let retry = oldest.map(|o| secs_until(o + (now - window_start), now)).unwrap_or(60);
-            return Err(ApiError::coded(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_failures",
-                "too many failed MFA attempts for this user; try again later",
-            )
-            .retry_after(retry));
+            return Err(ServiceError::TooManyFailures { retry_after_secs: retry });
         }
         let pending = store::challenges::pending_for_user(&mut c, &user, now).await?;
         let (own, others): (Vec<_>, Vec<_>) =
@@ -450,12 +431,7 @@ impl Mfa {
             self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("too_many_challenges")).await?;
             tx.commit().await?;
             let retry = others.first().map(|p| secs_until(p.expires_at, now)).unwrap_or(1);
-            return Err(ApiError::coded(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_challenges",
-                format!("this user already has {} pending challenges", others.len()),
-            )
-            .retry_after(retry));
+            return Err(ServiceError::TooManyChallenges { pending: others.len(), retry_after_secs: retry });
         }
         // The service-wide cap is the one invariant across users here. The counter rows
         // (migration 0009) give an upper bound (expired rows count until swept) in constant time.
@@ -474,10 +450,7 @@ impl Mfa {
         if full {
             self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("global_cap")).await?;
             tx.commit().await?;
-            return Err(ApiError::Unavailable {
-                detail: "too many challenges are pending service-wide; try again shortly",
-                retry_after_secs: 5,
-            });
+            return Err(ServiceError::Busy(BusyCause::PendingChallenges));
         }
         for old in &own {
             cancel_challenge(&mut c, &self.keyring, ctx, old, "replaced_by_new_challenge", now).await?;
@@ -505,18 +478,24 @@ impl Mfa {
         Ok(view)
     }
 
-    pub async fn get(&self, id: Uuid) -> Result<ChallengeView, ApiError> {
+    pub async fn get(&self, id: Uuid) -> Result<ChallengeView, ServiceError> {
         let mut rc = self.db.read().await?;
         let row = store::challenges::get(&mut rc.conn(), id).await?.ok_or_else(challenge_not_found)?;
         Ok(ChallengeView::from_row(&row, store::now()))
     }
 
     /// Records a refused use of a challenge (locked, expired, not pending) and returns the error.
-    async fn refuse(&self, ctx: &AuditContext, type_: &str, row: &ChallengeRow, now: DateTime<Utc>) -> ApiError {
+    async fn refuse(&self, ctx: &AuditContext, type_: &str, row: &ChallengeRow, now: DateTime<Utc>) -> ServiceError {
         self.refuse_with(ctx, type_, row, not_usable(row, now)).await
     }
 
-    async fn refuse_with(&self, ctx: &AuditContext, type_: &str, row: &ChallengeRow, err: ApiError) -> ApiError {
+    async fn refuse_with(
+        &self,
+        ctx: &AuditContext,
+        type_: &str,
+        row: &ChallengeRow,
+        err: ServiceError,
+    ) -> ServiceError {
         let result = async {
             let mut tx = self.db.begin_write_for(&[row.user_id.as_str()]).await?;
             self.audit(
@@ -525,7 +504,7 @@ impl Mfa {
                 type_,
                 Outcome::Denied,
                 &row.user_id,
-                json!({"challenge_id": row.id, "reason": err.code()}),
+                json!({"challenge_id": row.id, "reason": err.reason()}),
             )
             .await?;
             tx.commit().await
@@ -545,7 +524,7 @@ impl Mfa {
         c: &mut Conn<'_>,
         row: &ChallengeRow,
         now: DateTime<Utc>,
-    ) -> Result<Option<SessionState>, ApiError> {
+    ) -> Result<Option<SessionState>, ServiceError> {
         if let Some(sid) = row.session_id
             && let Some(s) = store::sessions::get(c, sid).await?
         {
@@ -569,7 +548,7 @@ impl Mfa {
         row: &ChallengeRow,
         state: SessionState,
         now: DateTime<Utc>,
-    ) -> Result<ApiError, ApiError> {
+    ) -> Result<ServiceError, ServiceError> {
         let err = session_ended(state);
         cancel_challenge(c, &self.keyring, ctx, row, &format!("session_{}", state.as_str()), now).await?;
         self.audit(
@@ -578,7 +557,7 @@ impl Mfa {
             type_,
             Outcome::Denied,
             &row.user_id,
-            json!({"challenge_id": row.id, "reason": err.code(), "session_state": state.as_str()}),
+            json!({"challenge_id": row.id, "reason": err.reason(), "session_state": state.as_str()}),
         )
         .await?;
         Ok(err)
@@ -588,7 +567,7 @@ impl Mfa {
     /// checks that used them are still running (here or on another instance). Waits (a bounded
     /// time) for their outcome, so a challenge one of them verifies is answered as verified
     /// (409), not as locked (423).
-    async fn settled(&self, row: ChallengeRow) -> Result<ChallengeRow, ApiError> {
+    async fn settled(&self, row: ChallengeRow) -> Result<ChallengeRow, ServiceError> {
         let pending = |r: &ChallengeRow| effective_status(r, store::now()) == ChallengeStatus::Pending;
         if !(row.verifier == Verifier::Service.as_str() && pending(&row) && row.attempts >= row.max_attempts) {
             return Ok(row);
@@ -610,13 +589,18 @@ impl Mfa {
     }
 
     /// Checks a code against a service-verified challenge.
-    async fn verify_now(&self, ctx: &AuditContext, id: Uuid, code: Zeroizing<String>) -> Result<Verified, ApiError> {
+    async fn verify_now(
+        &self,
+        ctx: &AuditContext,
+        id: Uuid,
+        code: Zeroizing<String>,
+    ) -> Result<Verified, ServiceError> {
         let now = store::now();
         let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
         let current = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         if current.verifier != Verifier::Service.as_str() {
-            return Err(ApiError::validation("this challenge is checked by Garmin: use /attempts"));
+            return Err(ServiceError::invalid("this challenge is checked by Garmin: use /attempts"));
         }
         // 0. A challenge that is locked, expired or done answers for that (once the checks in
         //    progress have settled); a challenge of an ended login session takes no code.
@@ -691,13 +675,12 @@ impl Mfa {
             .await?;
         }
         tx.commit().await?;
-        Err(ApiError::coded(StatusCode::BAD_REQUEST, "invalid_code", "the code is not right")
-            .with("attempts_remaining", remaining))
+        Err(ServiceError::InvalidCode { attempts_remaining: Some(remaining) })
     }
 
     /// A refused `/verify` (no attempt could be taken), answered for the challenge's state once
     /// the checks in progress have settled.
-    async fn refuse_settled(&self, ctx: &AuditContext, row: ChallengeRow) -> ApiError {
+    async fn refuse_settled(&self, ctx: &AuditContext, row: ChallengeRow) -> ServiceError {
         match self.settled(row).await {
             Ok(row) => self.refuse(ctx, "challenge.verify", &row, store::now()).await,
             Err(e) => e,
@@ -710,7 +693,7 @@ impl Mfa {
         ctx: &AuditContext,
         done: &ChallengeRow,
         now: DateTime<Utc>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ServiceError> {
         self.audit(
             c,
             ctx,
@@ -731,7 +714,7 @@ impl Mfa {
         ctx: &AuditContext,
         row: &ChallengeRow,
         now: DateTime<Utc>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ServiceError> {
         if store::challenges::mark_failed(c, row.id, now).await?.is_some() {
             self.audit(
                 c,
@@ -754,14 +737,14 @@ impl Mfa {
         ctx: &AuditContext,
         id: Uuid,
         code: Zeroizing<String>,
-    ) -> Result<AttemptReserved, ApiError> {
+    ) -> Result<AttemptReserved, ServiceError> {
         let now = store::now();
         let macs = self.code_macs(id, &code)?;
         let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
         let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         if row.verifier != Verifier::External.as_str() {
-            return Err(ApiError::validation("this challenge is checked by this service: use /verify"));
+            return Err(ServiceError::invalid("this challenge is checked by this service: use /verify"));
         }
         let usable = effective_status(&row, now) == ChallengeStatus::Pending && row.attempts < row.max_attempts;
         if !usable {
@@ -788,17 +771,13 @@ impl Mfa {
             )
             .await?;
             tx.commit().await?;
-            return Err(ApiError::coded(
-                StatusCode::CONFLICT,
-                "duplicate_code",
-                "this code was already tried on this challenge; no attempt was used",
-            ));
+            return Err(ServiceError::DuplicateCode);
         }
         let Some(row) = store::challenges::reserve_attempt(&mut c, id, Verifier::External.as_str(), now).await? else {
             drop(tx);
             return Err(self.refuse(ctx, "challenge.attempt", &row, now).await);
         };
-        let mac = macs.first().ok_or_else(|| ApiError::Internal("no code MAC".into()))?;
+        let mac = macs.first().ok_or_else(|| ServiceError::Internal("no code MAC".into()))?;
         store::challenges::insert_attempt(&mut c, id, row.attempts, mac, now).await?;
         self.audit_attempt(&mut c, ctx, &row).await?;
         let resume_state = self.open_resume(&row)?;
@@ -813,20 +792,14 @@ impl Mfa {
         id: Uuid,
         n: i64,
         success: bool,
-    ) -> Result<ChallengeView, ApiError> {
+    ) -> Result<ChallengeView, ServiceError> {
         let now = store::now();
         let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
         let row = store::challenges::get(&mut c, id).await?.ok_or_else(challenge_not_found)?;
         match store::challenges::attempt_result(&mut c, id, n).await? {
-            None => return Err(ApiError::not_found("attempt_not_found", format!("no attempt {n} on this challenge"))),
-            Some(Some(_)) => {
-                return Err(ApiError::coded(
-                    StatusCode::CONFLICT,
-                    "attempt_resolved",
-                    format!("the result of attempt {n} was already recorded"),
-                ));
-            }
+            None => return Err(ServiceError::NotFound(Missing::Attempt(n))),
+            Some(Some(_)) => return Err(ServiceError::AttemptResolved { attempt: n }),
             Some(None) => {}
         }
         store::challenges::resolve_attempt(&mut c, id, n, if success { "success" } else { "failure" }, now).await?;
@@ -872,7 +845,7 @@ impl Mfa {
     }
 
     /// `verified` → `consumed`, exactly once.
-    async fn consume_now(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ApiError> {
+    async fn consume_now(&self, ctx: &AuditContext, id: Uuid) -> Result<ChallengeView, ServiceError> {
         let now = store::now();
         let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();
@@ -904,7 +877,7 @@ impl Mfa {
     }
 
     /// `DELETE`: cancel a pending or verified challenge (idempotent once cancelled).
-    async fn cancel_now(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
+    async fn cancel_now(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ServiceError> {
         let now = store::now();
         let mut tx = self.begin_for_challenge(id).await?;
         let mut c = tx.conn();

@@ -3,6 +3,7 @@
 pub mod api_keys;
 pub mod audit;
 pub mod code_hasher;
+pub mod error;
 pub mod group_commit;
 pub mod keys;
 pub mod leases;

@@ -11,8 +11,10 @@ use uuid::Uuid;
 use crate::{
     crypto::Keyring,
     domain::{UserId, mfa::SessionState},
-    error::ApiError,
-    services::audit::{self, AuditContext, Outcome},
+    services::{
+        audit::{self, AuditContext, Outcome},
+        error::{Missing, ServiceError},
+    },
     store::{self, Conn, Db, challenges::ChallengeRow, sessions::SessionRow},
 };
 
@@ -211,7 +213,7 @@ impl Sessions {
         user: &UserId,
         ttl_secs: i64,
         client: Option<ClientInfo>,
-    ) -> Result<SessionView, ApiError> {
+    ) -> Result<SessionView, ServiceError> {
         let now = store::now();
         let client = client.unwrap_or_default();
         let row = SessionRow {
@@ -246,13 +248,13 @@ impl Sessions {
         Ok(SessionView::from_row(&row, now))
     }
 
-    pub async fn get(&self, id: Uuid) -> Result<SessionView, ApiError> {
+    pub async fn get(&self, id: Uuid) -> Result<SessionView, ServiceError> {
         let mut rc = self.db.read().await?;
         let row = store::sessions::get(&mut rc.conn(), id).await?.ok_or_else(session_not_found)?;
         Ok(SessionView::from_row(&row, store::now()))
     }
 
-    pub async fn list_active(&self, user: &UserId) -> Result<Vec<SessionView>, ApiError> {
+    pub async fn list_active(&self, user: &UserId) -> Result<Vec<SessionView>, ServiceError> {
         let now = store::now();
         let mut rc = self.db.read().await?;
         let rows = store::sessions::list_active(&mut rc.conn(), user.as_str(), now).await?;
@@ -266,7 +268,7 @@ impl Sessions {
         id: Uuid,
         to: SessionState,
         reason: Option<&str>,
-    ) -> Result<SessionView, ApiError> {
+    ) -> Result<SessionView, ServiceError> {
         let now = store::now();
         let mut tx = self.db.begin_write_for(&[]).await?;
         let mut c = tx.conn();
@@ -291,7 +293,7 @@ impl Sessions {
 
     /// `DELETE /sessions/{id}`: cancel. A session already over (in any terminal state) has
     /// nothing left to cancel: 204 as well, and it keeps its state.
-    pub async fn cancel(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ApiError> {
+    pub async fn cancel(&self, ctx: &AuditContext, id: Uuid) -> Result<(), ServiceError> {
         match self.transition(ctx, id, SessionState::Cancelled, Some("cancelled")).await {
             Ok(_) => Ok(()),
             Err(e) => match self.get(id).await {
@@ -302,21 +304,15 @@ impl Sessions {
     }
 
     /// The newest active session of a user, for `/auth-status`.
-    pub async fn current(&self, user: &UserId) -> Result<Option<SessionView>, ApiError> {
+    pub async fn current(&self, user: &UserId) -> Result<Option<SessionView>, ServiceError> {
         Ok(self.list_active(user).await?.into_iter().next())
     }
 }
 
-pub fn session_not_found() -> ApiError {
-    ApiError::not_found("session_not_found", "no such session")
+pub fn session_not_found() -> ServiceError {
+    ServiceError::NotFound(Missing::Session)
 }
 
-pub fn invalid_transition(from: SessionState, to: SessionState) -> ApiError {
-    ApiError::coded(
-        axum::http::StatusCode::CONFLICT,
-        "invalid_transition",
-        format!("a session cannot move from {} to {}", from.as_str(), to.as_str()),
-    )
-    .with("from", from.as_str())
-    .with("to", to.as_str())
+pub fn invalid_transition(from: SessionState, to: SessionState) -> ServiceError {
+    ServiceError::InvalidTransition { from, to }
 }

@@ -12,8 +12,8 @@ use uuid::Uuid;
 use crate::{
     crypto::{Aad, Keyring},
     domain::{BundleKind, TokenBundle, UserId, tokens::secrets_from_plaintext},
-    error::ApiError,
     services::audit::{AuditContext, Auditor, Outcome},
+    services::error::{Missing, ServiceError},
     services::group_commit::{Decision, ReadAudit},
     services::leases,
     store::{
@@ -82,7 +82,7 @@ fn open_bundle(
     found: Option<BundleWithSecret>,
     require_kind: Option<BundleKind>,
     now: DateTime<Utc>,
-) -> (Decision, Result<OpenedBundle, ApiError>) {
+) -> (Decision, Result<OpenedBundle, ServiceError>) {
     let record = |outcome: Outcome, details: Value, touch: Option<DateTime<Utc>>| Decision {
         type_: "token.read",
         outcome,
@@ -91,15 +91,15 @@ fn open_bundle(
     };
     let fail = |reason: &str| record(Outcome::Failure, json!({"reason": reason}), None);
     let Some(b) = found else {
-        return (fail("not_found"), Err(ApiError::tokens_not_found()));
+        return (fail("not_found"), Err(ServiceError::NotFound(Missing::Tokens)));
     };
     let (status, reason) = status_of(&b.row, now);
     let (TokenStatus::Valid | TokenStatus::AccessExpired, Some(ciphertext)) = (status, b.ciphertext.as_deref()) else {
         let reason = reason.unwrap_or_else(|| "destroyed".into());
-        return (fail(&reason), Err(ApiError::ReauthRequired { reason }));
+        return (fail(&reason), Err(ServiceError::ReauthRequired { reason }));
     };
     if let Some(kind) = require_kind.filter(|k| k.as_str() != b.row.kind) {
-        let refusal = ApiError::field(
+        let refusal = ServiceError::field(
             "representation",
             format!("this representation is only available for {} bundles", kind.as_str()),
         );
@@ -127,7 +127,7 @@ fn open_bundle(
         }
         Err(error) => {
             let details = json!({"reason": "decrypt_failed", "key_id": b.row.key_id, "error": error});
-            (record(Outcome::Error, details, None), Err(ApiError::DecryptFailed))
+            (record(Outcome::Error, details, None), Err(ServiceError::DecryptFailed))
         }
     }
 }
@@ -175,7 +175,7 @@ impl Vault {
         bundle: TokenBundle,
         cond: WriteCondition,
         fence: Option<i64>,
-    ) -> Result<(TokenMetadata, bool), ApiError> {
+    ) -> Result<(TokenMetadata, bool), ServiceError> {
         let kind = bundle.kind.as_str();
         let now = store::now();
         let mut tx = self.db.begin_write_for(&[user.as_str()]).await?;
@@ -208,7 +208,7 @@ impl Vault {
         match store::tokens::write(&mut tx.conn(), &new, cond).await? {
             // Unreachable while writers of this user are serialised; dropped, `tx` rolls the write back.
             Some((row, _)) if row.version != next_version => {
-                Err(ApiError::Internal("the stored version moved during a write".into()))
+                Err(ServiceError::Internal("the stored version moved during a write".into()))
             }
             Some((row, created)) => {
                 self.consume_lease(&mut tx.conn(), ctx, user.as_str(), fence, row.version, "write", now).await?;
@@ -252,7 +252,7 @@ impl Vault {
         ctx: &AuditContext,
         user: &UserId,
         require_kind: Option<BundleKind>,
-    ) -> Result<OpenedBundle, ApiError> {
+    ) -> Result<OpenedBundle, ServiceError> {
         let now = store::now();
         let keyring = self.keyring.clone();
         let (answer, answered) = tokio::sync::oneshot::channel();
@@ -263,7 +263,7 @@ impl Vault {
                 decision
             })
             .await?;
-        answered.await.map_err(|_| ApiError::from(StoreError::Other("a read was not answered".into())))?
+        answered.await.map_err(|_| ServiceError::from(StoreError::Other("a read was not answered".into())))?
     }
 
     /// Metadata only, no decryption. `event` names the audit type (`token.metadata_read`,
@@ -273,7 +273,7 @@ impl Vault {
         ctx: &AuditContext,
         user: &UserId,
         event: &'static str,
-    ) -> Result<Option<TokenMetadata>, ApiError> {
+    ) -> Result<Option<TokenMetadata>, ServiceError> {
         let now = store::now();
         let (answer, answered) = tokio::sync::oneshot::channel();
         self.reads
@@ -284,7 +284,7 @@ impl Vault {
                 Decision { type_: event, outcome: Outcome::Success, details, touch: None }
             })
             .await?;
-        answered.await.map_err(|_| ApiError::from(StoreError::Other("a read was not answered".into())))
+        answered.await.map_err(|_| ServiceError::from(StoreError::Other("a read was not answered".into())))
     }
 
     /// The refresh-lease rule of every act that changes a bundle (write, invalidate, delete): a
@@ -303,7 +303,7 @@ impl Vault {
         mut details: Map<String, Value>,
         key: &str,
         now: DateTime<Utc>,
-    ) -> Result<Option<ApiError>, ApiError> {
+    ) -> Result<Option<ServiceError>, ServiceError> {
         let live = store::leases::live(c, user, now).await?;
         let (event, refusal) = match (fence, &live) {
             (Some(f), Some(l)) if l.fence == f => return Ok(None),
@@ -335,7 +335,7 @@ impl Vault {
         version: i64,
         by: &str,
         now: DateTime<Utc>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ServiceError> {
         let Some(f) = fence else { return Ok(()) };
         store::leases::release(c, user, f, now).await?;
         let details = json!({"fence": f, "version": version, "by": by});
@@ -353,7 +353,7 @@ impl Vault {
         reason: &str,
         cond: WriteCondition,
         fence: Option<i64>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ServiceError> {
         let now = store::now();
         let u = user.as_str();
         let mut tx = self.db.begin_write_for(&[u]).await?;
@@ -363,7 +363,7 @@ impl Vault {
             let details = json!({"reason": reason, "error": "not_found"});
             self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", Outcome::Failure, Some(u), details).await?;
             tx.commit().await?;
-            return Err(ApiError::tokens_not_found());
+            return Err(ServiceError::NotFound(Missing::Tokens));
         };
         let mut refused = Map::new();
         refused.insert("reason".into(), json!(reason));
@@ -383,7 +383,7 @@ impl Vault {
         // Writers of the user are serialised, so the row is still the one checked; dropped, `tx` rolls back.
         let row = store::tokens::invalidate(&mut tx.conn(), u, current.version, reason, now)
             .await?
-            .ok_or_else(|| ApiError::Internal("the bundle changed while it was being invalidated".into()))?;
+            .ok_or_else(|| ServiceError::Internal("the bundle changed while it was being invalidated".into()))?;
         self.consume_lease(&mut tx.conn(), ctx, u, fence, row.version, "invalidate", now).await?;
         let details = json!({"reason": reason, "version": row.version});
         self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", Outcome::Success, Some(u), details).await?;
@@ -404,7 +404,7 @@ impl Vault {
         user: &UserId,
         cond: WriteCondition,
         fence: Option<i64>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ServiceError> {
         let now = store::now();
         let u = user.as_str();
         let mut tx = self.db.begin_write_for(&[u]).await?;
@@ -459,18 +459,16 @@ fn expected_version(cond: WriteCondition) -> Option<i64> {
     }
 }
 
-/// The 412 for a precondition that does not hold on `current`.
-fn conflict(cond: WriteCondition, current: Option<&BundleRow>) -> ApiError {
-    let detail = match (cond, current) {
-        (WriteCondition::Absent, _) => "a token bundle is already stored (If-None-Match: *)".to_string(),
-        (_, None) => "no token bundle is stored for this user (If-Match)".to_string(),
-        (_, Some(r)) => format!("the stored version is {} (If-Match)", r.version),
-    };
-    ApiError::VersionConflict { current_version: current.map(|r| r.version), detail }
+/// The refusal of a precondition that does not hold on `current`.
+fn conflict(cond: WriteCondition, current: Option<&BundleRow>) -> ServiceError {
+    ServiceError::VersionConflict {
+        current_version: current.map(|r| r.version),
+        expected_absent: matches!(cond, WriteCondition::Absent),
+    }
 }
 
 /// Whether an `If-Match` precondition holds on the stored bundle (`current`).
-fn precondition(cond: WriteCondition, current: Option<&BundleRow>) -> Result<(), ApiError> {
+fn precondition(cond: WriteCondition, current: Option<&BundleRow>) -> Result<(), ServiceError> {
     let holds = match (cond, current) {
         (WriteCondition::None, _) | (WriteCondition::Exists, Some(_)) => true,
         (WriteCondition::VersionIs(v), Some(r)) => r.version == v,

@@ -2,6 +2,9 @@
 //!
 //! Internal causes (database, crypto) are logged once here and answered with a generic body:
 //! no SQL text, key material or token value ever reaches a response.
+//!
+//! The services speak [`ServiceError`]; `From<ServiceError>` below is the one table that gives
+//! each domain refusal its status, problem code, detail, extra members and `Retry-After`.
 
 use axum::{
     http::{HeaderValue, StatusCode, header},
@@ -11,7 +14,10 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
-use crate::store::StoreError;
+use crate::{
+    services::error::{BusyCause, Missing, ServiceError},
+    store::StoreError,
+};
 
 /// RFC 9457 problem details, plus a stable machine-readable `code` and per-code extra members.
 #[derive(Debug, Serialize, ToSchema)]
@@ -204,6 +210,109 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The HTTP answer to every refusal of a service.
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::NotFound(Missing::Tokens) => Self::tokens_not_found(),
+            ServiceError::NotFound(Missing::Session) => Self::not_found("session_not_found", "no such session"),
+            ServiceError::NotFound(Missing::Challenge) => Self::not_found("challenge_not_found", "no such challenge"),
+            ServiceError::NotFound(Missing::Attempt(n)) => {
+                Self::not_found("attempt_not_found", format!("no attempt {n} on this challenge"))
+            }
+            ServiceError::VersionConflict { current_version, expected_absent } => {
+                let detail = match (expected_absent, current_version) {
+                    (true, _) => "a token bundle is already stored (If-None-Match: *)".to_string(),
+                    (false, None) => "no token bundle is stored for this user (If-Match)".to_string(),
+                    (false, Some(v)) => format!("the stored version is {v} (If-Match)"),
+                };
+                Self::VersionConflict { current_version, detail }
+            }
+            ServiceError::LeaseHeld { holder, expires_at, retry_after_secs } => {
+                Self::coded(StatusCode::CONFLICT, "lease_held", "another worker holds the refresh lease for this user")
+                    .with("holder", holder)
+                    .with("expires_at", expires_at.map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
+                    .retry_after(retry_after_secs)
+            }
+            ServiceError::LeaseLost => Self::coded(
+                StatusCode::CONFLICT,
+                "lease_lost",
+                "this fence is not the live lease any more (it expired or was granted to another worker); nothing was written",
+            ),
+            ServiceError::ChallengeExpired { session_state: None } => {
+                Self::coded(StatusCode::GONE, "challenge_expired", "the challenge has expired; start a new one")
+            }
+            ServiceError::ChallengeExpired { session_state: Some(state) } => Self::coded(
+                StatusCode::GONE,
+                "challenge_expired",
+                format!("the login session of this challenge has ended ({})", state.as_str()),
+            )
+            .with("session_state", state.as_str()),
+            ServiceError::ChallengeLocked => {
+                Self::coded(StatusCode::LOCKED, "challenge_locked", "no attempts are left; start a new login")
+            }
+            ServiceError::ChallengeNotPending { status } => Self::coded(
+                StatusCode::CONFLICT,
+                "challenge_not_pending",
+                format!("the challenge is {}", status.as_str()),
+            )
+            .with("challenge_status", status.as_str()),
+            ServiceError::InvalidCode { attempts_remaining } => {
+                let err = Self::coded(StatusCode::BAD_REQUEST, "invalid_code", "the code is not right");
+                match attempts_remaining {
+                    Some(n) => err.with("attempts_remaining", n),
+                    None => err,
+                }
+            }
+            ServiceError::DuplicateCode => Self::coded(
+                StatusCode::CONFLICT,
+                "duplicate_code",
+                "this code was already tried on this challenge; no attempt was used",
+            ),
+            ServiceError::AttemptResolved { attempt } => Self::coded(
+                StatusCode::CONFLICT,
+                "attempt_resolved",
+                format!("the result of attempt {attempt} was already recorded"),
+            ),
+            ServiceError::InvalidTransition { from, to } => Self::coded(
+                StatusCode::CONFLICT,
+                "invalid_transition",
+                format!("a session cannot move from {} to {}", from.as_str(), to.as_str()),
+            )
+            .with("from", from.as_str())
+            .with("to", to.as_str()),
+            ServiceError::TooManyFailures { retry_after_secs } => Self::coded(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                "too many failed MFA attempts for this user; try again later",
+            )
+            .retry_after(retry_after_secs),
+            ServiceError::TooManyChallenges { pending, retry_after_secs } => Self::coded(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_challenges",
+                format!("this user already has {pending} pending challenges"),
+            )
+            .retry_after(retry_after_secs),
+            ServiceError::Busy(BusyCause::CodeChecks) => {
+                Self::Unavailable { detail: "too many code checks are in progress", retry_after_secs: 1 }
+            }
+            ServiceError::Busy(BusyCause::PendingChallenges) => Self::Unavailable {
+                detail: "too many challenges are pending service-wide; try again shortly",
+                retry_after_secs: 5,
+            },
+            ServiceError::Busy(BusyCause::VersionWaiters) => {
+                Self::Unavailable { detail: "too many readers are waiting for new versions", retry_after_secs: 1 }
+            }
+            ServiceError::ReauthRequired { reason } => Self::ReauthRequired { reason },
+            ServiceError::DecryptFailed => Self::DecryptFailed,
+            ServiceError::InvalidField { field, detail } => Self::field(field, detail),
+            ServiceError::Invalid(detail) => Self::validation(detail),
+            ServiceError::Store(e) => e.into(),
+            ServiceError::Internal(cause) => Self::Internal(cause),
+        }
+    }
+}
+
 /// Renders a problem+json response; used for errors and by middleware.
 pub fn problem_response(status: StatusCode, problem: &Problem) -> Response {
     let body = serde_json::to_vec(problem).unwrap_or_else(|_| b"{}".to_vec());
@@ -249,5 +358,67 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::mfa::{ChallengeStatus, SessionState};
+
+    /// A refusal's domain reason (what audit details and metrics record) is the problem code the
+    /// API answers it with, for every variant.
+    #[test]
+    fn every_service_reason_is_its_problem_code() {
+        let all = vec![
+            ServiceError::NotFound(Missing::Tokens),
+            ServiceError::NotFound(Missing::Session),
+            ServiceError::NotFound(Missing::Challenge),
+            ServiceError::NotFound(Missing::Attempt(2)),
+            ServiceError::VersionConflict { current_version: Some(3), expected_absent: false },
+            ServiceError::LeaseHeld { holder: "w".into(), expires_at: None, retry_after_secs: 0 },
+            ServiceError::LeaseLost,
+            ServiceError::ChallengeExpired { session_state: None },
+            ServiceError::ChallengeExpired { session_state: Some(SessionState::Expired) },
+            ServiceError::ChallengeLocked,
+            ServiceError::ChallengeNotPending { status: ChallengeStatus::Verified },
+            ServiceError::InvalidCode { attempts_remaining: Some(1) },
+            ServiceError::DuplicateCode,
+            ServiceError::AttemptResolved { attempt: 1 },
+            ServiceError::InvalidTransition { from: SessionState::Failed, to: SessionState::Cancelled },
+            ServiceError::TooManyFailures { retry_after_secs: 9 },
+            ServiceError::TooManyChallenges { pending: 3, retry_after_secs: 0 },
+            ServiceError::Busy(BusyCause::CodeChecks),
+            ServiceError::Busy(BusyCause::PendingChallenges),
+            ServiceError::Busy(BusyCause::VersionWaiters),
+            ServiceError::ReauthRequired { reason: "refresh_expired".into() },
+            ServiceError::DecryptFailed,
+            ServiceError::field("f", "bad"),
+            ServiceError::invalid("bad"),
+            ServiceError::Store(StoreError::Unavailable("x".into())),
+            ServiceError::Store(StoreError::Full),
+            ServiceError::Store(StoreError::Other("x".into())),
+            ServiceError::Internal("x".into()),
+        ];
+        for e in all {
+            let reason = e.reason();
+            assert_eq!(ApiError::from(e).code(), reason);
+        }
+    }
+
+    #[test]
+    fn lease_held_carries_holder_expiry_and_retry_after() {
+        let expires_at = chrono::DateTime::parse_from_rfc3339("2026-01-31T12:00:00Z").unwrap().to_utc();
+        let e = ApiError::from(ServiceError::LeaseHeld {
+            holder: "worker-1".into(),
+            expires_at: Some(expires_at),
+            retry_after_secs: 0,
+        });
+        assert_eq!(e.status(), StatusCode::CONFLICT);
+        let p = e.to_problem();
+        assert_eq!(p.extra["holder"], "worker-1");
+        assert_eq!(p.extra["expires_at"], "2026-01-31T12:00:00.000000Z");
+        let resp = e.into_response();
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
     }
 }
