@@ -26,11 +26,9 @@ use crate::{
     },
     error::ApiError,
     services::{
-        audit::{AuditContext, Outcome},
+        audit::{self, AuditContext, Outcome},
         code_hasher::{CodeHasher, HashError},
-        sessions::{
-            self, audit, cancel_challenge, effective_state, move_linked_session, move_session, session_not_found,
-        },
+        sessions::{self, cancel_challenge, effective_state, move_linked_session, move_session, session_not_found},
     },
     store::{self, Conn, Db, challenges::ChallengeRow},
 };
@@ -309,18 +307,6 @@ impl Mfa {
         detached(&self.tasks, async move { this.cancel_now(&ctx, id).await }).await
     }
 
-    async fn audit(
-        &self,
-        c: &mut Conn<'_>,
-        ctx: &AuditContext,
-        type_: &str,
-        outcome: Outcome,
-        user: &str,
-        details: serde_json::Value,
-    ) -> store::Result<()> {
-        audit(c, &self.keyring, ctx, type_, outcome, user, details).await
-    }
-
     /// A write transaction holding the lock of the user challenge `id` belongs to (see
     /// `store::lock_owner`): every write to a challenge, its attempts, its session and its user's
     /// failures runs under that user's lock, and no common one, so logins of different users
@@ -333,15 +319,17 @@ impl Mfa {
 
     /// Records an attempt just reserved (the row carries its number).
     async fn audit_attempt(&self, c: &mut Conn<'_>, ctx: &AuditContext, row: &ChallengeRow) -> store::Result<()> {
-        self.audit(
+        audit::record(
             c,
+            &self.keyring,
             ctx,
             "challenge.attempt",
             Outcome::Success,
-            &row.user_id,
+            Some(row.user_id.as_str()),
             json!({"challenge_id": row.id, "attempt": row.attempts}),
         )
         .await
+        .map(|_| ())
     }
 
     /// Keyed hashes of a tried code, bound to the challenge (never the code itself): the first
@@ -433,7 +421,16 @@ impl Mfa {
         let window_start = now - Duration::from_std(self.limits.failure_window).unwrap_or(Duration::days(1));
         let (failures, oldest) = store::challenges::failures_since(&mut c, &user, window_start).await?;
         if failures >= self.limits.failure_budget {
-            self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("too_many_failures")).await?;
+            audit::record(
+                &mut c,
+                &self.keyring,
+                ctx,
+                "challenge.refused",
+                Outcome::Denied,
+                Some(user.as_str()),
+                refuse("too_many_failures"),
+            )
+            .await?;
             tx.commit().await?;
             let retry = oldest.map(|o| secs_until(o + (now - window_start), now)).unwrap_or(60);
             return Err(ApiError::coded(
@@ -447,7 +444,16 @@ impl Mfa {
         let (own, others): (Vec<_>, Vec<_>) =
             pending.into_iter().partition(|p| new.session_id.is_some() && p.session_id == new.session_id);
         if others.len() as i64 >= self.limits.max_pending_per_user {
-            self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("too_many_challenges")).await?;
+            audit::record(
+                &mut c,
+                &self.keyring,
+                ctx,
+                "challenge.refused",
+                Outcome::Denied,
+                Some(user.as_str()),
+                refuse("too_many_challenges"),
+            )
+            .await?;
             tx.commit().await?;
             let retry = others.first().map(|p| secs_until(p.expires_at, now)).unwrap_or(1);
             return Err(ApiError::coded(
@@ -472,7 +478,16 @@ impl Mfa {
             full = store::challenges::count_pending_global_upto(&mut c, now, cap).await? >= cap;
         }
         if full {
-            self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("global_cap")).await?;
+            audit::record(
+                &mut c,
+                &self.keyring,
+                ctx,
+                "challenge.refused",
+                Outcome::Denied,
+                Some(user.as_str()),
+                refuse("global_cap"),
+            )
+            .await?;
             tx.commit().await?;
             return Err(ApiError::Unavailable {
                 detail: "too many challenges are pending service-wide; try again shortly",
@@ -483,12 +498,13 @@ impl Mfa {
             cancel_challenge(&mut c, &self.keyring, ctx, old, "replaced_by_new_challenge", now).await?;
         }
         store::challenges::insert(&mut c, &row).await?;
-        self.audit(
+        audit::record(
             &mut c,
+            &self.keyring,
             ctx,
             "challenge.created",
             Outcome::Success,
-            &user,
+            Some(user.as_str()),
             json!({"challenge_id": id, "session_id": row.session_id, "method": row.method, "verifier": row.verifier,
                    "ttl_seconds": new.ttl_secs, "max_attempts": row.max_attempts,
                    "code_generated": shown_code.is_some(), "resume_state": row.resume_state.is_some()}),
@@ -519,12 +535,13 @@ impl Mfa {
     async fn refuse_with(&self, ctx: &AuditContext, type_: &str, row: &ChallengeRow, err: ApiError) -> ApiError {
         let result = async {
             let mut tx = self.db.begin_write_for(&[row.user_id.as_str()]).await?;
-            self.audit(
+            audit::record(
                 &mut tx.conn(),
+                &self.keyring,
                 ctx,
                 type_,
                 Outcome::Denied,
-                &row.user_id,
+                Some(row.user_id.as_str()),
                 json!({"challenge_id": row.id, "reason": err.code()}),
             )
             .await?;
@@ -572,12 +589,13 @@ impl Mfa {
     ) -> Result<ApiError, ApiError> {
         let err = session_ended(state);
         cancel_challenge(c, &self.keyring, ctx, row, &format!("session_{}", state.as_str()), now).await?;
-        self.audit(
+        audit::record(
             c,
+            &self.keyring,
             ctx,
             type_,
             Outcome::Denied,
-            &row.user_id,
+            Some(row.user_id.as_str()),
             json!({"challenge_id": row.id, "reason": err.code(), "session_state": state.as_str()}),
         )
         .await?;
@@ -680,12 +698,13 @@ impl Mfa {
         if remaining == 0 {
             self.lock_challenge(&mut c, ctx, &row, now).await?;
         } else {
-            self.audit(
+            audit::record(
                 &mut c,
+                &self.keyring,
                 ctx,
                 "challenge.verify_failed",
                 Outcome::Failure,
-                &row.user_id,
+                Some(row.user_id.as_str()),
                 json!({"challenge_id": id, "attempt": row.attempts, "attempts_remaining": remaining}),
             )
             .await?;
@@ -711,12 +730,13 @@ impl Mfa {
         done: &ChallengeRow,
         now: DateTime<Utc>,
     ) -> Result<(), ApiError> {
-        self.audit(
+        audit::record(
             c,
+            &self.keyring,
             ctx,
             "challenge.verified",
             Outcome::Success,
-            &done.user_id,
+            Some(done.user_id.as_str()),
             json!({"challenge_id": done.id, "attempt": done.attempts, "session_id": done.session_id}),
         )
         .await?;
@@ -733,12 +753,13 @@ impl Mfa {
         now: DateTime<Utc>,
     ) -> Result<(), ApiError> {
         if store::challenges::mark_failed(c, row.id, now).await?.is_some() {
-            self.audit(
+            audit::record(
                 c,
+                &self.keyring,
                 ctx,
                 "challenge.locked",
                 Outcome::Failure,
-                &row.user_id,
+                Some(row.user_id.as_str()),
                 json!({"challenge_id": row.id, "attempts": row.attempts, "session_id": row.session_id}),
             )
             .await?;
@@ -778,12 +799,13 @@ impl Mfa {
             tried = tried || store::challenges::code_tried(&mut c, id, mac).await?;
         }
         if tried {
-            self.audit(
+            audit::record(
                 &mut c,
+                &self.keyring,
                 ctx,
                 "challenge.attempt",
                 Outcome::Denied,
-                &row.user_id,
+                Some(row.user_id.as_str()),
                 json!({"challenge_id": id, "reason": "duplicate_code"}),
             )
             .await?;
@@ -855,12 +877,13 @@ impl Mfa {
             if row.attempts >= row.max_attempts && open == 0 {
                 self.lock_challenge(&mut c, ctx, &row, now).await?;
             } else {
-                self.audit(
+                audit::record(
                     &mut c,
+                    &self.keyring,
                     ctx,
                     "challenge.verify_failed",
                     Outcome::Failure,
-                    &row.user_id,
+                    Some(row.user_id.as_str()),
                     json!({"challenge_id": id, "attempt": n, "attempts_remaining": row.max_attempts - row.attempts}),
                 )
                 .await?;
@@ -890,12 +913,13 @@ impl Mfa {
             drop(tx);
             return Err(self.refuse(ctx, "challenge.consume", &row, now).await);
         };
-        self.audit(
+        audit::record(
             &mut c,
+            &self.keyring,
             ctx,
             "challenge.consumed",
             Outcome::Success,
-            &done.user_id,
+            Some(done.user_id.as_str()),
             json!({"challenge_id": id, "session_id": done.session_id}),
         )
         .await?;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -68,19 +68,6 @@ impl SessionView {
 pub const DEFAULT_TTL_SECS: i64 = 900;
 pub const MAX_TTL_SECS: i64 = 86_400;
 
-/// Writes one audit event (the single place this service does).
-pub(crate) async fn audit(
-    c: &mut Conn<'_>,
-    keyring: &Keyring,
-    ctx: &AuditContext,
-    type_: &str,
-    outcome: Outcome,
-    user_id: &str,
-    details: Value,
-) -> store::Result<()> {
-    audit::record(c, keyring, ctx, type_, outcome, Some(user_id), details).await.map(|_| ())
-}
-
 /// Moves a session from exactly `from` to `to`, auditing the move.
 async fn transition_audited(
     c: &mut Conn<'_>,
@@ -93,13 +80,13 @@ async fn transition_audited(
 ) -> store::Result<Option<SessionRow>> {
     let moved = store::sessions::transition(c, id, from.as_str(), to.as_str(), reason, now).await?;
     if let Some(m) = &moved {
-        audit(
+        audit::record(
             c,
             keyring,
             ctx,
             "session.transition",
             Outcome::Success,
-            &m.user_id,
+            Some(m.user_id.as_str()),
             json!({"session_id": m.id, "from": from, "to": to, "reason": reason}),
         )
         .await?;
@@ -159,13 +146,13 @@ pub(crate) async fn cancel_challenge(
 ) -> store::Result<bool> {
     let done = store::challenges::cancel(c, ch.id, now).await?.is_some();
     if done {
-        audit(
+        audit::record(
             c,
             keyring,
             ctx,
             "challenge.cancelled",
             Outcome::Success,
-            &ch.user_id,
+            Some(ch.user_id.as_str()),
             json!({"challenge_id": ch.id, "session_id": ch.session_id, "reason": reason}),
         )
         .await?;
@@ -232,13 +219,13 @@ impl Sessions {
         let mut c = tx.conn();
         end_user_flows(&mut c, &self.keyring, ctx, user.as_str(), SessionState::Superseded, "superseded", now).await?;
         store::sessions::insert(&mut c, &row).await?;
-        audit(
+        audit::record(
             &mut c,
             &self.keyring,
             ctx,
             "session.created",
             Outcome::Success,
-            user.as_str(),
+            Some(user.as_str()),
             json!({"session_id": row.id, "ttl_seconds": ttl_secs}),
         )
         .await?;
