@@ -945,3 +945,73 @@ impl Mfa {
         Ok(())
     }
 }
+
+/// What [`Mfa::expire_due`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChallengesExpired {
+    pub challenges: u64,
+    /// Sessions moved to `expired` because their challenge expired.
+    pub sessions: u64,
+}
+
+impl Mfa {
+    /// Expires every pending or verified challenge past its expiry at `now` (destroying its
+    /// resume state, `challenge.expired`) and moves the session it belongs to, if that session
+    /// still waits on it, to `expired` (reason `challenge_expired`). Read in batches of `batch`;
+    /// each expiry is its own transaction under the lock of the user it is about, as every other
+    /// writer of that user's challenges and sessions: a user's attempt or result and the sweeper
+    /// take turns (the expiry is a conditional UPDATE either way), other users don't wait.
+    pub async fn expire_due(
+        &self,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+        batch: i64,
+    ) -> store::Result<ChallengesExpired> {
+        let mut done = ChallengesExpired::default();
+        loop {
+            let ids = {
+                let mut rc = self.db.read().await?;
+                store::challenges::due_for_expiry(&mut rc.conn(), now, batch).await?
+            };
+            for id in &ids {
+                let mut tx = self.db.begin_write_for(&[]).await?;
+                let mut c = tx.conn();
+                store::lock_owner(&mut c, store::Owned::Challenge, *id).await?;
+                if let Some(ch) = store::challenges::expire(&mut c, *id, now).await? {
+                    done.challenges += 1;
+                    audit::record(
+                        &mut c,
+                        &self.keyring,
+                        ctx,
+                        "challenge.expired",
+                        Outcome::Success,
+                        Some(ch.user_id.as_str()),
+                        json!({"challenge_id": ch.id, "session_id": ch.session_id}),
+                    )
+                    .await?;
+                    if let Some(sid) = ch.session_id
+                        && let Some(s) = store::sessions::get(&mut c, sid).await?
+                        && s.challenge_id == Some(ch.id)
+                        && move_session(
+                            &mut c,
+                            &self.keyring,
+                            ctx,
+                            &s,
+                            SessionState::Expired,
+                            Some("challenge_expired"),
+                            now,
+                        )
+                        .await?
+                        .is_some()
+                    {
+                        done.sessions += 1;
+                    }
+                }
+                tx.commit().await?;
+            }
+            if (ids.len() as i64) < batch {
+                return Ok(done);
+            }
+        }
+    }
+}

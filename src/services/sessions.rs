@@ -307,3 +307,37 @@ pub fn invalid_transition(from: SessionState, to: SessionState) -> ApiError {
     .with("from", from.as_str())
     .with("to", to.as_str())
 }
+
+impl Sessions {
+    /// Moves every active session past its expiry at `now` to `expired` (reason `ttl`) and
+    /// cancels its live challenges (reason `session_expired`). Read in batches of `batch`; each
+    /// session is its own transaction under its user's lock, re-read under it (another instance
+    /// may have moved it already). Returns how many sessions expired.
+    pub async fn expire_due(&self, ctx: &AuditContext, now: DateTime<Utc>, batch: i64) -> store::Result<u64> {
+        let mut expired = 0;
+        loop {
+            let due = {
+                let mut rc = self.db.read().await?;
+                store::sessions::due_for_expiry(&mut rc.conn(), now, batch).await?
+            };
+            for s in &due {
+                let mut tx = self.db.begin_write_for(&[s.user_id.as_str()]).await?;
+                let mut c = tx.conn();
+                if let Some(current) = store::sessions::get(&mut c, s.id).await?
+                    && move_session(&mut c, &self.keyring, ctx, &current, SessionState::Expired, Some("ttl"), now)
+                        .await?
+                        .is_some()
+                {
+                    expired += 1;
+                    for ch in store::challenges::live_for_session(&mut c, s.id).await? {
+                        cancel_challenge(&mut c, &self.keyring, ctx, &ch, "session_expired", now).await?;
+                    }
+                }
+                tx.commit().await?;
+            }
+            if (due.len() as i64) < batch {
+                return Ok(expired);
+            }
+        }
+    }
+}

@@ -497,3 +497,46 @@ fn precondition(cond: WriteCondition, current: Option<&BundleRow>) -> Result<(),
     };
     if holds { Ok(()) } else { Err(conflict(cond, current)) }
 }
+
+impl Vault {
+    /// Destroys the ciphertext of every bundle past its refresh expiry at `now` (`token.expired`,
+    /// reason `refresh_expired`; the version moves on), then wakes the readers waiting for a newer
+    /// version (they find the bundle gone: 410). Read in batches of `batch`; each user is its own
+    /// transaction under that user's lock. Returns how many bundles expired.
+    pub async fn expire_due(&self, ctx: &AuditContext, now: DateTime<Utc>, batch: i64) -> store::Result<u64> {
+        let mut expired = 0;
+        loop {
+            let users = {
+                let mut rc = self.db.read().await?;
+                store::tokens::due_for_expiry(&mut rc.conn(), now, batch).await?
+            };
+            for u in &users {
+                let mut tx = self.db.begin_write_for(&[u.as_str()]).await?;
+                let mut c = tx.conn();
+                let mut expired_version = None;
+                if let Some(row) = store::tokens::expire(&mut c, u, now).await? {
+                    expired_version = Some(row.version);
+                    expired += 1;
+                    audit::record(
+                        &mut c,
+                        &self.keyring,
+                        ctx,
+                        "token.expired",
+                        Outcome::Success,
+                        Some(u.as_str()),
+                        json!({"reason": "refresh_expired", "version": row.version}),
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                if let Some(v) = expired_version {
+                    self.notifier.publish(u, v);
+                    self.db.checkpoint_soon();
+                }
+            }
+            if (users.len() as i64) < batch {
+                return Ok(expired);
+            }
+        }
+    }
+}
