@@ -17,8 +17,10 @@
 //! Between passes it also writes the refusal summaries whose window has ended (every few
 //! seconds), and all of them when it stops (graceful shutdown).
 //!
-//! Each expiry is a conditional statement audited in its own transaction, holding the lock of
-//! the user it is about (`Db::begin_write_for`, as that user's own writers do), so several
+//! The expiries are the services' own operations (`Mfa::expire_due`, `Sessions::expire_due`,
+//! `Vault::expire_due`, `Leases::expire_due`, which own the rule and its audit event); the
+//! sweeper only schedules them. Each expiry is a conditional statement audited in its own
+//! transaction, holding the lock of the user it is about (`Db::begin_write_for`, as that user's own writers do), so several
 //! instances can sweep at once without double audit rows, and a user's request and the sweeper
 //! take turns without holding up other users. The retention and idempotency purges keep the
 //! common lock (`Db::begin_write`): they touch only rows no per-user writer waits for. Reads
@@ -29,11 +31,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use crate::{
-    domain::mfa::SessionState,
-    services::{
-        audit::{self, AuditContext, Outcome},
-        sessions::{cancel_challenge, move_session},
-    },
+    services::audit::{self, AuditContext, Outcome},
     state::AppState,
     store::{self, StoreError},
 };
@@ -159,135 +157,14 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
     let keyring = &state.keyring;
     let mut report = SweepReport::default();
 
-    loop {
-        let ids = {
-            let mut rc = state.db.read().await?;
-            store::challenges::due_for_expiry(&mut rc.conn(), now, BATCH).await?
-        };
-        for id in &ids {
-            // Each expiry under the lock of the user it is about, as every other writer of that
-            // user's challenges and sessions: a user's attempt or result and the sweeper take
-            // turns (the expiry is a conditional UPDATE either way), other users don't wait.
-            let mut tx = state.db.begin_write_for(&[]).await?;
-            let mut c = tx.conn();
-            store::lock_owner(&mut c, store::Owned::Challenge, *id).await?;
-            if let Some(ch) = store::challenges::expire(&mut c, *id, now).await? {
-                report.challenges_expired += 1;
-                audit::record(
-                    &mut c,
-                    keyring,
-                    &ctx,
-                    "challenge.expired",
-                    Outcome::Success,
-                    Some(&ch.user_id),
-                    json!({"challenge_id": ch.id, "session_id": ch.session_id}),
-                )
-                .await?;
-                if let Some(sid) = ch.session_id
-                    && let Some(s) = store::sessions::get(&mut c, sid).await?
-                    && s.challenge_id == Some(ch.id)
-                    && move_session(&mut c, keyring, &ctx, &s, SessionState::Expired, Some("challenge_expired"), now)
-                        .await?
-                        .is_some()
-                {
-                    report.sessions_expired += 1;
-                }
-            }
-            tx.commit().await?;
-        }
-        if (ids.len() as i64) < BATCH {
-            break;
-        }
-    }
-
-    loop {
-        let due = {
-            let mut rc = state.db.read().await?;
-            store::sessions::due_for_expiry(&mut rc.conn(), now, BATCH).await?
-        };
-        for s in &due {
-            let mut tx = state.db.begin_write_for(&[s.user_id.as_str()]).await?;
-            let mut c = tx.conn();
-            // Re-read: another instance may have moved it already.
-            if let Some(current) = store::sessions::get(&mut c, s.id).await?
-                && move_session(&mut c, keyring, &ctx, &current, SessionState::Expired, Some("ttl"), now)
-                    .await?
-                    .is_some()
-            {
-                report.sessions_expired += 1;
-                for ch in store::challenges::live_for_session(&mut c, s.id).await? {
-                    cancel_challenge(&mut c, keyring, &ctx, &ch, "session_expired", now).await?;
-                }
-            }
-            tx.commit().await?;
-        }
-        if (due.len() as i64) < BATCH {
-            break;
-        }
-    }
-
-    loop {
-        let users = {
-            let mut rc = state.db.read().await?;
-            store::tokens::due_for_expiry(&mut rc.conn(), now, BATCH).await?
-        };
-        for u in &users {
-            let mut tx = state.db.begin_write_for(&[u.as_str()]).await?;
-            let mut c = tx.conn();
-            let mut expired_version = None;
-            if let Some(row) = store::tokens::expire(&mut c, u, now).await? {
-                expired_version = Some(row.version);
-                report.tokens_expired += 1;
-                audit::record(
-                    &mut c,
-                    keyring,
-                    &ctx,
-                    "token.expired",
-                    Outcome::Success,
-                    Some(u),
-                    json!({"reason": "refresh_expired", "version": row.version}),
-                )
-                .await?;
-            }
-            tx.commit().await?;
-            if let Some(v) = expired_version {
-                // Readers waiting for a newer version wake up (and find the bundle gone: 410).
-                state.notifier.publish(u, v);
-                state.db.checkpoint_soon();
-            }
-        }
-        if (users.len() as i64) < BATCH {
-            break;
-        }
-    }
-
-    loop {
-        let lapsed = {
-            let mut rc = state.db.read().await?;
-            store::leases::due_for_expiry(&mut rc.conn(), now, BATCH).await?
-        };
-        for l in &lapsed {
-            let mut tx = state.db.begin_write_for(&[l.user_id.as_str()]).await?;
-            let mut c = tx.conn();
-            if store::leases::expire(&mut c, &l.user_id, l.fence, now).await? {
-                report.leases_expired += 1;
-                audit::record(
-                    &mut c,
-                    keyring,
-                    &ctx,
-                    "lease.expired",
-                    Outcome::Success,
-                    Some(&l.user_id),
-                    json!({"fence": l.fence, "holder": l.holder}),
-                )
-                .await?;
-            }
-            tx.commit().await?;
-        }
-        if (lapsed.len() as i64) < BATCH {
-            break;
-        }
-    }
+    // Each expiry is owned by the service whose rule it is (conditional statement, audit event,
+    // the user's lock, one transaction per item); the sweeper only schedules them.
+    let expired = state.mfa.expire_due(&ctx, now, BATCH).await?;
+    report.challenges_expired = expired.challenges;
+    report.sessions_expired = expired.sessions;
+    report.sessions_expired += state.sessions.expire_due(&ctx, now, BATCH).await?;
+    report.tokens_expired = state.vault.expire_due(&ctx, now, BATCH).await?;
+    report.leases_expired = state.leases.expire_due(&ctx, now, BATCH).await?;
 
     purge_idempotency_keys(state, now).await?;
 

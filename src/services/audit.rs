@@ -34,10 +34,7 @@
 //! cutoff (each checked before it goes; nothing at or after the first bad one in seq order) and
 //! moves the chain's *anchor* to the last removed event, under the head MAC.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-};
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use hmac::{KeyInit, Mac};
@@ -122,40 +119,15 @@ impl Outcome {
     }
 }
 
-/// The audit writer a service holds: the keyring that seals the chain.
-#[derive(Clone)]
-pub struct Auditor {
-    keyring: Arc<Keyring>,
-}
-
-impl std::fmt::Debug for Auditor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Auditor")
-    }
-}
-
-impl Auditor {
-    pub fn new(keyring: Arc<Keyring>) -> Self {
-        Self { keyring }
-    }
-
-    /// Writes one audit event through `c`, which must be the act's own write transaction: if
-    /// this fails, the caller returns the error and the act is rolled back with it. Returns the
-    /// event's `seq`.
-    pub async fn record(
-        &self,
-        c: &mut Conn<'_>,
-        ctx: &AuditContext,
-        type_: &str,
-        outcome: Outcome,
-        user_id: Option<&str>,
-        details: Value,
-    ) -> store::Result<i64> {
-        record(c, &self.keyring, ctx, type_, outcome, user_id, details).await
-    }
-}
-
-/// [`Auditor::record`] for callers that hold a `&Keyring` rather than an `Auditor`.
+/// Writes one audit event through `c`, which must be the act's own write transaction: if this
+/// fails, the caller returns the error and the act is rolled back with it. Returns the event's
+/// `seq`.
+///
+/// **The one way to write an event.** Every writer in the service (services, the sweeper, the
+/// CLI, the HTTP layer's denials) calls this, or [`record_many`] for a batch (group commit,
+/// refusal summaries), which it is the one-event form of; nothing else inserts audit rows or
+/// advances a chain head for a new event. Callers build the event (type, outcome, user,
+/// details) and hand it here.
 pub async fn record(
     c: &mut Conn<'_>,
     keyring: &Keyring,
@@ -166,9 +138,7 @@ pub async fn record(
     details: Value,
 ) -> store::Result<i64> {
     let event = PendingEvent { ctx, type_, outcome, user_id, details: details.to_string() };
-    let written = record_many(c, keyring, std::slice::from_ref(&event)).await;
-    crate::telemetry::audit_events(written.is_ok(), 1);
-    written
+    record_many(c, keyring, std::slice::from_ref(&event)).await
 }
 
 /// One event of a batch written by [`record_many`].
@@ -201,8 +171,16 @@ pub fn chain_of(user_id: Option<&str>, source_ip: Option<&str>, actor: Option<&s
 /// Writes many events through `c` (a write transaction) with O(1) statements per chain touched:
 /// the heads of their chains are locked (in chain order), the seqs drawn, the HMACs chained
 /// here, the rows go in multi-row INSERTs and each head is rewritten once. The events get
-/// increasing seqs in slice order; returns the last one (0 for no events).
+/// increasing seqs in slice order; returns the last one (0 for no events). Counts the events
+/// written (or not) in the `audit_events` metric.
 pub async fn record_many(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingEvent<'_>]) -> store::Result<i64> {
+    let written = write_events(c, keyring, events).await;
+    crate::telemetry::audit_events(written.is_ok(), events.len());
+    written
+}
+
+/// [`record_many`] without the metric.
+async fn write_events(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingEvent<'_>]) -> store::Result<i64> {
     let Some(n) = i64::try_from(events.len()).ok().filter(|n| *n > 0) else { return Ok(0) };
     let chain_key_id = keyring.active_key_id();
     let key = keyring

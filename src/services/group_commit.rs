@@ -149,8 +149,6 @@ async fn write_batch(db: &Db, keyring: &Keyring, batch: &mut [Job]) -> Result<()
         })
         .collect();
     store::tokens::touch_many(&mut c, &touches).await?;
-    let written = audit::record_many(&mut c, keyring, &events).await;
-    crate::telemetry::audit_events(written.is_ok(), events.len());
-    written?;
+    audit::record_many(&mut c, keyring, &events).await?;
     tx.commit().await
 }

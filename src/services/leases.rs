@@ -299,3 +299,40 @@ impl Leases {
         done.map(|_| ()).ok_or_else(lease_lost)
     }
 }
+
+impl Leases {
+    /// Ends every lease past its expiry at `now` (`lease.expired`; the fence is kept, so a late
+    /// write with it is still refused). Read in batches of `batch`; each lease is its own
+    /// transaction under its user's lock, and ends only if it is still the same lease (fence)
+    /// and still lapsed. Returns how many leases expired.
+    pub async fn expire_due(&self, ctx: &AuditContext, now: DateTime<Utc>, batch: i64) -> store::Result<u64> {
+        let mut expired = 0;
+        loop {
+            let lapsed = {
+                let mut rc = self.db.read().await?;
+                store::leases::due_for_expiry(&mut rc.conn(), now, batch).await?
+            };
+            for l in &lapsed {
+                let mut tx = self.db.begin_write_for(&[l.user_id.as_str()]).await?;
+                let mut c = tx.conn();
+                if store::leases::expire(&mut c, &l.user_id, l.fence, now).await? {
+                    expired += 1;
+                    audit::record(
+                        &mut c,
+                        &self.keyring,
+                        ctx,
+                        "lease.expired",
+                        Outcome::Success,
+                        Some(l.user_id.as_str()),
+                        json!({"fence": l.fence, "holder": l.holder}),
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+            }
+            if (lapsed.len() as i64) < batch {
+                return Ok(expired);
+            }
+        }
+    }
+}

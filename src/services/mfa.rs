@@ -24,12 +24,10 @@ use crate::{
         mfa::{ChallengeStatus, Method, SessionState, Verifier},
     },
     services::{
-        audit::{AuditContext, Outcome},
+        audit::{self, AuditContext, Outcome},
         code_hasher::{CodeHasher, HashError},
         error::{BusyCause, Missing, ServiceError},
-        sessions::{
-            self, audit, cancel_challenge, effective_state, move_linked_session, move_session, session_not_found,
-        },
+        sessions::{self, cancel_challenge, effective_state, move_linked_session, move_session, session_not_found},
     },
     store::{self, Conn, Db, challenges::ChallengeRow},
 };
@@ -295,18 +293,6 @@ impl Mfa {
         detached(&self.tasks, async move { this.cancel_now(&ctx, id).await }).await
     }
 
-    async fn audit(
-        &self,
-        c: &mut Conn<'_>,
-        ctx: &AuditContext,
-        type_: &str,
-        outcome: Outcome,
-        user: &str,
-        details: serde_json::Value,
-    ) -> store::Result<()> {
-        audit(c, &self.keyring, ctx, type_, outcome, user, details).await
-    }
-
     /// A write transaction holding the lock of the user challenge `id` belongs to (see
     /// `store::lock_owner`): every write to a challenge, its attempts, its session and its user's
     /// failures runs under that user's lock, and no common one, so logins of different users
@@ -319,15 +305,17 @@ impl Mfa {
 
     /// Records an attempt just reserved (the row carries its number).
     async fn audit_attempt(&self, c: &mut Conn<'_>, ctx: &AuditContext, row: &ChallengeRow) -> store::Result<()> {
-        self.audit(
+        audit::record(
             c,
+            &self.keyring,
             ctx,
             "challenge.attempt",
             Outcome::Success,
-            &row.user_id,
+            Some(row.user_id.as_str()),
             json!({"challenge_id": row.id, "attempt": row.attempts}),
         )
         .await
+        .map(|_| ())
     }
 
     /// Keyed hashes of a tried code, bound to the challenge (never the code itself): the first
@@ -419,7 +407,16 @@ impl Mfa {
         let window_start = now - Duration::from_std(self.limits.failure_window).unwrap_or(Duration::days(1));
         let (failures, oldest) = store::challenges::failures_since(&mut c, &user, window_start).await?;
         if failures >= self.limits.failure_budget {
-            self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("too_many_failures")).await?;
+            audit::record(
+                &mut c,
+                &self.keyring,
+                ctx,
+                "challenge.refused",
+                Outcome::Denied,
+                Some(user.as_str()),
+                refuse("too_many_failures"),
+            )
+            .await?;
             tx.commit().await?;
             let retry = oldest.map(|o| secs_until(o + (now - window_start), now)).unwrap_or(60);
             return Err(ServiceError::TooManyFailures { retry_after_secs: retry });
@@ -428,7 +425,16 @@ impl Mfa {
         let (own, others): (Vec<_>, Vec<_>) =
             pending.into_iter().partition(|p| new.session_id.is_some() && p.session_id == new.session_id);
         if others.len() as i64 >= self.limits.max_pending_per_user {
-            self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("too_many_challenges")).await?;
+            audit::record(
+                &mut c,
+                &self.keyring,
+                ctx,
+                "challenge.refused",
+                Outcome::Denied,
+                Some(user.as_str()),
+                refuse("too_many_challenges"),
+            )
+            .await?;
             tx.commit().await?;
             let retry = others.first().map(|p| secs_until(p.expires_at, now)).unwrap_or(1);
             return Err(ServiceError::TooManyChallenges { pending: others.len(), retry_after_secs: retry });
@@ -448,7 +454,16 @@ impl Mfa {
             full = store::challenges::count_pending_global_upto(&mut c, now, cap).await? >= cap;
         }
         if full {
-            self.audit(&mut c, ctx, "challenge.refused", Outcome::Denied, &user, refuse("global_cap")).await?;
+            audit::record(
+                &mut c,
+                &self.keyring,
+                ctx,
+                "challenge.refused",
+                Outcome::Denied,
+                Some(user.as_str()),
+                refuse("global_cap"),
+            )
+            .await?;
             tx.commit().await?;
             return Err(ServiceError::Busy(BusyCause::PendingChallenges));
         }
@@ -456,12 +471,13 @@ impl Mfa {
             cancel_challenge(&mut c, &self.keyring, ctx, old, "replaced_by_new_challenge", now).await?;
         }
         store::challenges::insert(&mut c, &row).await?;
-        self.audit(
+        audit::record(
             &mut c,
+            &self.keyring,
             ctx,
             "challenge.created",
             Outcome::Success,
-            &user,
+            Some(user.as_str()),
             json!({"challenge_id": id, "session_id": row.session_id, "method": row.method, "verifier": row.verifier,
                    "ttl_seconds": new.ttl_secs, "max_attempts": row.max_attempts,
                    "code_generated": shown_code.is_some(), "resume_state": row.resume_state.is_some()}),
@@ -498,12 +514,13 @@ impl Mfa {
     ) -> ServiceError {
         let result = async {
             let mut tx = self.db.begin_write_for(&[row.user_id.as_str()]).await?;
-            self.audit(
+            audit::record(
                 &mut tx.conn(),
+                &self.keyring,
                 ctx,
                 type_,
                 Outcome::Denied,
-                &row.user_id,
+                Some(row.user_id.as_str()),
                 json!({"challenge_id": row.id, "reason": err.reason()}),
             )
             .await?;
@@ -551,12 +568,13 @@ impl Mfa {
     ) -> Result<ServiceError, ServiceError> {
         let err = session_ended(state);
         cancel_challenge(c, &self.keyring, ctx, row, &format!("session_{}", state.as_str()), now).await?;
-        self.audit(
+        audit::record(
             c,
+            &self.keyring,
             ctx,
             type_,
             Outcome::Denied,
-            &row.user_id,
+            Some(row.user_id.as_str()),
             json!({"challenge_id": row.id, "reason": err.reason(), "session_state": state.as_str()}),
         )
         .await?;
@@ -664,12 +682,13 @@ impl Mfa {
         if remaining == 0 {
             self.lock_challenge(&mut c, ctx, &row, now).await?;
         } else {
-            self.audit(
+            audit::record(
                 &mut c,
+                &self.keyring,
                 ctx,
                 "challenge.verify_failed",
                 Outcome::Failure,
-                &row.user_id,
+                Some(row.user_id.as_str()),
                 json!({"challenge_id": id, "attempt": row.attempts, "attempts_remaining": remaining}),
             )
             .await?;
@@ -694,12 +713,13 @@ impl Mfa {
         done: &ChallengeRow,
         now: DateTime<Utc>,
     ) -> Result<(), ServiceError> {
-        self.audit(
+        audit::record(
             c,
+            &self.keyring,
             ctx,
             "challenge.verified",
             Outcome::Success,
-            &done.user_id,
+            Some(done.user_id.as_str()),
             json!({"challenge_id": done.id, "attempt": done.attempts, "session_id": done.session_id}),
         )
         .await?;
@@ -716,12 +736,13 @@ impl Mfa {
         now: DateTime<Utc>,
     ) -> Result<(), ServiceError> {
         if store::challenges::mark_failed(c, row.id, now).await?.is_some() {
-            self.audit(
+            audit::record(
                 c,
+                &self.keyring,
                 ctx,
                 "challenge.locked",
                 Outcome::Failure,
-                &row.user_id,
+                Some(row.user_id.as_str()),
                 json!({"challenge_id": row.id, "attempts": row.attempts, "session_id": row.session_id}),
             )
             .await?;
@@ -761,12 +782,13 @@ impl Mfa {
             tried = tried || store::challenges::code_tried(&mut c, id, mac).await?;
         }
         if tried {
-            self.audit(
+            audit::record(
                 &mut c,
+                &self.keyring,
                 ctx,
                 "challenge.attempt",
                 Outcome::Denied,
-                &row.user_id,
+                Some(row.user_id.as_str()),
                 json!({"challenge_id": id, "reason": "duplicate_code"}),
             )
             .await?;
@@ -828,12 +850,13 @@ impl Mfa {
             if row.attempts >= row.max_attempts && open == 0 {
                 self.lock_challenge(&mut c, ctx, &row, now).await?;
             } else {
-                self.audit(
+                audit::record(
                     &mut c,
+                    &self.keyring,
                     ctx,
                     "challenge.verify_failed",
                     Outcome::Failure,
-                    &row.user_id,
+                    Some(row.user_id.as_str()),
                     json!({"challenge_id": id, "attempt": n, "attempts_remaining": row.max_attempts - row.attempts}),
                 )
                 .await?;
@@ -863,12 +886,13 @@ impl Mfa {
             drop(tx);
             return Err(self.refuse(ctx, "challenge.consume", &row, now).await);
         };
-        self.audit(
+        audit::record(
             &mut c,
+            &self.keyring,
             ctx,
             "challenge.consumed",
             Outcome::Success,
-            &done.user_id,
+            Some(done.user_id.as_str()),
             json!({"challenge_id": id, "session_id": done.session_id}),
         )
         .await?;
@@ -892,5 +916,75 @@ impl Mfa {
         }
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// What [`Mfa::expire_due`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChallengesExpired {
+    pub challenges: u64,
+    /// Sessions moved to `expired` because their challenge expired.
+    pub sessions: u64,
+}
+
+impl Mfa {
+    /// Expires every pending or verified challenge past its expiry at `now` (destroying its
+    /// resume state, `challenge.expired`) and moves the session it belongs to, if that session
+    /// still waits on it, to `expired` (reason `challenge_expired`). Read in batches of `batch`;
+    /// each expiry is its own transaction under the lock of the user it is about, as every other
+    /// writer of that user's challenges and sessions: a user's attempt or result and the sweeper
+    /// take turns (the expiry is a conditional UPDATE either way), other users don't wait.
+    pub async fn expire_due(
+        &self,
+        ctx: &AuditContext,
+        now: DateTime<Utc>,
+        batch: i64,
+    ) -> store::Result<ChallengesExpired> {
+        let mut done = ChallengesExpired::default();
+        loop {
+            let ids = {
+                let mut rc = self.db.read().await?;
+                store::challenges::due_for_expiry(&mut rc.conn(), now, batch).await?
+            };
+            for id in &ids {
+                let mut tx = self.db.begin_write_for(&[]).await?;
+                let mut c = tx.conn();
+                store::lock_owner(&mut c, store::Owned::Challenge, *id).await?;
+                if let Some(ch) = store::challenges::expire(&mut c, *id, now).await? {
+                    done.challenges += 1;
+                    audit::record(
+                        &mut c,
+                        &self.keyring,
+                        ctx,
+                        "challenge.expired",
+                        Outcome::Success,
+                        Some(ch.user_id.as_str()),
+                        json!({"challenge_id": ch.id, "session_id": ch.session_id}),
+                    )
+                    .await?;
+                    if let Some(sid) = ch.session_id
+                        && let Some(s) = store::sessions::get(&mut c, sid).await?
+                        && s.challenge_id == Some(ch.id)
+                        && move_session(
+                            &mut c,
+                            &self.keyring,
+                            ctx,
+                            &s,
+                            SessionState::Expired,
+                            Some("challenge_expired"),
+                            now,
+                        )
+                        .await?
+                        .is_some()
+                    {
+                        done.sessions += 1;
+                    }
+                }
+                tx.commit().await?;
+            }
+            if (ids.len() as i64) < batch {
+                return Ok(done);
+            }
+        }
     }
 }

@@ -257,9 +257,7 @@ impl Refusals {
             .collect();
         let result = async {
             let mut tx = db.begin_write().await?;
-            let written = audit::record_many(&mut tx.conn(), keyring, &events).await;
-            crate::telemetry::audit_events(written.is_ok(), events.len());
-            written?;
+            audit::record_many(&mut tx.conn(), keyring, &events).await?;
             tx.commit().await
         }
         .await;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -70,19 +70,6 @@ impl SessionView {
 pub const DEFAULT_TTL_SECS: i64 = 900;
 pub const MAX_TTL_SECS: i64 = 86_400;
 
-/// Writes one audit event (the single place this service does).
-pub(crate) async fn audit(
-    c: &mut Conn<'_>,
-    keyring: &Keyring,
-    ctx: &AuditContext,
-    type_: &str,
-    outcome: Outcome,
-    user_id: &str,
-    details: Value,
-) -> store::Result<()> {
-    audit::record(c, keyring, ctx, type_, outcome, Some(user_id), details).await.map(|_| ())
-}
-
 /// Moves a session from exactly `from` to `to`, auditing the move.
 async fn transition_audited(
     c: &mut Conn<'_>,
@@ -95,13 +82,13 @@ async fn transition_audited(
 ) -> store::Result<Option<SessionRow>> {
     let moved = store::sessions::transition(c, id, from.as_str(), to.as_str(), reason, now).await?;
     if let Some(m) = &moved {
-        audit(
+        audit::record(
             c,
             keyring,
             ctx,
             "session.transition",
             Outcome::Success,
-            &m.user_id,
+            Some(m.user_id.as_str()),
             json!({"session_id": m.id, "from": from, "to": to, "reason": reason}),
         )
         .await?;
@@ -161,13 +148,13 @@ pub(crate) async fn cancel_challenge(
 ) -> store::Result<bool> {
     let done = store::challenges::cancel(c, ch.id, now).await?.is_some();
     if done {
-        audit(
+        audit::record(
             c,
             keyring,
             ctx,
             "challenge.cancelled",
             Outcome::Success,
-            &ch.user_id,
+            Some(ch.user_id.as_str()),
             json!({"challenge_id": ch.id, "session_id": ch.session_id, "reason": reason}),
         )
         .await?;
@@ -234,13 +221,13 @@ impl Sessions {
         let mut c = tx.conn();
         end_user_flows(&mut c, &self.keyring, ctx, user.as_str(), SessionState::Superseded, "superseded", now).await?;
         store::sessions::insert(&mut c, &row).await?;
-        audit(
+        audit::record(
             &mut c,
             &self.keyring,
             ctx,
             "session.created",
             Outcome::Success,
-            user.as_str(),
+            Some(user.as_str()),
             json!({"session_id": row.id, "ttl_seconds": ttl_secs}),
         )
         .await?;
@@ -315,4 +302,38 @@ pub fn session_not_found() -> ServiceError {
 
 pub fn invalid_transition(from: SessionState, to: SessionState) -> ServiceError {
     ServiceError::InvalidTransition { from, to }
+}
+
+impl Sessions {
+    /// Moves every active session past its expiry at `now` to `expired` (reason `ttl`) and
+    /// cancels its live challenges (reason `session_expired`). Read in batches of `batch`; each
+    /// session is its own transaction under its user's lock, re-read under it (another instance
+    /// may have moved it already). Returns how many sessions expired.
+    pub async fn expire_due(&self, ctx: &AuditContext, now: DateTime<Utc>, batch: i64) -> store::Result<u64> {
+        let mut expired = 0;
+        loop {
+            let due = {
+                let mut rc = self.db.read().await?;
+                store::sessions::due_for_expiry(&mut rc.conn(), now, batch).await?
+            };
+            for s in &due {
+                let mut tx = self.db.begin_write_for(&[s.user_id.as_str()]).await?;
+                let mut c = tx.conn();
+                if let Some(current) = store::sessions::get(&mut c, s.id).await?
+                    && move_session(&mut c, &self.keyring, ctx, &current, SessionState::Expired, Some("ttl"), now)
+                        .await?
+                        .is_some()
+                {
+                    expired += 1;
+                    for ch in store::challenges::live_for_session(&mut c, s.id).await? {
+                        cancel_challenge(&mut c, &self.keyring, ctx, &ch, "session_expired", now).await?;
+                    }
+                }
+                tx.commit().await?;
+            }
+            if (due.len() as i64) < batch {
+                return Ok(expired);
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::{
     crypto::{Aad, Keyring},
     domain::{BundleKind, TokenBundle, UserId, tokens::secrets_from_plaintext},
-    services::audit::{AuditContext, Auditor, Outcome},
+    services::audit::{self, AuditContext, Outcome},
     services::error::{Missing, ServiceError},
     services::group_commit::{Decision, ReadAudit},
     services::leases,
@@ -156,7 +156,6 @@ pub struct OpenedBundle {
 pub struct Vault {
     db: Db,
     keyring: Arc<Keyring>,
-    auditor: Auditor,
     notifier: crate::services::leases::VersionNotifier,
     reads: ReadAudit,
 }
@@ -164,7 +163,7 @@ pub struct Vault {
 impl Vault {
     pub fn new(db: Db, keyring: Arc<Keyring>, notifier: crate::services::leases::VersionNotifier) -> Self {
         let reads = ReadAudit::start(db.clone(), keyring.clone());
-        Self { db, auditor: Auditor::new(keyring.clone()), keyring, notifier, reads }
+        Self { db, keyring, notifier, reads }
     }
 
     /// Stores a bundle if `cond` holds. Returns its metadata and whether it was created.
@@ -215,17 +214,17 @@ impl Vault {
                 store::tokens::announce_version(&mut tx.conn(), user.as_str(), row.version).await?;
                 let mut meta = TokenMetadata::from_row(&row, now);
                 meta.refreshable = Some(bundle.refreshable);
-                self.auditor
-                    .record(
-                        &mut tx.conn(),
-                        ctx,
-                        "token.write",
-                        Outcome::Success,
-                        Some(user.as_str()),
-                        json!({"kind": kind, "version": row.version, "created": created,
+                audit::record(
+                    &mut tx.conn(),
+                    &self.keyring,
+                    ctx,
+                    "token.write",
+                    Outcome::Success,
+                    Some(user.as_str()),
+                    json!({"kind": kind, "version": row.version, "created": created,
                            "key_id": new.key_id, "status": meta.status}),
-                    )
-                    .await?;
+                )
+                .await?;
                 tx.commit().await?;
                 self.notifier.publish(user.as_str(), row.version);
                 Ok((meta, created))
@@ -234,9 +233,16 @@ impl Vault {
                 let current_version = current.as_ref().map(|r| r.version);
                 let details = json!({"kind": kind, "reason": "version_conflict", "current_version": current_version,
                                      "expected_version": expected_version(cond)});
-                self.auditor
-                    .record(&mut tx.conn(), ctx, "token.write", Outcome::Failure, Some(user.as_str()), details)
-                    .await?;
+                audit::record(
+                    &mut tx.conn(),
+                    &self.keyring,
+                    ctx,
+                    "token.write",
+                    Outcome::Failure,
+                    Some(user.as_str()),
+                    details,
+                )
+                .await?;
                 tx.commit().await?;
                 Err(conflict(cond, current.as_ref()))
             }
@@ -320,7 +326,7 @@ impl Vault {
                 (event, leases::lease_held(l, now))
             }
         };
-        self.auditor.record(c, ctx, event, Outcome::Failure, Some(user), Value::Object(details)).await?;
+        audit::record(c, &self.keyring, ctx, event, Outcome::Failure, Some(user), Value::Object(details)).await?;
         Ok(Some(refusal))
     }
 
@@ -339,7 +345,7 @@ impl Vault {
         let Some(f) = fence else { return Ok(()) };
         store::leases::release(c, user, f, now).await?;
         let details = json!({"fence": f, "version": version, "by": by});
-        self.auditor.record(c, ctx, "lease.released", Outcome::Success, Some(user), details).await?;
+        audit::record(c, &self.keyring, ctx, "lease.released", Outcome::Success, Some(user), details).await?;
         Ok(())
     }
 
@@ -361,7 +367,8 @@ impl Vault {
         // the request would otherwise succeed).
         let Some(current) = store::tokens::get(&mut tx.conn(), u).await? else {
             let details = json!({"reason": reason, "error": "not_found"});
-            self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", Outcome::Failure, Some(u), details).await?;
+            audit::record(&mut tx.conn(), &self.keyring, ctx, "token.invalidate", Outcome::Failure, Some(u), details)
+                .await?;
             tx.commit().await?;
             return Err(ServiceError::NotFound(Missing::Tokens));
         };
@@ -376,7 +383,8 @@ impl Vault {
         if let Err(conflict) = precondition(cond, Some(&current)) {
             let details = json!({"reason": reason, "error": "version_conflict", "current_version": current.version,
                                  "expected_version": expected_version(cond)});
-            self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", Outcome::Failure, Some(u), details).await?;
+            audit::record(&mut tx.conn(), &self.keyring, ctx, "token.invalidate", Outcome::Failure, Some(u), details)
+                .await?;
             tx.commit().await?;
             return Err(conflict);
         }
@@ -386,7 +394,8 @@ impl Vault {
             .ok_or_else(|| ServiceError::Internal("the bundle changed while it was being invalidated".into()))?;
         self.consume_lease(&mut tx.conn(), ctx, u, fence, row.version, "invalidate", now).await?;
         let details = json!({"reason": reason, "version": row.version});
-        self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", Outcome::Success, Some(u), details).await?;
+        audit::record(&mut tx.conn(), &self.keyring, ctx, "token.invalidate", Outcome::Success, Some(u), details)
+            .await?;
         store::tokens::announce_version(&mut tx.conn(), u, row.version).await?;
         tx.commit().await?;
         // Waiting readers wake up (and find the bundle gone: 410).
@@ -418,16 +427,24 @@ impl Vault {
         if let Err(conflict) = precondition(cond, current.as_ref()) {
             let details = json!({"error": "version_conflict", "current_version": current.as_ref().map(|r| r.version),
                                  "expected_version": expected_version(cond)});
-            self.auditor.record(&mut tx.conn(), ctx, "token.delete", Outcome::Failure, Some(u), details).await?;
+            audit::record(&mut tx.conn(), &self.keyring, ctx, "token.delete", Outcome::Failure, Some(u), details)
+                .await?;
             tx.commit().await?;
             return Err(conflict);
         }
         let existed = store::tokens::delete(&mut tx.conn(), u).await?;
         let version = current.as_ref().map_or(0, |r| r.version);
         self.consume_lease(&mut tx.conn(), ctx, u, fence, version, "delete", now).await?;
-        self.auditor
-            .record(&mut tx.conn(), ctx, "token.delete", Outcome::Success, Some(u), json!({"existed": existed}))
-            .await?;
+        audit::record(
+            &mut tx.conn(),
+            &self.keyring,
+            ctx,
+            "token.delete",
+            Outcome::Success,
+            Some(u),
+            json!({"existed": existed}),
+        )
+        .await?;
         // Logout also ends the user's login flows: sessions and live challenges are cancelled.
         crate::services::sessions::end_user_flows(
             &mut tx.conn(),
@@ -477,4 +494,47 @@ fn precondition(cond: WriteCondition, current: Option<&BundleRow>) -> Result<(),
         (WriteCondition::Absent, r) => r.is_none_or(|r| !r.has_secret),
     };
     if holds { Ok(()) } else { Err(conflict(cond, current)) }
+}
+
+impl Vault {
+    /// Destroys the ciphertext of every bundle past its refresh expiry at `now` (`token.expired`,
+    /// reason `refresh_expired`; the version moves on), then wakes the readers waiting for a newer
+    /// version (they find the bundle gone: 410). Read in batches of `batch`; each user is its own
+    /// transaction under that user's lock. Returns how many bundles expired.
+    pub async fn expire_due(&self, ctx: &AuditContext, now: DateTime<Utc>, batch: i64) -> store::Result<u64> {
+        let mut expired = 0;
+        loop {
+            let users = {
+                let mut rc = self.db.read().await?;
+                store::tokens::due_for_expiry(&mut rc.conn(), now, batch).await?
+            };
+            for u in &users {
+                let mut tx = self.db.begin_write_for(&[u.as_str()]).await?;
+                let mut c = tx.conn();
+                let mut expired_version = None;
+                if let Some(row) = store::tokens::expire(&mut c, u, now).await? {
+                    expired_version = Some(row.version);
+                    expired += 1;
+                    audit::record(
+                        &mut c,
+                        &self.keyring,
+                        ctx,
+                        "token.expired",
+                        Outcome::Success,
+                        Some(u.as_str()),
+                        json!({"reason": "refresh_expired", "version": row.version}),
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                if let Some(v) = expired_version {
+                    self.notifier.publish(u, v);
+                    self.db.checkpoint_soon();
+                }
+            }
+            if (users.len() as i64) < batch {
+                return Ok(expired);
+            }
+        }
+    }
 }
