@@ -192,10 +192,9 @@ async fn write_events(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingEven
     let mut ids = chains.clone();
     ids.sort_unstable();
     ids.dedup();
-    let mut heads: BTreeMap<i64, PartHead> =
-        store::audit::lock_part_heads(c, &ids).await?.into_iter().map(|h| (h.chain_id, h)).collect();
-    // Drawn after the heads are locked: within a chain, seq grows with the position.
-    let seqs = store::audit::next_seqs(c, n).await?;
+    // The seqs are drawn after the heads are locked: within a chain, seq grows with the position.
+    let (locked, seqs) = store::audit::lock_part_heads_then_seqs(c, &ids, n).await?;
+    let mut heads: BTreeMap<i64, PartHead> = locked.into_iter().map(|h| (h.chain_id, h)).collect();
     if seqs.len() != events.len() {
         return Err(StoreError::Other("the audit seq counter handed out too few seqs".into()));
     }
@@ -226,12 +225,11 @@ async fn write_events(c: &mut Conn<'_>, keyring: &Keyring, events: &[PendingEven
     }
     let rows: Vec<NewAuditEvent<'_>> =
         views.iter().zip(&hmacs).map(|(view, hmac)| view.sealed(chain_key_id, hmac)).collect();
-    store::audit::insert_many(c, &rows).await?;
     let mut out: Vec<PartHead> = heads.into_values().collect();
     for h in &mut out {
         seal_part_head(&head_key, chain_key_id, h);
     }
-    store::audit::write_part_heads(c, out).await?;
+    store::audit::append(c, &rows, out).await?;
     Ok(seqs.last().copied().unwrap_or(0))
 }
 

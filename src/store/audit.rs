@@ -373,6 +373,40 @@ pub async fn write_part_heads(c: &mut Conn<'_>, heads: Vec<PartHead>) -> Result<
     Ok(())
 }
 
+/// PostgreSQL in one round trip: the heads of chains `ids` locked (`FOR UPDATE`, in chain
+/// order), then `n` new seqs drawn. The seqs are drawn only once every head is locked (the
+/// `WHERE` of `s` reads all of `h` first), so within a chain seq still grows with the position.
+const LOCK_PART_HEADS_THEN_SEQS_PG: &str = concat!(
+    "WITH h AS MATERIALIZED (SELECT ",
+    part_head_columns!(),
+    " FROM audit_heads WHERE chain_id = ANY($1) ORDER BY chain_id FOR UPDATE), ",
+    "s AS MATERIALIZED (SELECT nextval('audit_seq') AS seq FROM generate_series(1, $2) ",
+    "WHERE (SELECT count(*) FROM h) = cardinality($1::bigint[])) ",
+    "SELECT h.*, ARRAY(SELECT seq FROM s ORDER BY seq) AS seqs FROM h ORDER BY chain_id"
+);
+
+/// The heads of chains `ids` (sorted, distinct), locked as [`lock_part_heads`] does, and then
+/// `n` new global seqs as [`next_seqs`] draws them: on PostgreSQL in one statement, elsewhere
+/// in the two. Fails if a head is missing (no seq is drawn then on PostgreSQL).
+pub async fn lock_part_heads_then_seqs(c: &mut Conn<'_>, ids: &[i64], n: i64) -> Result<(Vec<PartHead>, Vec<i64>)> {
+    let Conn::Postgres(pg) = c else {
+        let heads = lock_part_heads(c, ids).await?;
+        return Ok((heads, next_seqs(c, n).await?));
+    };
+    use sqlx::{FromRow, Row};
+    let rows = sqlx::query(LOCK_PART_HEADS_THEN_SEQS_PG).bind(ids).bind(n).fetch_all(&mut **pg).await?;
+    let mut heads = Vec::with_capacity(rows.len());
+    let mut seqs: Vec<i64> = Vec::new();
+    for row in &rows {
+        heads.push(PartHead::from_row(row)?);
+        seqs = row.try_get("seqs")?;
+    }
+    if heads.len() != ids.len() {
+        return Err(part_head_missing(ids));
+    }
+    Ok((heads, seqs))
+}
+
 /// `n` new global seqs, ascending (PostgreSQL: `nextval`, not held to commit, so concurrent
 /// writers may interleave and a rollback leaves a gap; SQLite: `audit_seq`, cached per group).
 pub async fn next_seqs(c: &mut Conn<'_>, n: i64) -> Result<Vec<i64>> {
@@ -557,6 +591,45 @@ pub async fn insert_many(c: &mut Conn<'_>, events: &[NewAuditEvent<'_>]) -> Resu
         rest = tail;
     }
     Ok(())
+}
+
+/// PostgreSQL: one event inserted and its chain's head written, in one statement (a
+/// data-modifying `WITH` runs to completion whatever the outer statement reads).
+static INSERT_ONE_WRITE_HEAD_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH ins AS (INSERT INTO audit_events ({}, chain_id, pos, chain_key_id, hmac) VALUES \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)) \
+         UPDATE audit_heads SET last_pos = $16, last_seq = $17, last_hmac = $18, anchor_pos = $19, \
+         anchor_seq = $20, anchor_hmac = $21, head_key_id = $22, head_mac = $23 WHERE chain_id = $15",
+        event_columns!()
+    )
+});
+
+/// Inserts sealed events and writes their chains' heads ([`insert_many`] then
+/// [`write_part_heads`]); on PostgreSQL one event of one chain (the common act) is one
+/// statement instead of two.
+pub async fn append(c: &mut Conn<'_>, events: &[NewAuditEvent<'_>], heads: Vec<PartHead>) -> Result<()> {
+    if let (Conn::Postgres(pg), [e], [h]) = (&mut *c, events, heads.as_slice()) {
+        let q = sqlx::query(sqlx::AssertSqlSafe(INSERT_ONE_WRITE_HEAD_PG.as_str()))
+            .bind(e.seq)
+            .bind(e.id)
+            .bind(e.at)
+            .bind(e.type_)
+            .bind(e.outcome)
+            .bind(e.user_id)
+            .bind(e.actor)
+            .bind(e.request_id)
+            .bind(e.source_ip)
+            .bind(e.details)
+            .bind(e.chain_id)
+            .bind(e.pos)
+            .bind(e.chain_key_id)
+            .bind(e.hmac);
+        let n = bind_part_head!(q, h).execute(&mut **pg).await?.rows_affected();
+        return if n == 1 { Ok(()) } else { Err(part_head_missing(&[h.chain_id])) };
+    }
+    insert_many(c, events).await?;
+    write_part_heads(c, heads).await
 }
 
 /// Events in `seq` order after `after_seq` (tests and tools).
