@@ -20,17 +20,13 @@ use std::{collections::HashMap, hint::black_box, time::Duration};
 
 use centraldb_mfa::{
     AppState,
-    config::Settings,
+    config::{Argon2Settings, Settings},
     crypto::{Aad, Keyring, api_keys},
     domain::{
         TokenBundle, UserId,
         mfa::{Method, Verifier},
     },
-    services::{
-        audit::AuditContext,
-        code_hasher::{Argon2Settings, CodeHasher},
-        mfa::NewChallenge,
-    },
+    services::{audit::AuditContext, code_hasher::CodeHasher, mfa::NewChallenge},
     startup,
     store::{self, Db, tokens::WriteCondition},
 };

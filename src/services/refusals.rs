@@ -18,7 +18,7 @@
 //! queued for the flush) before a new source is added; the queue of summaries is bounded too
 //! (past it, summaries are merged into one event without a source address).
 
-use std::{collections::HashMap, net::IpAddr, sync::Mutex, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Mutex};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::json;
@@ -29,24 +29,7 @@ use crate::{
     store::{self, Db},
 };
 
-/// Settings of the refusal limiter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RefusalLimits {
-    /// The per-source window.
-    pub interval: Duration,
-    /// Refusals audited one by one per source and window.
-    pub individual: u32,
-    /// Refusals per source and window answered 401/403; later ones get 429.
-    pub budget: u32,
-    /// Sources tracked at once.
-    pub max_sources: usize,
-}
-
-impl Default for RefusalLimits {
-    fn default() -> Self {
-        Self { interval: Duration::from_secs(60), individual: 10, budget: 1000, max_sources: 10_000 }
-    }
-}
+use crate::config::RefusalLimits;
 
 /// What to do with one refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
