@@ -9,6 +9,7 @@ pub mod crypto;
 pub mod domain;
 pub mod error;
 pub mod listener;
+pub mod private_file;
 pub mod services;
 pub mod startup;
 pub mod state;

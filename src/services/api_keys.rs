@@ -382,7 +382,7 @@ pub async fn ensure_first_admin(db: &Db, data_dir: &Path) -> Result<Option<std::
     // The file is written before the key is stored, so a stored key is never lost.
     let key = api_keys::generate();
     let path = data_dir.join(ADMIN_KEY_FILE);
-    crate::startup::write_private_file(&path, format!("{}\n", key.as_str()).as_bytes())
+    crate::private_file::write(&path, format!("{}\n", key.as_str()).as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     insert_key(db, FIRST_RUN_NAME, &Scopes::new(vec![Scope::Admin]), &key).await.map_err(|e| e.to_string())?;
     Ok(Some(path))

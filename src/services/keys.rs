@@ -62,7 +62,7 @@ pub async fn load_keyring(settings: &Settings, db: &Db) -> Result<(Keyring, KeyS
         )));
     }
     let spec = format!("k1:{}", generate_key_b64().as_str());
-    crate::startup::write_private_file(&path, format!("{spec}\n").as_bytes())
+    crate::private_file::write(&path, format!("{spec}\n").as_bytes())
         .map_err(|e| KeyError::Config(format!("{}: cannot be written: {e}", path.display())))?;
     let ring =
         Keyring::parse(&SecretString::from(spec)).map_err(|e| KeyError::Config(format!("generated key: {e}")))?;
