@@ -212,7 +212,7 @@ impl Vault {
             }
             Some((row, created)) => {
                 self.consume_lease(&mut tx.conn(), ctx, user.as_str(), fence, row.version, "write", now).await?;
-                store::tokens::announce_version(&mut tx.conn(), user.as_str(), row.version).await?;
+                store::notify::announce(&mut tx.conn(), user.as_str(), row.version).await?;
                 let mut meta = TokenMetadata::from_row(&row, now);
                 meta.refreshable = Some(bundle.refreshable);
                 self.auditor
@@ -387,7 +387,7 @@ impl Vault {
         self.consume_lease(&mut tx.conn(), ctx, u, fence, row.version, "invalidate", now).await?;
         let details = json!({"reason": reason, "version": row.version});
         self.auditor.record(&mut tx.conn(), ctx, "token.invalidate", Outcome::Success, Some(u), details).await?;
-        store::tokens::announce_version(&mut tx.conn(), u, row.version).await?;
+        store::notify::announce(&mut tx.conn(), u, row.version).await?;
         tx.commit().await?;
         // Waiting readers wake up (and find the bundle gone: 410).
         self.notifier.publish(u, row.version);
@@ -440,7 +440,7 @@ impl Vault {
         )
         .await?;
         if existed {
-            store::tokens::announce_version(&mut tx.conn(), u, version).await?;
+            store::notify::announce(&mut tx.conn(), u, version).await?;
         }
         tx.commit().await?;
         if existed {

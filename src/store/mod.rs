@@ -69,6 +69,7 @@ mod group;
 pub mod idempotency;
 pub mod keys;
 pub mod leases;
+pub mod notify;
 pub mod sessions;
 pub mod tokens;
 mod wal;
