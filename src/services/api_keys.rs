@@ -179,7 +179,7 @@ impl ApiKeys {
             None => None,
         };
         let mut conn = self.db.read().await?;
-        let (id, stored, revoked) = check_key(&mut conn.conn(), &hash).await?;
+        let (id, stored, revoked) = store::api_keys::check(&mut conn.conn(), &hash).await?;
         // The same work whether or not a key matched: a constant-time compare (against zeros
         // when nothing matched) and a sweep of the cache (for nothing when nothing matched).
         let matched = api_keys::hashes_equal(&hash, stored.as_deref().unwrap_or(&[0u8; 32]));
@@ -239,21 +239,6 @@ impl ApiKeys {
             cache.retain(|_, c| c.principal.key_id != id);
         }
     }
-}
-
-/// One row whatever the key: the id and stored hash of the key with this hash (NULL when there is
-/// none) and whether it is revoked. Unknown and known keys cost the same query and decoding.
-const CHECK_SQL: &str = "SELECT k.id, k.key_hash, k.revoked_at IS NOT NULL AS revoked \
-                         FROM (SELECT 1 AS one) AS o LEFT JOIN api_keys k ON k.key_hash = $1";
-
-type KeyCheck = (Option<Uuid>, Option<Vec<u8>>, bool);
-
-async fn check_key(conn: &mut store::Conn<'_>, hash: &[u8]) -> Result<KeyCheck, StoreError> {
-    Ok(match conn {
-        store::Conn::Sqlite(c, _) => sqlx::query_as(CHECK_SQL).bind(hash).fetch_one(&mut **c).await?,
-        store::Conn::Postgres(c) => sqlx::query_as(CHECK_SQL).bind(hash).fetch_one(&mut **c).await?,
-        store::Conn::Closed => return Err(sqlx::Error::PoolClosed.into()),
-    })
 }
 
 /// Creates a key and returns it (shown once) with its id.

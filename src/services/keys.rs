@@ -39,7 +39,7 @@ pub async fn load_keyring(settings: &Settings, db: &Db) -> Result<(Keyring, KeyS
         let ring = Keyring::parse(spec).map_err(|e| KeyError::Config(format!("CENTRALDB_ENCRYPTION_KEYS: {e}")))?;
         return Ok((ring, KeySource::Environment));
     }
-    if matches!(db, Db::Postgres { .. }) {
+    if db.shared_by_instances() {
         return Err(KeyError::Config(
             "CENTRALDB_ENCRYPTION_KEYS: required with PostgreSQL (generate one with `centraldb-mfa keygen`)".into(),
         ));

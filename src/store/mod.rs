@@ -357,6 +357,13 @@ impl Db {
         }
     }
 
+    /// Whether several service instances may share this database (PostgreSQL), so that what one
+    /// instance keeps in its own data folder (a generated encryption key) would not reach the
+    /// others. A SQLite file belongs to one data folder.
+    pub fn shared_by_instances(&self) -> bool {
+        matches!(self, Self::Postgres { .. })
+    }
+
     pub fn backend(&self) -> &'static str {
         match self {
             Self::Sqlite { .. } => "sqlite",
