@@ -146,6 +146,29 @@ pub fn status_of(row: &BundleRow, now: DateTime<Utc>) -> (TokenStatus, Option<St
     (TokenStatus::Valid, None)
 }
 
+/// What a write requires of the stored bundle (the API's `If-Match` / `If-None-Match`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// The stored version must equal this.
+    VersionIs(i64),
+    /// A bundle must exist.
+    Exists,
+    /// No usable bundle may exist.
+    Absent,
+}
+
+impl From<Precondition> for WriteCondition {
+    fn from(p: Precondition) -> Self {
+        match p {
+            Precondition::None => Self::None,
+            Precondition::VersionIs(v) => Self::VersionIs(v),
+            Precondition::Exists => Self::Exists,
+            Precondition::Absent => Self::Absent,
+        }
+    }
+}
+
 /// A decrypted bundle: metadata plus the secret fields exactly as stored.
 pub struct OpenedBundle {
     pub metadata: TokenMetadata,
@@ -173,7 +196,7 @@ impl Vault {
         ctx: &AuditContext,
         user: &UserId,
         bundle: TokenBundle,
-        cond: WriteCondition,
+        cond: Precondition,
         fence: Option<i64>,
     ) -> Result<(TokenMetadata, bool), ApiError> {
         let kind = bundle.kind.as_str();
@@ -205,7 +228,7 @@ impl Vault {
             refresh_expires_at: bundle.refresh_expires_at,
             now,
         };
-        match store::tokens::write(&mut tx.conn(), &new, cond).await? {
+        match store::tokens::write(&mut tx.conn(), &new, cond.into()).await? {
             // Unreachable while writers of this user are serialised; dropped, `tx` rolls the write back.
             Some((row, _)) if row.version != next_version => {
                 Err(ApiError::Internal("the stored version moved during a write".into()))
@@ -351,7 +374,7 @@ impl Vault {
         ctx: &AuditContext,
         user: &UserId,
         reason: &str,
-        cond: WriteCondition,
+        cond: Precondition,
         fence: Option<i64>,
     ) -> Result<(), ApiError> {
         let now = store::now();
@@ -402,7 +425,7 @@ impl Vault {
         &self,
         ctx: &AuditContext,
         user: &UserId,
-        cond: WriteCondition,
+        cond: Precondition,
         fence: Option<i64>,
     ) -> Result<(), ApiError> {
         let now = store::now();
@@ -452,17 +475,17 @@ impl Vault {
     }
 }
 
-fn expected_version(cond: WriteCondition) -> Option<i64> {
+fn expected_version(cond: Precondition) -> Option<i64> {
     match cond {
-        WriteCondition::VersionIs(v) => Some(v),
+        Precondition::VersionIs(v) => Some(v),
         _ => None,
     }
 }
 
 /// The 412 for a precondition that does not hold on `current`.
-fn conflict(cond: WriteCondition, current: Option<&BundleRow>) -> ApiError {
+fn conflict(cond: Precondition, current: Option<&BundleRow>) -> ApiError {
     let detail = match (cond, current) {
-        (WriteCondition::Absent, _) => "a token bundle is already stored (If-None-Match: *)".to_string(),
+        (Precondition::Absent, _) => "a token bundle is already stored (If-None-Match: *)".to_string(),
         (_, None) => "no token bundle is stored for this user (If-Match)".to_string(),
         (_, Some(r)) => format!("the stored version is {} (If-Match)", r.version),
     };
@@ -470,13 +493,13 @@ fn conflict(cond: WriteCondition, current: Option<&BundleRow>) -> ApiError {
 }
 
 /// Whether an `If-Match` precondition holds on the stored bundle (`current`).
-fn precondition(cond: WriteCondition, current: Option<&BundleRow>) -> Result<(), ApiError> {
+fn precondition(cond: Precondition, current: Option<&BundleRow>) -> Result<(), ApiError> {
     let holds = match (cond, current) {
-        (WriteCondition::None, _) | (WriteCondition::Exists, Some(_)) => true,
-        (WriteCondition::VersionIs(v), Some(r)) => r.version == v,
-        (WriteCondition::Exists | WriteCondition::VersionIs(_), None) => false,
+        (Precondition::None, _) | (Precondition::Exists, Some(_)) => true,
+        (Precondition::VersionIs(v), Some(r)) => r.version == v,
+        (Precondition::Exists | Precondition::VersionIs(_), None) => false,
         // Only PUT takes `If-None-Match: *` (its SQL checks it, with the expiry).
-        (WriteCondition::Absent, r) => r.is_none_or(|r| !r.has_secret),
+        (Precondition::Absent, r) => r.is_none_or(|r| !r.has_secret),
     };
     if holds { Ok(()) } else { Err(conflict(cond, current)) }
 }
