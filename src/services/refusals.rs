@@ -21,7 +21,7 @@
 use std::{collections::HashMap, net::IpAddr, sync::Mutex};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::{
     crypto::Keyring,
@@ -30,6 +30,13 @@ use crate::{
 };
 
 use crate::config::RefusalLimits;
+
+/// Audits one refused request (`auth.denied`, outcome `denied`) in a write transaction of its own.
+pub async fn record_denial(db: &Db, keyring: &Keyring, ctx: &AuditContext, details: Value) -> store::Result<()> {
+    let mut tx = db.begin_write().await?;
+    audit::record(&mut tx.conn(), keyring, ctx, "auth.denied", Outcome::Denied, None, details).await?;
+    tx.commit().await
+}
 
 /// What to do with one refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
