@@ -377,27 +377,23 @@ pub async fn ensure_first_admin(db: &Db, data_dir: &Path) -> Result<Option<std::
 mod tests {
     use super::*;
 
-    async fn state(dir: &Path) -> crate::AppState {
+    /// A migrated database in `dir` and the key checker over it.
+    struct State {
+        db: Db,
+        api_keys: ApiKeys,
+    }
+
+    async fn state(dir: &Path) -> State {
         let vars: HashMap<&str, String> = [
             ("CENTRALDB_DATA_DIR", dir.display().to_string()),
             ("CENTRALDB_DATABASE_URL", format!("sqlite://{}", dir.join("t.db").display())),
-            (
-                "CENTRALDB_ENCRYPTION_KEYS",
-                // A fixed key that looks random (an all-equal one is refused as weak).
-                format!(
-                    "k1:{}",
-                    base64::Engine::encode(
-                        &base64::engine::general_purpose::STANDARD,
-                        hex::decode("2a6824aba9f6621747b9ffbe6663662e3fbe2c11a732954e43adec3c5b38d82b").unwrap()
-                    )
-                ),
-            ),
-            ("CENTRALDB_BOOTSTRAP_ADMIN_KEY", "unit-test-bootstrap-key-0123456789abcdef".to_string()),
         ]
         .into_iter()
         .collect();
         let settings = crate::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
-        crate::startup::build_state(settings).await.unwrap()
+        let db = Db::connect(&settings).await.unwrap();
+        db.migrate().await.unwrap();
+        State { api_keys: ApiKeys::new(db.clone(), settings.api_key_cache_ttl), db }
     }
 
     /// Unknown, right-prefix-wrong-secret and revoked keys each get their own reason (audited),
