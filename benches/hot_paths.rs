@@ -20,19 +20,15 @@ use std::{collections::HashMap, hint::black_box, time::Duration};
 
 use centraldb_mfa::{
     AppState,
-    config::Settings,
+    config::{Argon2Settings, Settings},
     crypto::{Aad, Keyring, api_keys},
     domain::{
         TokenBundle, UserId,
         mfa::{Method, Verifier},
     },
-    services::{
-        audit::AuditContext,
-        code_hasher::{Argon2Settings, CodeHasher},
-        mfa::NewChallenge,
-    },
+    services::{audit::AuditContext, code_hasher::CodeHasher, mfa::NewChallenge, tokens::Precondition},
     startup,
-    store::{self, Db, tokens::WriteCondition},
+    store::{self, Db},
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::{Value, json};
@@ -137,7 +133,7 @@ fn vault_get(c: &mut Criterion) {
             request_id: Some("0190f000-0000-7000-8000-000000000000".into()),
             source_ip: Some("127.0.0.1".into()),
         };
-        rt.block_on(state.vault.put(&ctx, &user, bundle("bench-user"), WriteCondition::None, None)).expect("put");
+        rt.block_on(state.vault.put(&ctx, &user, bundle("bench-user"), Precondition::None, None)).expect("put");
         g.bench_function(format!("sqlite_synchronous_{sync}"), |b| {
             b.iter(|| rt.block_on(state.vault.get(&ctx, &user, None)).expect("get"))
         });

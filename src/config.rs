@@ -293,12 +293,12 @@ pub struct Settings {
     /// SQLite page cache per connection, in MiB.
     pub sqlite_cache_mib: u64,
     pub api_key_cache_ttl: Duration,
-    pub argon2: crate::services::code_hasher::Argon2Settings,
+    pub argon2: Argon2Settings,
     /// Concurrent argon2 computations (default: the number of cores).
     pub argon2_workers: usize,
     /// argon2 computations allowed to wait for a worker; past that, 503.
     pub argon2_queue: usize,
-    pub mfa: crate::services::mfa::MfaLimits,
+    pub mfa: MfaLimits,
     pub sweep_interval: Duration,
     /// How long terminal challenges and sessions are kept before the sweeper deletes them.
     pub retention: Duration,
@@ -309,11 +309,68 @@ pub struct Settings {
     /// Open client connections at most; more wait in the kernel backlog.
     pub max_connections: usize,
     /// Refused requests per source: individual audit rows, budget, window, table size.
-    pub refusals: crate::services::refusals::RefusalLimits,
+    pub refusals: RefusalLimits,
     /// Audit events older than this are purged by the sweeper; `None` keeps them forever.
     pub audit_retention: Option<Duration>,
     /// How often the sweeper logs a signed audit checkpoint; `None` never.
     pub audit_checkpoint_interval: Option<Duration>,
+}
+
+/// argon2id cost of one-time code hashes (`services::code_hasher`).
+#[derive(Debug, Clone, Copy)]
+pub struct Argon2Settings {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for Argon2Settings {
+    /// OWASP's minimum for argon2id: 19 MiB, 2 iterations, 1 lane.
+    fn default() -> Self {
+        Self { memory_kib: 19 * 1024, iterations: 2, parallelism: 1 }
+    }
+}
+
+/// Limits of MFA challenges (`services::mfa`).
+#[derive(Debug, Clone)]
+pub struct MfaLimits {
+    pub max_pending_per_user: i64,
+    pub failure_budget: i64,
+    pub failure_window: Duration,
+    pub max_pending_global: i64,
+    /// How long a verified challenge stays consumable.
+    pub consume_window: Duration,
+}
+
+impl Default for MfaLimits {
+    fn default() -> Self {
+        Self {
+            max_pending_per_user: 3,
+            failure_budget: 100,
+            failure_window: Duration::from_secs(86_400),
+            max_pending_global: 100_000,
+            consume_window: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Settings of the refusal limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefusalLimits {
+    /// The per-source window.
+    pub interval: Duration,
+    /// Refusals audited one by one per source and window.
+    pub individual: u32,
+    /// Refusals per source and window answered 401/403; later ones get 429.
+    pub budget: u32,
+    /// Sources tracked at once.
+    pub max_sources: usize,
+}
+
+impl Default for RefusalLimits {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(60), individual: 10, budget: 1000, max_sources: 10_000 }
+    }
 }
 
 pub const DEFAULT_SQLITE_FILE: &str = "centraldb-mfa.db";
@@ -475,14 +532,14 @@ impl Settings {
         let sqlite_mmap_mib = num("CENTRALDB_SQLITE_MMAP_MIB", 0, 0, 65_536)?;
         let sqlite_cache_mib = num("CENTRALDB_SQLITE_CACHE_MIB", 2, 1, 4_096)?;
         let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(2);
-        let argon2 = crate::services::code_hasher::Argon2Settings {
+        let argon2 = Argon2Settings {
             memory_kib: num("CENTRALDB_ARGON2_MEMORY_KIB", 19 * 1024, 8, 4 * 1024 * 1024)? as u32,
             iterations: num("CENTRALDB_ARGON2_ITERATIONS", 2, 1, 100)? as u32,
             parallelism: num("CENTRALDB_ARGON2_PARALLELISM", 1, 1, 64)? as u32,
         };
         let argon2_workers = num("CENTRALDB_ARGON2_WORKERS", cores, 1, 1024)? as usize;
         let argon2_queue = num("CENTRALDB_ARGON2_QUEUE", 64, 0, 100_000)? as usize;
-        let mfa = crate::services::mfa::MfaLimits {
+        let mfa = MfaLimits {
             max_pending_per_user: num("CENTRALDB_MFA_MAX_PENDING_PER_USER", 3, 1, 100)? as i64,
             failure_budget: num("CENTRALDB_MFA_FAILURE_BUDGET", 100, 1, 1_000_000)? as i64,
             failure_window: Duration::from_secs(num("CENTRALDB_MFA_FAILURE_WINDOW_SECS", 86_400, 60, 30 * 86_400)?),
@@ -495,7 +552,7 @@ impl Settings {
         let max_waiters = num("CENTRALDB_MAX_WAITERS", 1000, 1, 1_000_000)? as usize;
         let idempotency_ttl = Duration::from_secs(num("CENTRALDB_IDEMPOTENCY_TTL_SECS", 86_400, 1, 30 * 86_400)?);
         let max_connections = num("CENTRALDB_MAX_CONNECTIONS", 16_384, 1, 1_000_000)? as usize;
-        let refusals = crate::services::refusals::RefusalLimits {
+        let refusals = RefusalLimits {
             interval: Duration::from_secs(num("CENTRALDB_REFUSAL_INTERVAL_SECS", 60, 1, 3600)?),
             individual: num("CENTRALDB_REFUSAL_AUDIT_INDIVIDUAL", 10, 0, 1000)? as u32,
             budget: num("CENTRALDB_REFUSAL_BUDGET", 1000, 1, 10_000_000)? as u32,

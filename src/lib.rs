@@ -8,6 +8,7 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod listener;
+pub mod private_file;
 pub mod services;
 pub mod startup;
 pub mod state;

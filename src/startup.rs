@@ -1,7 +1,7 @@
 //! Building the application: data folder, database, migrations, keyring checks, first-run keys,
 //! the bound listener, and serving until SIGINT/SIGTERM.
 
-use std::{io::Write, net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
 
@@ -30,27 +30,6 @@ pub enum StartupError {
     Settings(String),
     #[error("cannot listen on {addr}: {error}")]
     Listen { addr: SocketAddr, error: std::io::Error },
-}
-
-/// Writes a file only its owner can read (0600), replacing any earlier content.
-pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        opts.mode(0o600);
-        let mut f = opts.open(path)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.write_all(contents)?;
-        f.sync_all()
-    }
-    #[cfg(not(unix))]
-    {
-        let mut f = opts.open(path)?;
-        f.write_all(contents)?;
-        f.sync_all()
-    }
 }
 
 fn ensure_data_dir(settings: &Settings) -> Result<(), StartupError> {

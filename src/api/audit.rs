@@ -5,17 +5,14 @@
 use axum::{Json, extract::State};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
-use uuid::Uuid;
 
 use crate::{
     api::error::{ApiError, Problem},
     domain::UserId,
-    services::audit::{self, Checkpoint, Outcome, PublicKey, VerifyReport},
+    services::audit::{self, AuditEvent, Checkpoint, EventQuery, Outcome, PublicKey, VerifyReport},
     state::AppState,
-    store::audit::{AuditRow, EventFilter},
 };
 
 use super::extract::{Admin, ApiQuery, AuditRead, Auth};
@@ -68,47 +65,6 @@ pub enum AuditOutcome {
     Failure,
     Denied,
     Error,
-}
-
-/// One audit event. Never holds a token, code, hash, key or resume state.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AuditEvent {
-    /// Position in the log: 1, 2, 3, ... without gaps.
-    pub seq: i64,
-    pub id: Uuid,
-    pub at: DateTime<Utc>,
-    /// What happened, e.g. `token.write`, `token.read`, `auth.denied`, `key.rewrap`.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `success`, `failure`, `denied` or `error`.
-    pub outcome: String,
-    pub user_id: Option<String>,
-    /// `key:<api key id>`, or `cli`.
-    pub actor: Option<String>,
-    pub request_id: Option<String>,
-    pub source_ip: Option<String>,
-    /// Non-secret facts about the act (see the README's event table).
-    #[schema(value_type = Object)]
-    pub details: Value,
-}
-
-impl From<AuditRow> for AuditEvent {
-    fn from(r: AuditRow) -> Self {
-        // Stored as JSON text by the service; shown as a string if it no longer parses.
-        let details = serde_json::from_str(&r.details).unwrap_or(Value::String(r.details));
-        Self {
-            seq: r.seq,
-            id: r.id,
-            at: r.at,
-            type_: r.type_,
-            outcome: r.outcome,
-            user_id: r.user_id,
-            actor: r.actor,
-            request_id: r.request_id,
-            source_ip: r.source_ip,
-            details,
-        }
-    }
 }
 
 /// A page of events, oldest first.
@@ -189,18 +145,10 @@ async fn list_events(
     let limit =
         parse_int("limit", q.limit.as_deref(), 1..=MAX_LIMIT, "an integer from 1 to 1000")?.unwrap_or(DEFAULT_LIMIT);
     let after = parse_int("after", q.after.as_deref(), 0..=i64::MAX, "a non-negative integer (a seq)")?.unwrap_or(0);
-    let filter = EventFilter {
-        after,
-        user_id: user_id.as_ref().map(UserId::as_str),
-        type_: q.type_.as_deref(),
-        outcome: outcome.map(Outcome::as_str),
-        since,
-        until,
-        limit,
-    };
-    let rows = audit::events(&state.db, &filter).await?;
-    let next_after = if rows.len() as i64 == limit { rows.last().map(|r| r.seq) } else { None };
-    Ok(Json(AuditEventsPage { events: rows.into_iter().map(AuditEvent::from).collect(), next_after }))
+    let query = EventQuery { after, user: user_id.as_ref(), type_: q.type_.as_deref(), outcome, since, until, limit };
+    let events = audit::events(&state.db, &query).await?;
+    let next_after = if events.len() as i64 == limit { events.last().map(|e| e.seq) } else { None };
+    Ok(Json(AuditEventsPage { events, next_after }))
 }
 
 /// Verify the audit log

@@ -19,8 +19,8 @@ use crate::{
     domain::{Scope, UserId},
     services::{
         api_keys::{AuthError, AuthFailure, CacheHit},
-        audit::{self, AuditContext, Outcome},
-        refusals::Verdict,
+        audit::AuditContext,
+        refusals::{self, Verdict},
     },
     state::AppState,
     store,
@@ -363,13 +363,7 @@ impl utoipa::Modify for RefusalBudgetResponses {
 /// Audits a refused request. A denial changes nothing, so when the audit row cannot be written
 /// the refusal is still answered (and the failure logged).
 async fn deny(state: &AppState, ctx: &AuditContext, details: serde_json::Value) {
-    let result = async {
-        let mut tx = state.db.begin_write().await?;
-        audit::record(&mut tx.conn(), &state.keyring, ctx, "auth.denied", Outcome::Denied, None, details).await?;
-        tx.commit().await
-    }
-    .await;
-    if let Err(e) = result {
+    if let Err(e) = refusals::record_denial(&state.db, &state.keyring, ctx, details).await {
         tracing::warn!(error = %e, "could not write the audit row for a denied request");
     }
 }

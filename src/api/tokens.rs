@@ -20,10 +20,9 @@ use crate::{
     },
     services::{
         leases::{MAX_WAIT_SECS, Waited},
-        tokens::{TokenMetadata, TokenStatus},
+        tokens::{Precondition, TokenMetadata, TokenStatus},
     },
     state::AppState,
-    store::tokens::WriteCondition,
 };
 
 use super::extract::{ApiJson, ApiQuery, Auth, TokensRead, TokensWrite, UserPath};
@@ -261,7 +260,7 @@ fn with_etag(status: StatusCode, version: i64, body: impl Serialize) -> Response
 }
 
 /// `If-Match` / `If-None-Match` into a write condition.
-fn write_condition(headers: &HeaderMap) -> Result<WriteCondition, ApiError> {
+fn write_condition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     let text = |name: header::HeaderName| -> Result<Option<String>, ApiError> {
         headers
             .get(&name)
@@ -274,21 +273,21 @@ fn write_condition(headers: &HeaderMap) -> Result<WriteCondition, ApiError> {
     };
     match (text(header::IF_MATCH)?, text(header::IF_NONE_MATCH)?) {
         (Some(_), Some(_)) => Err(ApiError::validation("send either If-Match or If-None-Match, not both")),
-        (None, Some(v)) if v == "*" => Ok(WriteCondition::Absent),
+        (None, Some(v)) if v == "*" => Ok(Precondition::Absent),
         (None, Some(_)) => Err(ApiError::field("if-none-match", "only `If-None-Match: *` is supported on PUT")),
-        (Some(v), None) if v == "*" => Ok(WriteCondition::Exists),
+        (Some(v), None) if v == "*" => Ok(Precondition::Exists),
         (Some(v), None) => {
             let inner = v.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(&v);
-            inner.parse::<i64>().ok().filter(|n| *n >= 1).map(WriteCondition::VersionIs).ok_or_else(|| {
+            inner.parse::<i64>().ok().filter(|n| *n >= 1).map(Precondition::VersionIs).ok_or_else(|| {
                 ApiError::field("if-match", "must be a version ETag such as \"3\" (weak ETags are not accepted)")
             })
         }
-        (None, None) => Ok(WriteCondition::None),
+        (None, None) => Ok(Precondition::None),
     }
 }
 
 /// `If-Match` of invalidate and DELETE (they take no `If-None-Match`).
-fn if_match_condition(headers: &HeaderMap) -> Result<WriteCondition, ApiError> {
+fn if_match_condition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     if headers.contains_key(header::IF_NONE_MATCH) {
         return Err(ApiError::field("if-none-match", "is not supported here (only If-Match)"));
     }

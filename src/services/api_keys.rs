@@ -179,7 +179,7 @@ impl ApiKeys {
             None => None,
         };
         let mut conn = self.db.read().await?;
-        let (id, stored, revoked) = check_key(&mut conn.conn(), &hash).await?;
+        let (id, stored, revoked) = store::api_keys::check(&mut conn.conn(), &hash).await?;
         // The same work whether or not a key matched: a constant-time compare (against zeros
         // when nothing matched) and a sweep of the cache (for nothing when nothing matched).
         let matched = api_keys::hashes_equal(&hash, stored.as_deref().unwrap_or(&[0u8; 32]));
@@ -239,21 +239,6 @@ impl ApiKeys {
             cache.retain(|_, c| c.principal.key_id != id);
         }
     }
-}
-
-/// One row whatever the key: the id and stored hash of the key with this hash (NULL when there is
-/// none) and whether it is revoked. Unknown and known keys cost the same query and decoding.
-const CHECK_SQL: &str = "SELECT k.id, k.key_hash, k.revoked_at IS NOT NULL AS revoked \
-                         FROM (SELECT 1 AS one) AS o LEFT JOIN api_keys k ON k.key_hash = $1";
-
-type KeyCheck = (Option<Uuid>, Option<Vec<u8>>, bool);
-
-async fn check_key(conn: &mut store::Conn<'_>, hash: &[u8]) -> Result<KeyCheck, StoreError> {
-    Ok(match conn {
-        store::Conn::Sqlite(c, _) => sqlx::query_as(CHECK_SQL).bind(hash).fetch_one(&mut **c).await?,
-        store::Conn::Postgres(c) => sqlx::query_as(CHECK_SQL).bind(hash).fetch_one(&mut **c).await?,
-        store::Conn::Closed => return Err(sqlx::Error::PoolClosed.into()),
-    })
 }
 
 /// Creates a key and returns it (shown once) with its id.
@@ -382,7 +367,7 @@ pub async fn ensure_first_admin(db: &Db, data_dir: &Path) -> Result<Option<std::
     // The file is written before the key is stored, so a stored key is never lost.
     let key = api_keys::generate();
     let path = data_dir.join(ADMIN_KEY_FILE);
-    crate::startup::write_private_file(&path, format!("{}\n", key.as_str()).as_bytes())
+    crate::private_file::write(&path, format!("{}\n", key.as_str()).as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     insert_key(db, FIRST_RUN_NAME, &Scopes::new(vec![Scope::Admin]), &key).await.map_err(|e| e.to_string())?;
     Ok(Some(path))
@@ -392,27 +377,23 @@ pub async fn ensure_first_admin(db: &Db, data_dir: &Path) -> Result<Option<std::
 mod tests {
     use super::*;
 
-    async fn state(dir: &Path) -> crate::AppState {
+    /// A migrated database in `dir` and the key checker over it.
+    struct State {
+        db: Db,
+        api_keys: ApiKeys,
+    }
+
+    async fn state(dir: &Path) -> State {
         let vars: HashMap<&str, String> = [
             ("CENTRALDB_DATA_DIR", dir.display().to_string()),
             ("CENTRALDB_DATABASE_URL", format!("sqlite://{}", dir.join("t.db").display())),
-            (
-                "CENTRALDB_ENCRYPTION_KEYS",
-                // A fixed key that looks random (an all-equal one is refused as weak).
-                format!(
-                    "k1:{}",
-                    base64::Engine::encode(
-                        &base64::engine::general_purpose::STANDARD,
-                        hex::decode("2a6824aba9f6621747b9ffbe6663662e3fbe2c11a732954e43adec3c5b38d82b").unwrap()
-                    )
-                ),
-            ),
-            ("CENTRALDB_BOOTSTRAP_ADMIN_KEY", "unit-test-bootstrap-key-0123456789abcdef".to_string()),
         ]
         .into_iter()
         .collect();
         let settings = crate::config::Settings::from_lookup(|k| vars.get(k).cloned()).unwrap();
-        crate::startup::build_state(settings).await.unwrap()
+        let db = Db::connect(&settings).await.unwrap();
+        db.migrate().await.unwrap();
+        State { api_keys: ApiKeys::new(db.clone(), settings.api_key_cache_ttl), db }
     }
 
     /// Unknown, right-prefix-wrong-secret and revoked keys each get their own reason (audited),

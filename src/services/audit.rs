@@ -1580,10 +1580,75 @@ pub async fn verify_checkpoint(db: &Db, keyring: &Keyring, cp: &Checkpoint) -> s
     })
 }
 
+/// One audit event. Never holds a token, code, hash, key or resume state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEvent {
+    /// Position in the log: 1, 2, 3, ... without gaps.
+    pub seq: i64,
+    pub id: Uuid,
+    pub at: DateTime<Utc>,
+    /// What happened, e.g. `token.write`, `token.read`, `auth.denied`, `key.rewrap`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `success`, `failure`, `denied` or `error`.
+    pub outcome: String,
+    pub user_id: Option<String>,
+    /// `key:<api key id>`, or `cli`.
+    pub actor: Option<String>,
+    pub request_id: Option<String>,
+    pub source_ip: Option<String>,
+    /// Non-secret facts about the act (see the README's event table).
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+impl From<AuditRow> for AuditEvent {
+    fn from(r: AuditRow) -> Self {
+        // Stored as JSON text by the service; shown as a string if it no longer parses.
+        let details = serde_json::from_str(&r.details).unwrap_or(Value::String(r.details));
+        Self {
+            seq: r.seq,
+            id: r.id,
+            at: r.at,
+            type_: r.type_,
+            outcome: r.outcome,
+            user_id: r.user_id,
+            actor: r.actor,
+            request_id: r.request_id,
+            source_ip: r.source_ip,
+            details,
+        }
+    }
+}
+
+/// What `GET /audit/events` asks for; `None` filters match everything.
+#[derive(Debug)]
+pub struct EventQuery<'a> {
+    /// Only events with a `seq` above this.
+    pub after: i64,
+    pub user: Option<&'a crate::domain::UserId>,
+    pub type_: Option<&'a str>,
+    pub outcome: Option<Outcome>,
+    /// Inclusive.
+    pub since: Option<DateTime<Utc>>,
+    /// Exclusive.
+    pub until: Option<DateTime<Utc>>,
+    pub limit: i64,
+}
+
 /// A page of events, oldest first (`GET /audit/events`). Reading is not audited.
-pub async fn events(db: &Db, filter: &EventFilter<'_>) -> store::Result<Vec<AuditRow>> {
+pub async fn events(db: &Db, q: &EventQuery<'_>) -> store::Result<Vec<AuditEvent>> {
+    let filter = EventFilter {
+        after: q.after,
+        user_id: q.user.map(crate::domain::UserId::as_str),
+        type_: q.type_,
+        outcome: q.outcome.map(Outcome::as_str),
+        since: q.since,
+        until: q.until,
+        limit: q.limit,
+    };
     let mut c = db.read().await?;
-    store::audit::query(&mut c.conn(), filter).await
+    Ok(store::audit::query(&mut c.conn(), &filter).await?.into_iter().map(AuditEvent::from).collect())
 }
 
 /// The key ids the audit chain is sealed under (start-up checks them against the keyring).

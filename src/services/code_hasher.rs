@@ -15,19 +15,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
-#[derive(Debug, Clone, Copy)]
-pub struct Argon2Settings {
-    pub memory_kib: u32,
-    pub iterations: u32,
-    pub parallelism: u32,
-}
-
-impl Default for Argon2Settings {
-    /// OWASP's minimum for argon2id: 19 MiB, 2 iterations, 1 lane.
-    fn default() -> Self {
-        Self { memory_kib: 19 * 1024, iterations: 2, parallelism: 1 }
-    }
-}
+use crate::config::Argon2Settings;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HashError {

@@ -39,7 +39,7 @@ pub async fn load_keyring(settings: &Settings, db: &Db) -> Result<(Keyring, KeyS
         let ring = Keyring::parse(spec).map_err(|e| KeyError::Config(format!("CENTRALDB_ENCRYPTION_KEYS: {e}")))?;
         return Ok((ring, KeySource::Environment));
     }
-    if matches!(db, Db::Postgres { .. }) {
+    if db.shared_by_instances() {
         return Err(KeyError::Config(
             "CENTRALDB_ENCRYPTION_KEYS: required with PostgreSQL (generate one with `centraldb-mfa keygen`)".into(),
         ));
@@ -62,7 +62,7 @@ pub async fn load_keyring(settings: &Settings, db: &Db) -> Result<(Keyring, KeyS
         )));
     }
     let spec = format!("k1:{}", generate_key_b64().as_str());
-    crate::startup::write_private_file(&path, format!("{spec}\n").as_bytes())
+    crate::private_file::write(&path, format!("{spec}\n").as_bytes())
         .map_err(|e| KeyError::Config(format!("{}: cannot be written: {e}", path.display())))?;
     let ring =
         Keyring::parse(&SecretString::from(spec)).map_err(|e| KeyError::Config(format!("generated key: {e}")))?;

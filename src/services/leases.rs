@@ -29,8 +29,6 @@ use crate::{
 pub const DEFAULT_TTL_SECS: i64 = 30;
 pub const MAX_TTL_SECS: i64 = 300;
 pub const MAX_WAIT_SECS: u64 = 30;
-/// The PostgreSQL channel new versions are announced on (`<version> <user_id>`).
-pub const CHANNEL: &str = "centraldb_token_versions";
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct LeaseView {
@@ -145,10 +143,7 @@ impl VersionNotifier {
         }
         // Another process may write (SQLite has no NOTIFY; a PostgreSQL listener may reconnect):
         // re-read now and then.
-        let poll = match db {
-            Db::Sqlite { .. } => Duration::from_millis(500),
-            Db::Postgres { .. } => Duration::from_secs(5),
-        };
+        let poll = store::notify::recheck_interval(db);
         let deadline = tokio::time::Instant::now() + wait;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
         loop {
@@ -175,33 +170,29 @@ impl VersionNotifier {
         }
     }
 
-    /// On PostgreSQL: forwards other processes' NOTIFYs to local waiters, reconnecting as needed,
-    /// until `stop` resolves.
+    /// On PostgreSQL: forwards the versions other processes announce to local waiters,
+    /// reconnecting as needed, until `stop` resolves. Returns at once on SQLite.
     pub async fn listen_postgres(self, db: Db, stop: impl std::future::Future<Output = ()>) {
-        let Db::Postgres { pool } = db else { return };
         tokio::pin!(stop);
         loop {
             let listener = async {
-                let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
-                l.listen(CHANNEL).await?;
+                let Some(mut l) = store::notify::Listener::connect(&db).await? else {
+                    return Ok::<(), store::StoreError>(());
+                };
                 loop {
-                    let n = l.recv().await?;
-                    if let Some((v, u)) = n.payload().split_once(' ')
-                        && let Ok(v) = v.parse::<i64>()
-                    {
-                        self.publish(u, v);
-                    }
+                    let (user, version) = l.recv().await?;
+                    self.publish(&user, version);
                 }
-                #[allow(unreachable_code)]
-                Ok::<(), sqlx::Error>(())
             };
             tokio::select! {
                 () = &mut stop => return,
-                r = listener => {
-                    if let Err(e) = r {
+                r = listener => match r {
+                    // SQLite: no channel to listen on.
+                    Ok(()) => return,
+                    Err(e) => {
                         tracing::warn!(error = %e, "version listener lost its connection; reconnecting");
                     }
-                }
+                },
             }
             tokio::select! {
                 () = &mut stop => return,

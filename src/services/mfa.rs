@@ -32,27 +32,7 @@ use crate::{
     store::{self, Conn, Db, challenges::ChallengeRow},
 };
 
-#[derive(Debug, Clone)]
-pub struct MfaLimits {
-    pub max_pending_per_user: i64,
-    pub failure_budget: i64,
-    pub failure_window: StdDuration,
-    pub max_pending_global: i64,
-    /// How long a verified challenge stays consumable.
-    pub consume_window: StdDuration,
-}
-
-impl Default for MfaLimits {
-    fn default() -> Self {
-        Self {
-            max_pending_per_user: 3,
-            failure_budget: 100,
-            failure_window: StdDuration::from_secs(86_400),
-            max_pending_global: 100_000,
-            consume_window: StdDuration::from_secs(300),
-        }
-    }
-}
+use crate::config::MfaLimits;
 
 pub const DEFAULT_TTL_SECS: i64 = 300;
 pub const MAX_TTL_SECS: i64 = 600;

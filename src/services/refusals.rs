@@ -18,10 +18,10 @@
 //! queued for the flush) before a new source is added; the queue of summaries is bounded too
 //! (past it, summaries are merged into one event without a source address).
 
-use std::{collections::HashMap, net::IpAddr, sync::Mutex, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Mutex};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::{
     crypto::Keyring,
@@ -29,23 +29,13 @@ use crate::{
     store::{self, Db},
 };
 
-/// Settings of the refusal limiter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RefusalLimits {
-    /// The per-source window.
-    pub interval: Duration,
-    /// Refusals audited one by one per source and window.
-    pub individual: u32,
-    /// Refusals per source and window answered 401/403; later ones get 429.
-    pub budget: u32,
-    /// Sources tracked at once.
-    pub max_sources: usize,
-}
+use crate::config::RefusalLimits;
 
-impl Default for RefusalLimits {
-    fn default() -> Self {
-        Self { interval: Duration::from_secs(60), individual: 10, budget: 1000, max_sources: 10_000 }
-    }
+/// Audits one refused request (`auth.denied`, outcome `denied`) in a write transaction of its own.
+pub async fn record_denial(db: &Db, keyring: &Keyring, ctx: &AuditContext, details: Value) -> store::Result<()> {
+    let mut tx = db.begin_write().await?;
+    audit::record(&mut tx.conn(), keyring, ctx, "auth.denied", Outcome::Denied, None, details).await?;
+    tx.commit().await
 }
 
 /// What to do with one refusal.

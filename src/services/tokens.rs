@@ -146,6 +146,29 @@ pub fn status_of(row: &BundleRow, now: DateTime<Utc>) -> (TokenStatus, Option<St
     (TokenStatus::Valid, None)
 }
 
+/// What a write requires of the stored bundle (the API's `If-Match` / `If-None-Match`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// The stored version must equal this.
+    VersionIs(i64),
+    /// A bundle must exist.
+    Exists,
+    /// No usable bundle may exist.
+    Absent,
+}
+
+impl From<Precondition> for WriteCondition {
+    fn from(p: Precondition) -> Self {
+        match p {
+            Precondition::None => Self::None,
+            Precondition::VersionIs(v) => Self::VersionIs(v),
+            Precondition::Exists => Self::Exists,
+            Precondition::Absent => Self::Absent,
+        }
+    }
+}
+
 /// A decrypted bundle: metadata plus the secret fields exactly as stored.
 pub struct OpenedBundle {
     pub metadata: TokenMetadata,
@@ -172,7 +195,7 @@ impl Vault {
         ctx: &AuditContext,
         user: &UserId,
         bundle: TokenBundle,
-        cond: WriteCondition,
+        cond: Precondition,
         fence: Option<i64>,
     ) -> Result<(TokenMetadata, bool), ServiceError> {
         let kind = bundle.kind.as_str();
@@ -204,14 +227,14 @@ impl Vault {
             refresh_expires_at: bundle.refresh_expires_at,
             now,
         };
-        match store::tokens::write(&mut tx.conn(), &new, cond).await? {
+        match store::tokens::write(&mut tx.conn(), &new, cond.into()).await? {
             // Unreachable while writers of this user are serialised; dropped, `tx` rolls the write back.
             Some((row, _)) if row.version != next_version => {
                 Err(ServiceError::Internal("the stored version moved during a write".into()))
             }
             Some((row, created)) => {
                 self.consume_lease(&mut tx.conn(), ctx, user.as_str(), fence, row.version, "write", now).await?;
-                store::tokens::announce_version(&mut tx.conn(), user.as_str(), row.version).await?;
+                store::notify::announce(&mut tx.conn(), user.as_str(), row.version).await?;
                 let mut meta = TokenMetadata::from_row(&row, now);
                 meta.refreshable = Some(bundle.refreshable);
                 audit::record(
@@ -357,7 +380,7 @@ impl Vault {
         ctx: &AuditContext,
         user: &UserId,
         reason: &str,
-        cond: WriteCondition,
+        cond: Precondition,
         fence: Option<i64>,
     ) -> Result<(), ServiceError> {
         let now = store::now();
@@ -396,7 +419,7 @@ impl Vault {
         let details = json!({"reason": reason, "version": row.version});
         audit::record(&mut tx.conn(), &self.keyring, ctx, "token.invalidate", Outcome::Success, Some(u), details)
             .await?;
-        store::tokens::announce_version(&mut tx.conn(), u, row.version).await?;
+        store::notify::announce(&mut tx.conn(), u, row.version).await?;
         tx.commit().await?;
         // Waiting readers wake up (and find the bundle gone: 410).
         self.notifier.publish(u, row.version);
@@ -411,7 +434,7 @@ impl Vault {
         &self,
         ctx: &AuditContext,
         user: &UserId,
-        cond: WriteCondition,
+        cond: Precondition,
         fence: Option<i64>,
     ) -> Result<(), ServiceError> {
         let now = store::now();
@@ -457,7 +480,7 @@ impl Vault {
         )
         .await?;
         if existed {
-            store::tokens::announce_version(&mut tx.conn(), u, version).await?;
+            store::notify::announce(&mut tx.conn(), u, version).await?;
         }
         tx.commit().await?;
         if existed {
@@ -469,29 +492,29 @@ impl Vault {
     }
 }
 
-fn expected_version(cond: WriteCondition) -> Option<i64> {
+fn expected_version(cond: Precondition) -> Option<i64> {
     match cond {
-        WriteCondition::VersionIs(v) => Some(v),
+        Precondition::VersionIs(v) => Some(v),
         _ => None,
     }
 }
 
 /// The refusal of a precondition that does not hold on `current`.
-fn conflict(cond: WriteCondition, current: Option<&BundleRow>) -> ServiceError {
+fn conflict(cond: Precondition, current: Option<&BundleRow>) -> ServiceError {
     ServiceError::VersionConflict {
         current_version: current.map(|r| r.version),
-        expected_absent: matches!(cond, WriteCondition::Absent),
+        expected_absent: matches!(cond, Precondition::Absent),
     }
 }
 
 /// Whether an `If-Match` precondition holds on the stored bundle (`current`).
-fn precondition(cond: WriteCondition, current: Option<&BundleRow>) -> Result<(), ServiceError> {
+fn precondition(cond: Precondition, current: Option<&BundleRow>) -> Result<(), ServiceError> {
     let holds = match (cond, current) {
-        (WriteCondition::None, _) | (WriteCondition::Exists, Some(_)) => true,
-        (WriteCondition::VersionIs(v), Some(r)) => r.version == v,
-        (WriteCondition::Exists | WriteCondition::VersionIs(_), None) => false,
+        (Precondition::None, _) | (Precondition::Exists, Some(_)) => true,
+        (Precondition::VersionIs(v), Some(r)) => r.version == v,
+        (Precondition::Exists | Precondition::VersionIs(_), None) => false,
         // Only PUT takes `If-None-Match: *` (its SQL checks it, with the expiry).
-        (WriteCondition::Absent, r) => r.is_none_or(|r| !r.has_secret),
+        (Precondition::Absent, r) => r.is_none_or(|r| !r.has_secret),
     };
     if holds { Ok(()) } else { Err(conflict(cond, current)) }
 }
@@ -525,6 +548,8 @@ impl Vault {
                         json!({"reason": "refresh_expired", "version": row.version}),
                     )
                     .await?;
+                    // Waiters in other instances hear it too (PostgreSQL NOTIFY, sent at commit).
+                    store::notify::announce(&mut c, u, row.version).await?;
                 }
                 tx.commit().await?;
                 if let Some(v) = expired_version {

@@ -40,6 +40,18 @@ pub async fn insert(c: &mut Conn<'_>, row: &ApiKeyRow) -> Result<()> {
     Ok(())
 }
 
+/// `check`'s answer: the id and stored hash of the key with the hash asked for (both `None` when
+/// there is none) and whether it is revoked.
+pub type KeyCheck = (Option<Uuid>, Option<Vec<u8>>, bool);
+
+/// One row whatever the key: the id and stored hash of the key with this hash (NULL when there is
+/// none) and whether it is revoked. Unknown and known keys cost the same query and decoding.
+pub async fn check(c: &mut Conn<'_>, hash: &[u8]) -> Result<KeyCheck> {
+    const SQL: &str = "SELECT k.id, k.key_hash, k.revoked_at IS NOT NULL AS revoked \
+                       FROM (SELECT 1 AS one) AS o LEFT JOIN api_keys k ON k.key_hash = $1";
+    Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(hash).fetch_one(c).await)?)
+}
+
 pub async fn find_by_hash(c: &mut Conn<'_>, hash: &[u8]) -> Result<Option<ApiKeyRow>> {
     const SQL: &str = concat!("SELECT ", cols!(), " FROM api_keys WHERE key_hash = $1");
     Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(hash).fetch_optional(c).await)?)

@@ -69,6 +69,7 @@ mod group;
 pub mod idempotency;
 pub mod keys;
 pub mod leases;
+pub mod notify;
 pub mod sessions;
 pub mod tokens;
 mod wal;
@@ -354,6 +355,13 @@ impl Db {
             let wal = wal::Checkpointer::start(pool.clone(), writer.clone());
             Ok(Self::Sqlite { pool, writer, acquire_timeout, wal })
         }
+    }
+
+    /// Whether several service instances may share this database (PostgreSQL), so that what one
+    /// instance keeps in its own data folder (a generated encryption key) would not reach the
+    /// others. A SQLite file belongs to one data folder.
+    pub fn shared_by_instances(&self) -> bool {
+        matches!(self, Self::Postgres { .. })
     }
 
     pub fn backend(&self) -> &'static str {

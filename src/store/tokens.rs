@@ -297,16 +297,3 @@ pub async fn expire(c: &mut Conn<'_>, user_id: &str, now: DateTime<Utc>) -> Resu
     );
     Ok(dispatch!(c, |c| sqlx::query_as(SQL).bind(user_id).bind(now).fetch_optional(c).await)?)
 }
-
-/// Tells other processes (PostgreSQL `NOTIFY`, delivered at commit) that `user_id` has a new
-/// version. SQLite has no such channel; its waiters poll.
-pub async fn announce_version(c: &mut Conn<'_>, user_id: &str, version: i64) -> Result<()> {
-    if let Conn::Postgres(pg) = c {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(crate::services::leases::CHANNEL)
-            .bind(format!("{version} {user_id}"))
-            .execute(&mut **pg)
-            .await?;
-    }
-    Ok(())
-}
