@@ -662,16 +662,7 @@ async fn an_edited_id_is_found() {
 
 /// `centraldb-mfa audit verify` (the real binary) against the app's database: (exit ok, stdout).
 async fn cli_verify(app: &TestApp) -> (bool, String) {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_centraldb-mfa"));
-    c.args(["audit", "verify"]).env_clear().env("CENTRALDB_LOG_FORMAT", "json").env("RUST_LOG", "warn");
-    for k in
-        ["CENTRALDB_DATA_DIR", "CENTRALDB_DATABASE_URL", "CENTRALDB_ENCRYPTION_KEYS", "CENTRALDB_BOOTSTRAP_ADMIN_KEY"]
-    {
-        c.env(k, &app.vars[k]);
-    }
-    let out = c.output().await.unwrap();
-    append_binary_log(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+    cli(app, &["audit", "verify"]).await
 }
 
 /// Rewrites the chain heads, without the key, so that the log ends at event `seq`: every head

@@ -478,20 +478,6 @@ async fn a_checkpoint_still_verifies_after_a_retention_purge() {
 
 // ---- the CLI ---------------------------------------------------------------------------------
 
-/// The real binary against the app's database: (exit ok, stdout).
-async fn cli(app: &TestApp, args: &[&str]) -> (bool, String) {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_centraldb-mfa"));
-    c.args(args).env_clear().env("CENTRALDB_LOG_FORMAT", "json").env("RUST_LOG", "warn");
-    for k in
-        ["CENTRALDB_DATA_DIR", "CENTRALDB_DATABASE_URL", "CENTRALDB_ENCRYPTION_KEYS", "CENTRALDB_BOOTSTRAP_ADMIN_KEY"]
-    {
-        c.env(k, &app.vars[k]);
-    }
-    let out = c.output().await.unwrap();
-    append_binary_log(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 #[tokio::test]
 async fn the_cli_prints_keys_and_checkpoints_and_verifies_against_one() {
     let (app, t, _) = interleaved().await;

@@ -637,3 +637,19 @@ pub async fn restore_audit_heads(app: &TestApp, saved: &[String]) {
         app.exec(sql).await;
     }
 }
+
+// ---- the CLI ---------------------------------------------------------------------------------
+
+/// The real binary (`centraldb-mfa ARGS...`) against the app's database: (exit ok, stdout).
+pub async fn cli(app: &TestApp, args: &[&str]) -> (bool, String) {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_centraldb-mfa"));
+    c.args(args).env_clear().env("CENTRALDB_LOG_FORMAT", "json").env("RUST_LOG", "warn");
+    for k in
+        ["CENTRALDB_DATA_DIR", "CENTRALDB_DATABASE_URL", "CENTRALDB_ENCRYPTION_KEYS", "CENTRALDB_BOOTSTRAP_ADMIN_KEY"]
+    {
+        c.env(k, &app.vars[k]);
+    }
+    let out = c.output().await.unwrap();
+    append_binary_log(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
