@@ -3,6 +3,7 @@
 
 use std::{io::IsTerminal, sync::OnceLock};
 
+use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{EnvFilter, filter::filter_fn, fmt, prelude::*};
 
@@ -65,7 +66,7 @@ fn leaks_secrets(meta: &tracing::Metadata<'_>) -> bool {
     meta.target() == "sqlx_postgres::options::parse"
 }
 
-// ---- metric names: every family is described (HELP, unit) in [`describe`] ----------------------
+// ---- metric names: every family is described (HELP, unit) in [`CATALOGUE`] ---------------------
 
 pub const HTTP_DURATION: &str = "http_request_duration_seconds";
 pub const HTTP_REQUESTS: &str = "http_requests_total";
@@ -130,82 +131,112 @@ pub fn lease_event(event: &'static str) {
     metrics::counter!(LEASE_EVENTS, "event" => event).increment(1);
 }
 
-/// Describes every family (HELP and unit) and creates the label-less and closed-set series at
-/// zero, so every family is present from the first scrape.
-fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(HTTP_REQUESTS, Unit::Count, "HTTP requests answered, by method, route template and status");
-    describe_histogram!(
+/// The kind of a metric family, for [`CATALOGUE`].
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every family: name, kind, unit and HELP text ([`describe`] registers them in this order).
+const CATALOGUE: [(&str, Kind, Unit, &str); 28] = [
+    (HTTP_REQUESTS, Kind::Counter, Unit::Count, "HTTP requests answered, by method, route template and status"),
+    (
         HTTP_DURATION,
+        Kind::Histogram,
         Unit::Seconds,
-        "HTTP request latency in seconds, by method and route template (long polls excluded: see centraldb_longpoll_duration_seconds)"
-    );
-    describe_histogram!(
+        "HTTP request latency in seconds, by method and route template (long polls excluded: see centraldb_longpoll_duration_seconds)",
+    ),
+    (
         LONGPOLL_DURATION,
+        Kind::Histogram,
         Unit::Seconds,
-        "Duration in seconds of long-poll token reads (GET tokens with newer_than and wait_seconds), up to their wait"
-    );
-    describe_gauge!(LONGPOLL_WAITERS, Unit::Count, "Long-poll readers waiting right now");
-    describe_gauge!(
+        "Duration in seconds of long-poll token reads (GET tokens with newer_than and wait_seconds), up to their wait",
+    ),
+    (LONGPOLL_WAITERS, Kind::Gauge, Unit::Count, "Long-poll readers waiting right now"),
+    (
         LONGPOLL_WAITERS_LIMIT,
+        Kind::Gauge,
         Unit::Count,
-        "Long-poll readers allowed at once (CENTRALDB_MAX_WAITERS); past it, 503"
-    );
-    describe_counter!(UNAVAILABLE, Unit::Count, "503 responses by cause");
-    describe_gauge!(DB_POOL_CONNECTIONS, Unit::Count, "Database pool connections by state (in_use, idle)");
-    describe_gauge!(DB_POOL_MAX, Unit::Count, "Database pool size limit (CENTRALDB_DB_MAX_CONNECTIONS)");
-    describe_histogram!(
+        "Long-poll readers allowed at once (CENTRALDB_MAX_WAITERS); past it, 503",
+    ),
+    (UNAVAILABLE, Kind::Counter, Unit::Count, "503 responses by cause"),
+    (DB_POOL_CONNECTIONS, Kind::Gauge, Unit::Count, "Database pool connections by state (in_use, idle)"),
+    (DB_POOL_MAX, Kind::Gauge, Unit::Count, "Database pool size limit (CENTRALDB_DB_MAX_CONNECTIONS)"),
+    (
         DB_ACQUIRE,
+        Kind::Histogram,
         Unit::Seconds,
-        "Wait in seconds for a database connection (read) or the write transaction (write)"
-    );
-    describe_counter!(
+        "Wait in seconds for a database connection (read) or the write transaction (write)",
+    ),
+    (
         DB_ACQUIRE_TIMEOUTS,
+        Kind::Counter,
         Unit::Count,
-        "Database connection or write-lock waits that timed out (CENTRALDB_DB_ACQUIRE_TIMEOUT_MS)"
-    );
-    describe_histogram!(
+        "Database connection or write-lock waits that timed out (CENTRALDB_DB_ACQUIRE_TIMEOUT_MS)",
+    ),
+    (
         GROUP_COMMIT_BATCH,
+        Kind::Histogram,
         Unit::Count,
-        "SQLite group commit: token reads recorded per batch (one transaction)"
-    );
-    describe_gauge!(ARGON2_ADMITTED, Unit::Count, "argon2 computations running or queued right now");
-    describe_gauge!(
+        "SQLite group commit: token reads recorded per batch (one transaction)",
+    ),
+    (ARGON2_ADMITTED, Kind::Gauge, Unit::Count, "argon2 computations running or queued right now"),
+    (
         ARGON2_CAPACITY,
+        Kind::Gauge,
         Unit::Count,
-        "argon2 computations allowed at once, running plus queued (workers + queue)"
-    );
-    describe_counter!(
+        "argon2 computations allowed at once, running plus queued (workers + queue)",
+    ),
+    (
         ARGON2_REJECTIONS,
+        Kind::Counter,
         Unit::Count,
-        "argon2 computations refused because the queue was full (answered 503)"
-    );
-    describe_histogram!(ARGON2_HASH, Unit::Seconds, "argon2 computation time in seconds (on a worker thread)");
-    describe_counter!(SWEEPER_RUNS, Unit::Count, "Expiry sweeper passes by outcome (ok, error)");
-    describe_counter!(SWEEPER_ITEMS, Unit::Count, "Items the sweeper expired or purged, by kind");
-    describe_gauge!(SWEEPER_LAST_SUCCESS, Unit::Seconds, "Unix time in seconds of the last successful sweeper pass");
-    describe_counter!(AUDIT_EVENTS, Unit::Count, "Audit events written, and writes that failed");
-    describe_counter!(LEASE_EVENTS, Unit::Count, "Refresh lease events (granted, renewed, refused, released, lost)");
-    describe_counter!(
+        "argon2 computations refused because the queue was full (answered 503)",
+    ),
+    (ARGON2_HASH, Kind::Histogram, Unit::Seconds, "argon2 computation time in seconds (on a worker thread)"),
+    (SWEEPER_RUNS, Kind::Counter, Unit::Count, "Expiry sweeper passes by outcome (ok, error)"),
+    (SWEEPER_ITEMS, Kind::Counter, Unit::Count, "Items the sweeper expired or purged, by kind"),
+    (SWEEPER_LAST_SUCCESS, Kind::Gauge, Unit::Seconds, "Unix time in seconds of the last successful sweeper pass"),
+    (AUDIT_EVENTS, Kind::Counter, Unit::Count, "Audit events written, and writes that failed"),
+    (LEASE_EVENTS, Kind::Counter, Unit::Count, "Refresh lease events (granted, renewed, refused, released, lost)"),
+    (
         MFA_OUTCOMES,
+        Kind::Counter,
         Unit::Count,
-        "MFA code checks by verifier (service, external) and outcome (verified or the problem code)"
-    );
-    describe_gauge!(
+        "MFA code checks by verifier (service, external) and outcome (verified or the problem code)",
+    ),
+    (
         TOKEN_BUNDLES,
+        Kind::Gauge,
         Unit::Count,
-        "Stored token bundles by the encryption key id they are under (set at each scrape)"
-    );
-    describe_gauge!(BUILD_INFO, Unit::Count, "Always 1; the labels name the running version");
-    describe_gauge!(PROCESS_RSS, Unit::Bytes, "Resident memory of the process in bytes");
-    describe_gauge!(
+        "Stored token bundles by the encryption key id they are under (set at each scrape)",
+    ),
+    (BUILD_INFO, Kind::Gauge, Unit::Count, "Always 1; the labels name the running version"),
+    (PROCESS_RSS, Kind::Gauge, Unit::Bytes, "Resident memory of the process in bytes"),
+    (
         PROCESS_CPU,
+        Kind::Gauge,
         Unit::Seconds,
-        "User and system CPU time of the process in seconds (only grows; a gauge for its fraction)"
-    );
-    describe_gauge!(PROCESS_OPEN_FDS, Unit::Count, "Open file descriptors");
-    describe_gauge!(PROCESS_MAX_FDS, Unit::Count, "File descriptor limit (soft)");
-    describe_gauge!(PROCESS_START, Unit::Seconds, "Unix time in seconds the process started");
+        "User and system CPU time of the process in seconds (only grows; a gauge for its fraction)",
+    ),
+    (PROCESS_OPEN_FDS, Kind::Gauge, Unit::Count, "Open file descriptors"),
+    (PROCESS_MAX_FDS, Kind::Gauge, Unit::Count, "File descriptor limit (soft)"),
+    (PROCESS_START, Kind::Gauge, Unit::Seconds, "Unix time in seconds the process started"),
+];
+
+/// Describes every family of [`CATALOGUE`] (HELP and unit) and creates the label-less and
+/// closed-set series at zero, so every family is present from the first scrape.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    for (name, kind, unit, help) in CATALOGUE {
+        match kind {
+            Kind::Counter => describe_counter!(name, unit, help),
+            Kind::Gauge => describe_gauge!(name, unit, help),
+            Kind::Histogram => describe_histogram!(name, unit, help),
+        }
+    }
 
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for cause in UNAVAILABLE_CAUSES {
@@ -373,6 +404,15 @@ mod tests {
             }
         }
         assert!(found >= 6, "found {found} literals");
+    }
+
+    /// The catalogue names each family once.
+    #[test]
+    fn every_family_is_described_once() {
+        let mut names: Vec<&str> = CATALOGUE.iter().map(|(name, ..)| *name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CATALOGUE.len());
     }
 
     #[test]

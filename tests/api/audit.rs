@@ -662,16 +662,7 @@ async fn an_edited_id_is_found() {
 
 /// `centraldb-mfa audit verify` (the real binary) against the app's database: (exit ok, stdout).
 async fn cli_verify(app: &TestApp) -> (bool, String) {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_centraldb-mfa"));
-    c.args(["audit", "verify"]).env_clear().env("CENTRALDB_LOG_FORMAT", "json").env("RUST_LOG", "warn");
-    for k in
-        ["CENTRALDB_DATA_DIR", "CENTRALDB_DATABASE_URL", "CENTRALDB_ENCRYPTION_KEYS", "CENTRALDB_BOOTSTRAP_ADMIN_KEY"]
-    {
-        c.env(k, &app.vars[k]);
-    }
-    let out = c.output().await.unwrap();
-    append_binary_log(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+    cli(app, &["audit", "verify"]).await
 }
 
 /// Rewrites the chain heads, without the key, so that the log ends at event `seq`: every head
@@ -724,55 +715,16 @@ async fn wiping_the_log_and_zeroing_the_head_is_found() {
     assert!(!ok && out.starts_with("audit chain BROKEN at seq 1: "), "{out}");
 }
 
-/// Every head row's columns as SQL statements, to put back later (an older copy of the database).
-async fn saved_head(app: &TestApp) -> Vec<String> {
-    let sql = "SELECT chain_id, last_pos, last_seq, last_hmac, anchor_pos, anchor_seq, anchor_hmac, head_key_id, head_mac \
-               FROM audit_heads";
-    type Head = (i64, i64, i64, Vec<u8>, i64, i64, Vec<u8>, Option<String>, Option<Vec<u8>>);
-    let heads: Vec<Head> = match app.db() {
-        Db::Sqlite { pool, .. } => sqlx::query_as(sql).fetch_all(pool).await.unwrap(),
-        Db::Postgres { pool } => sqlx::query_as(sql).fetch_all(pool).await.unwrap(),
-    };
-    let blob = |b: &[u8]| match backend() {
-        Backend::Sqlite => format!("X'{}'", hex::encode(b)),
-        Backend::Postgres => format!("decode('{}', 'hex')", hex::encode(b)),
-    };
-    heads
-        .into_iter()
-        .map(|h| {
-            format!(
-                "UPDATE audit_heads SET last_pos = {}, last_seq = {}, last_hmac = {}, anchor_pos = {}, anchor_seq = {}, \
-                 anchor_hmac = {}, head_key_id = '{}', head_mac = {} WHERE chain_id = {}",
-                h.1,
-                h.2,
-                blob(&h.3),
-                h.4,
-                h.5,
-                blob(&h.6),
-                h.7.unwrap(),
-                blob(&h.8.unwrap()),
-                h.0
-            )
-        })
-        .collect()
-}
-
-async fn restore_heads(app: &TestApp, saved: &[String]) {
-    for sql in saved {
-        app.exec(sql).await;
-    }
-}
-
 #[tokio::test]
 async fn a_consistent_rewind_to_an_older_copy_is_not_detectable_from_inside_but_partial_ones_are() {
     let app = app_with_events(3).await;
-    let old_head = saved_head(&app).await;
+    let old_head = saved_audit_heads(&app).await;
     for i in 4..=5 {
         app.put(&tokens_path(&format!("u{i}"))).json(garth_body(&format!("u{i}"))).send().await;
     }
     assert_eq!(verify(&app).await["ok"], true);
     // Only the head restored from the older copy: the newer events are still there.
-    restore_heads(&app, &old_head).await;
+    restore_audit_heads(&app, &old_head).await;
     assert_broken_at(&verify(&app).await, 4);
     // Head and rows both as they were in the older copy: a consistent older state. Without an
     // external witness (a signed checkpoint kept elsewhere) this cannot be told apart from a log
@@ -782,12 +734,12 @@ async fn a_consistent_rewind_to_an_older_copy_is_not_detectable_from_inside_but_
     assert_eq!((r["ok"].as_bool(), r["events_checked"].as_u64()), (Some(true), Some(3)), "{r}");
     // But an older head cannot be brought back over a purge: the events it vouches for are gone.
     let app = app_with_events(4).await;
-    let pre_purge = saved_head(&app).await;
+    let pre_purge = saved_audit_heads(&app).await;
     let cutoff = app.audit().await[2].at;
     let p = audit::purge_before(app.db(), &app.state.keyring, cutoff).await.unwrap();
     assert_eq!((p.events, p.through_seq, p.stopped_at), (2, 2, None));
     assert_eq!(verify(&app).await["ok"], true);
-    restore_heads(&app, &pre_purge).await;
+    restore_audit_heads(&app, &pre_purge).await;
     app.exec("DELETE FROM audit_events WHERE seq > 4").await;
     assert_broken_at(&verify(&app).await, 1);
 }

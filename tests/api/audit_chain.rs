@@ -365,39 +365,6 @@ async fn checkpoint(app: &TestApp) -> Checkpoint {
     serde_json::from_value(r.json).unwrap()
 }
 
-/// Every head row as SQL statements, to put back later (an older copy of the database).
-async fn saved_heads(app: &TestApp) -> Vec<String> {
-    let sql = "SELECT chain_id, last_pos, last_seq, last_hmac, anchor_pos, anchor_seq, anchor_hmac, head_key_id, head_mac \
-               FROM audit_heads";
-    type Head = (i64, i64, i64, Vec<u8>, i64, i64, Vec<u8>, Option<String>, Option<Vec<u8>>);
-    let heads: Vec<Head> = match app.db() {
-        Db::Sqlite { pool, .. } => sqlx::query_as(sql).fetch_all(pool).await.unwrap(),
-        Db::Postgres { pool } => sqlx::query_as(sql).fetch_all(pool).await.unwrap(),
-    };
-    let blob = |b: &[u8]| match backend() {
-        Backend::Sqlite => format!("X'{}'", hex::encode(b)),
-        Backend::Postgres => format!("decode('{}', 'hex')", hex::encode(b)),
-    };
-    heads
-        .into_iter()
-        .map(|h| {
-            format!(
-                "UPDATE audit_heads SET last_pos = {}, last_seq = {}, last_hmac = {}, anchor_pos = {}, anchor_seq = {}, \
-                 anchor_hmac = {}, head_key_id = '{}', head_mac = {} WHERE chain_id = {}",
-                h.1,
-                h.2,
-                blob(&h.3),
-                h.4,
-                h.5,
-                blob(&h.6),
-                h.7.unwrap(),
-                blob(&h.8.unwrap()),
-                h.0
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_checkpoint_is_signed_over_every_head_and_verifies_while_the_log_grows() {
     let (app, t, o) = interleaved().await;
@@ -434,14 +401,12 @@ async fn a_checkpoint_is_signed_over_every_head_and_verifies_while_the_log_grows
 #[tokio::test]
 async fn a_rewind_to_an_older_copy_is_found_by_a_later_checkpoint() {
     let (app, t, o) = interleaved().await;
-    let old = saved_heads(&app).await;
+    let old = saved_audit_heads(&app).await;
     app.get(&tokens_path(t)).send().await; // seq 8
     app.get(&tokens_path(o)).send().await; // seq 9
     let cp = checkpoint(&app).await;
     app.exec("DELETE FROM audit_events WHERE seq > 7").await;
-    for sql in &old {
-        app.exec(sql).await;
-    }
+    restore_audit_heads(&app, &old).await;
     assert_eq!(verify(&app).await, json!({"ok": true, "events_checked": 7}), "consistent: invisible from inside");
     let r = audit::verify_checkpoint(app.db(), &app.state.keyring, &cp).await.unwrap();
     assert!(!r.ok, "{r:?}");
@@ -454,7 +419,7 @@ async fn a_rewind_to_an_older_copy_is_found_by_a_later_checkpoint() {
 #[tokio::test]
 async fn a_truncated_chain_with_a_consistent_head_is_found_by_a_checkpoint() {
     let (app, _, o) = interleaved().await;
-    let old = saved_heads(&app).await;
+    let old = saved_audit_heads(&app).await;
     app.get(&tokens_path(o)).send().await; // seq 8
     app.get(&tokens_path(o)).send().await; // seq 9
     let cp = checkpoint(&app).await;
@@ -513,20 +478,6 @@ async fn a_checkpoint_still_verifies_after_a_retention_purge() {
 
 // ---- the CLI ---------------------------------------------------------------------------------
 
-/// The real binary against the app's database: (exit ok, stdout).
-async fn cli(app: &TestApp, args: &[&str]) -> (bool, String) {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_centraldb-mfa"));
-    c.args(args).env_clear().env("CENTRALDB_LOG_FORMAT", "json").env("RUST_LOG", "warn");
-    for k in
-        ["CENTRALDB_DATA_DIR", "CENTRALDB_DATABASE_URL", "CENTRALDB_ENCRYPTION_KEYS", "CENTRALDB_BOOTSTRAP_ADMIN_KEY"]
-    {
-        c.env(k, &app.vars[k]);
-    }
-    let out = c.output().await.unwrap();
-    append_binary_log(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 #[tokio::test]
 async fn the_cli_prints_keys_and_checkpoints_and_verifies_against_one() {
     let (app, t, _) = interleaved().await;
@@ -544,14 +495,12 @@ async fn the_cli_prints_keys_and_checkpoints_and_verifies_against_one() {
     let path = file.display().to_string();
     assert_eq!(cli(&app, &["audit", "verify", "--checkpoint", &path]).await, (true, "audit chain ok: 7 events".into()));
     // T's newest event removed and its head rewound consistently, with the key (a restore).
-    let old_heads = saved_heads(&app).await;
+    let old_heads = saved_audit_heads(&app).await;
     app.get(&tokens_path(t)).send().await; // seq 8, then a checkpoint covering it
     let (_, text) = cli(&app, &["audit", "checkpoint"]).await;
     std::fs::write(&file, &text).unwrap();
     app.exec("DELETE FROM audit_events WHERE seq = 8").await;
-    for sql in &old_heads {
-        app.exec(sql).await;
-    }
+    restore_audit_heads(&app, &old_heads).await;
     assert!(cli(&app, &["audit", "verify"]).await.0, "consistent: plain verify passes");
     let (ok, out) = cli(&app, &["audit", "verify", "--checkpoint", &path]).await;
     assert!(!ok, "{out}");

@@ -595,3 +595,61 @@ impl TestApp {
         r.json
     }
 }
+
+// ---- audit tampering --------------------------------------------------------------------------
+
+/// Every audit head row as SQL statements, to put back later (an older copy of the database).
+pub async fn saved_audit_heads(app: &TestApp) -> Vec<String> {
+    let sql = "SELECT chain_id, last_pos, last_seq, last_hmac, anchor_pos, anchor_seq, anchor_hmac, head_key_id, head_mac \
+               FROM audit_heads";
+    type Head = (i64, i64, i64, Vec<u8>, i64, i64, Vec<u8>, Option<String>, Option<Vec<u8>>);
+    let heads: Vec<Head> = match app.db() {
+        Db::Sqlite { pool, .. } => sqlx::query_as(sql).fetch_all(pool).await.unwrap(),
+        Db::Postgres { pool } => sqlx::query_as(sql).fetch_all(pool).await.unwrap(),
+    };
+    let blob = |b: &[u8]| match backend() {
+        Backend::Sqlite => format!("X'{}'", hex::encode(b)),
+        Backend::Postgres => format!("decode('{}', 'hex')", hex::encode(b)),
+    };
+    heads
+        .into_iter()
+        .map(|h| {
+            format!(
+                "UPDATE audit_heads SET last_pos = {}, last_seq = {}, last_hmac = {}, anchor_pos = {}, anchor_seq = {}, \
+                 anchor_hmac = {}, head_key_id = '{}', head_mac = {} WHERE chain_id = {}",
+                h.1,
+                h.2,
+                blob(&h.3),
+                h.4,
+                h.5,
+                blob(&h.6),
+                h.7.unwrap(),
+                blob(&h.8.unwrap()),
+                h.0
+            )
+        })
+        .collect()
+}
+
+/// Puts back every head row [`saved_audit_heads`] saved.
+pub async fn restore_audit_heads(app: &TestApp, saved: &[String]) {
+    for sql in saved {
+        app.exec(sql).await;
+    }
+}
+
+// ---- the CLI ---------------------------------------------------------------------------------
+
+/// The real binary (`centraldb-mfa ARGS...`) against the app's database: (exit ok, stdout).
+pub async fn cli(app: &TestApp, args: &[&str]) -> (bool, String) {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_centraldb-mfa"));
+    c.args(args).env_clear().env("CENTRALDB_LOG_FORMAT", "json").env("RUST_LOG", "warn");
+    for k in
+        ["CENTRALDB_DATA_DIR", "CENTRALDB_DATABASE_URL", "CENTRALDB_ENCRYPTION_KEYS", "CENTRALDB_BOOTSTRAP_ADMIN_KEY"]
+    {
+        c.env(k, &app.vars[k]);
+    }
+    let out = c.output().await.unwrap();
+    append_binary_log(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
