@@ -215,7 +215,7 @@ fn write_operations() -> &'static [(Method, Vec<String>)] {
     static OPS: std::sync::OnceLock<Vec<(Method, Vec<String>)>> = std::sync::OnceLock::new();
     OPS.get_or_init(|| {
         let mut ops = Vec::new();
-        for (path, item) in super::openapi().paths.paths {
+        for (path, item) in super::spec::openapi().paths.paths {
             let segments: Vec<String> = path.split('/').map(str::to_string).collect();
             for (method, op) in [
                 (Method::POST, item.post.is_some()),

@@ -121,8 +121,8 @@ impl VersionNotifier {
             Ok::<_, ServiceError>(match row {
                 Some(r) if r.version > newer_than => Waited::Read,
                 Some(r)
-                    if crate::services::tokens::status_of(&r, now).0
-                        != crate::services::tokens::TokenStatus::ReauthRequired =>
+                    if crate::services::token_status::status_of(&r, now).0
+                        != crate::services::token_status::TokenStatus::ReauthRequired =>
                 {
                     Waited::NotModified(r.version)
                 }
@@ -230,8 +230,8 @@ impl Leases {
         let mut c = tx.conn();
         // Nothing to refresh: no bundle (404), or one that needs a new login (410).
         let bundle = store::tokens::get(&mut c, u).await?.ok_or(ServiceError::NotFound(Missing::Tokens))?;
-        if let (crate::services::tokens::TokenStatus::ReauthRequired, reason) =
-            crate::services::tokens::status_of(&bundle, now)
+        if let (crate::services::token_status::TokenStatus::ReauthRequired, reason) =
+            crate::services::token_status::status_of(&bundle, now)
         {
             return Err(ServiceError::ReauthRequired { reason: reason.unwrap_or_else(|| "destroyed".into()) });
         }

@@ -10,4 +10,5 @@ pub mod leases;
 pub mod mfa;
 pub mod refusals;
 pub mod sessions;
+pub mod token_status;
 pub mod tokens;

@@ -9,6 +9,8 @@ use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+pub use super::token_status::TokenStatus;
+
 use crate::{
     crypto::{Aad, Keyring},
     domain::{BundleKind, TokenBundle, UserId, tokens::secrets_from_plaintext},
@@ -16,22 +18,12 @@ use crate::{
     services::error::{Missing, ServiceError},
     services::group_commit::{Decision, ReadAudit},
     services::leases,
+    services::token_status::status_of,
     store::{
         self, Conn, Db, StoreError,
         tokens::{BundleRow, BundleWithSecret, NewBundle, WriteCondition},
     },
 };
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenStatus {
-    /// Usable as is.
-    Valid,
-    /// The access token is past its expiry: refresh it and write the result back.
-    AccessExpired,
-    /// Invalidated, destroyed or past the refresh token's expiry: the user must log in again.
-    ReauthRequired,
-}
 
 /// A bundle's metadata: never a secret.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -130,20 +122,6 @@ fn open_bundle(
             (record(Outcome::Error, details, None), Err(ServiceError::DecryptFailed))
         }
     }
-}
-
-pub fn status_of(row: &BundleRow, now: DateTime<Utc>) -> (TokenStatus, Option<String>) {
-    if !row.has_secret {
-        let reason = row.reauth_reason.clone().unwrap_or_else(|| "destroyed".into());
-        return (TokenStatus::ReauthRequired, Some(reason));
-    }
-    if row.refresh_expires_at.is_some_and(|t| t <= now) {
-        return (TokenStatus::ReauthRequired, Some("refresh_expired".into()));
-    }
-    if row.access_expires_at.is_some_and(|t| t <= now) {
-        return (TokenStatus::AccessExpired, None);
-    }
-    (TokenStatus::Valid, None)
 }
 
 /// What a write requires of the stored bundle (the API's `If-Match` / `If-None-Match`).
