@@ -8,7 +8,10 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Sqlite};
 use uuid::Uuid;
 
-use super::{Conn, Db, Result, StoreError};
+use super::{
+    Conn, Db,
+    error::{Result, StoreError},
+};
 
 /// The columns of an event as the API shows it (never the chain columns).
 macro_rules! event_columns {

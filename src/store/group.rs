@@ -30,7 +30,10 @@ use std::{
 use sqlx::{Sqlite, SqlitePool, pool::PoolConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, oneshot};
 
-use super::{Result, StoreError, audit::ChainCache};
+use super::{
+    audit::ChainCache,
+    error::{Result, StoreError},
+};
 
 #[derive(Default)]
 pub struct Group {
