@@ -31,7 +31,7 @@ use sqlx::{Sqlite, SqlitePool, pool::PoolConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, oneshot};
 
 use super::{
-    audit::ChainCache,
+    chain_cache::{self, ChainCache},
     error::{Result, StoreError},
 };
 
@@ -258,7 +258,7 @@ async fn committer(group: Arc<Mutex<Group>>, kick: Arc<Notify>) {
             continue;
         };
         // The chain heads as the group's writers left them, in the same transaction.
-        let result = super::audit::write_cache(&mut conn, &mut g.cache).await;
+        let result = chain_cache::write_cache(&mut conn, &mut g.cache).await;
         let result = match result {
             Ok(()) => sqlx::query("COMMIT").execute(&mut *conn).await,
             Err(e) => Err(e),

@@ -40,7 +40,7 @@ use crate::config::{DatabaseUrl, Settings, SqliteSync};
 pub enum Conn<'c> {
     /// A SQLite connection; inside a grouped write transaction, with the group's cached audit
     /// chain heads (see `group`): `None` outside one.
-    Sqlite(&'c mut SqliteConnection, Option<&'c mut audit::ChainCache>),
+    Sqlite(&'c mut SqliteConnection, Option<&'c mut chain_cache::ChainCache>),
     Postgres(&'c mut PgConnection),
     /// A write transaction that no longer has a connection (never handed out in practice).
     Closed,
@@ -66,6 +66,7 @@ macro_rules! dispatch {
 
 pub mod api_keys;
 pub mod audit;
+mod chain_cache;
 pub mod challenges;
 mod error;
 mod group;
