@@ -2,13 +2,16 @@
 //! `audit_chain`: an append-only log, each row written inside the transaction of the act it
 //! records, chained by HMAC (the rules live in `services::audit`).
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Sqlite};
 use uuid::Uuid;
 
-use super::{Conn, Db, Result, StoreError};
+pub use super::chain_cache::PartHead;
+use super::{
+    Conn, Db,
+    chain_cache::{WRITE_PART_HEAD, bind_part_head, write_cache_rows},
+    error::{Result, StoreError},
+};
 
 /// The columns of an event as the API shows it (never the chain columns).
 macro_rules! event_columns {
@@ -83,96 +86,6 @@ pub const CHAIN_ID: i64 = 1;
 /// start-up refuses a database that records another number).
 pub const PARTITIONS: i64 = 256;
 
-/// The head of one partition chain: the position, seq and HMAC of its last event (0, 0 and zeros
-/// when empty), the retention anchor (the last purged event of the chain), and the head's MAC.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct PartHead {
-    pub chain_id: i64,
-    pub last_pos: i64,
-    pub last_seq: i64,
-    pub last_hmac: Vec<u8>,
-    pub anchor_pos: i64,
-    pub anchor_seq: i64,
-    pub anchor_hmac: Vec<u8>,
-    pub head_key_id: Option<String>,
-    pub head_mac: Option<Vec<u8>>,
-}
-
-impl PartHead {
-    /// As migration 0008 created it: nothing ever written, nothing purged.
-    pub fn is_pristine(&self) -> bool {
-        self.last_pos == 0 && self.last_seq == 0 && self.anchor_pos == 0 && self.anchor_seq == 0
-    }
-}
-
-enum Undo {
-    Head(i64, Option<PartHead>),
-    Seq(Option<i64>),
-}
-
-/// A SQLite group's cache of the partition heads it advanced and of the last seq handed out
-/// (the group holds SQLite's write lock, so nobody else appends meanwhile); written to the rows
-/// by the committer just before `COMMIT`. Every change is logged so that a writer whose
-/// savepoint is rolled back undoes exactly its own changes.
-#[derive(Default)]
-pub struct ChainCache {
-    heads: HashMap<i64, PartHead>,
-    last_seq: Option<i64>,
-    undo: Vec<Undo>,
-}
-
-impl ChainCache {
-    /// A new savepoint starts: what it changes from here on can be undone.
-    pub(super) fn savepoint(&mut self) {
-        self.undo.clear();
-    }
-
-    /// The savepoint was rolled back: undo its changes.
-    pub(super) fn rollback(&mut self) {
-        while let Some(u) = self.undo.pop() {
-            match u {
-                Undo::Head(id, Some(h)) => {
-                    self.heads.insert(id, h);
-                }
-                Undo::Head(id, None) => {
-                    self.heads.remove(&id);
-                }
-                Undo::Seq(s) => self.last_seq = s,
-            }
-        }
-    }
-
-    pub(super) fn clear(&mut self) {
-        self.heads.clear();
-        self.last_seq = None;
-        self.undo.clear();
-    }
-
-    fn set_head(&mut self, h: PartHead) {
-        let id = h.chain_id;
-        let old = self.heads.insert(id, h);
-        self.undo.push(Undo::Head(id, old));
-    }
-
-    fn set_seq(&mut self, s: i64) {
-        let old = self.last_seq.replace(s);
-        self.undo.push(Undo::Seq(old));
-    }
-
-    /// Empties the cache (logging it), returning what was in it.
-    fn take_all(&mut self) -> (Vec<PartHead>, Option<i64>) {
-        let heads: Vec<PartHead> = self.heads.drain().map(|(_, h)| h).collect();
-        for h in &heads {
-            self.undo.push(Undo::Head(h.chain_id, Some(h.clone())));
-        }
-        let seq = self.last_seq.take();
-        if seq.is_some() {
-            self.undo.push(Undo::Seq(seq));
-        }
-        (heads, seq)
-    }
-}
-
 macro_rules! part_head_columns {
     () => {
         "chain_id, last_pos, last_seq, last_hmac, anchor_pos, anchor_seq, anchor_hmac, head_key_id, head_mac"
@@ -188,12 +101,9 @@ const READ_PART_HEADS_SQLITE: &str = concat!(
 const LOCK_ALL_PART_HEADS_PG: &str =
     concat!("SELECT ", part_head_columns!(), " FROM audit_heads ORDER BY chain_id FOR UPDATE");
 const READ_ALL_PART_HEADS: &str = concat!("SELECT ", part_head_columns!(), " FROM audit_heads ORDER BY chain_id");
-const WRITE_PART_HEAD: &str = "UPDATE audit_heads SET last_pos = $2, last_seq = $3, last_hmac = $4, anchor_pos = $5, \
-     anchor_seq = $6, anchor_hmac = $7, head_key_id = $8, head_mac = $9 WHERE chain_id = $1";
 const NEXT_SEQS_PG: &str = "SELECT nextval('audit_seq') AS s FROM generate_series(1, $1) ORDER BY s";
 const ADVANCE_SEQ_SQLITE: &str = "UPDATE audit_seq SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq";
 const READ_SEQ_SQLITE: &str = "SELECT last_seq FROM audit_seq WHERE id = 1";
-const WRITE_SEQ_SQLITE: &str = "UPDATE audit_seq SET last_seq = $1 WHERE id = 1";
 const PARTITIONS_RECORDED: &str = "SELECT partitions FROM audit_partitions WHERE id = 1";
 const PART_PAGE: &str = concat!(
     "SELECT ",
@@ -269,20 +179,6 @@ fn head_missing() -> StoreError {
     StoreError::Other("the audit chain head (audit_chain row 1) is missing".into())
 }
 
-macro_rules! bind_part_head {
-    ($q:expr, $h:expr) => {
-        $q.bind($h.chain_id)
-            .bind($h.last_pos)
-            .bind($h.last_seq)
-            .bind(&$h.last_hmac)
-            .bind($h.anchor_pos)
-            .bind($h.anchor_seq)
-            .bind(&$h.anchor_hmac)
-            .bind($h.head_key_id.as_deref())
-            .bind($h.head_mac.as_deref())
-    };
-}
-
 /// Writes a SQLite group's cached heads and seq to their rows and forgets them, so that code
 /// reading or writing the rows directly sees the true state (logged: a rollback restores them).
 async fn flush_cache(c: &mut Conn<'_>) -> Result<()> {
@@ -291,23 +187,6 @@ async fn flush_cache(c: &mut Conn<'_>) -> Result<()> {
         write_cache_rows(conn, &heads, seq).await?;
     }
     Ok(())
-}
-
-async fn write_cache_rows(conn: &mut sqlx::SqliteConnection, heads: &[PartHead], seq: Option<i64>) -> sqlx::Result<()> {
-    for h in heads {
-        bind_part_head!(sqlx::query(WRITE_PART_HEAD), h).execute(&mut *conn).await?;
-    }
-    if let Some(s) = seq {
-        sqlx::query(WRITE_SEQ_SQLITE).bind(s).execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-/// Writes a SQLite group's cache to the rows (the committer, just before `COMMIT`).
-pub(super) async fn write_cache(conn: &mut sqlx::SqliteConnection, cache: &mut ChainCache) -> sqlx::Result<()> {
-    let (heads, seq) = cache.take_all();
-    cache.undo.clear();
-    write_cache_rows(conn, &heads, seq).await
 }
 
 fn part_head_missing(ids: &[i64]) -> StoreError {

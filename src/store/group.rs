@@ -30,7 +30,10 @@ use std::{
 use sqlx::{Sqlite, SqlitePool, pool::PoolConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, oneshot};
 
-use super::{Result, StoreError, audit::ChainCache};
+use super::{
+    chain_cache::{self, ChainCache},
+    error::{Result, StoreError},
+};
 
 #[derive(Default)]
 pub struct Group {
@@ -255,7 +258,7 @@ async fn committer(group: Arc<Mutex<Group>>, kick: Arc<Notify>) {
             continue;
         };
         // The chain heads as the group's writers left them, in the same transaction.
-        let result = super::audit::write_cache(&mut conn, &mut g.cache).await;
+        let result = chain_cache::write_cache(&mut conn, &mut g.cache).await;
         let result = match result {
             Ok(()) => sqlx::query("COMMIT").execute(&mut *conn).await,
             Err(e) => Err(e),

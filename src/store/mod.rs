@@ -32,13 +32,15 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
 };
 
+pub use error::{Result, StoreError};
+
 use crate::config::{DatabaseUrl, Settings, SqliteSync};
 
 /// A connection of either backend; every store function takes one.
 pub enum Conn<'c> {
     /// A SQLite connection; inside a grouped write transaction, with the group's cached audit
     /// chain heads (see `group`): `None` outside one.
-    Sqlite(&'c mut SqliteConnection, Option<&'c mut audit::ChainCache>),
+    Sqlite(&'c mut SqliteConnection, Option<&'c mut chain_cache::ChainCache>),
     Postgres(&'c mut PgConnection),
     /// A write transaction that no longer has a connection (never handed out in practice).
     Closed,
@@ -64,7 +66,9 @@ macro_rules! dispatch {
 
 pub mod api_keys;
 pub mod audit;
+mod chain_cache;
 pub mod challenges;
+mod error;
 mod group;
 pub mod idempotency;
 pub mod keys;
@@ -112,57 +116,6 @@ pub enum Owned {
 /// pending-challenge cap (see `services::mfa`): taken after the user lock, before any row or
 /// audit head lock, and never followed by a user lock.
 pub const PENDING_CAP_LOCK: &str = "centraldb:pending-challenge-cap";
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// The database cannot be reached or is too busy right now (answer 503).
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    /// The disk under the database is full (answer 507).
-    #[error("database disk is full")]
-    Full,
-    #[error("database error: {0}")]
-    Other(String),
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        use sqlx::Error as E;
-        match &e {
-            E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
-                Self::Unavailable(e.to_string())
-            }
-            E::Database(db) => {
-                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-                // SQLite: primary result code is the low byte of the extended code.
-                if let Ok(n) = code.parse::<i64>() {
-                    match n & 0xff {
-                        5 | 6 => return Self::Unavailable(e.to_string()), // BUSY, LOCKED
-                        13 => return Self::Full,                          // FULL
-                        _ => {}
-                    }
-                }
-                // PostgreSQL SQLSTATEs.
-                if code == "53100" {
-                    Self::Full
-                } else if code.starts_with("08") || code.starts_with("57P") || code == "53300" {
-                    Self::Unavailable(e.to_string())
-                } else {
-                    Self::Other(e.to_string())
-                }
-            }
-            _ => Self::Other(e.to_string()),
-        }
-    }
-}
-
-impl From<sqlx::migrate::MigrateError> for StoreError {
-    fn from(e: sqlx::migrate::MigrateError) -> Self {
-        Self::Other(format!("migration failed: {e}"))
-    }
-}
-
-pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// The current instant at the precision both databases store (microseconds).
 pub fn now() -> DateTime<Utc> {
