@@ -5,6 +5,7 @@ pub mod audit;
 pub mod code_hasher;
 pub mod error;
 pub mod group_commit;
+pub mod idempotency;
 pub mod keys;
 pub mod leases;
 pub mod mfa;
