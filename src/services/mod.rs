@@ -10,6 +10,7 @@ pub mod keys;
 pub mod leases;
 pub mod mfa;
 pub mod refusals;
+pub mod retention;
 pub mod sessions;
 pub mod token_status;
 pub mod tokens;
