@@ -19,7 +19,8 @@
 //!
 //! The expiries are the services' own operations (`Mfa::expire_due`, `Sessions::expire_due`,
 //! `Vault::expire_due`, `Leases::expire_due`, which own the rule and its audit event); the
-//! sweeper only schedules them. Each expiry is a conditional statement audited in its own
+//! sweeper only schedules them, as it does the purges (`retention::purge`,
+//! `idempotency::purge_expired`, `audit::purge_before`). Each expiry is a conditional statement audited in its own
 //! transaction, holding the lock of the user it is about (`Db::begin_write_for`, as that user's own writers do), so several
 //! instances can sweep at once without double audit rows, and a user's request and the sweeper
 //! take turns without holding up other users. The retention and idempotency purges keep the
@@ -28,10 +29,12 @@
 //! to it.
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
 use crate::{
-    services::audit::{self, AuditContext, Outcome},
+    services::{
+        audit::{self, AuditContext},
+        idempotency, retention,
+    },
     state::AppState,
     store::{self, StoreError},
 };
@@ -130,21 +133,10 @@ pub async fn flush_refusals(state: &AppState, now: DateTime<Utc>, all: bool) -> 
     state.refusals.flush(&state.db, &state.keyring, now, all).await
 }
 
-/// Deletes `Idempotency-Key` records past their TTL: at most `IDEMPOTENCY_BATCHES` batches of
-/// `BATCH * 5` per pass (the rest waits for the next pass), each its own short transaction.
-/// They hold no secret in the clear and are no audit matter, so nothing is audited.
+/// Deletes `Idempotency-Key` records past their TTL (`idempotency::purge_expired`: bounded per
+/// pass, each batch its own short transaction, nothing audited).
 async fn purge_idempotency_keys(state: &AppState, now: DateTime<Utc>) -> Result<u64, StoreError> {
-    const IDEMPOTENCY_BATCHES: usize = 10;
-    let mut total = 0;
-    for _ in 0..IDEMPOTENCY_BATCHES {
-        let mut tx = state.db.begin_write().await?;
-        let n = store::idempotency::purge_expired(&mut tx.conn(), now, BATCH * 5).await?;
-        tx.commit().await?;
-        total += n;
-        if n < (BATCH * 5) as u64 {
-            break;
-        }
-    }
+    let total = idempotency::purge_expired(&state.db, now).await?;
     if total > 0 {
         tracing::info!(purged = total, "expired Idempotency-Key records deleted");
     }
@@ -168,28 +160,9 @@ pub async fn sweep_once(state: &AppState, now: DateTime<Utc>) -> Result<SweepRep
 
     purge_idempotency_keys(state, now).await?;
 
-    let retention = chrono::Duration::from_std(state.settings.retention).unwrap_or(chrono::Duration::days(7));
+    let kept_for = chrono::Duration::from_std(state.settings.retention).unwrap_or(chrono::Duration::days(7));
     let window = chrono::Duration::from_std(state.settings.mfa.failure_window).unwrap_or(chrono::Duration::days(1));
-    let mut tx = state.db.begin_write().await?;
-    let mut c = tx.conn();
-    let challenges = store::challenges::purge_terminal(&mut c, now - retention).await?;
-    let sessions = store::sessions::purge_terminal(&mut c, now - retention).await?;
-    let failures = store::challenges::purge_failures(&mut c, now - window).await?;
-    report.purged = challenges + sessions + failures;
-    if challenges + sessions > 0 {
-        audit::record(
-            &mut c,
-            keyring,
-            &ctx,
-            "retention.purged",
-            Outcome::Success,
-            None,
-            json!({"challenges": challenges, "sessions": sessions, "failure_records": failures,
-                   "older_than": (now - retention).to_rfc3339()}),
-        )
-        .await?;
-    }
-    tx.commit().await?;
+    report.purged = retention::purge(&state.db, keyring, &ctx, now - kept_for, now - window).await?;
 
     if let Some(keep) = state.settings.audit_retention {
         let keep = chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::days(365));

@@ -38,9 +38,11 @@ use uuid::Uuid;
 use crate::{
     api::error::ApiError,
     crypto::keyring::Aad,
-    services::api_keys::Principal,
+    services::{
+        api_keys::Principal,
+        idempotency::{self as records, Claim},
+    },
     state::AppState,
-    store::{self, Db, idempotency as records},
 };
 
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -158,7 +160,7 @@ fn replay(state: &AppState, api_key_id: Uuid, key_hash: &[u8], envelope: &[u8]) 
 
 /// Drops the claim if the request is abandoned (timeout, client gone) before it answered.
 struct ClaimGuard {
-    db: Db,
+    state: AppState,
     api_key_id: Uuid,
     key_hash: Vec<u8>,
     owner: Uuid,
@@ -168,7 +170,7 @@ struct ClaimGuard {
 impl ClaimGuard {
     async fn release(mut self) {
         self.armed = false;
-        release(&self.db, self.api_key_id, &self.key_hash, self.owner).await;
+        release(&self.state, self.api_key_id, &self.key_hash, self.owner).await;
     }
 }
 
@@ -178,34 +180,20 @@ impl Drop for ClaimGuard {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (db, api_key_id, key_hash, owner) =
-                (self.db.clone(), self.api_key_id, self.key_hash.clone(), self.owner);
-            rt.spawn(async move { release(&db, api_key_id, &key_hash, owner).await });
+            let (state, api_key_id, key_hash, owner) =
+                (self.state.clone(), self.api_key_id, self.key_hash.clone(), self.owner);
+            rt.spawn(async move { release(&state, api_key_id, &key_hash, owner).await });
         }
     }
 }
 
-async fn release(db: &Db, api_key_id: Uuid, key_hash: &[u8], owner: Uuid) {
-    let result = async {
-        let mut tx = db.begin_write_for(&[]).await?;
-        records::release(&mut tx.conn(), api_key_id, key_hash, owner).await?;
-        tx.commit().await
-    }
-    .await;
-    if let Err(e) = result {
+/// Claim, finish and release are the records' own operations (`services::idempotency`), each
+/// in its own short transaction on the key's row only.
+async fn release(state: &AppState, api_key_id: Uuid, key_hash: &[u8], owner: Uuid) {
+    if let Err(e) = records::release(&state.db, api_key_id, key_hash, owner).await {
         // The claim's lease lapses on its own; until then a retry gets 409.
         tracing::warn!(error = %e, "could not drop an idempotency claim");
     }
-}
-
-/// Claim, finish and release are each one conditional statement on the key's own row, with no
-/// audit event: they take no lock beyond that row (`begin_write_for(&[])`), so the requests of
-/// different users that carry an `Idempotency-Key` don't queue on the common write lock.
-async fn claim(state: &AppState, c: &records::Claim<'_>) -> Result<bool, ApiError> {
-    let mut tx = state.db.begin_write_for(&[]).await?;
-    let won = records::claim(&mut tx.conn(), c, store::now()).await?;
-    tx.commit().await?;
-    Ok(won)
 }
 
 /// The write operations of the API as (method, path template segments), from the OpenAPI
@@ -281,10 +269,8 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     let Some(request_hash) = fingerprint(&state, &hash_key_id, &parts, &body) else {
         return ApiError::Internal("the idempotency hash key cannot be derived".into()).into_response();
     };
-    let now = store::now();
     let lease = state.settings.request_timeout * 2 + Duration::from_secs(5);
-    let ttl = chrono::Duration::from_std(state.settings.idempotency_ttl).unwrap_or(chrono::Duration::days(1));
-    let owner = Uuid::now_v7();
+    let c = Claim::new(api_key_id, key_hash, request_hash, hash_key_id, lease, state.settings.idempotency_ttl);
     // Detached (and tracked, so shutdown waits for it), from the claim on: a client that goes
     // away, or the request timeout, can cut neither the step between a won claim and the write
     // (the claim would stay `running` until its lease lapsed) nor the one between the write's
@@ -292,39 +278,24 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
     // answer after.
     let tasks = state.mfa.tasks();
     let task = async move {
-        let c = records::Claim {
-            api_key_id,
-            key_hash: &key_hash,
-            request_hash: &request_hash,
-            hash_key_id: &hash_key_id,
-            owner,
-            locked_until: now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30)),
-            expires_at: now + ttl,
-        };
-
         // A record deleted between the failed claim and the read (released, purged) is claimed again.
         let mut won = false;
         for _ in 0..3 {
-            match claim(&state, &c).await {
+            match records::claim(&state.db, &c).await {
                 Ok(true) => {
                     won = true;
                     break;
                 }
                 Ok(false) => {}
-                Err(e) => return e.into_response(),
+                Err(e) => return ApiError::from(e).into_response(),
             }
-            let row = async {
-                let mut rc = state.db.read().await?;
-                records::get(&mut rc.conn(), api_key_id, &key_hash).await
-            }
-            .await;
-            let row = match row {
+            let row = match records::get(&state.db, api_key_id, &c.key_hash).await {
                 Ok(Some(row)) => row,
                 Ok(None) => continue,
                 Err(e) => return ApiError::from(e).into_response(),
             };
-            let same = if row.hash_key_id == hash_key_id {
-                row.request_hash == request_hash
+            let same = if row.hash_key_id == c.hash_key_id {
+                row.request_hash == c.request_hash
             } else {
                 fingerprint(&state, &row.hash_key_id, &parts, &body).is_some_and(|h| h == row.request_hash)
             };
@@ -336,9 +307,9 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
                 )
                 .into_response();
             }
-            return match (row.state.as_str(), row.response) {
-                ("done", Some(envelope)) => replay(&state, api_key_id, &key_hash, &envelope),
-                _ => ApiError::coded(
+            return match row.answer {
+                Some(envelope) => replay(&state, api_key_id, &c.key_hash, &envelope),
+                None => ApiError::coded(
                     StatusCode::CONFLICT,
                     "idempotency_key_in_use",
                     "a request with this Idempotency-Key is still running; retry later",
@@ -355,7 +326,7 @@ pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> R
             .into_response();
         }
 
-        run_and_keep(state.clone(), next, Request::from_parts(parts, Body::from(body)), api_key_id, key_hash, owner)
+        run_and_keep(state.clone(), next, Request::from_parts(parts, Body::from(body)), api_key_id, c.key_hash, c.owner)
             .await
     };
     match tasks.spawn(task.instrument(tracing::Span::current())).await {
@@ -373,7 +344,7 @@ async fn run_and_keep(
     key_hash: Vec<u8>,
     owner: Uuid,
 ) -> Response {
-    let guard = ClaimGuard { db: state.db.clone(), api_key_id, key_hash: key_hash.clone(), owner, armed: true };
+    let guard = ClaimGuard { state: state.clone(), api_key_id, key_hash: key_hash.clone(), owner, armed: true };
     let resp = next.run(req).await;
     let status = resp.status();
     if !replayable(status) {
@@ -409,13 +380,7 @@ async fn run_and_keep(
     };
     let plain = zeroize::Zeroizing::new(serde_json::to_vec(&stored).unwrap_or_default());
     let envelope = state.keyring.encrypt(&plain, &aad(api_key_id, &key_hash));
-    let result = async {
-        let mut tx = state.db.begin_write_for(&[]).await?;
-        let kept = records::finish(&mut tx.conn(), api_key_id, &key_hash, owner, &envelope).await?;
-        tx.commit().await?;
-        Ok::<_, store::StoreError>(kept)
-    }
-    .await;
+    let result = records::finish(&state.db, api_key_id, &key_hash, owner, &envelope).await;
     let mut guard = guard;
     guard.armed = false;
     match result {

@@ -67,10 +67,7 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Readiness>, 
 /// the keyring does not name, so the label set is the configured key ids. A slow database
 /// leaves the previous figures (bounded to 1 s, so a scrape never hangs on it).
 async fn bundles_per_key(state: &AppState) {
-    let query = async {
-        let mut c = state.db.read().await?;
-        crate::store::keys::bundles_per_key(&mut c.conn()).await
-    };
+    let query = crate::services::keys::bundles_per_key(&state.db);
     let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_secs(1), query).await else { return };
     let ids = state.keyring.key_ids();
     let mut other = 0i64;

@@ -80,6 +80,13 @@ async fn key_ids_known(db: &Db) -> Result<Vec<String>, StoreError> {
     Ok(ids)
 }
 
+/// How many token bundles are stored under each key id (`(key_id, count)`), read outside any
+/// write transaction: the metrics' view of a rotation's progress.
+pub async fn bundles_per_key(db: &Db) -> Result<Vec<(String, i64)>, StoreError> {
+    let mut c = db.read().await?;
+    store::keys::bundles_per_key(&mut c.conn()).await
+}
+
 /// Checks, before anything is written, that every key in the ring that has been used here is the
 /// same key, and that every key id the data is encrypted under, and the audit chain is sealed
 /// under, is in the ring. Then records a check value for the active key, and upgrades token
