@@ -284,6 +284,21 @@ impl Mfa {
     }
 
     /// Records an attempt just reserved (the row carries its number).
+    /// Audits a refused creation (`challenge.refused`, with the limit that refused it) in the
+    /// caller's transaction.
+    async fn audit_refusal(
+        &self,
+        c: &mut Conn<'_>,
+        ctx: &AuditContext,
+        user: &str,
+        reason: &str,
+        session_id: Option<Uuid>,
+    ) -> store::Result<()> {
+        let details = json!({"reason": reason, "session_id": session_id});
+        audit::record(c, &self.keyring, ctx, "challenge.refused", Outcome::Denied, Some(user), details).await?;
+        Ok(())
+    }
+
     async fn audit_attempt(&self, c: &mut Conn<'_>, ctx: &AuditContext, row: &ChallengeRow) -> store::Result<()> {
         audit::record(
             c,
@@ -383,20 +398,10 @@ impl Mfa {
             }
         };
         // Limits. The session's own pending challenge is about to be replaced, so it does not count.
-        let refuse = |reason: &'static str| json!({"reason": reason, "session_id": new.session_id});
         let window_start = now - Duration::from_std(self.limits.failure_window).unwrap_or(Duration::days(1));
         let (failures, oldest) = store::challenges::failures_since(&mut c, &user, window_start).await?;
         if failures >= self.limits.failure_budget {
-            audit::record(
-                &mut c,
-                &self.keyring,
-                ctx,
-                "challenge.refused",
-                Outcome::Denied,
-                Some(user.as_str()),
-                refuse("too_many_failures"),
-            )
-            .await?;
+            self.audit_refusal(&mut c, ctx, &user, "too_many_failures", new.session_id).await?;
             tx.commit().await?;
             let retry = oldest.map(|o| secs_until(o + (now - window_start), now)).unwrap_or(60);
             return Err(ServiceError::TooManyFailures { retry_after_secs: retry });
@@ -405,16 +410,7 @@ impl Mfa {
         let (own, others): (Vec<_>, Vec<_>) =
             pending.into_iter().partition(|p| new.session_id.is_some() && p.session_id == new.session_id);
         if others.len() as i64 >= self.limits.max_pending_per_user {
-            audit::record(
-                &mut c,
-                &self.keyring,
-                ctx,
-                "challenge.refused",
-                Outcome::Denied,
-                Some(user.as_str()),
-                refuse("too_many_challenges"),
-            )
-            .await?;
+            self.audit_refusal(&mut c, ctx, &user, "too_many_challenges", new.session_id).await?;
             tx.commit().await?;
             let retry = others.first().map(|p| secs_until(p.expires_at, now)).unwrap_or(1);
             return Err(ServiceError::TooManyChallenges { pending: others.len(), retry_after_secs: retry });
@@ -434,16 +430,7 @@ impl Mfa {
             full = store::challenges::count_pending_global_upto(&mut c, now, cap).await? >= cap;
         }
         if full {
-            audit::record(
-                &mut c,
-                &self.keyring,
-                ctx,
-                "challenge.refused",
-                Outcome::Denied,
-                Some(user.as_str()),
-                refuse("global_cap"),
-            )
-            .await?;
+            self.audit_refusal(&mut c, ctx, &user, "global_cap", new.session_id).await?;
             tx.commit().await?;
             return Err(ServiceError::Busy(BusyCause::PendingChallenges));
         }

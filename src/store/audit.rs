@@ -410,6 +410,27 @@ pub async fn delete_through(c: &mut Conn<'_>, seq: i64) -> Result<u64> {
     Ok(dispatch!(c, |c| sqlx::query(DELETE_THROUGH).bind(seq).execute(c).await.map(|r| r.rows_affected()))?)
 }
 
+/// Binds a sealed event's 14 columns, in `INSERT`'s order (`event_columns!()`, chain id,
+/// position, chain key id, HMAC).
+macro_rules! bind_event {
+    ($q:expr, $e:expr) => {
+        $q.bind($e.seq)
+            .bind($e.id)
+            .bind($e.at)
+            .bind($e.type_)
+            .bind($e.outcome)
+            .bind($e.user_id)
+            .bind($e.actor)
+            .bind($e.request_id)
+            .bind($e.source_ip)
+            .bind($e.details)
+            .bind($e.chain_id)
+            .bind($e.pos)
+            .bind($e.chain_key_id)
+            .bind($e.hmac)
+    };
+}
+
 /// Rows per multi-row INSERT: a batch is cut into chunks of these sizes, so only three
 /// statements are ever prepared (each at most 64 × 14 = 896 parameters).
 const INSERT_CHUNKS: [usize; 3] = [64, 8, 1];
@@ -449,21 +470,7 @@ pub async fn insert_many(c: &mut Conn<'_>, events: &[NewAuditEvent<'_>]) -> Resu
         dispatch!(c, |c| {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for e in chunk {
-                q = q
-                    .bind(e.seq)
-                    .bind(e.id)
-                    .bind(e.at)
-                    .bind(e.type_)
-                    .bind(e.outcome)
-                    .bind(e.user_id)
-                    .bind(e.actor)
-                    .bind(e.request_id)
-                    .bind(e.source_ip)
-                    .bind(e.details)
-                    .bind(e.chain_id)
-                    .bind(e.pos)
-                    .bind(e.chain_key_id)
-                    .bind(e.hmac);
+                q = bind_event!(q, e);
             }
             q.execute(c).await.map(|r| r.rows_affected())
         })?;
@@ -489,21 +496,7 @@ static INSERT_ONE_WRITE_HEAD_PG: std::sync::LazyLock<String> = std::sync::LazyLo
 /// statement instead of two.
 pub async fn append(c: &mut Conn<'_>, events: &[NewAuditEvent<'_>], heads: Vec<PartHead>) -> Result<()> {
     if let (Conn::Postgres(pg), [e], [h]) = (&mut *c, events, heads.as_slice()) {
-        let q = sqlx::query(sqlx::AssertSqlSafe(INSERT_ONE_WRITE_HEAD_PG.as_str()))
-            .bind(e.seq)
-            .bind(e.id)
-            .bind(e.at)
-            .bind(e.type_)
-            .bind(e.outcome)
-            .bind(e.user_id)
-            .bind(e.actor)
-            .bind(e.request_id)
-            .bind(e.source_ip)
-            .bind(e.details)
-            .bind(e.chain_id)
-            .bind(e.pos)
-            .bind(e.chain_key_id)
-            .bind(e.hmac);
+        let q = bind_event!(sqlx::query(sqlx::AssertSqlSafe(INSERT_ONE_WRITE_HEAD_PG.as_str())), e);
         let n = bind_part_head!(q, h).execute(&mut **pg).await?.rows_affected();
         return if n == 1 { Ok(()) } else { Err(part_head_missing(&[h.chain_id])) };
     }
