@@ -6,7 +6,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use centraldb_mfa::{
     services::audit::{self, AuditContext, Checkpoint, LEGACY_CHAIN},
-    store::Db,
+    store::{Db, audit::AuditRow},
 };
 use serde_json::{Value, json};
 
@@ -141,6 +141,50 @@ async fn an_open_write_of_one_user_does_not_hold_up_another_users_write() {
     tx.commit().await.unwrap();
     let log = app.audit().await;
     assert_eq!(log.len(), 2);
+    assert_eq!(verify(&app).await["ok"], true);
+}
+
+/// On PostgreSQL an append draws its seq only once it holds its chain's head (one statement
+/// locks the heads, then draws): a writer queued behind an open transaction on its chain gets a
+/// seq above one drawn meanwhile in another chain, so within a chain seq grows with the position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_waiting_for_its_chain_head_draws_its_seq_after_it_holds_it() {
+    if backend() != Backend::Postgres {
+        return;
+    }
+    let app = Arc::new(TestApp::spawn().await);
+    let (t, o) = two_users();
+    let same = (0..100_000)
+        .map(|i| format!("same-chain-{i}"))
+        .find(|u| chain(u) == chain(t))
+        .expect("a user in T's chain among the first 100,000 names");
+    let mut tx = app.db().begin_write_for(&[t]).await.unwrap();
+    let ctx = AuditContext::system("test");
+    audit::record(&mut tx.conn(), &app.state.keyring, &ctx, "test.open", audit::Outcome::Success, Some(t), json!({}))
+        .await
+        .unwrap();
+    let waiter = {
+        let (app, same) = (app.clone(), same.clone());
+        tokio::spawn(async move { app.put(&tokens_path(&same)).json(garth_body(&same)).send().await.status })
+    };
+    // Until the waiter's statement waits for the head row (or 5 s).
+    let waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%audit_heads%'";
+    for _ in 0..100 {
+        if scalar_i64(&app, waiting).await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!waiter.is_finished(), "the writer in the same chain waited for the open transaction");
+    assert_eq!(app.put(&tokens_path(o)).json(garth_body(o)).send().await.status, 201);
+    tx.commit().await.unwrap();
+    assert_eq!(waiter.await.unwrap(), 201);
+    let seq_of = |events: &[AuditRow], user: &str| {
+        events.iter().find(|e| e.user_id.as_deref() == Some(user) && e.type_ == "token.write").map(|e| e.seq)
+    };
+    let events = app.audit().await;
+    let (drawn_meanwhile, waited) = (seq_of(&events, o).unwrap(), seq_of(&events, &same).unwrap());
+    assert!(waited > drawn_meanwhile, "seq {waited} (waited for the head) must follow seq {drawn_meanwhile}");
     assert_eq!(verify(&app).await["ok"], true);
 }
 
